@@ -1,0 +1,91 @@
+"""The `kvwire` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local packages; never wait on the hub
+
+app = typer.Typer(help="Send an LLM's KV cache between machines, and measure what each byte buys.", no_args_is_help=True)
+receiver_app = typer.Typer(help="The receiving node.", no_args_is_help=True)
+sender_app = typer.Typer(help="The sending node.", no_args_is_help=True)
+app.add_typer(receiver_app, name="receiver")
+app.add_typer(sender_app, name="sender")
+console = Console()
+
+ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
+
+
+@receiver_app.command("serve")
+def receiver_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(50051, help="gRPC port."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Serve the KVWire gRPC service (with health and reflection)."""
+    from receiver.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(host, port, model))
+
+
+@sender_app.command("ask")
+def sender_ask(
+    question: str = typer.Option(..., help="The question."),
+    context: Optional[str] = typer.Option(None, help="The context text."),
+    context_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the context from a file."),
+    target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
+    profile: str = typer.Option("raw", help="Compression profile."),
+    query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
+    max_new_tokens: int = typer.Option(64, min=1, max=512),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    from common.models import load_model
+    from sender.client import Client
+    from sender.prefill import prefill_prompt
+
+    if (context is None) == (context_file is None):
+        raise typer.BadParameter("give exactly one of --context and --context-file")
+    text = context if context is not None else context_file.read_text()
+    loaded = load_model(model)
+    pre = prefill_prompt(loaded, text, question, query_aware=not query_agnostic)
+    with Client(target) as client:
+        agreed = client.negotiate(loaded.fingerprint, [profile]).profile
+        sent = client.transfer(pre.kv, agreed, loaded.fingerprint)
+        if query_agnostic:
+            reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
+        else:
+            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    console.print(f"[bold]{reply.text}[/bold]")
+    console.print(f"{sent.bytes_sent:,} bytes in {sent.frames} frames for {pre.kv.seq_len} tokens; "
+                  f"prefill {pre.seconds:.2f} s, transfer {sent.seconds:.2f} s, decode {reply.decode_seconds:.2f} s")
+
+
+@app.command()
+def demo(
+    samples: int = typer.Option(20, min=1, help="Number of answerable questions."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
+    profile: str = typer.Option("raw", help="Compression profile."),
+    query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
+    max_new_tokens: int = typer.Option(32, min=1, max=512),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Run a receiver on loopback and send SQuAD questions through it; compare with local generation."""
+    from common.evaluation.squad import load_squad
+    from sender.demo import report, run_demo, summarize
+
+    rows = run_demo(load_squad(data, limit=samples), model, profile, not query_agnostic, max_new_tokens, console)
+    report(rows, summarize(rows), console, json_path)
+
+
+if __name__ == "__main__":
+    app()

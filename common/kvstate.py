@@ -1,0 +1,119 @@
+"""KVState: the one object that crosses every boundary.
+
+Per layer, keys and values of shape (batch, kv_heads, kept_tokens, head_dim), stored
+after RoPE; the original position of every kept token, shape (kv_heads, kept_tokens);
+and the original sequence length. Decoding continues at `seq_len`, never at the
+number of kept tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class KVState:
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    seq_len: int
+
+    def __post_init__(self):
+        if not (len(self.keys) == len(self.values) == len(self.positions)):
+            raise ValueError("keys, values and positions need one entry per layer")
+        for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions)):
+            if k.shape != v.shape or k.dim() != 4:
+                raise ValueError(f"layer {layer}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ or are not 4-D")
+            if p.shape != (k.shape[1], k.shape[2]):
+                raise ValueError(f"layer {layer}: positions {tuple(p.shape)} != (kv_heads, kept_tokens) {tuple(k.shape[1:3])}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def kept_tokens(self, layer: int) -> int:
+        return self.keys[layer].shape[2]
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache, seq_len: int) -> KVState:
+        """Take the state of a cache after prefilling `seq_len` tokens.
+
+        Sliding-window layers hold only the most recent tokens, so their positions
+        are the tail of the sequence.
+        """
+        keys, values, positions = [], [], []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            heads, kept = k.shape[1], k.shape[2]
+            keys.append(k)
+            values.append(v)
+            positions.append(torch.arange(seq_len - kept, seq_len).expand(heads, kept).clone())
+        return cls(keys, values, positions, seq_len)
+
+    def to_cache(self, config) -> DynamicCache:
+        """A fresh transformers cache holding this state (tensors are copied)."""
+        cache = DynamicCache(config=config)
+        if len(cache.layers) != self.num_layers:
+            raise ValueError(f"model has {len(cache.layers)} layers, state has {self.num_layers}")
+        for layer, k, v in zip(cache.layers, self.keys, self.values):
+            layer.update(k, v)
+            if layer.is_sliding:
+                # The mask of a sliding layer is placed by how many tokens it has seen.
+                layer.cumulative_length = self.seq_len
+        return cache
+
+
+@torch.inference_mode()
+def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([input_ids]), cache=cache, use_cache=True)
+    return KVState.from_cache(cache, len(input_ids))
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: PreTrainedModel, cache: DynamicCache, tail_ids: list[int], start_position: int, max_new_tokens: int
+) -> list[int]:
+    """Prefill `tail_ids` on top of `cache` at `start_position`, then decode greedily.
+
+    Stops after an end-of-sequence token (which is returned, as `generate` does).
+    """
+    if not tail_ids:
+        raise ValueError("decoding needs at least one token to prefill on top of the cache")
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    input_ids = torch.tensor([tail_ids])
+    position = start_position
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        position_ids = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
+        logits = model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True).logits
+        position += input_ids.shape[1]
+        token = int(logits[0, -1].argmax())
+        generated.append(token)
+        if token in eos_ids:
+            break
+        input_ids = torch.tensor([[token]])
+    return generated
+
+
+@torch.inference_mode()
+def reference_generate(model: PreTrainedModel, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy `model.generate` on the full prompt: the answer a lossless transfer must reproduce."""
+    ids = torch.tensor([input_ids])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        top_p=None, top_k=None, temperature=None,
+    )
+    return out[0, len(input_ids):].tolist()

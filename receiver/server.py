@@ -1,0 +1,136 @@
+"""The receiver: a grpc.aio server that assembles streamed caches and decodes answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import wire
+from common.kvstate import greedy_decode
+from common.models import LoadedModel, load_model
+from common.profile import ProfileError, parse_profile
+from common.prompts import question_ids
+from common.proto import kvwire_pb2 as pb
+from common.proto import kvwire_pb2_grpc as pb_grpc
+from common.settings import Settings, get_settings
+from receiver.sessions import SessionError, SessionStore
+
+log = logging.getLogger("kvwire.receiver")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
+MAX_NEW_TOKENS = 512
+
+
+class KVWireServicer(pb_grpc.KVWireServicer):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.limits = wire.Limits(settings.max_frame_bytes, settings.max_transfer_bytes, settings.max_tokens)
+        self.sessions = SessionStore(settings.session_ttl_s, settings.session_budget_bytes)
+        self.loaded: LoadedModel | None = None
+        self._model_lock = asyncio.Lock()  # one decode at a time: the CPU has few cores to share
+
+    async def _model(self, context) -> LoadedModel:
+        if self.loaded is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the receiver is still loading its model")
+        return self.loaded
+
+    async def Negotiate(self, request: pb.NegotiateRequest, context) -> pb.NegotiateReply:
+        loaded = await self._model(context)
+        if request.fingerprint != loaded.fingerprint:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"model fingerprint mismatch: receiver runs {loaded.name} "
+                                f"({loaded.fingerprint.weights_sha256[:12]}), sender offered "
+                                f"{request.fingerprint.architecture} ({request.fingerprint.weights_sha256[:12]})")
+        for profile in request.profiles:
+            try:
+                parse_profile(profile)
+            except ProfileError:
+                continue
+            return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=profile, limits=self.limits.to_proto())
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"none of the offered profiles is supported: {list(request.profiles)}")
+
+    async def Transfer(self, request_iterator, context) -> pb.TransferReply:
+        loaded = await self._model(context)
+        assembler = wire.Assembler(loaded.fingerprint, self.limits)
+        start = time.perf_counter()
+        try:
+            async for frame in request_iterator:
+                assembler.add(frame)
+            kv = assembler.result()
+            session = self.sessions.put(kv, assembler.header.profile, assembler.bytes_received)
+        except wire.WireError as exc:
+            log.warning("transfer rejected: %s", exc)
+            await context.abort(exc.code, str(exc))
+        except MemoryError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
+        return pb.TransferReply(session_id=session.id, bytes_received=assembler.bytes_received,
+                                assemble_seconds=time.perf_counter() - start)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+        loaded = await self._model(context)
+        try:
+            session = self.sessions.get(request.session_id)
+        except SessionError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if request.token_ids:
+            tail = list(request.token_ids)
+            vocab = loaded.model.get_input_embeddings().num_embeddings
+            if max(tail) >= vocab:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token id {max(tail)} is outside the vocabulary of {vocab}")
+        elif request.question:
+            tail = question_ids(loaded.tokenizer, request.question)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a question or token_ids")
+        max_new = request.max_new_tokens or 64
+        if max_new > MAX_NEW_TOKENS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens is at most {MAX_NEW_TOKENS}")
+        kv = session.kv
+        async with self._model_lock:
+            start = time.perf_counter()
+            cache = kv.to_cache(loaded.config)
+            injected = time.perf_counter()
+            tokens = await asyncio.to_thread(greedy_decode, loaded.model, cache, tail, kv.seq_len, max_new)
+            done = time.perf_counter()
+        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        return pb.GenerateReply(text=text, token_ids=tokens, inject_seconds=injected - start, decode_seconds=done - injected)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    size = settings.max_frame_bytes + 1024
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+async def start_server(
+    host: str = "127.0.0.1", port: int = 50051, model: str | None = None, settings: Settings | None = None
+) -> tuple[grpc.aio.Server, KVWireServicer, int]:
+    """Start serving at once (health NOT_SERVING), load the model, then report SERVING."""
+    settings = settings or get_settings()
+    servicer = KVWireServicer(settings)
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(options=grpc_options(settings))
+    pb_grpc.add_KVWireServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("receiver listening on %s:%d, loading model", host, bound)
+    servicer.loaded = await asyncio.to_thread(load_model, model or settings.model)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("model %s loaded in %.1f s; SERVING", servicer.loaded.name, servicer.loaded.load_seconds)
+    return server, servicer, bound
+
+
+async def serve(host: str = "127.0.0.1", port: int = 50051, model: str | None = None) -> None:
+    server, _, _ = await start_server(host, port, model)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=5)

@@ -1,0 +1,82 @@
+"""gRPC client for a kvwire receiver."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import wire
+from common.kvstate import KVState
+from common.proto import kvwire_pb2 as pb
+from common.proto import kvwire_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+
+
+@dataclass
+class TransferResult:
+    session_id: str
+    bytes_sent: int  # serialized frames plus gRPC message prefixes
+    frames: int
+    seconds: float
+
+
+class Client:
+    def __init__(self, target: str, timeout_s: float = 120.0):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.KVWireStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_until_serving(self, timeout_s: float = 300.0) -> None:
+        """Block until the receiver's health service reports SERVING."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"receiver at {self.target} not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def negotiate(self, fingerprint: pb.Fingerprint, profiles: list[str]) -> pb.NegotiateReply:
+        return self.stub.Negotiate(pb.NegotiateRequest(fingerprint=fingerprint, profiles=profiles), timeout=self.timeout_s)
+
+    def send_frames(self, frames) -> TransferResult:
+        """Stream frames as they are; count the bytes that go onto the wire."""
+        counted = {"bytes": 0, "frames": 0}
+
+        def counting():
+            for frame in frames:
+                counted["bytes"] += wire.wire_bytes(frame)
+                counted["frames"] += 1
+                yield frame
+
+        start = time.perf_counter()
+        reply = self.stub.Transfer(counting(), timeout=self.timeout_s)
+        return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
+
+    def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint) -> TransferResult:
+        return self.send_frames(wire.encode(kv, profile, fingerprint))
+
+    def generate(self, session_id: str, token_ids: list[int] | None = None, question: str = "",
+                 max_new_tokens: int = 64) -> pb.GenerateReply:
+        request = pb.GenerateRequest(session_id=session_id, token_ids=token_ids or [], question=question,
+                                     max_new_tokens=max_new_tokens)
+        return self.stub.Generate(request, timeout=self.timeout_s)

@@ -1,0 +1,135 @@
+"""`kvwire demo`: a receiver on loopback, the sender, and SQuAD questions through real gRPC."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from common import wire
+from common.evaluation.metrics import best_f1, mean_ci95
+from common.evaluation.squad import Sample
+from common.kvstate import reference_generate
+from common.models import load_model
+from sender.client import Client
+from sender.prefill import prefill_prompt
+
+
+@dataclass
+class DemoRow:
+    id: str
+    question: str
+    gold: str
+    local_answer: str
+    transfer_answer: str
+    tokens_match: bool
+    seq_len: int
+    bytes_on_wire: int
+    raw_fp16_bytes: int
+    f1_gold: float
+    prefill_s: float
+    encode_s: float
+    transfer_s: float
+    inject_s: float
+    decode_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_receiver(model: str, port: int | None = None):
+    """Run `kvwire receiver serve` as a subprocess on loopback; yield its address once SERVING."""
+    port = port or free_port()
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port), "--model", model])
+    target = f"127.0.0.1:{port}"
+    try:
+        with Client(target) as client:
+            client.wait_until_serving()
+        yield target
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run_demo(samples: list[Sample], model: str, profile: str, query_aware: bool, max_new_tokens: int,
+             console: Console) -> list[DemoRow]:
+    rows = []
+    with local_receiver(model) as target, Client(target) as client:
+        loaded = load_model(model)
+        fp = loaded.fingerprint
+        agreed = client.negotiate(fp, [profile]).profile
+        fp16_per_token = 2 * fp.num_layers * fp.kv_heads * fp.head_dim * 2
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("questions", total=len(samples))
+            for sample in samples:
+                pre = prefill_prompt(loaded, sample.context, sample.question, query_aware)
+                local = reference_generate(loaded.model, pre.prompt.ids, max_new_tokens)
+                start = time.perf_counter()
+                frames = list(wire.encode(pre.kv, agreed, fp))
+                encode_s = time.perf_counter() - start
+                sent = client.send_frames(frames)
+                if query_aware:
+                    reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+                else:
+                    reply = client.generate(sent.session_id, question=sample.question, max_new_tokens=max_new_tokens)
+                answer = loaded.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+                rows.append(DemoRow(
+                    id=sample.id, question=sample.question, gold=sample.answers[0],
+                    local_answer=loaded.tokenizer.decode(local, skip_special_tokens=True), transfer_answer=answer,
+                    tokens_match=list(reply.token_ids) == local, seq_len=pre.kv.seq_len,
+                    bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=fp16_per_token * pre.kv.seq_len,
+                    f1_gold=best_f1(answer, sample.answers), prefill_s=pre.seconds, encode_s=encode_s,
+                    transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+                ))
+                progress.advance(task)
+    return rows
+
+
+def summarize(rows: list[DemoRow]) -> dict:
+    n = len(rows)
+    mean = lambda key: sum(getattr(r, key) for r in rows) / n  # noqa: E731
+    f1_mean, f1_ci = mean_ci95([r.f1_gold for r in rows])
+    return {
+        "n": n,
+        "token_match_rate": sum(r.tokens_match for r in rows) / n,
+        "bytes_mean": mean("bytes_on_wire"),
+        "bytes_per_token": sum(r.bytes_on_wire for r in rows) / sum(r.seq_len for r in rows),
+        "raw_fp16_bytes_per_token": rows[0].raw_fp16_bytes / rows[0].seq_len,
+        "f1_gold_mean": f1_mean,
+        "f1_gold_ci95": f1_ci,
+        **{f"{key}_mean": mean(key) for key in ("prefill_s", "encode_s", "transfer_s", "inject_s", "decode_s")},
+    }
+
+
+def report(rows: list[DemoRow], summary: dict, console: Console, json_path: Path | None) -> None:
+    table = Table(title="kvwire demo: lossless transfer over gRPC (loopback)")
+    for column in ("question", "gold", "local answer", "via transfer", "match", "bytes", "prefill s", "transfer s", "decode s"):
+        table.add_column(column, overflow="fold", max_width=30 if column in ("question", "local answer", "via transfer") else None)
+    for r in rows:
+        table.add_row(r.question, r.gold, r.local_answer, r.transfer_answer, "yes" if r.tokens_match else "NO",
+                      f"{r.bytes_on_wire:,}", f"{r.prefill_s:.2f}", f"{r.encode_s + r.transfer_s:.2f}",
+                      f"{r.inject_s + r.decode_s:.2f}")
+    console.print(table)
+    console.print(
+        f"token match {summary['token_match_rate']:.0%} over {summary['n']} samples | "
+        f"{summary['bytes_per_token']:.0f} B/token on the wire vs {summary['raw_fp16_bytes_per_token']:.0f} B/token raw fp16 | "
+        f"F1 vs gold {summary['f1_gold_mean']:.3f} ± {summary['f1_gold_ci95']:.3f}\n"
+        f"mean times: prefill {summary['prefill_s_mean']:.3f} s, encode {summary['encode_s_mean']:.3f} s, "
+        f"transfer {summary['transfer_s_mean']:.3f} s, inject {summary['inject_s_mean']:.4f} s, decode {summary['decode_s_mean']:.3f} s"
+    )
+    if json_path:
+        json_path.write_text(json.dumps({**summary, "samples": [asdict(r) for r in rows]}, indent=2))
+        console.print(f"wrote {json_path}")

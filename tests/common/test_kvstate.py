@@ -1,0 +1,37 @@
+import torch
+
+from common.kvstate import KVState, greedy_decode, prefill, reference_generate
+
+PROMPT = [int(x) for x in torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(1))]
+
+
+def test_cache_round_trip_reproduces_generate(tiny_llama, tiny_gemma3):
+    for loaded in (tiny_llama, tiny_gemma3):  # tiny-gemma3 has sliding window 16 < 49 cached tokens
+        kv = prefill(loaded.model, PROMPT[:-1])
+        tokens = greedy_decode(loaded.model, kv.to_cache(loaded.config), PROMPT[-1:], kv.seq_len, 12)
+        assert tokens == reference_generate(loaded.model, PROMPT, 12)
+
+
+def test_sliding_layers_keep_only_their_window(tiny_gemma3):
+    kv = prefill(tiny_gemma3.model, PROMPT)
+    kept = [kv.kept_tokens(i) for i in range(kv.num_layers)]
+    assert kept == [15, 15, 50, 15]
+    assert kv.positions[0][0].tolist() == list(range(35, 50))
+
+
+def select_every_other(kv: KVState) -> KVState:
+    keep = torch.arange(0, kv.seq_len, 2)
+    return KVState(
+        keys=[k[:, :, keep] for k in kv.keys], values=[v[:, :, keep] for v in kv.values],
+        positions=[p[:, keep] for p in kv.positions], seq_len=kv.seq_len,
+    )
+
+
+def test_positions_matter_after_selection(tiny_llama, smollm2):
+    """Decoding a selected cache from compacted positions gives other tokens than from the original ones."""
+    for loaded in (tiny_llama, smollm2):
+        kv = select_every_other(prefill(loaded.model, PROMPT[:-1]))
+        kept = kv.kept_tokens(0)
+        original = greedy_decode(loaded.model, kv.to_cache(loaded.config), PROMPT[-1:], kv.seq_len, 10)
+        compacted = greedy_decode(loaded.model, kv.to_cache(loaded.config), PROMPT[-1:], kept, 10)
+        assert original != compacted, loaded.name

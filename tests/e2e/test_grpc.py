@@ -1,0 +1,167 @@
+"""Real gRPC over loopback sockets against an in-process receiver."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from common import wire
+from common.kvstate import reference_generate
+from common.proto import kvwire_pb2 as pb
+from common.proto import kvwire_pb2_grpc as pb_grpc
+from sender.client import Client
+from sender.prefill import prefill_prompt
+
+CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+           "a region in France. They were descended from Norse raiders from Denmark, Iceland and Norway.")
+QUESTION = "Where is Normandy?"
+
+
+@pytest.fixture(scope="module")
+def llama_receiver(start_receiver):
+    return start_receiver("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def gemma3_receiver(start_receiver):
+    return start_receiver("tiny-gemma3")
+
+
+def ask(client, loaded, query_aware, profile="raw", max_new_tokens=12):
+    pre = prefill_prompt(loaded, CONTEXT, QUESTION, query_aware)
+    sent = client.transfer(pre.kv, profile, loaded.fingerprint)
+    if query_aware:
+        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    else:
+        reply = client.generate(sent.session_id, question=QUESTION, max_new_tokens=max_new_tokens)
+    return pre, sent, list(reply.token_ids)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+@pytest.mark.parametrize("query_aware", [True, False], ids=["query-aware", "query-agnostic"])
+def test_lossless_transfer_reproduces_generate(model, query_aware, request):
+    loaded = request.getfixturevalue(model)
+    receiver = request.getfixturevalue(model.replace("tiny_", "") + "_receiver")
+    with Client(receiver.target) as client:
+        assert client.negotiate(loaded.fingerprint, ["raw"]).profile == "raw"
+        pre, sent, tokens = ask(client, loaded, query_aware)
+    assert tokens == reference_generate(loaded.model, pre.prompt.ids, 12)
+    assert sent.bytes_sent > 0
+
+
+def test_health_and_reflection(llama_receiver):
+    channel = grpc.insecure_channel(llama_receiver.target)
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="kvwire.v1.KVWire")).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert "kvwire.v1.KVWire" in names
+    channel.close()
+
+
+def test_not_serving_until_model_loaded(monkeypatch):
+    """While the model loads, health says NOT_SERVING and KVWire calls get UNAVAILABLE."""
+    from common.settings import Settings
+    from receiver import server as server_module
+    from sender.demo import free_port
+
+    port = free_port()
+    loading = threading.Event()
+    original = server_module.load_model
+
+    def slow_load(name):
+        loading.wait(timeout=60)
+        return original(name)
+
+    monkeypatch.setattr(server_module, "load_model", slow_load)
+
+    async def check():
+        task = asyncio.create_task(server_module.start_server("127.0.0.1", port, "tiny-llama", Settings()))
+        await asyncio.sleep(0.5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.KVWireStub(channel).Negotiate(pb.NegotiateRequest())
+        loading.set()
+        server, _, _ = await task
+        await server.stop(None)
+        return status, info.value.code()
+
+    status, code = asyncio.run(check())
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def send_and_expect(receiver, frames, code, match):
+    sessions_before = len(receiver.servicer.sessions)
+    with Client(receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.send_frames(frames)
+    assert info.value.code() == code
+    assert match in info.value.details()
+    assert len(receiver.servicer.sessions) == sessions_before  # nothing injected
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_llama):
+    pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION)
+    return list(wire.encode(pre.kv, "raw", tiny_llama.fingerprint))
+
+
+def test_corrupted_chunk_over_grpc(llama_receiver, frames):
+    bad = [pb.Frame.FromString(f.SerializeToString()) for f in frames]
+    bad[2].chunk.payload = bad[2].chunk.payload[:-1] + bytes([bad[2].chunk.payload[-1] ^ 1])
+    send_and_expect(llama_receiver, bad, grpc.StatusCode.DATA_LOSS, "checksum mismatch")
+
+
+def test_truncated_stream_over_grpc(llama_receiver, frames):
+    send_and_expect(llama_receiver, frames[:-1], grpc.StatusCode.DATA_LOSS, "before the trailer")
+
+
+def test_wrong_dimensions_over_grpc(llama_receiver, frames):
+    header = pb.Frame.FromString(frames[0].SerializeToString())
+    header.header.batch = 2
+    send_and_expect(llama_receiver, [header] + frames[1:], grpc.StatusCode.INVALID_ARGUMENT, "batch must be 1")
+
+
+def test_mismatched_fingerprint_over_grpc(llama_receiver, tiny_gemma3, tiny_llama):
+    with Client(llama_receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.negotiate(tiny_gemma3.fingerprint, ["raw"])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    pre = prefill_prompt(tiny_gemma3, CONTEXT, QUESTION)
+    send_and_expect(llama_receiver, list(wire.encode(pre.kv, "raw", tiny_gemma3.fingerprint)),
+                    grpc.StatusCode.FAILED_PRECONDITION, "fingerprint mismatch")
+
+
+def test_unknown_session_and_bad_requests(llama_receiver, tiny_llama):
+    with Client(llama_receiver.target) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("no-such-session", token_ids=[1])
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        _, sent, _ = ask(client, tiny_llama, True)
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(sent.session_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(sent.session_id, token_ids=[10**9])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            client.negotiate(tiny_llama.fingerprint, ["int17"])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_session_answers_many_questions(llama_receiver, tiny_llama):
+    """One transferred context serves several questions, each decoded from a fresh copy of the cache."""
+    with Client(llama_receiver.target) as client:
+        pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION, query_aware=False)
+        sent = client.transfer(pre.kv, "raw", tiny_llama.fingerprint)
+        first = list(client.generate(sent.session_id, question=QUESTION, max_new_tokens=8).token_ids)
+        client.generate(sent.session_id, question="Who were the Normans?", max_new_tokens=8)
+        again = list(client.generate(sent.session_id, question=QUESTION, max_new_tokens=8).token_ids)
+    assert first == again
+    stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
+    assert all(torch.equal(a, b) for a, b in zip(stored.keys, pre.kv.keys))

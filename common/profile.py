@@ -1,62 +1,186 @@
-"""Compression profiles: how a KVState becomes chunk payloads and back.
+"""The profile grammar: how a KV cache is compressed for the wire.
 
-A profile encodes the keys and values of one token range of one layer into bytes
-and decodes them again. The wire layer adds zstd, checksums and framing on top.
+A profile is stages joined by `+`; each stage is a name with `:`-separated options.
 
-    raw    bit-exact copy in the model's dtype (lossless; alias: lossless)
-    fp16   cast to float16
-    bf16   cast to bfloat16
+    raw | lossless         the model's dtype, bit for bit (the default)
+    fp16 | bf16            cast
+    intN[:gG][:sym|asym][:k=channel|token][:v=channel|token]
+                           uniform N-bit quantization, N in 1..8, groups of G (default 32);
+                           asymmetric by default; keys per channel and values per token (KIVI)
+    nf4[:gG][:k=..][:v=..] 4-bit NormalFloat, absmax per group of G (default 64)
+    svd:rR                 rank-R factors per layer and head; the precision stage, if any,
+                           quantizes the factors (default fp16): svd:r32+int8
+    PRECISION@A-B          per-layer override: layers A..B (inclusive) use PRECISION,
+                           e.g. int2+int8@0-3 (mixed precision)
+
+Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
+from common.quant.base import MatrixQuantizer
+from common.quant.cast import Cast
+from common.quant.kv import CHANNEL, TOKEN, KVCodec
+from common.quant.lowrank import LowRank
+from common.quant.nf4 import NF4
+from common.quant.uniform import Uniform
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CASTS = {"raw": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+ALIASES = {"lossless": "raw"}
+DEFAULT_GROUP = {"int": 32, "nf4": 64}
 
 
 class ProfileError(ValueError):
-    """A profile spec that cannot be parsed or applied."""
+    """A profile spec that cannot be parsed, or that contradicts itself."""
 
 
 @dataclass(frozen=True)
-class CastProfile:
-    """Send tensors as raw little-endian buffers of `wire_dtype` (None: the model's dtype)."""
+class Precision:
+    kind: str  # raw, fp16, bf16, int, nf4
+    bits: int = 0
+    group: int = 0
+    symmetric: bool = False
+    key_axis: str = CHANNEL
+    value_axis: str = TOKEN
 
-    name: str
-    wire_dtype: torch.dtype | None = None
+    def __str__(self) -> str:
+        if self.kind in CASTS:
+            return self.kind
+        parts = [f"int{self.bits}" if self.kind == "int" else "nf4", f"g{self.group}"]
+        if self.symmetric and self.kind == "int":
+            parts.append("sym")
+        if self.key_axis != CHANNEL:
+            parts.append(f"k={self.key_axis}")
+        if self.value_axis != TOKEN:
+            parts.append(f"v={self.value_axis}")
+        return ":".join(parts)
 
-    def _dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return self.wire_dtype or model_dtype
-
-    def payload_size(self, shape: tuple[int, ...], model_dtype: torch.dtype) -> int:
-        """Exact size of `encode`'s output for keys (and values) of `shape`."""
-        return 2 * torch.Size(shape).numel() * self._dtype(model_dtype).itemsize
-
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-        """keys, values: (batch, kv_heads, tokens, head_dim) -> bytes."""
-        dtype = self._dtype(keys.dtype)
-        return b"".join(t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes() for t in (keys, values))
-
-    def decode(self, payload: bytes, shape: tuple[int, ...], model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self._dtype(model_dtype)
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype)
-        keys, values = flat.view(2, *shape).to(model_dtype).unbind(0)
-        return keys, values
-
-
-PROFILES = {
-    "raw": CastProfile("raw"),
-    "lossless": CastProfile("raw"),
-    "fp16": CastProfile("fp16", torch.float16),
-    "bf16": CastProfile("bf16", torch.bfloat16),
-}
+    def quantizer(self) -> MatrixQuantizer:
+        if self.kind in CASTS:
+            return Cast(CASTS[self.kind])
+        if self.kind == "nf4":
+            return NF4(self.group)
+        return Uniform(self.bits, self.group, self.symmetric)
 
 
-def parse_profile(spec: str) -> CastProfile:
-    try:
-        return PROFILES[spec.strip().lower()]
-    except KeyError:
-        raise ProfileError(f"unknown profile {spec!r}; known: {', '.join(sorted(PROFILES))}") from None
+@dataclass(frozen=True)
+class Profile:
+    precision: Precision | None = None  # None: raw, or fp16 factors under svd
+    rank: int | None = None
+    overrides: tuple[tuple[int, int, Precision], ...] = field(default=())
+
+    def __str__(self) -> str:
+        stages = []
+        if self.rank is not None:
+            stages.append(f"svd:r{self.rank}")
+        if self.precision is not None:
+            stages.append(str(self.precision))
+        if not stages:
+            stages.append("raw")
+        stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.overrides]
+        return "+".join(stages)
+
+    @property
+    def lossless(self) -> bool:
+        return self == Profile()
+
+    def precision_for(self, layer: int) -> Precision:
+        for first, last, precision in self.overrides:
+            if first <= layer <= last:
+                return precision
+        if self.precision is not None:
+            return self.precision
+        return Precision("fp16" if self.rank is not None else "raw")
+
+    def codec(self, layer: int) -> KVCodec:
+        precision = self.precision_for(layer)
+        quantizer = precision.quantizer()
+        if self.rank is not None:
+            quantizer = LowRank(self.rank, quantizer)
+        return KVCodec(quantizer, precision.key_axis, precision.value_axis)
+
+    def check_layers(self, num_layers: int) -> None:
+        for first, last, _ in self.overrides:
+            if last >= num_layers:
+                raise ProfileError(f"override @{first}-{last} names layers beyond the model's {num_layers}")
+
+
+_STAGE = re.compile(r"^(?P<name>[a-z0-9]+)(?P<options>(:[^:@]+)*)(@(?P<first>\d+)(-(?P<last>\d+))?)?$")
+
+
+def _parse_precision(name: str, options: list[str], stage: str) -> Precision:
+    if name in CASTS:
+        if options:
+            raise ProfileError(f"{stage!r}: {name} takes no options")
+        return Precision(name)
+    match = re.fullmatch(r"int(\d+)", name)
+    if match:
+        kind, bits = "int", int(match.group(1))
+        if not 1 <= bits <= 8:
+            raise ProfileError(f"{stage!r}: integer quantization takes 1 to 8 bits, not {bits}")
+    elif name == "nf4":
+        kind, bits = "nf4", 4
+    else:
+        raise ProfileError(f"{stage!r}: unknown stage {name!r}; known: raw, fp16, bf16, int1..int8, nf4, svd")
+    values = {"group": DEFAULT_GROUP[kind], "symmetric": None, "key_axis": CHANNEL, "value_axis": TOKEN}
+    for option in options:
+        if re.fullmatch(r"g\d+", option):
+            values["group"] = int(option[1:])
+            if values["group"] < 1:
+                raise ProfileError(f"{stage!r}: group size must be positive")
+        elif option in ("sym", "asym"):
+            if values["symmetric"] is not None:
+                raise ProfileError(f"{stage!r}: give sym or asym once")
+            if kind == "nf4" and option == "asym":
+                raise ProfileError(f"{stage!r}: nf4 is symmetric by construction")
+            values["symmetric"] = option == "sym"
+        elif re.fullmatch(r"[kv]=(channel|token)", option):
+            values["key_axis" if option[0] == "k" else "value_axis"] = option[2:]
+        else:
+            raise ProfileError(f"{stage!r}: unknown option {option!r}; options: gN, sym, asym, k=channel|token, v=channel|token")
+    values["symmetric"] = bool(values["symmetric"]) and kind == "int"
+    return Precision(kind, bits, **values)
+
+
+def parse_profile(spec: str | Profile) -> Profile:
+    if isinstance(spec, Profile):
+        return spec
+    text = spec.strip().lower()
+    if not text:
+        raise ProfileError("empty profile; try raw, int8 or int4:g32")
+    precision, rank, overrides = None, None, []
+    for stage in text.split("+"):
+        match = _STAGE.match(stage)
+        if not match:
+            raise ProfileError(f"cannot parse stage {stage!r} of profile {spec!r}")
+        name = ALIASES.get(match["name"], match["name"])
+        options = match["options"].split(":")[1:] if match["options"] else []
+        if name == "svd":
+            if rank is not None:
+                raise ProfileError(f"{spec!r}: two svd stages")
+            if match["first"] is not None or len(options) != 1 or not re.fullmatch(r"r\d+", options[0]) or int(options[0][1:]) < 1:
+                raise ProfileError(f"{stage!r}: svd takes exactly one option, a positive rank such as svd:r32")
+            rank = int(options[0][1:])
+            continue
+        parsed = _parse_precision(name, options, stage)
+        if match["first"] is not None:
+            first = int(match["first"])
+            last = int(match["last"]) if match["last"] is not None else first
+            if last < first:
+                raise ProfileError(f"{stage!r}: layer range {first}-{last} is empty")
+            if any(a <= last and first <= b for a, b, _ in overrides):
+                raise ProfileError(f"{stage!r}: overlaps another per-layer override")
+            overrides.append((first, last, parsed))
+        elif precision is not None:
+            raise ProfileError(f"{spec!r}: two precision stages, {precision} and {parsed}; use @A-B for per-layer ones")
+        else:
+            precision = parsed
+    if precision is not None and precision.kind == "raw" and rank is None:
+        precision = None  # raw is the default: one spelling for one profile
+    return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])))

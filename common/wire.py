@@ -18,7 +18,7 @@ import torch
 import zstandard
 
 from common.kvstate import KVState
-from common.profile import DTYPES, ProfileError, parse_profile
+from common.profile import DTYPES, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
@@ -65,16 +65,18 @@ def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
 
 
 def encode(
-    kv: KVState, profile: str, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3
+    kv: KVState, profile: str | Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
+    zstd_level: int = 3,
 ) -> Iterator[pb.Frame]:
     """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer."""
-    codec = parse_profile(profile)
+    profile = parse_profile(profile)
+    profile.check_layers(kv.num_layers)
     batch = kv.keys[0].shape[0]
     for layer, positions in enumerate(kv.positions):
         if (positions.diff(dim=1) <= 0).any():
             raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
     yield pb.Frame(header=pb.Header(
-        transfer_id=transfer_id or uuid.uuid4().hex, fingerprint=fingerprint, profile=profile,
+        transfer_id=transfer_id or uuid.uuid4().hex, fingerprint=fingerprint, profile=str(profile),
         seq_len=kv.seq_len, batch=batch,
         layers=[pb.LayerHeader(kept_tokens=kv.kept_tokens(i), positions=encode_positions(p))
                 for i, p in enumerate(kv.positions)],
@@ -82,13 +84,16 @@ def encode(
     compressor = zstandard.ZstdCompressor(level=zstd_level)
     num_chunks = payload_bytes = 0
     for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
+        codec = profile.codec(layer)
         _, heads, kept, head_dim = keys.shape
-        per_token = codec.payload_size((batch, heads, 1, head_dim), kv.dtype)
-        step = max(1, (MAX_CHUNK_BYTES - 4096) // per_token)
+        # Every codec's payload is at most the model-dtype size of its tokens.
+        step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * batch * heads * head_dim * kv.dtype.itemsize))
         for start in range(0, kept, step):
             end = min(start + step, kept)
-            raw = codec.encode(keys[:, :, start:end], values[:, :, start:end])
+            raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
             payload = compressor.compress(raw)
+            if len(payload) > MAX_CHUNK_BYTES:
+                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
             num_chunks += 1
             payload_bytes += len(payload)
             yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
@@ -132,7 +137,8 @@ class Assembler:
                             f"model fingerprint mismatch: receiver runs {fp.architecture} ({fp.weights_sha256[:12]}), "
                             f"sender has {header.fingerprint.architecture} ({header.fingerprint.weights_sha256[:12]})")
         try:
-            self.codec = parse_profile(header.profile)
+            self.profile = parse_profile(header.profile)
+            self.profile.check_layers(fp.num_layers)
         except ProfileError as exc:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if len(header.layers) != fp.num_layers:
@@ -154,8 +160,9 @@ class Assembler:
             if layer.kept_tokens and (positions[:, -1] >= header.seq_len).any():
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond seq_len {header.seq_len}")
             self.positions.append(positions)
-        expected = sum(self.codec.payload_size((1, fp.kv_heads, layer.kept_tokens, fp.head_dim), self.dtype)
-                       for layer in header.layers)
+        self.codecs = [self.profile.codec(i) for i in range(fp.num_layers)]
+        expected = sum(codec.payload_size((1, fp.kv_heads, layer.kept_tokens, fp.head_dim), self.dtype)
+                       for codec, layer in zip(self.codecs, header.layers))
         if expected > self.limits.max_transfer_bytes:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cache of {expected} bytes exceeds the limit of {self.limits.max_transfer_bytes}")
         self.header = header
@@ -175,7 +182,8 @@ class Assembler:
         if zlib.crc32(chunk.payload) != chunk.crc32:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer} tokens [{chunk.token_start}, {chunk.token_end}): checksum mismatch")
         shape = (1, fp.kv_heads, chunk.token_end - chunk.token_start, fp.head_dim)
-        expected = self.codec.payload_size(shape, self.dtype)
+        codec = self.codecs[chunk.layer]
+        expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
         try:
@@ -184,7 +192,7 @@ class Assembler:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
         if len(raw) != expected:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload holds {len(raw)} bytes, expected {expected}")
-        keys, values = self.codec.decode(raw, shape, self.dtype)
+        keys, values = codec.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), shape, self.dtype)
         self._keys[chunk.layer].append(keys)
         self._values[chunk.layer].append(values)
         self._filled[chunk.layer] = chunk.token_end

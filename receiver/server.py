@@ -45,12 +45,13 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                 f"model fingerprint mismatch: receiver runs {loaded.name} "
                                 f"({loaded.fingerprint.weights_sha256[:12]}), sender offered "
                                 f"{request.fingerprint.architecture} ({request.fingerprint.weights_sha256[:12]})")
-        for profile in request.profiles:
+        for offered in request.profiles:
             try:
-                parse_profile(profile)
+                profile = parse_profile(offered)
+                profile.check_layers(loaded.fingerprint.num_layers)
             except ProfileError:
                 continue
-            return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=profile, limits=self.limits.to_proto())
+            return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=str(profile), limits=self.limits.to_proto())
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"none of the offered profiles is supported: {list(request.profiles)}")
 
     async def Transfer(self, request_iterator, context) -> pb.TransferReply:

@@ -1,0 +1,86 @@
+"""KVCodec: keys and values of one token range of one layer <-> one flat uint8 payload.
+
+A matrix quantizer groups along the last axis of a 2-D matrix; the axis options pick
+which matrix each tensor becomes:
+- per channel: (kv_heads * head_dim, tokens), groups run along tokens (KIVI's choice for keys);
+- per token:   (kv_heads * tokens, head_dim), groups run along channels (KIVI's for values).
+Low rank always factorizes each head's (tokens, head_dim) matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.quant.base import MatrixQuantizer, QuantError
+from common.quant.lowrank import LowRank
+
+CHANNEL, TOKEN = "channel", "token"
+
+
+def _to_matrix(t: torch.Tensor, axis: str) -> torch.Tensor:
+    """t: (1, kv_heads, tokens, head_dim) -> 2-D matrix for the quantizer."""
+    _, heads, tokens, dim = t.shape
+    if axis == CHANNEL:
+        return t[0].transpose(1, 2).reshape(heads * dim, tokens)
+    return t[0].reshape(heads * tokens, dim)
+
+
+def _matrix_shape(shape: tuple[int, ...], axis: str) -> tuple[int, int]:
+    _, heads, tokens, dim = shape
+    return (heads * dim, tokens) if axis == CHANNEL else (heads * tokens, dim)
+
+
+def _from_matrix(m: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Tensor:
+    _, heads, tokens, dim = shape
+    if axis == CHANNEL:
+        return m.reshape(heads, dim, tokens).transpose(1, 2).unsqueeze(0).contiguous()
+    return m.reshape(1, heads, tokens, dim)
+
+
+@dataclass(frozen=True)
+class KVCodec:
+    quantizer: MatrixQuantizer
+    key_axis: str = CHANNEL
+    value_axis: str = TOKEN
+
+    def _parts(self, shape: tuple[int, ...]):
+        """(axis, rows, cols) for keys and values; low rank factorizes per head."""
+        if isinstance(self.quantizer, LowRank):
+            _, heads, tokens, dim = shape
+            return [("head", tokens, dim)] * 2
+        return [(axis, *_matrix_shape(shape, axis)) for axis in (self.key_axis, self.value_axis)]
+
+    def payload_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        heads = shape[1] if isinstance(self.quantizer, LowRank) else 1
+        return sum(heads * self.quantizer.size(rows, cols, dtype) for _, rows, cols in self._parts(shape))
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """keys, values: (1, kv_heads, tokens, head_dim) -> flat uint8 payload."""
+        if keys.shape[0] != 1:
+            raise QuantError("codecs take batch 1")
+        pieces = []
+        for tensor, (axis, _, _) in zip((keys, values), self._parts(tuple(keys.shape))):
+            if axis == "head":
+                pieces.extend(self.quantizer.encode(tensor[0, h]) for h in range(tensor.shape[1]))
+            else:
+                pieces.append(self.quantizer.encode(_to_matrix(tensor, axis)))
+        return torch.cat(pieces)
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if payload.numel() != self.payload_size(shape, dtype):
+            raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
+        out, offset = [], 0
+        for axis, rows, cols in self._parts(shape):
+            size = self.quantizer.size(rows, cols, dtype)
+            if axis == "head":
+                heads = []
+                for _ in range(shape[1]):
+                    heads.append(self.quantizer.decode(payload[offset:offset + size], rows, cols, dtype))
+                    offset += size
+                out.append(torch.stack(heads).unsqueeze(0))
+            else:
+                out.append(_from_matrix(self.quantizer.decode(payload[offset:offset + size], rows, cols, dtype), shape, axis))
+                offset += size
+        return out[0], out[1]

@@ -1,0 +1,50 @@
+"""NF4: the 4-bit NormalFloat code book (Dettmers et al., QLoRA, 2023), absmax-scaled per group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.quant.base import QuantError, check_finite, from_bytes, group_view, num_groups, to_bytes
+from common.quant.packing import pack, packed_size, unpack
+
+# Quantiles of N(0, 1), normalized to [-1, 1], with an exact zero (QLoRA, Appendix E).
+NF4_CODE_BOOK = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230432987213, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+@dataclass(frozen=True)
+class NF4:
+    group: int = 64
+
+    def __post_init__(self):
+        if self.group < 1:
+            raise QuantError(f"group size must be positive, got {self.group}")
+
+    def size(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> int:
+        return packed_size(rows * cols, 4) + 2 * rows * num_groups(cols, self.group)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x)
+        rows, cols = x.shape
+        groups = group_view(x.float(), self.group)
+        absmax = groups.abs().amax(dim=-1, keepdim=True).half()
+        safe = torch.where(absmax > 0, absmax.float(), torch.ones_like(absmax, dtype=torch.float32))
+        book = NF4_CODE_BOOK.to(x.device)
+        midpoints = (book[1:] + book[:-1]) / 2
+        codes = torch.bucketize((groups / safe).clamp(-1, 1), midpoints).to(torch.uint8)
+        return torch.cat([pack(codes.reshape(rows, -1)[:, :cols], 4), to_bytes(absmax)])
+
+    def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if blob.numel() != self.size(rows, cols):
+            raise QuantError(f"payload of {blob.numel()} bytes; nf4 ({rows}x{cols}) needs {self.size(rows, cols)}")
+        code_bytes = packed_size(rows * cols, 4)
+        codes = unpack(blob[:code_bytes], 4, rows * cols).view(rows, cols).long()
+        absmax = from_bytes(blob[code_bytes:], torch.float16, (rows, num_groups(cols, self.group))).float()
+        scale = absmax.repeat_interleave(self.group, dim=1)[:, :cols]
+        return (NF4_CODE_BOOK.to(blob.device)[codes] * scale).to(dtype)

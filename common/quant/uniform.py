@@ -1,0 +1,77 @@
+"""Uniform group-wise quantization, 1 to 8 bits, asymmetric (min/scale) or symmetric (absmax).
+
+Layout: packed codes, then fp16 parameters per group: (scale, min) when asymmetric,
+(scale,) when symmetric. Symmetric 1-bit is sign quantization scaled by mean |x|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.quant.base import QuantError, check_finite, from_bytes, group_view, num_groups, to_bytes
+from common.quant.packing import pack, packed_size, unpack
+
+
+@dataclass(frozen=True)
+class Uniform:
+    bits: int
+    group: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise QuantError(f"uniform quantization takes 1 to 8 bits, got {self.bits}")
+        if self.group < 1:
+            raise QuantError(f"group size must be positive, got {self.group}")
+
+    @property
+    def params(self) -> int:
+        return 1 if self.symmetric else 2
+
+    def size(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> int:
+        return packed_size(rows * cols, self.bits) + 2 * self.params * rows * num_groups(cols, self.group)
+
+    def _levels(self, groups: torch.Tensor) -> torch.Tensor:
+        """fp16-representable parameters per group: (rows, groups, params)."""
+        if self.symmetric:
+            if self.bits == 1:
+                scale = groups.abs().mean(dim=-1)
+            else:
+                scale = groups.abs().amax(dim=-1) / (2 ** (self.bits - 1) - 1)
+            return scale.unsqueeze(-1).half()
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        return torch.stack([(high - low) / (2**self.bits - 1), low], dim=-1).half()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, cols) float -> packed codes + fp16 parameters, as uint8."""
+        check_finite(x)
+        rows, cols = x.shape
+        groups = group_view(x.float(), self.group)
+        params = self._levels(groups)
+        scale = params[..., 0:1].float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if self.symmetric and self.bits == 1:
+            codes = (groups >= 0).to(torch.uint8)
+        elif self.symmetric:
+            half = 2 ** (self.bits - 1) - 1
+            codes = (torch.round(groups / safe).clamp(-half, half) + half).to(torch.uint8)
+        else:
+            codes = torch.round((groups - params[..., 1:2].float()) / safe).clamp(0, 2**self.bits - 1).to(torch.uint8)
+        codes = codes.reshape(rows, -1)[:, :cols]
+        return torch.cat([pack(codes, self.bits), to_bytes(params)])
+
+    def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if blob.numel() != self.size(rows, cols):
+            raise QuantError(f"payload of {blob.numel()} bytes; int{self.bits} ({rows}x{cols}) needs {self.size(rows, cols)}")
+        code_bytes = packed_size(rows * cols, self.bits)
+        codes = unpack(blob[:code_bytes], self.bits, rows * cols).view(rows, cols).float()
+        params = from_bytes(blob[code_bytes:], torch.float16, (rows, num_groups(cols, self.group), self.params)).float()
+        scale = params[..., 0].repeat_interleave(self.group, dim=1)[:, :cols]
+        if self.symmetric and self.bits == 1:
+            return ((2 * codes - 1) * scale).to(dtype)
+        if self.symmetric:
+            return ((codes - (2 ** (self.bits - 1) - 1)) * scale).to(dtype)
+        low = params[..., 1].repeat_interleave(self.group, dim=1)[:, :cols]
+        return (codes * scale + low).to(dtype)

@@ -50,4 +50,6 @@ def to_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def from_bytes(blob: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if blob.storage_offset() % dtype.itemsize:  # a slice at an odd offset cannot be reinterpreted in place
+        blob = blob.clone()
     return blob.contiguous().view(dtype).reshape(shape)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.profile import Precision, Profile, ProfileError, parse_profile
+from common.quant.lowrank import LowRank
+from common.quant.nf4 import NF4
+from common.quant.uniform import Uniform
+
+
+@pytest.mark.parametrize("spec,canonical", [
+    ("raw", "raw"), ("lossless", "raw"), ("fp16", "fp16"), ("bf16", "bf16"),
+    ("int8", "int8:g32"), ("int4:g32", "int4:g32"), ("int3", "int3:g32"), ("int2", "int2:g32"),
+    ("int1", "int1:g32"), ("nf4", "nf4:g64"), ("svd:r32", "svd:r32"), ("svd:r32+int8", "svd:r32+int8:g32"),
+    ("int8+svd:r32", "svd:r32+int8:g32"), ("INT4:G64:SYM", "int4:g64:sym"), ("int4:asym", "int4:g32"),
+    ("int4:k=token:v=channel", "int4:g32:k=token:v=channel"),
+    ("int2+int8@0-3", "int2:g32+int8:g32@0-3"), ("int2+nf4@5+int8@0-1", "int2:g32+int8:g32@0-1+nf4:g64@5"),
+])
+def test_parse_and_print(spec, canonical):
+    profile = parse_profile(spec)
+    assert str(profile) == canonical
+    assert parse_profile(str(profile)) == profile
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "empty"), ("int9", "1 to 8 bits"), ("int0", "1 to 8 bits"), ("int4+int8", "two precision stages"),
+    ("svd:r8+svd:r4", "two svd"), ("svd", "positive rank"), ("svd:r0", "positive rank"), ("svd:r8@0", "positive rank"),
+    ("int4:g0", "positive"), ("int4:sym:asym", "sym or asym once"), ("nf4:asym", "symmetric by construction"),
+    ("int4:x=1", "unknown option"), ("fp16:g32", "takes no options"), ("zip", "unknown stage"),
+    ("int4+int8@3-1", "empty"), ("int4+int8@0-3+int2@2", "overlaps"), ("int4++int8", "cannot parse"),
+])
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(spec)
+
+
+def test_codecs_per_layer():
+    profile = parse_profile("svd:r16+int4:g32+int8@0")
+    assert profile.codec(0).quantizer == LowRank(16, Uniform(8, 32))
+    assert profile.codec(1).quantizer == LowRank(16, Uniform(4, 32))
+    assert parse_profile("nf4:k=token").codec(3).key_axis == "token"
+    assert parse_profile("nf4").codec(0).quantizer == NF4(64)
+    with pytest.raises(ProfileError, match="beyond"):
+        parse_profile("int4+int8@0-40").check_layers(30)
+    assert parse_profile("raw").lossless and not parse_profile("fp16").lossless
+
+
+@given(bits=st.integers(1, 8), group=st.integers(1, 512), sym=st.booleans(),
+       k=st.sampled_from(["channel", "token"]), v=st.sampled_from(["channel", "token"]),
+       rank=st.one_of(st.none(), st.integers(1, 256)))
+def test_round_trip_property(bits, group, sym, k, v, rank):
+    profile = Profile(Precision("int", bits, group, sym, k, v), rank)
+    assert parse_profile(str(profile)) == profile
+
+
+def test_payload_sizes_are_exact():
+    shape = (1, 3, 100, 64)
+    codes = 3 * 100 * 64 // 2
+    keys = codes + (3 * 64) * 4 * 4  # per channel: 192 rows, ceil(100/32) = 4 groups, fp16 scale + min
+    values = codes + (3 * 100) * 2 * 4  # per token: 300 rows, 64/32 = 2 groups
+    assert parse_profile("int4:g32").codec(0).payload_size(shape, torch.float32) == keys + values
+    assert parse_profile("raw").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 4
+    assert parse_profile("fp16").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 2

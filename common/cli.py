@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,9 @@ receiver_app = typer.Typer(help="The receiving node.", no_args_is_help=True)
 sender_app = typer.Typer(help="The sending node.", no_args_is_help=True)
 app.add_typer(receiver_app, name="receiver")
 app.add_typer(sender_app, name="sender")
-console = Console()
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and CI
 
 ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
 
@@ -73,7 +76,7 @@ def sender_ask(
 def demo(
     samples: int = typer.Option(20, min=1, help="Number of answerable questions."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
-    profile: str = typer.Option("raw", help="Compression profile."),
+    profiles: str = typer.Option("raw,int8,int4:g32,int2", help="Comma-separated profiles; the first gets the per-question table."),
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(32, min=1, max=512),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
@@ -81,10 +84,60 @@ def demo(
 ) -> None:
     """Run a receiver on loopback and send SQuAD questions through it; compare with local generation."""
     from common.evaluation.squad import load_squad
-    from sender.demo import report, run_demo, summarize
+    from common.profile import ProfileError, parse_profile
+    from sender.demo import report, run_demo
 
-    rows = run_demo(load_squad(data, limit=samples), model, profile, not query_agnostic, max_new_tokens, console)
-    report(rows, summarize(rows), console, json_path)
+    names = [p for p in profiles.split(",") if p.strip()]
+    try:
+        for name in names:
+            parse_profile(name)
+    except ProfileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profiles") from None
+    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console)
+    report(rows, console, json_path)
+
+
+@bench_app.command("codec")
+def bench_codec(
+    tokens: int = typer.Option(1024, min=16, help="Context length of the cache."),
+    device: str = typer.Option("cpu", help="cpu: a real SmolLM2 cache; cuda: synthetic tensors of the same shape on the GPU."),
+    profiles: str = typer.Option(",".join(__import__("common.bench", fromlist=["x"]).CODEC_PROFILES), help="Comma-separated profiles."),
+    repeats: int = typer.Option(3, min=1),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Encode/decode throughput of each codec, side by side with a plain copy, plus size and error."""
+    import json
+
+    import torch
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.bench import bench_codecs, real_cache, rows_as_dicts, synthetic_cache
+
+    torch.set_num_threads(torch.get_num_threads())
+    if device == "cpu":
+        kv = real_cache(model, tokens)
+        source = f"{model} cache of {tokens} tokens (CPU, {torch.get_num_threads()} threads)"
+    else:
+        kv = synthetic_cache(30, 3, tokens, 64, device)
+        source = f"synthetic SmolLM2-shaped cache of {tokens} tokens on {torch.cuda.get_device_name(device)}"
+    names = [p for p in profiles.split(",") if p]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("codecs", total=len(names))
+        rows, copy_mb_s = bench_codecs(kv, names, repeats, progress=lambda: progress.advance(task))
+    table = Table(title=f"codec benchmark: {source}; copy {copy_mb_s:,.0f} MB/s")
+    for column in ("profile", "enc MB/s", "dec MB/s", "enc/copy", "dec/copy", "bytes/fp16", "+zstd", "bits/elem",
+                   "entropy bound", "rel err K", "rel err V"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for r in rows:
+        entropy = "-" if r.entropy_bits_per_element is None else f"{r.entropy_bits_per_element:.2f}"
+        table.add_row(r.profile, f"{r.encode_mb_s:,.0f}", f"{r.decode_mb_s:,.0f}", f"{r.encode_vs_copy:.4f}",
+                      f"{r.decode_vs_copy:.4f}", f"{r.bandwidth_fraction:.3f}", f"{r.zstd_fraction:.3f}",
+                      f"{r.bits_per_element:.2f}", entropy, f"{r.rel_error_keys:.3f}", f"{r.rel_error_values:.3f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"source": source, "copy_mb_s": copy_mb_s, "rows": rows_as_dicts(rows)}, indent=2))
 
 
 if __name__ == "__main__":

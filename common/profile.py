@@ -6,7 +6,8 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
     fp16 | bf16            cast
     intN[:gG][:sym|asym][:k=channel|token][:v=channel|token]
                            uniform N-bit quantization, N in 1..8, groups of G (default 32);
-                           asymmetric by default; keys per channel and values per token (KIVI)
+                           asymmetric by default (int1: symmetric, sign x mean|x|);
+                           keys per channel and values per token (KIVI)
     nf4[:gG][:k=..][:v=..] 4-bit NormalFloat, absmax per group of G (default 64)
     svd:rR                 rank-R factors per layer and head; the precision stage, if any,
                            quantizes the factors (default fp16): svd:r32+int8
@@ -36,6 +37,11 @@ ALIASES = {"lossless": "raw"}
 DEFAULT_GROUP = {"int": 32, "nf4": 64}
 
 
+def _default_symmetric(bits: int) -> bool:
+    # Two levels at a group's min and max lose more than sign x mean|x| does.
+    return bits == 1
+
+
 class ProfileError(ValueError):
     """A profile spec that cannot be parsed, or that contradicts itself."""
 
@@ -53,8 +59,8 @@ class Precision:
         if self.kind in CASTS:
             return self.kind
         parts = [f"int{self.bits}" if self.kind == "int" else "nf4", f"g{self.group}"]
-        if self.symmetric and self.kind == "int":
-            parts.append("sym")
+        if self.kind == "int" and self.symmetric != _default_symmetric(self.bits):
+            parts.append("sym" if self.symmetric else "asym")
         if self.key_axis != CHANNEL:
             parts.append(f"k={self.key_axis}")
         if self.value_axis != TOKEN:
@@ -144,7 +150,9 @@ def _parse_precision(name: str, options: list[str], stage: str) -> Precision:
             values["key_axis" if option[0] == "k" else "value_axis"] = option[2:]
         else:
             raise ProfileError(f"{stage!r}: unknown option {option!r}; options: gN, sym, asym, k=channel|token, v=channel|token")
-    values["symmetric"] = bool(values["symmetric"]) and kind == "int"
+    if values["symmetric"] is None:
+        values["symmetric"] = _default_symmetric(bits)
+    values["symmetric"] = values["symmetric"] and kind == "int"
     return Precision(kind, bits, **values)
 
 

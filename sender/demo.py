@@ -16,7 +16,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common import wire
-from common.evaluation.metrics import best_f1, mean_ci95
+from common.evaluation.metrics import best_f1, f1, mean_ci95
 from common.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import load_model
@@ -27,6 +27,7 @@ from sender.prefill import prefill_prompt
 @dataclass
 class DemoRow:
     id: str
+    profile: str
     question: str
     gold: str
     local_answer: str
@@ -36,6 +37,7 @@ class DemoRow:
     bytes_on_wire: int
     raw_fp16_bytes: int
     f1_gold: float
+    fidelity_f1: float
     prefill_s: float
     encode_s: float
     transfer_s: float
@@ -64,37 +66,40 @@ def local_receiver(model: str, port: int | None = None):
         process.wait(timeout=30)
 
 
-def run_demo(samples: list[Sample], model: str, profile: str, query_aware: bool, max_new_tokens: int,
+def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware: bool, max_new_tokens: int,
              console: Console) -> list[DemoRow]:
+    """Prefill each sample once, send it under every profile, and compare with local generation."""
     rows = []
     with local_receiver(model) as target, Client(target) as client:
         loaded = load_model(model)
         fp = loaded.fingerprint
-        agreed = client.negotiate(fp, [profile]).profile
+        agreed = [client.negotiate(fp, [p]).profile for p in profiles]
         fp16_per_token = 2 * fp.num_layers * fp.kv_heads * fp.head_dim * 2
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("questions", total=len(samples))
+            task = progress.add_task("questions x profiles", total=len(samples) * len(agreed))
             for sample in samples:
                 pre = prefill_prompt(loaded, sample.context, sample.question, query_aware)
                 local = reference_generate(loaded.model, pre.prompt.ids, max_new_tokens)
-                start = time.perf_counter()
-                frames = list(wire.encode(pre.kv, agreed, fp))
-                encode_s = time.perf_counter() - start
-                sent = client.send_frames(frames)
-                if query_aware:
-                    reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
-                else:
-                    reply = client.generate(sent.session_id, question=sample.question, max_new_tokens=max_new_tokens)
-                answer = loaded.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
-                rows.append(DemoRow(
-                    id=sample.id, question=sample.question, gold=sample.answers[0],
-                    local_answer=loaded.tokenizer.decode(local, skip_special_tokens=True), transfer_answer=answer,
-                    tokens_match=list(reply.token_ids) == local, seq_len=pre.kv.seq_len,
-                    bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=fp16_per_token * pre.kv.seq_len,
-                    f1_gold=best_f1(answer, sample.answers), prefill_s=pre.seconds, encode_s=encode_s,
-                    transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
-                ))
-                progress.advance(task)
+                local_text = loaded.tokenizer.decode(local, skip_special_tokens=True)
+                for profile in agreed:
+                    start = time.perf_counter()
+                    frames = list(wire.encode(pre.kv, profile, fp))
+                    encode_s = time.perf_counter() - start
+                    sent = client.send_frames(frames)
+                    if query_aware:
+                        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+                    else:
+                        reply = client.generate(sent.session_id, question=sample.question, max_new_tokens=max_new_tokens)
+                    answer = loaded.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+                    rows.append(DemoRow(
+                        id=sample.id, profile=profile, question=sample.question, gold=sample.answers[0],
+                        local_answer=local_text, transfer_answer=answer, tokens_match=list(reply.token_ids) == local,
+                        seq_len=pre.kv.seq_len, bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=fp16_per_token * pre.kv.seq_len,
+                        f1_gold=best_f1(answer, sample.answers), fidelity_f1=f1(answer, local_text),
+                        prefill_s=pre.seconds, encode_s=encode_s, transfer_s=sent.seconds,
+                        inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+                    ))
+                    progress.advance(task)
     return rows
 
 
@@ -102,34 +107,54 @@ def summarize(rows: list[DemoRow]) -> dict:
     n = len(rows)
     mean = lambda key: sum(getattr(r, key) for r in rows) / n  # noqa: E731
     f1_mean, f1_ci = mean_ci95([r.f1_gold for r in rows])
+    fidelity, fidelity_ci = mean_ci95([r.fidelity_f1 for r in rows])
     return {
+        "profile": rows[0].profile,
         "n": n,
         "token_match_rate": sum(r.tokens_match for r in rows) / n,
         "bytes_mean": mean("bytes_on_wire"),
         "bytes_per_token": sum(r.bytes_on_wire for r in rows) / sum(r.seq_len for r in rows),
-        "raw_fp16_bytes_per_token": rows[0].raw_fp16_bytes / rows[0].seq_len,
+        "ratio_vs_fp16": sum(r.bytes_on_wire for r in rows) / sum(r.raw_fp16_bytes for r in rows),
         "f1_gold_mean": f1_mean,
         "f1_gold_ci95": f1_ci,
+        "fidelity_f1_mean": fidelity,
+        "fidelity_f1_ci95": fidelity_ci,
         **{f"{key}_mean": mean(key) for key in ("prefill_s", "encode_s", "transfer_s", "inject_s", "decode_s")},
     }
 
 
-def report(rows: list[DemoRow], summary: dict, console: Console, json_path: Path | None) -> None:
-    table = Table(title="kvwire demo: lossless transfer over gRPC (loopback)")
-    for column in ("question", "gold", "local answer", "via transfer", "match", "bytes", "prefill s", "transfer s", "decode s"):
-        table.add_column(column, overflow="fold", max_width=30 if column in ("question", "local answer", "via transfer") else None)
-    for r in rows:
-        table.add_row(r.question, r.gold, r.local_answer, r.transfer_answer, "yes" if r.tokens_match else "NO",
-                      f"{r.bytes_on_wire:,}", f"{r.prefill_s:.2f}", f"{r.encode_s + r.transfer_s:.2f}",
-                      f"{r.inject_s + r.decode_s:.2f}")
+def summarize_by_profile(rows: list[DemoRow]) -> list[dict]:
+    profiles = list(dict.fromkeys(r.profile for r in rows))
+    return [summarize([r for r in rows if r.profile == p]) for p in profiles]
+
+
+def _clip(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def report(rows: list[DemoRow], console: Console, json_path: Path | None) -> dict:
+    summaries = summarize_by_profile(rows)
+    first = [r for r in rows if r.profile == summaries[0]["profile"]]
+    table = Table(title=f"kvwire demo: {summaries[0]['profile']} over gRPC (loopback), answer via transfer vs local generate")
+    for column in ("question", "gold", "local answer", "via transfer", "match", "bytes", "prefill s", "encode+send s", "decode s"):
+        table.add_column(column)
+    for r in first:
+        table.add_row(_clip(r.question, 40), _clip(r.gold, 24), _clip(r.local_answer), _clip(r.transfer_answer),
+                      "yes" if r.tokens_match else "NO", f"{r.bytes_on_wire:,}", f"{r.prefill_s:.2f}",
+                      f"{r.encode_s + r.transfer_s:.3f}", f"{r.inject_s + r.decode_s:.2f}")
     console.print(table)
-    console.print(
-        f"token match {summary['token_match_rate']:.0%} over {summary['n']} samples | "
-        f"{summary['bytes_per_token']:.0f} B/token on the wire vs {summary['raw_fp16_bytes_per_token']:.0f} B/token raw fp16 | "
-        f"F1 vs gold {summary['f1_gold_mean']:.3f} ± {summary['f1_gold_ci95']:.3f}\n"
-        f"mean times: prefill {summary['prefill_s_mean']:.3f} s, encode {summary['encode_s_mean']:.3f} s, "
-        f"transfer {summary['transfer_s_mean']:.3f} s, inject {summary['inject_s_mean']:.4f} s, decode {summary['decode_s_mean']:.3f} s"
-    )
+    fp16_per_token = first[0].raw_fp16_bytes / first[0].seq_len
+    table = Table(title=f"accuracy against bytes ({summaries[0]['n']} questions; raw fp16 KV is {fp16_per_token:,.0f} B/token)")
+    for column in ("profile", "token match", "fidelity F1", "F1 vs gold", "B/token", "vs fp16", "encode s", "send s", "decode s"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for s in summaries:
+        table.add_row(s["profile"], f"{s['token_match_rate']:.0%}", f"{s['fidelity_f1_mean']:.3f} ± {s['fidelity_f1_ci95']:.3f}",
+                      f"{s['f1_gold_mean']:.3f} ± {s['f1_gold_ci95']:.3f}", f"{s['bytes_per_token']:,.0f}",
+                      f"{s['ratio_vs_fp16']:.3f}", f"{s['encode_s_mean']:.3f}", f"{s['transfer_s_mean']:.3f}",
+                      f"{s['inject_s_mean'] + s['decode_s_mean']:.2f}")
+    console.print(table)
+    result = {**summaries[0], "profiles": summaries, "samples": [asdict(r) for r in rows]}
     if json_path:
-        json_path.write_text(json.dumps({**summary, "samples": [asdict(r) for r in rows]}, indent=2))
+        json_path.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_path}")
+    return result

@@ -12,7 +12,7 @@ from common.quant.uniform import Uniform
 @pytest.mark.parametrize("spec,canonical", [
     ("raw", "raw"), ("lossless", "raw"), ("fp16", "fp16"), ("bf16", "bf16"),
     ("int8", "int8:g32"), ("int4:g32", "int4:g32"), ("int3", "int3:g32"), ("int2", "int2:g32"),
-    ("int1", "int1:g32"), ("nf4", "nf4:g64"), ("svd:r32", "svd:r32"), ("svd:r32+int8", "svd:r32+int8:g32"),
+    ("int1", "int1:g32"), ("int1:asym", "int1:g32:asym"), ("int1:sym", "int1:g32"), ("nf4", "nf4:g64"), ("svd:r32", "svd:r32"), ("svd:r32+int8", "svd:r32+int8:g32"),
     ("int8+svd:r32", "svd:r32+int8:g32"), ("INT4:G64:SYM", "int4:g64:sym"), ("int4:asym", "int4:g32"),
     ("int4:k=token:v=channel", "int4:g32:k=token:v=channel"),
     ("int2+int8@0-3", "int2:g32+int8:g32@0-3"), ("int2+nf4@5+int8@0-1", "int2:g32+int8:g32@0-1+nf4:g64@5"),

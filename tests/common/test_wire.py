@@ -1,3 +1,5 @@
+import zlib
+
 import grpc
 import pytest
 import torch
@@ -6,6 +8,7 @@ from hypothesis import strategies as st
 
 from common import wire
 from common.kvstate import prefill
+from common.profile import parse_profile
 from common.proto import kvwire_pb2 as pb
 
 IDS = list(range(200, 260))
@@ -113,3 +116,44 @@ def test_positions_round_trip(rows):
     positions = torch.tensor([sorted(r) for r in rows], dtype=torch.int64).reshape(len(rows), -1)
     blob = wire.encode_positions(positions)
     assert torch.equal(wire.decode_positions(blob, *positions.shape), positions)
+
+
+def with_payload(frame: pb.Frame, payload: bytes) -> pb.Frame:
+    """A chunk whose payload was altered and whose checksum was recomputed to match (the CRC missed it)."""
+    frame = pb.Frame.FromString(frame.SerializeToString())
+    frame.chunk.payload = payload
+    frame.chunk.crc32 = zlib.crc32(payload)
+    return frame
+
+
+@pytest.mark.parametrize("profile", ["int4:g32", "nf4", "svd:r8+int8"])
+def test_corrupted_or_truncated_compressed_chunk_is_never_decoded(profile, tiny_llama):
+    kv = prefill(tiny_llama.model, IDS)
+    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint))
+    chunk = frames[1].chunk
+    truncated = with_payload(frames[1], chunk.payload[: len(chunk.payload) // 2])
+    assert_wire_error(grpc.StatusCode.DATA_LOSS, [frames[0], truncated] + frames[2:], tiny_llama.fingerprint,
+                      match="decompress|holds")
+    garbled = bytearray(chunk.payload)
+    garbled[4:12] = b"\xff" * 8  # inside the zstd frame header
+    garbled_frame = with_payload(frames[1], bytes(garbled))
+    assert_wire_error(grpc.StatusCode.DATA_LOSS, [frames[0], garbled_frame] + frames[2:], tiny_llama.fingerprint)
+    short = pb.Frame.FromString(frames[1].SerializeToString())
+    short.chunk.raw_size -= 1
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [frames[0], short] + frames[2:], tiny_llama.fingerprint,
+                      match="profile needs")
+
+
+@pytest.mark.parametrize("profile", ["fp16", "int8", "int4:g32", "int3", "int2", "int1", "nf4", "svd:r8", "svd:r8+int8",
+                                     "int2+int8@0-1"])
+def test_compressed_round_trip_matches_codec(profile, tiny_llama):
+    """The wire adds framing and zstd only: decoding frames equals decoding the codec payload directly."""
+    kv = prefill(tiny_llama.model, IDS)
+    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint))
+    back = wire.decode(frames, tiny_llama.fingerprint)
+    codecs = [parse_profile(profile).codec(i) for i in range(kv.num_layers)]
+    for layer, codec in enumerate(codecs):
+        k, v = codec.decode(codec.encode(kv.keys[layer], kv.values[layer]), tuple(kv.keys[layer].shape), torch.float32)
+        assert torch.equal(back.keys[layer], k) and torch.equal(back.values[layer], v)
+    payload = sum(len(f.chunk.payload) for f in frames if f.WhichOneof("kind") == "chunk")
+    assert sum(map(wire.wire_bytes, frames)) > payload  # framing is counted too

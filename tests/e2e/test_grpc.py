@@ -165,3 +165,22 @@ def test_session_answers_many_questions(llama_receiver, tiny_llama):
     assert first == again
     stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
     assert all(torch.equal(a, b) for a, b in zip(stored.keys, pre.kv.keys))
+
+
+@pytest.mark.parametrize("profile", ["fp16", "bf16", "int8", "int4:g32", "int3", "int2", "int1", "nf4",
+                                     "svd:r4", "svd:r32+int8", "int2+int8@0-1"])
+def test_every_profile_through_the_receiver(llama_receiver, tiny_llama, profile):
+    """The receiver stores exactly what the codec reconstructs, and decodes an answer from it."""
+    from common.profile import parse_profile
+
+    with Client(llama_receiver.target) as client:
+        agreed = client.negotiate(tiny_llama.fingerprint, [profile]).profile
+        assert agreed == str(parse_profile(profile))
+        pre, sent, tokens = ask(client, tiny_llama, True, profile=agreed)
+    assert 0 < len(tokens) <= 12
+    stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
+    for layer in range(stored.num_layers):
+        codec = parse_profile(profile).codec(layer)
+        k, v = codec.decode(codec.encode(pre.kv.keys[layer], pre.kv.values[layer]), tuple(pre.kv.keys[layer].shape),
+                            torch.float32)
+        assert torch.equal(stored.keys[layer], k) and torch.equal(stored.values[layer], v)

@@ -1,0 +1,128 @@
+"""`kvwire bench codec`: codec throughput against a plain copy, compression and reconstruction error."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import zstandard
+
+from common.kvstate import KVState
+from common.profile import parse_profile
+from common.quant.entropy import code_symbols, entropy_bits
+
+CODEC_PROFILES = ["fp16", "int8", "int4:g32", "int3", "int2", "int1", "nf4",
+                  "svd:r4", "svd:r8", "svd:r16", "svd:r32", "svd:r32+int8"]
+
+
+@dataclass
+class CodecRow:
+    profile: str
+    encode_mb_s: float  # MB of fp16 input per second
+    decode_mb_s: float
+    encode_vs_copy: float  # encode throughput / copy throughput, same run
+    decode_vs_copy: float
+    bandwidth_fraction: float  # payload bytes / fp16 bytes
+    zstd_fraction: float  # after the zstd stage
+    bits_per_element: float  # after zstd
+    entropy_bits_per_element: float | None  # code entropy + parameter overhead
+    rel_error_keys: float
+    rel_error_values: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_codecs(kv: KVState, profiles: list[str], repeats: int = 3, zstd_level: int = 3, progress=None) -> tuple[list[CodecRow], float]:
+    """Benchmark each profile over every layer of `kv`; returns rows and the copy throughput (MB/s)."""
+    device = kv.keys[0].device
+    layers = [(k.half(), v.half()) for k, v in zip(kv.keys, kv.values)]
+    fp16_bytes = sum(k.nbytes + v.nbytes for k, v in layers)
+    copy_s = _best_time(lambda: [(k.clone(), v.clone()) for k, v in layers], device, repeats)
+    copy_mb_s = fp16_bytes / copy_s / 1e6
+    compressor = zstandard.ZstdCompressor(level=zstd_level)
+    rows = []
+    for spec in profiles:
+        profile = parse_profile(spec)
+        codecs = [profile.codec(i) for i in range(len(layers))]
+        inputs = [(k.float(), v.float()) for k, v in layers]
+        payloads = []
+        encode_s = _best_time(lambda: payloads.__setitem__(slice(None), [c.encode(k, v) for c, (k, v) in zip(codecs, inputs)]),
+                              device, repeats)
+        decoded = []
+        decode_s = _best_time(lambda: decoded.__setitem__(slice(None), [
+            c.decode(p, tuple(k.shape), torch.float32) for c, p, (k, _) in zip(codecs, payloads, inputs)]), device, repeats)
+        payload_bytes = sum(p.numel() for p in payloads)
+        host = [p.cpu().numpy().tobytes() for p in payloads]
+        zstd_bytes = sum(len(compressor.compress(h)) for h in host)
+        elements = fp16_bytes // 2
+        entropy = None
+        symbol_sets = [code_symbols(c, p, tuple(k.shape)) for c, p, (k, _) in zip(codecs, payloads, inputs)]
+        if all(s is not None for s in symbol_sets):
+            symbols = torch.cat([s for s, _ in symbol_sets])
+            bits = symbol_sets[0][1]
+            parameter_bits = (payload_bytes - symbols.numel() * bits / 8) * 8
+            entropy = entropy_bits(symbols, 2**bits) + parameter_bits / elements
+        rel = lambda pairs: sum(float((a - b).norm() / b.norm()) for a, b in pairs) / len(pairs)  # noqa: E731
+        rows.append(CodecRow(
+            profile=str(profile),
+            encode_mb_s=fp16_bytes / encode_s / 1e6, decode_mb_s=fp16_bytes / decode_s / 1e6,
+            encode_vs_copy=copy_s / encode_s, decode_vs_copy=copy_s / decode_s,
+            bandwidth_fraction=payload_bytes / fp16_bytes, zstd_fraction=zstd_bytes / fp16_bytes,
+            bits_per_element=zstd_bytes * 8 / elements, entropy_bits_per_element=entropy,
+            rel_error_keys=rel([(d[0], i[0]) for d, i in zip(decoded, inputs)]),
+            rel_error_values=rel([(d[1], i[1]) for d, i in zip(decoded, inputs)]),
+        ))
+        if progress:
+            progress()
+    return rows, copy_mb_s
+
+
+def rows_as_dicts(rows: list[CodecRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def real_cache(model: str, tokens: int) -> KVState:
+    """Prefill about `tokens` tokens of SQuAD paragraphs (the embedded subset) with a real model."""
+    from common.evaluation.squad import load_squad
+    from common.kvstate import prefill
+    from common.models import load_model
+
+    loaded = load_model(model)
+    ids: list[int] = []
+    seen = set()
+    for sample in load_squad():
+        if sample.context in seen:
+            continue
+        seen.add(sample.context)
+        ids += loaded.tokenizer(sample.context + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    return prefill(loaded.model, ids[:tokens])
+
+
+def synthetic_cache(layers: int, heads: int, tokens: int, head_dim: int, device: str, seed: int = 0) -> KVState:
+    """Normal K/V with a few large-offset key channels, as real post-RoPE keys have."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keys, values = [], []
+    for _ in range(layers):
+        k = torch.randn(1, heads, tokens, head_dim, generator=generator, device=device)
+        k[..., : head_dim // 16] += 8.0
+        keys.append(k)
+        values.append(torch.randn(1, heads, tokens, head_dim, generator=generator, device=device))
+    positions = [torch.arange(tokens).expand(heads, tokens) for _ in range(layers)]
+    return KVState(keys, values, positions, tokens)

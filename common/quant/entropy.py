@@ -1,0 +1,31 @@
+"""Empirical entropy of quantization codes: the bound an ideal entropy coder would reach."""
+
+from __future__ import annotations
+
+import torch
+
+from common.quant.kv import KVCodec, _matrix_shape
+from common.quant.nf4 import NF4
+from common.quant.packing import packed_size, unpack
+from common.quant.uniform import Uniform
+
+
+def entropy_bits(symbols: torch.Tensor, alphabet: int) -> float:
+    """Shannon entropy, in bits per symbol, of the empirical distribution of `symbols`."""
+    counts = torch.bincount(symbols.reshape(-1).long(), minlength=alphabet).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def code_symbols(codec: KVCodec, payload: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int] | None:
+    """The code symbols inside a payload of a uniform or NF4 codec, with their bit width; None for others."""
+    quantizer = codec.quantizer
+    if not isinstance(quantizer, (Uniform, NF4)):
+        return None
+    bits = quantizer.bits if isinstance(quantizer, Uniform) else 4
+    symbols, offset = [], 0
+    for axis in (codec.key_axis, codec.value_axis):
+        rows, cols = _matrix_shape(shape, axis)
+        symbols.append(unpack(payload[offset:offset + packed_size(rows * cols, bits)], bits, rows * cols))
+        offset += quantizer.size(rows, cols)
+    return torch.cat(symbols), bits

@@ -126,3 +126,19 @@ def synthetic_cache(layers: int, heads: int, tokens: int, head_dim: int, device:
         values.append(torch.randn(1, heads, tokens, head_dim, generator=generator, device=device))
     positions = [torch.arange(tokens).expand(heads, tokens) for _ in range(layers)]
     return KVState(keys, values, positions, tokens)
+
+
+def main_gpu(out_dir: str, tokens: int = 1024, repeats: int = 5) -> None:
+    """Entry point for a CUDA machine without the CLI's dependencies: `python3 -c 'from common.bench import main_gpu; ...'`."""
+    import json
+    from pathlib import Path
+
+    kv = synthetic_cache(30, 3, tokens, 64, "cuda")
+    rows, copy_mb_s = bench_codecs(kv, CODEC_PROFILES, repeats)
+    source = f"synthetic SmolLM2-shaped cache of {tokens} tokens on {torch.cuda.get_device_name()}"
+    print(f"{source}; device copy {copy_mb_s / 1e3:,.1f} GB/s of fp16 input")
+    print(f"{'profile':18} {'enc GB/s':>9} {'dec GB/s':>9} {'enc/copy':>9} {'dec/copy':>9} {'bytes/fp16':>10} {'relerr K':>9} {'relerr V':>9}")
+    for r in rows:
+        print(f"{r.profile:18} {r.encode_mb_s / 1e3:9.2f} {r.decode_mb_s / 1e3:9.2f} {r.encode_vs_copy:9.4f} "
+              f"{r.decode_vs_copy:9.4f} {r.bandwidth_fraction:10.3f} {r.rel_error_keys:9.3f} {r.rel_error_values:9.3f}")
+    Path(out_dir, "codec_gpu.json").write_text(json.dumps({"source": source, "copy_mb_s": copy_mb_s, "rows": rows_as_dicts(rows)}, indent=2))

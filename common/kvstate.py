@@ -93,6 +93,16 @@ def greedy_decode(
         raise ValueError("decoding needs at least one token to prefill on top of the cache")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
+    full_lengths = {layer.get_seq_length() for layer in cache.layers if not layer.is_sliding}
+    if len(full_lengths) > 1:
+        # Layers keep different numbers of tokens (per-layer budgets), but the mask is built
+        # from one layer's length. A single query token needs no mask, so feed the tail one
+        # token at a time.
+        for offset, token in enumerate(tail_ids[:-1]):
+            model(input_ids=torch.tensor([[token]]), cache=cache,
+                  position_ids=torch.tensor([[start_position + offset]]), use_cache=True)
+        start_position += len(tail_ids) - 1
+        tail_ids = tail_ids[-1:]
     input_ids = torch.tensor([tail_ids])
     position = start_position
     generated: list[int] = []

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from common.proto import kvwire_pb2 as pb
+from common.select.stats import ATTN_IMPLEMENTATION
 from common.settings import get_settings
 
 
@@ -36,6 +37,12 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def sliding_layers(self) -> frozenset[int]:
+        """Layers with a sliding-window cache: they keep their own window, never selected."""
+        types = getattr(self.config.get_text_config(), "layer_types", None) or []
+        return frozenset(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
 def _smollm2_gguf() -> Path:
@@ -159,6 +166,8 @@ def load_model(name: str | None = None) -> LoadedModel:
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         model.generation_config.eos_token_id = eos + [tokenizer.convert_tokens_to_ids(END_OF_TURN[name])]
+    # sdpa with an observer that captures attention statistics for selection (common.select.stats).
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.eval()
     loaded = LoadedModel(name, model, tokenizer, fingerprint(model, weights_hash), time.perf_counter() - start)
     _loaded[name] = loaded

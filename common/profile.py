@@ -13,8 +13,16 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            quantizes the factors (default fp16): svd:r32+int8
     PRECISION@A-B          per-layer override: layers A..B (inclusive) use PRECISION,
                            e.g. int2+int8@0-3 (mixed precision)
+    METHOD:KEEP[:GRANULARITY][:BUDGET][:OPTIONS]
+                           token selection, applied by the sender before the codec.
+                           METHOD: q2c, q2c-last, snapkv, h2o, sink, window, random, knorm, capkv.
+                           KEEP: a fraction of the context (0.5) or a count (256t).
+                           GRANULARITY: global, layer or head (default depends on the method).
+                           BUDGET: uniform (default), pyramid or adaptive.
+                           OPTIONS: snapkv wN kN max|avg; h2o rF; sink sN; random seedN; capkv ridgeF.
 
-Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1.
+Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
+q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
 from common.quant.nf4 import NF4
 from common.quant.uniform import Uniform
+from common.select import GRANULARITIES, METHODS, OPTIONS, Selection
+from common.select.budgets import BUDGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CASTS = {"raw": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,9 +90,10 @@ class Profile:
     precision: Precision | None = None  # None: raw, or fp16 factors under svd
     rank: int | None = None
     overrides: tuple[tuple[int, int, Precision], ...] = field(default=())
+    selection: Selection | None = None
 
     def __str__(self) -> str:
-        stages = []
+        stages = [str(self.selection)] if self.selection else []
         if self.rank is not None:
             stages.append(f"svd:r{self.rank}")
         if self.precision is not None:
@@ -117,7 +128,42 @@ class Profile:
                 raise ProfileError(f"override @{first}-{last} names layers beyond the model's {num_layers}")
 
 
-_STAGE = re.compile(r"^(?P<name>[a-z0-9]+)(?P<options>(:[^:@]+)*)(@(?P<first>\d+)(-(?P<last>\d+))?)?$")
+_STAGE = re.compile(r"^(?P<name>[a-z0-9-]+)(?P<options>(:[^:@]+)*)(@(?P<first>\d+)(-(?P<last>\d+))?)?$")
+
+
+def _parse_selection(name: str, options: list[str], stage: str) -> Selection:
+    if not options:
+        raise ProfileError(f"{stage!r}: give what to keep, e.g. {name}:0.5 or {name}:256t")
+    keep_text, *rest = options
+    try:
+        keep = int(keep_text[:-1]) if keep_text.endswith("t") else float(keep_text)
+    except ValueError:
+        raise ProfileError(f"{stage!r}: keep {keep_text!r} is neither a fraction nor a count like 256t") from None
+    if (isinstance(keep, int) and keep < 1) or (isinstance(keep, float) and not 0 < keep <= 1):
+        raise ProfileError(f"{stage!r}: keep must be a fraction in (0, 1] or a positive count")
+    granularity, budget, method_options = "", "uniform", []
+    for option in rest:
+        if option in GRANULARITIES:
+            if granularity:
+                raise ProfileError(f"{stage!r}: two granularities")
+            granularity = option
+        elif option in BUDGETS:
+            budget = option
+        else:
+            match = re.fullmatch(r"([a-z]+)(\d+(\.\d+)?)?", option)
+            known = OPTIONS.get(name, {})
+            if not match or match.group(1) not in known or (known[match.group(1)][1] is str) != (match.group(2) is None):
+                raise ProfileError(f"{stage!r}: unknown option {option!r} for {name}; "
+                                   f"known: {', '.join(GRANULARITIES + BUDGETS + tuple(known)) }")
+            method_options.append((match.group(1), match.group(2) or ""))
+    if budget != "uniform" and (granularity or METHODS[name].default_granularity) == "global":
+        raise ProfileError(f"{stage!r}: a {budget} budget needs layer or head granularity, not global")
+    selection = Selection(name, keep, granularity, budget, tuple(method_options))
+    try:
+        selection.selector()
+    except ValueError as exc:
+        raise ProfileError(f"{stage!r}: {exc}") from None
+    return selection
 
 
 def _parse_precision(name: str, options: list[str], stage: str) -> Precision:
@@ -133,7 +179,8 @@ def _parse_precision(name: str, options: list[str], stage: str) -> Precision:
     elif name == "nf4":
         kind, bits = "nf4", 4
     else:
-        raise ProfileError(f"{stage!r}: unknown stage {name!r}; known: raw, fp16, bf16, int1..int8, nf4, svd")
+        raise ProfileError(f"{stage!r}: unknown stage {name!r}; known: raw, fp16, bf16, int1..int8, nf4, svd, "
+                           f"{', '.join(METHODS)}")
     values = {"group": DEFAULT_GROUP[kind], "symmetric": None, "key_axis": CHANNEL, "value_axis": TOKEN}
     for option in options:
         if re.fullmatch(r"g\d+", option):
@@ -162,13 +209,20 @@ def parse_profile(spec: str | Profile) -> Profile:
     text = spec.strip().lower()
     if not text:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
-    precision, rank, overrides = None, None, []
+    precision, rank, overrides, selection = None, None, [], None
     for stage in text.split("+"):
         match = _STAGE.match(stage)
         if not match:
             raise ProfileError(f"cannot parse stage {stage!r} of profile {spec!r}")
         name = ALIASES.get(match["name"], match["name"])
         options = match["options"].split(":")[1:] if match["options"] else []
+        if name in METHODS:
+            if selection is not None:
+                raise ProfileError(f"{spec!r}: two selection stages")
+            if match["first"] is not None:
+                raise ProfileError(f"{stage!r}: selection takes no layer range; use a pyramid or adaptive budget")
+            selection = _parse_selection(name, options, stage)
+            continue
         if name == "svd":
             if rank is not None:
                 raise ProfileError(f"{spec!r}: two svd stages")
@@ -191,4 +245,4 @@ def parse_profile(spec: str | Profile) -> Profile:
             precision = parsed
     if precision is not None and precision.kind == "raw" and rank is None:
         precision = None  # raw is the default: one spelling for one profile
-    return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])))
+    return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection)

@@ -1,0 +1,133 @@
+"""Token selection: which context tokens each layer (or KV head) keeps.
+
+The registry maps names in the profile grammar (`METHOD:KEEP`) to selector classes;
+`apply_selection` turns a selector's scores into a smaller KVState.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from common.kvstate import KVState
+from common.select import budgets
+from common.select.base import GRANULARITIES, ScoreInput, SelectionError, Selector
+from common.select.capkv import CapKV
+from common.select.h2o import H2O
+from common.select.knorm import KNorm
+from common.select.q2c import Q2C, Q2CLast
+from common.select.random import Random
+from common.select.sink import Sink
+from common.select.snapkv import SnapKV
+from common.select.stats import AttentionStats
+from common.select.window import Window
+
+METHODS: dict[str, type[Selector]] = {
+    "q2c": Q2C, "q2c-last": Q2CLast, "snapkv": SnapKV, "h2o": H2O, "sink": Sink,
+    "window": Window, "random": Random, "knorm": KNorm, "capkv": CapKV,
+}
+# Method options in the grammar: option name -> (dataclass field, type).
+OPTIONS: dict[str, dict[str, tuple[str, type]]] = {
+    "snapkv": {"w": ("window", int), "k": ("kernel", int), "max": ("pooling", str), "avg": ("pooling", str)},
+    "h2o": {"r": ("recent_fraction", float)},
+    "sink": {"s": ("sinks", int)},
+    "random": {"seed": ("seed", int)},
+    "capkv": {"ridge": ("ridge", float)},
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    method: str
+    keep: float | int  # a fraction of the context in (0, 1], or a token count
+    granularity: str = ""  # "" means the method's default
+    budget: str = "uniform"
+    options: tuple[tuple[str, str], ...] = field(default=())  # grammar options, e.g. (("w", "16"),)
+
+    def selector(self) -> Selector:
+        kwargs = {}
+        for name, value in self.options:
+            attribute, kind = OPTIONS[self.method][name]
+            kwargs[attribute] = name if kind is str else kind(value)
+        return METHODS[self.method](**kwargs)
+
+    @property
+    def resolved_granularity(self) -> str:
+        return self.granularity or METHODS[self.method].default_granularity
+
+    def needs(self, seq_len: int, context_len: int) -> dict[str, range]:
+        """The attention row sets this selection reads, for a prefill of seq_len tokens."""
+        selector = self.selector()
+        rows = {"question": range(context_len, seq_len), "all": range(0, seq_len)}
+        if isinstance(selector, SnapKV):
+            rows[selector.stats_name] = range(max(0, seq_len - selector.window), seq_len)
+        return {name: rows[name] for name in selector.needs}
+
+    def kept_count(self, context_len: int) -> int:
+        if isinstance(self.keep, int):
+            return max(1, min(self.keep, context_len))
+        return max(1, min(context_len, round(self.keep * context_len)))
+
+    def __str__(self) -> str:
+        keep = f"{self.keep}t" if isinstance(self.keep, int) else f"{self.keep:g}"
+        parts = [self.method, keep]
+        if self.granularity and self.granularity != METHODS[self.method].default_granularity:
+            parts.append(self.granularity)
+        if self.budget != "uniform":
+            parts.append(self.budget)
+        parts += [name if OPTIONS[self.method][name][1] is str else f"{name}{value}" for name, value in self.options]
+        return ":".join(parts)
+
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor: (1, heads, T, d); index: (heads, k) -> (1, heads, k, d)."""
+    return tensor.gather(2, index[None, :, :, None].expand(1, -1, -1, tensor.shape[-1]))
+
+
+def apply_selection(
+    kv: KVState, selection: Selection, stats: AttentionStats | None, context_len: int,
+    sliding_layers: frozenset[int] = frozenset(), sensitivities: list[float] | None = None,
+) -> KVState:
+    """Keep `selection.keep` of the context tokens [0, context_len) in every full-attention layer.
+
+    Tokens after the context (question, chat template) are always kept; sliding-window
+    layers keep their own window untouched.
+    """
+    if not 0 < context_len <= kv.seq_len:
+        raise SelectionError(f"context length {context_len} outside 1..{kv.seq_len}")
+    selector = selection.selector()
+    granularity = selection.resolved_granularity
+    layers = [i for i in range(kv.num_layers) if i not in sliding_layers]
+    count = selection.kept_count(context_len)
+    if selection.budget == "uniform":
+        counts = budgets.uniform(count, len(layers), context_len)
+    elif granularity == "global":
+        raise SelectionError("global selection keeps the same tokens in every layer: use the uniform budget")
+    elif selection.budget == "pyramid":
+        counts = budgets.pyramid(count, len(layers), context_len)
+    else:
+        if sensitivities is None or len(sensitivities) != kv.num_layers:
+            raise SelectionError("the adaptive budget needs one measured sensitivity per layer (kvwire study layers)")
+        counts = budgets.adaptive(count, [sensitivities[i] for i in layers], context_len)
+    scores = {layer: selector.score(ScoreInput(kv, stats, context_len, k), layer) for layer, k in zip(layers, counts)}
+    if granularity == "global":
+        summed = [layers[-1]] if selector.global_layers == "last" else layers
+        total = sum(scores[layer].sum(dim=0) for layer in summed)
+        scores = {layer: total.unsqueeze(0) for layer in layers}
+    tail = torch.arange(context_len, kv.seq_len)
+    keys, values, positions = list(kv.keys), list(kv.values), list(kv.positions)
+    for layer, k in zip(layers, counts):
+        heads = kv.keys[layer].shape[1]
+        layer_scores = scores[layer]
+        if granularity != "head":
+            layer_scores = layer_scores.sum(dim=0, keepdim=True)
+        top = layer_scores.topk(k, dim=-1).indices.sort(dim=-1).values.expand(heads, -1)
+        index = torch.cat([top, tail.expand(heads, -1)], dim=1)
+        keys[layer] = _gather(kv.keys[layer], index)
+        values[layer] = _gather(kv.values[layer], index)
+        positions[layer] = kv.positions[layer].gather(1, index)
+    return KVState(keys, values, positions, kv.seq_len)
+
+
+__all__ = ["METHODS", "GRANULARITIES", "Selection", "SelectionError", "apply_selection", "AttentionStats"]

@@ -1,0 +1,58 @@
+"""The selector interface: score context tokens, keep the highest.
+
+A selector is a small dataclass with `score()`. The framework in
+`common.select.apply` turns scores into kept positions at the chosen granularity
+(global, layer or head) and per-layer budget, always keeping the tokens after the
+context (the question and chat template), and writes a new KVState.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from common.kvstate import KVState
+from common.select.stats import AttentionStats
+
+GRANULARITIES = ("global", "layer", "head")
+
+
+class SelectionError(ValueError):
+    pass
+
+
+@dataclass
+class ScoreInput:
+    kv: KVState
+    stats: AttentionStats | None
+    context_len: int  # tokens [0, context_len) are candidates; the rest are always kept
+    budget: int  # tokens this layer may keep out of the context
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(kv_heads, context_len, head_dim) keys of the candidates."""
+        return self.kv.keys[layer][0, :, : self.context_len].float()
+
+    def mass(self, name: str, layer: int) -> torch.Tensor:
+        if self.stats is None:
+            raise SelectionError("this method needs attention statistics captured during prefill")
+        return self.stats.layer(name, layer)[:, : self.context_len]
+
+
+@dataclass
+class Selector:
+    # Attention row sets the method reads: "question", "all" or "windowW" (see AttentionStats).
+    needs: ClassVar[tuple[str, ...]] = ()
+    default_granularity: ClassVar[str] = "global"
+    # Which layers' scores a global selection sums: all of them, or the last only.
+    global_layers: ClassVar[str] = "all"
+
+    def score(self, inputs: ScoreInput, layer: int) -> torch.Tensor:
+        """Scores of shape (kv_heads, context_len); higher is kept first."""
+        raise NotImplementedError
+
+
+def recency(inputs: ScoreInput, heads: int) -> torch.Tensor:
+    """Scores that rank later context tokens higher: (heads, context_len)."""
+    return torch.arange(inputs.context_len, dtype=torch.float32).expand(heads, -1)

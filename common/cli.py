@@ -53,16 +53,16 @@ def sender_ask(
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
     from common.models import load_model
     from sender.client import Client
-    from sender.prefill import prefill_prompt
+    from sender.prefill import prefill_prompt, select_tokens
 
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
     text = context if context is not None else context_file.read_text()
     loaded = load_model(model)
-    pre = prefill_prompt(loaded, text, question, query_aware=not query_agnostic)
     with Client(target) as client:
         agreed = client.negotiate(loaded.fingerprint, [profile]).profile
-        sent = client.transfer(pre.kv, agreed, loaded.fingerprint)
+        pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
+        sent = client.transfer(select_tokens(loaded, pre, agreed), agreed, loaded.fingerprint)
         if query_agnostic:
             reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
         else:
@@ -84,17 +84,53 @@ def demo(
 ) -> None:
     """Run a receiver on loopback and send SQuAD questions through it; compare with local generation."""
     from common.evaluation.squad import load_squad
-    from common.profile import ProfileError, parse_profile
     from sender.demo import report, run_demo
 
-    names = [p for p in profiles.split(",") if p.strip()]
-    try:
-        for name in names:
-            parse_profile(name)
-    except ProfileError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--profiles") from None
+    names = _parse_profiles(profiles)
     rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console)
     report(rows, console, json_path)
+
+
+@app.command("eval")
+def eval_command(
+    profiles: str = typer.Option("fp16,int8,int4:g32,q2c:0.5", help="Comma-separated profiles."),
+    samples: int = typer.Option(20, min=1, help="Answerable questions to use."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
+    max_new_tokens: int = typer.Option(24, min=1, max=512),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Accuracy against bytes: F1 vs gold, fidelity vs full KV, first-token KL, bytes per profile."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation.harness import aggregate, evaluate, rows_as_dicts
+    from common.evaluation.report import summary_table
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    names = _parse_profiles(profiles)
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
+        rows = evaluate(loaded, dataset, names, max_new_tokens, progress=lambda: progress.advance(task))
+    summaries = aggregate(rows)
+    console.print(summary_table(summaries, f"{model}: {len(dataset)} questions, fidelity against the full-KV answer"))
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "profiles": summaries, "samples": rows_as_dicts(rows)}, indent=2))
+        console.print(f"wrote {json_path}")
+
+
+def _parse_profiles(text: str) -> list[str]:
+    from common.profile import ProfileError, parse_profile
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [str(parse_profile(name)) for name in names]
+    except ProfileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profiles") from None
 
 
 @bench_app.command("codec")

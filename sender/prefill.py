@@ -1,4 +1,4 @@
-"""The sender's model work: build the prompt and prefill the part that travels as KV."""
+"""The sender's model work: prefill the part that travels as KV, and select tokens from it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from common.kvstate import KVState, prefill
 from common.models import LoadedModel
+from common.profile import Profile, parse_profile
 from common.prompts import Prompt, build_prompt
+from common.select import AttentionStats, SelectionError, apply_selection
+from common.select.budgets import shipped_sensitivities
+from common.select.stats import collecting
 
 
 @dataclass
@@ -15,19 +19,40 @@ class Prefilled:
     prompt: Prompt
     kv: KVState
     tail_ids: list[int]  # what the receiver prefills on top of the cache
-    query_aware: bool
+    context_len: int  # cache tokens [0, context_len) are selectable context; the rest are always kept
+    stats: AttentionStats | None
     seconds: float
 
 
-def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware: bool = True) -> Prefilled:
+def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware: bool = True,
+                   profiles: list[str | Profile] = ()) -> Prefilled:
     """Prefill context (and question, when query-aware) into a KVState.
 
     Query-aware: the cache covers the whole prompt but its last token, which the
     receiver feeds to produce the first answer token. Query-agnostic: the cache
-    covers the context only, and the question travels as text.
+    covers the context only, and the question travels as text. Attention statistics
+    are captured for the selection stages of `profiles`.
     """
     prompt = build_prompt(loaded.tokenizer, context, question)
-    split = len(prompt.ids) - 1 if query_aware else len(prompt.context_ids)
+    seq_len = len(prompt.ids) - 1 if query_aware else len(prompt.context_ids)
+    context_len = len(prompt.context_ids)
+    row_sets = {}
+    for profile in map(parse_profile, profiles):
+        if profile.selection is not None:
+            row_sets.update(profile.selection.needs(seq_len, context_len))
+    stats = AttentionStats(row_sets) if row_sets else None
     start = time.perf_counter()
-    kv = prefill(loaded.model, prompt.ids[:split])
-    return Prefilled(prompt, kv, prompt.ids[split:], query_aware, time.perf_counter() - start)
+    with collecting(stats):
+        kv = prefill(loaded.model, prompt.ids[:seq_len])
+    return Prefilled(prompt, kv, prompt.ids[seq_len:], context_len, stats, time.perf_counter() - start)
+
+
+def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: str | Profile) -> KVState:
+    """Apply the profile's selection stage (if any); the codec stages run in common.wire."""
+    selection = parse_profile(profile).selection
+    if selection is None:
+        return pre.kv
+    if selection.method.startswith("q2c") and pre.context_len >= pre.kv.seq_len:
+        raise SelectionError("q2c needs the question inside the cache: send query-aware")
+    sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
+    return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities)

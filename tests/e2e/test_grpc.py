@@ -14,7 +14,7 @@ from common.kvstate import reference_generate
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from sender.client import Client
-from sender.prefill import prefill_prompt
+from sender.prefill import prefill_prompt, select_tokens
 
 CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
            "a region in France. They were descended from Norse raiders from Denmark, Iceland and Norway.")
@@ -32,8 +32,8 @@ def gemma3_receiver(start_receiver):
 
 
 def ask(client, loaded, query_aware, profile="raw", max_new_tokens=12):
-    pre = prefill_prompt(loaded, CONTEXT, QUESTION, query_aware)
-    sent = client.transfer(pre.kv, profile, loaded.fingerprint)
+    pre = prefill_prompt(loaded, CONTEXT, QUESTION, query_aware, [profile])
+    sent = client.transfer(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)
     if query_aware:
         reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
     else:
@@ -184,3 +184,20 @@ def test_every_profile_through_the_receiver(llama_receiver, tiny_llama, profile)
         k, v = codec.decode(codec.encode(pre.kv.keys[layer], pre.kv.values[layer]), tuple(pre.kv.keys[layer].shape),
                             torch.float32)
         assert torch.equal(stored.keys[layer], k) and torch.equal(stored.values[layer], v)
+
+
+@pytest.mark.parametrize("method", ["q2c", "q2c-last", "snapkv", "h2o", "sink", "window", "random", "knorm", "capkv"])
+def test_every_method_at_keep_one_is_lossless(llama_receiver, tiny_llama, method):
+    with Client(llama_receiver.target) as client:
+        pre, _, tokens = ask(client, tiny_llama, True, profile=f"{method}:1.0")
+    assert tokens == reference_generate(tiny_llama.model, pre.prompt.ids, 12)
+
+
+def test_selected_cache_decodes_from_original_positions(llama_receiver, tiny_llama):
+    """A q2c-selected, int4-quantized cache travels with its positions; decoding continues at seq_len."""
+    with Client(llama_receiver.target) as client:
+        pre, sent, tokens = ask(client, tiny_llama, True, profile="q2c:0.5+int4:g32")
+    stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
+    assert stored.seq_len == pre.kv.seq_len
+    assert stored.kept_tokens(0) < pre.kv.seq_len
+    assert torch.equal(stored.positions[0], select_tokens(tiny_llama, pre, "q2c:0.5").positions[0])

@@ -12,7 +12,7 @@ from common.evaluation.squad import load_squad
 from common.kvstate import reference_generate
 from common.models import load_model
 from sender.client import Client
-from sender.prefill import prefill_prompt
+from sender.prefill import prefill_prompt, select_tokens
 
 MAX_NEW = 24
 
@@ -22,8 +22,8 @@ def matches(receiver, loaded, samples, profile="raw", query_aware=True) -> list[
     results = []
     with Client(receiver.target) as client:
         for sample in samples:
-            pre = prefill_prompt(loaded, sample.context, sample.question, query_aware)
-            sent = client.transfer(pre.kv, profile, loaded.fingerprint)
+            pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, [profile])
+            sent = client.transfer(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)
             if query_aware:
                 reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=MAX_NEW)
             else:
@@ -42,6 +42,14 @@ def test_smollm2_lossless_over_grpc(start_receiver, smollm2):
     samples = load_squad(limit=6)
     check_lossless(receiver, smollm2, samples[:4])
     check_lossless(receiver, smollm2, samples[4:], query_aware=False)
+
+
+@pytest.mark.slow
+def test_smollm2_every_method_at_keep_one_is_lossless(start_receiver, smollm2):
+    receiver = start_receiver("smollm2-135m")
+    samples = load_squad(limit=2)
+    for method in ("q2c", "snapkv", "h2o", "sink", "window", "random", "knorm", "capkv"):
+        assert all(matches(receiver, smollm2, samples, f"{method}:1.0")), method
 
 
 @pytest.mark.slow

@@ -1,0 +1,118 @@
+"""`kvwire eval`: prefill once per sample, apply every profile, and measure what each byte buys.
+
+Model work runs in process; every profile's bytes are the serialized frames that
+`common.wire` produces for it, decoded back through the receiver's own assembler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common import wire
+from common.evaluation.metrics import best_em, best_f1, f1, mean_ci95
+from common.evaluation.squad import Sample
+from common.kvstate import greedy_decode
+from common.models import LoadedModel
+from common.profile import parse_profile
+from sender.prefill import prefill_prompt, select_tokens
+
+
+@dataclass
+class EvalRow:
+    sample_id: str
+    profile: str
+    answer: str
+    full_answer: str
+    f1_gold: float
+    em_gold: float
+    fidelity_f1: float
+    token_match: bool
+    kl_first: float
+    top1_agree: bool
+    bytes: int
+    fp16_bytes: int
+    seq_len: int
+    kept_tokens: int  # mean over layers
+    prefill_s: float
+    select_s: float
+    encode_s: float
+    assemble_s: float
+    decode_s: float
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference || other) of the next-token distributions, in nats."""
+    p = reference_logits.log_softmax(-1)
+    q = logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def fp16_bytes(loaded: LoadedModel, kv) -> int:
+    """Size of the full cache as fp16 tensors: the reference every ratio is taken against."""
+    return sum(2 * k.numel() for k in kv.keys) * 2
+
+
+def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], max_new_tokens: int = 24,
+             query_aware: bool = True, progress: Callable[[], None] | None = None) -> list[EvalRow]:
+    profiles = [str(parse_profile(p)) for p in profiles]
+    rows = []
+    for sample in samples:
+        pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, profiles)
+        reference_logits: list = []
+        full = greedy_decode(loaded.model, pre.kv.to_cache(loaded.config), pre.tail_ids, pre.kv.seq_len,
+                             max_new_tokens, reference_logits)
+        full_answer = loaded.tokenizer.decode(full, skip_special_tokens=True)
+        for profile in profiles:
+            start = time.perf_counter()
+            kv = select_tokens(loaded, pre, profile)
+            selected = time.perf_counter()
+            frames = list(wire.encode(kv, profile, loaded.fingerprint))
+            encoded = time.perf_counter()
+            received = wire.decode(frames, loaded.fingerprint)
+            assembled = time.perf_counter()
+            logits: list = []
+            tokens = greedy_decode(loaded.model, received.to_cache(loaded.config), pre.tail_ids, received.seq_len,
+                                   max_new_tokens, logits)
+            decoded = time.perf_counter()
+            answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+            rows.append(EvalRow(
+                sample_id=sample.id, profile=profile, answer=answer, full_answer=full_answer,
+                f1_gold=best_f1(answer, sample.answers), em_gold=best_em(answer, sample.answers),
+                fidelity_f1=f1(answer, full_answer), token_match=tokens == full,
+                kl_first=kl_divergence(reference_logits[0], logits[0]),
+                top1_agree=int(logits[0].argmax()) == int(reference_logits[0].argmax()),
+                bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=fp16_bytes(loaded, pre.kv), seq_len=pre.kv.seq_len,
+                kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
+                prefill_s=pre.seconds, select_s=selected - start, encode_s=encoded - selected,
+                assemble_s=assembled - encoded, decode_s=decoded - assembled,
+            ))
+            if progress:
+                progress()
+    return rows
+
+
+def aggregate(rows: list[EvalRow]) -> list[dict]:
+    """Per profile, in first-seen order: means with 95% confidence half-widths."""
+    summaries = []
+    for profile in dict.fromkeys(r.profile for r in rows):
+        group = [r for r in rows if r.profile == profile]
+        summary = {"profile": profile, "n": len(group)}
+        for key in ("f1_gold", "em_gold", "fidelity_f1", "kl_first"):
+            summary[key], summary[f"{key}_ci95"] = mean_ci95([getattr(r, key) for r in group])
+        summary["top1_agree"] = sum(r.top1_agree for r in group) / len(group)
+        summary["token_match_rate"] = sum(r.token_match for r in group) / len(group)
+        summary["bytes_mean"] = sum(r.bytes for r in group) / len(group)
+        summary["ratio_vs_fp16"] = sum(r.bytes for r in group) / sum(r.fp16_bytes for r in group)
+        summary["kept_fraction"] = sum(r.kept_tokens for r in group) / sum(r.seq_len for r in group)
+        for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "decode_s"):
+            summary[key] = sum(getattr(r, key) for r in group) / len(group)
+        summaries.append(summary)
+    return summaries
+
+
+def rows_as_dicts(rows: list[EvalRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

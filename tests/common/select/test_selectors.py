@@ -1,0 +1,169 @@
+"""Each selector's scores against a brute-force reference from full eager attention."""
+
+import pytest
+import torch
+
+from common.kvstate import greedy_decode, prefill
+from common.models import load_model
+from common.select import Selection, SelectionError, apply_selection
+from common.select.base import ScoreInput
+from common.select.stats import AttentionStats, collecting
+
+IDS = [int(x) for x in torch.randint(100, 40000, (48,), generator=torch.Generator().manual_seed(3))]
+CONTEXT = 36  # tokens [36, 48) play the question
+
+
+def eager_attentions(loaded, ids):
+    """Full (1, q_heads, T, T) attention maps per layer, the brute-force way."""
+    model = loaded.model
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvwire")
+    return [a[0].double() for a in out.attentions]
+
+
+def grouped(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(q_heads, rows, T) summed over rows, then over the query heads of each KV head."""
+    q_heads = attn.shape[0]
+    return attn.sum(dim=1).view(kv_heads, q_heads // kv_heads, -1).sum(dim=1)
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-llama-mha"], ids=["gqa", "mha"])
+def setup(request):
+    loaded = load_model(request.param)
+    rows = {"question": range(CONTEXT, len(IDS)), "window8": range(len(IDS) - 8, len(IDS)), "all": range(len(IDS))}
+    stats = AttentionStats(rows)
+    with collecting(stats):
+        kv = prefill(loaded.model, IDS)
+    return loaded, kv, stats, eager_attentions(loaded, IDS)
+
+
+def test_attention_mass_matches_eager(setup):
+    loaded, kv, stats, attentions = setup
+    kv_heads = kv.keys[0].shape[1]
+    for layer, attn in enumerate(attentions):
+        for name, rows in stats.row_sets.items():
+            expected = grouped(attn[:, rows.start:rows.stop], kv_heads)
+            assert torch.allclose(stats.layer(name, layer).double(), expected, atol=1e-4), (name, layer)
+
+
+def scores(selection: Selection, kv, stats, layer, budget=10):
+    return selection.selector().score(ScoreInput(kv, stats, CONTEXT, budget), layer)
+
+
+def test_q2c_and_snapkv_and_h2o_scores(setup):
+    loaded, kv, stats, attentions = setup
+    kv_heads = kv.keys[0].shape[1]
+    for layer, attn in enumerate(attentions):
+        q2c = grouped(attn[:, CONTEXT:], kv_heads)[:, :CONTEXT]
+        assert torch.allclose(scores(Selection("q2c", 0.5), kv, stats, layer).double(), q2c, atol=1e-4)
+        window = grouped(attn[:, -8:], kv_heads)[:, :CONTEXT]
+        pooled = torch.stack([torch.stack([window[h, max(0, i - 3): i + 4].max() for i in range(CONTEXT)])
+                              for h in range(kv_heads)])
+        snap = scores(Selection("snapkv", 0.5, options=(("w", "8"),)), kv, stats, layer).double()
+        assert torch.allclose(snap, pooled, atol=1e-4)  # the window lies after the context: nothing forced
+        heavy = grouped(attn, kv_heads)[:, :CONTEXT].clone()
+        heavy[:, CONTEXT - 5:] = float("inf")  # budget 10, half of it recent
+        assert torch.allclose(scores(Selection("h2o", 0.5), kv, stats, layer).double(), heavy, atol=1e-4)
+
+
+def test_key_based_scores(setup):
+    loaded, kv, stats, _ = setup
+    for layer in range(kv.num_layers):
+        keys = kv.keys[layer][0, :, :CONTEXT].double()
+        assert torch.allclose(scores(Selection("knorm", 0.5), kv, stats, layer).double(), -keys.norm(dim=-1), atol=1e-5)
+        leverage = []
+        for head in keys:  # diagonal of the ridge hat matrix K (K^T K + lambda I)^-1 K^T
+            gram = head.T @ head
+            ridge = 1e-3 * gram.diagonal().mean()
+            hat = head @ torch.linalg.inv(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64)) @ head.T
+            leverage.append(hat.diagonal())
+        assert torch.allclose(scores(Selection("capkv", 0.5), kv, stats, layer).double(), torch.stack(leverage), atol=1e-3)
+
+
+def kept(selection, kv, stats, sliding=frozenset()):
+    return apply_selection(kv, selection, stats, CONTEXT, sliding)
+
+
+def test_positional_methods_keep_what_they_say(setup):
+    loaded, kv, stats, _ = setup
+    tail = list(range(CONTEXT, len(IDS)))
+    assert kept(Selection("window", 10), kv, stats).positions[0][0].tolist() == list(range(26, 36)) + tail
+    assert kept(Selection("sink", 10), kv, stats).positions[1][0].tolist() == [0, 1, 2, 3] + list(range(30, 36)) + tail
+    a = kept(Selection("random", 10, options=(("seed", "1"),)), kv, stats)
+    b = kept(Selection("random", 10, options=(("seed", "1"),)), kv, stats)
+    c = kept(Selection("random", 10, options=(("seed", "2"),)), kv, stats)
+    assert torch.equal(a.positions[0], b.positions[0]) and not torch.equal(a.positions[0], c.positions[0])
+
+
+def test_granularities(setup):
+    loaded, kv, stats, _ = setup
+    heads = kv.keys[0].shape[1]
+    glob = kept(Selection("knorm", 10, "global"), kv, stats)
+    assert all(torch.equal(p, glob.positions[0]) for p in glob.positions)  # same tokens everywhere
+    per_head = kept(Selection("knorm", 10, "head"), kv, stats)
+    assert per_head.positions[0].shape == (heads, 10 + len(IDS) - CONTEXT)
+    assert any(not torch.equal(per_head.positions[0][0], per_head.positions[0][h]) for h in range(1, heads))
+    # Kept keys are exactly the original keys at the kept positions.
+    for layer in range(kv.num_layers):
+        index = per_head.positions[layer]
+        expected = torch.stack([kv.keys[layer][0, h, index[h]] for h in range(heads)]).unsqueeze(0)
+        assert torch.equal(per_head.keys[layer], expected)
+
+
+def test_q2c_last_uses_only_the_last_layer(setup):
+    loaded, kv, stats, attentions = setup
+    last = grouped(attentions[-1][:, CONTEXT:], kv.keys[0].shape[1])[:, :CONTEXT].sum(0)
+    expected = last.topk(10).indices.sort().values.tolist()
+    assert kept(Selection("q2c-last", 10), kv, stats).positions[0][0, :10].tolist() == expected
+
+
+def test_keep_everything_is_the_identity(setup):
+    loaded, kv, stats, _ = setup
+    for method in ("q2c", "snapkv", "h2o", "sink", "window", "random", "knorm", "capkv"):
+        options = (("w", "8"),) if method == "snapkv" else ()
+        full = kept(Selection(method, 1.0, options=options), kv, stats)
+        for layer in range(kv.num_layers):
+            assert torch.equal(full.keys[layer], kv.keys[layer]) and torch.equal(full.positions[layer], kv.positions[layer])
+
+
+def test_missing_statistics_are_a_clear_error(setup):
+    loaded, kv, _, _ = setup
+    with pytest.raises(SelectionError, match="attention statistics"):
+        apply_selection(kv, Selection("q2c", 0.5), None, CONTEXT)
+    with pytest.raises(SelectionError, match="uniform"):
+        apply_selection(kv, Selection("knorm", 0.5, "global", "pyramid"), None, CONTEXT)
+
+
+def test_per_layer_budgets_decode(tiny_llama):
+    """Layers with different kept counts decode (the tail goes in one token at a time)."""
+    stats = AttentionStats({"all": range(len(IDS) - 1)})
+    with collecting(stats):
+        kv = prefill(tiny_llama.model, IDS[:-1])
+    pyramid = apply_selection(kv, Selection("h2o", 12, "layer", "pyramid"), stats, CONTEXT)
+    counts = [pyramid.kept_tokens(i) for i in range(pyramid.num_layers)]
+    assert counts[0] > counts[-1] and sum(counts) == 4 * (12 + len(IDS) - 1 - CONTEXT)
+    tokens = greedy_decode(tiny_llama.model, pyramid.to_cache(tiny_llama.config), IDS[-1:], kv.seq_len, 6)
+    assert len(tokens) == 6
+    # With equal counts, the token-by-token path (no mask) and the one-pass path (causal mask) agree.
+    uniform = apply_selection(kv, Selection("h2o", 12, "layer"), stats, CONTEXT)
+    tail = [5000, 6000, IDS[-1]]
+    one_pass = greedy_decode(tiny_llama.model, uniform.to_cache(tiny_llama.config), tail, kv.seq_len, 8,
+                             token_by_token=False)
+    by_token = greedy_decode(tiny_llama.model, uniform.to_cache(tiny_llama.config), tail, kv.seq_len, 8,
+                             token_by_token=True)
+    assert one_pass == by_token
+
+
+def test_gemma_sliding_layers_keep_their_window(tiny_gemma3):
+    ids = IDS
+    stats = AttentionStats({"question": range(CONTEXT, len(ids))})
+    with collecting(stats):
+        kv = prefill(tiny_gemma3.model, ids)
+    assert set(stats.mass["question"]) == {2}  # only the global layer was observed
+    selected = apply_selection(kv, Selection("q2c", 10), stats, CONTEXT, tiny_gemma3.sliding_layers)
+    for layer in tiny_gemma3.sliding_layers:
+        assert torch.equal(selected.keys[layer], kv.keys[layer])
+    assert selected.kept_tokens(2) == 10 + len(ids) - CONTEXT

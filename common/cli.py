@@ -133,6 +133,45 @@ def _parse_profiles(text: str) -> list[str]:
         raise typer.BadParameter(str(exc), param_hint="--profiles") from None
 
 
+@bench_app.command("select")
+def bench_select(
+    tokens: int = typer.Option(8192, help="Context length for kvwire's O(T) statistics."),
+    eager_tokens: int = typer.Option(2048, help="Context length for the naive output_attentions=True run."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Prefill + Q2C/SnapKV selection: time and peak memory, O(T) statistics against eager attention maps."""
+    import json
+    import subprocess
+
+    from rich.table import Table
+
+    results = []
+    for mode, length in (("kvwire", tokens), ("eager", eager_tokens)):
+        console.print(f"running {mode} at {length} tokens in a fresh process…")
+        out = subprocess.run([sys.executable, "-m", "common.cli", "bench", "select-once", mode, str(length), "--model", model],
+                             capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    table = Table(title="prefill + selection scores (Q2C and SnapKV) on the CPU")
+    for column in ("attention statistics", "tokens", "seconds", "peak RSS GiB", "of which model GiB"):
+        table.add_column(column, justify="left" if column == "attention statistics" else "right")
+    for r in results:
+        label = "kvwire O(T) rows" if r["mode"] == "kvwire" else "eager output_attentions=True"
+        table.add_row(label, str(r["tokens"]), f"{r['seconds']:.1f}", f"{r['peak_rss_gib']:.2f}", f"{r['model_rss_gib']:.2f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("select-once", hidden=True)
+def bench_select_once(mode: str, tokens: int, model: str = typer.Option("smollm2-135m", "--model")) -> None:
+    import json
+
+    from common.bench import select_once
+
+    print(json.dumps(select_once(mode, tokens, model)))
+
+
 @bench_app.command("codec")
 def bench_codec(
     tokens: int = typer.Option(1024, min=16, help="Context length of the cache."),

@@ -21,6 +21,8 @@ app.add_typer(receiver_app, name="receiver")
 app.add_typer(sender_app, name="sender")
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+study_app = typer.Typer(help="Reproduce the research claims kvwire starts from, with a verdict.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and CI
 
 ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
@@ -170,6 +172,53 @@ def bench_select_once(mode: str, tokens: int, model: str = typer.Option("smollm2
     from common.bench import select_once
 
     print(json.dumps(select_once(mode, tokens, model)))
+
+
+@study_app.command("layers")
+def study_layers(
+    samples: int = typer.Option(20, min=1),
+    compress: str = typer.Option("q2c:0.25:layer", help="What compressing one layer means: a profile."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    write: bool = typer.Option(False, help="Save as the model's shipped sensitivities (used by the adaptive budget)."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Per-layer sensitivity: next-token KL when only that layer is compressed. Is there a layer-0 bottleneck?"""
+    import json
+    from importlib import resources
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.evaluation.sensitivity import layer_sensitivity
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("samples", total=len(dataset))
+        kl = layer_sensitivity(loaded, dataset, compress, progress=lambda: progress.advance(task))
+    table = Table(title=f"{model}: KL(full || layer l alone compressed with {compress}), {len(dataset)} questions")
+    table.add_column("layer", justify="right")
+    table.add_column("KL (nats)", justify="right")
+    table.add_column("")
+    top = max(kl)
+    for layer, value in enumerate(kl):
+        table.add_row(str(layer), f"{value:.4f}", "█" * max(1, round(30 * value / top)) if top > 0 else "")
+    console.print(table)
+    ranked = sorted(range(len(kl)), key=lambda i: -kl[i])
+    others = sorted(kl[1:])[len(kl[1:]) // 2]
+    verdict = "holds" if ranked[0] == 0 and kl[0] > 2 * others else "does not hold"
+    console.print(f"most sensitive layers: {ranked[:5]}; layer 0 KL {kl[0]:.4f} vs median of the others {others:.4f}: "
+                  f"the layer-0 bottleneck {verdict} here")
+    result = {"model": model, "compress": compress, "samples": len(dataset), "sensitivity": kl, "ranked": ranked}
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    if write:
+        target = Path(str(resources.files("common") / "data" / f"layer-sensitivity-{model}.json"))
+        target.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {target}")
 
 
 @bench_app.command("codec")

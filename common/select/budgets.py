@@ -2,9 +2,10 @@
 
 - uniform: every layer keeps the same count;
 - pyramid: PyramidKV-style, linearly more in lower layers and fewer in upper ones;
-- adaptive: in proportion to each layer's measured sensitivity (the KL divergence of
-  the next-token distribution when only that layer is compressed), an
-  information-bottleneck allocation: spend tokens where they carry the most task signal.
+- adaptive: half of the tokens spread uniformly, half in proportion to each layer's
+  measured sensitivity (the KL divergence of the next-token distribution when only that
+  layer is compressed; `kvwire study layers`): an information-bottleneck allocation that
+  spends tokens where they carry the most task signal, without starving any layer.
 All keep the same total, `count * layers`, up to rounding, and each layer in [1, limit].
 """
 
@@ -56,7 +57,9 @@ def pyramid(count: int, layers: int, limit: int) -> list[int]:
 
 
 def adaptive(count: int, sensitivities: list[float], limit: int) -> list[int]:
-    return _fit(torch.tensor(sensitivities), count, limit)
+    weights = torch.tensor(sensitivities, dtype=torch.float64).clamp_min(0)
+    share = weights / weights.mean() if weights.sum() > 0 else torch.ones_like(weights)
+    return _fit(0.5 + 0.5 * share, count, limit)
 
 
 def shipped_sensitivities(model: str) -> list[float] | None:

@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(BIN)/kvwire bench codec
 	$(BIN)/kvwire bench select
+	$(BIN)/kvwire bench channel
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -93,6 +93,37 @@ def demo(
     report(rows, console, json_path)
 
 
+LinkOptions = dict(
+    rate=typer.Option("100mbit", help="Link rate, e.g. 20mbit (constant trace)."),
+    trace=typer.Option("constant", help="constant, markov, step:RATE1:RATE2:AT (e.g. step:100mbit:10mbit:1s) or a CSV of time,rate."),
+    delay=typer.Option("0ms", help="One-way delay."),
+    jitter=typer.Option("0ms", help="Extra delay, uniform in [0, jitter]."),
+    stall_rate=typer.Option(0.0, help="Stalls (retransmission timeouts) per second of transmission."),
+    stall=typer.Option("200ms", help="Length of one stall."),
+    seed=typer.Option(0, help="Seed for the Markov trace, jitter and stalls."),
+)
+
+
+@app.command("channel")
+def channel(
+    listen: str = typer.Option("127.0.0.1:50052", help="Address the relay accepts connections on."),
+    upstream: str = typer.Option("127.0.0.1:50051", help="The receiver's address."),
+    rate: str = LinkOptions["rate"], trace: str = LinkOptions["trace"], delay: str = LinkOptions["delay"],
+    jitter: str = LinkOptions["jitter"], stall_rate: float = LinkOptions["stall_rate"], stall: str = LinkOptions["stall"],
+    seed: int = LinkOptions["seed"],
+) -> None:
+    """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
+    from common.channel import link_from_options
+    from common.relay import run_relay
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    asyncio.run(run_relay(listen, upstream, lambda: link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)))
+
+
 @app.command("eval")
 def eval_command(
     profiles: str = typer.Option("fp16,int8,int4:g32,q2c:0.5", help="Comma-separated profiles."),
@@ -219,6 +250,45 @@ def study_layers(
         target = Path(str(resources.files("common") / "data" / f"layer-sensitivity-{model}.json"))
         target.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {target}")
+
+
+@bench_app.command("channel")
+def bench_channel(
+    rates: str = typer.Option("1mbit,20mbit,200mbit", help="Comma-separated rates."),
+    seconds: float = typer.Option(2.0, help="Each transfer carries this many seconds of data at its rate."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Relay goodput against the configured rate, and the same transfer through Linux tc tbf."""
+    import json
+
+    from rich.table import Table
+
+    from common.channel import link_from_options, parse_rate
+    from common.netns import NetnsUnavailable, tbf_transfer_seconds
+    from common.relay import measure_goodput
+
+    table = Table(title="kvwire channel relay: goodput at the receiver vs configured rate (loopback)")
+    for column in ("rate", "bytes", "relay s", "relay goodput / rate", "tc tbf s", "tbf goodput / rate", "relay s / tbf s"):
+        table.add_column(column, justify="right")
+    rows = []
+    for rate in [r.strip() for r in rates.split(",") if r.strip()]:
+        bits = parse_rate(rate)
+        nbytes = int(bits / 8 * seconds)
+        goodput = asyncio.run(measure_goodput(link_from_options(rate=rate), nbytes))
+        relay_s = nbytes * 8 / goodput
+        try:
+            tbf_s = tbf_transfer_seconds(rate, nbytes)
+        except NetnsUnavailable as exc:
+            console.print(f"tc tbf reference skipped: {exc}")
+            tbf_s = None
+        rows.append({"rate": rate, "bytes": nbytes, "relay_s": relay_s, "relay_ratio": goodput / bits,
+                     "tbf_s": tbf_s, "tbf_ratio": None if tbf_s is None else nbytes * 8 / tbf_s / bits})
+        table.add_row(rate, f"{nbytes:,}", f"{relay_s:.3f}", f"{goodput / bits:.3f}",
+                      "-" if tbf_s is None else f"{tbf_s:.3f}", "-" if tbf_s is None else f"{rows[-1]['tbf_ratio']:.3f}",
+                      "-" if tbf_s is None else f"{relay_s / tbf_s:.3f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
 
 
 @bench_app.command("codec")

@@ -1,0 +1,152 @@
+"""`kvwire channel`: a TCP relay that shapes the real bytes of a connection with a `Link`.
+
+Each accepted connection is piped to the upstream address. Both directions go through
+their own link (same parameters): bytes are read in segments of at most ~10 ms of link
+time, each segment is released when the link would deliver it, in order. A bounded
+queue between reading and writing gives TCP back-pressure, so the sender feels the
+shaped rate. Per-connection byte counts and times are kept in `stats` and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.channel import Link
+
+log = logging.getLogger("kvwire.channel")
+MAX_SEGMENT = 64 * 1024
+QUEUE_SEGMENTS = 16
+
+
+@dataclass
+class ConnectionStats:
+    peer: str
+    bytes_up: int = 0  # client -> upstream
+    bytes_down: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_byte: float | None = None
+    last_byte: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.last_byte or self.started) - (self.first_byte or self.started)
+
+
+class Relay:
+    def __init__(self, listen_host: str, listen_port: int, upstream_host: str, upstream_port: int,
+                 make_link: Callable[[], Link], corrupt: Callable[[bytes], bytes] | None = None):
+        self.listen = (listen_host, listen_port)
+        self.upstream = (upstream_host, upstream_port)
+        self.make_link = make_link
+        self.corrupt = corrupt  # applied to client -> upstream segments (fault injection)
+        self.stats: list[ConnectionStats] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, *self.listen)
+        log.info("relay %s:%d -> %s:%d", self.listen[0], self.port, *self.upstream)
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        peer = "%s:%d" % client_writer.get_extra_info("peername")[:2]
+        stats = ConnectionStats(peer)
+        self.stats.append(stats)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+        except OSError as exc:
+            log.warning("upstream %s:%d unreachable: %s", *self.upstream, exc)
+            client_writer.close()
+            return
+        up = self._pipe(client_reader, upstream_writer, self.make_link(), stats, "bytes_up", self.corrupt)
+        down = self._pipe(upstream_reader, client_writer, self.make_link(), stats, "bytes_down", None)
+        await asyncio.gather(up, down, return_exceptions=True)
+        log.info("connection %s: %d bytes up, %d down, %.3f s", peer, stats.bytes_up, stats.bytes_down, stats.seconds)
+
+    async def _pipe(self, reader, writer, link: Link, stats: ConnectionStats, counter: str, corrupt) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(QUEUE_SEGMENTS)
+        origin = loop.time()
+        segment = max(512, min(MAX_SEGMENT, int(link.trace.rates[0] / 8 * 0.01)))
+
+        async def read() -> None:
+            try:
+                while data := await reader.read(segment):
+                    if corrupt:
+                        data = corrupt(data)
+                    await queue.put((link.send(len(data), loop.time() - origin), data))
+            finally:
+                await queue.put((None, b""))
+
+        async def write() -> None:
+            try:
+                while True:
+                    arrival, data = await queue.get()
+                    if arrival is None:
+                        break
+                    delay = arrival - (loop.time() - origin)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+                    now = time.monotonic()
+                    stats.first_byte = stats.first_byte or now
+                    stats.last_byte = now
+                    setattr(stats, counter, getattr(stats, counter) + len(data))
+            finally:
+                writer.close()
+
+        await asyncio.gather(read(), write())
+
+
+async def run_relay(listen: str, upstream: str, make_link: Callable[[], Link]) -> None:
+    listen_host, listen_port = listen.rsplit(":", 1)
+    upstream_host, upstream_port = upstream.rsplit(":", 1)
+    relay = Relay(listen_host, int(listen_port), upstream_host, int(upstream_port), make_link)
+    await relay.start()
+    async with relay.server:
+        await relay.server.serve_forever()
+
+
+async def _sink_server(host: str = "127.0.0.1"):
+    """A TCP server that counts bytes and records when the last one arrived."""
+    received = {"bytes": 0, "last": None}
+
+    async def sink(reader, writer):
+        while data := await reader.read(MAX_SEGMENT):
+            received["bytes"] += len(data)
+            received["last"] = time.monotonic()
+        writer.close()
+
+    server = await asyncio.start_server(sink, host, 0)
+    return server, received
+
+
+async def measure_goodput(link: Link, nbytes: int) -> float:
+    """Send `nbytes` through a relay with `link` to a sink; goodput (bit/s) as the sink saw it."""
+    server, received = await _sink_server()
+    relay = Relay("127.0.0.1", 0, "127.0.0.1", server.sockets[0].getsockname()[1], lambda: link)
+    await relay.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    start = time.monotonic()
+    block = b"\0" * MAX_SEGMENT
+    for offset in range(0, nbytes, MAX_SEGMENT):
+        writer.write(block[: min(MAX_SEGMENT, nbytes - offset)])
+        await writer.drain()
+    writer.close()
+    while received["bytes"] < nbytes:
+        await asyncio.sleep(0.005)
+    await relay.stop()
+    server.close()
+    return nbytes * 8 / (received["last"] - start)

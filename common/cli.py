@@ -104,6 +104,99 @@ LinkOptions = dict(
 )
 
 
+DEFAULT_SWEEP_PROFILES = ("fp16,int8,int4:g32,int3,int2,nf4,svd:r32+int8,q2c:0.75+fp16,q2c:0.5+fp16,q2c:0.25+fp16,"
+                          "snapkv:0.5+fp16,h2o:0.5+fp16,random:0.5+fp16,q2c:0.75+int4:g32,q2c:0.5+int4:g32,"
+                          "q2c:0.25+int4:g32,q2c:0.5+int8,snapkv:0.5+int4:g32")
+
+
+@app.command("sweep")
+def sweep(
+    profiles: str = typer.Option(DEFAULT_SWEEP_PROFILES, help="Comma-separated profiles."),
+    bandwidths: str = typer.Option("1mbit,2mbit,5mbit,10mbit,20mbit,50mbit,100mbit,200mbit,500mbit,1gbit",
+                                   help="Constant-rate links."),
+    traces: str = typer.Option("markov,step:100mbit:10mbit:0.5s", help="Varying links (comma-separated; empty for none)."),
+    delay: str = typer.Option("10ms", help="One-way delay on every link."),
+    samples: int = typer.Option(20, min=1),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    out: Path = typer.Option(Path("results/sweep.jsonl"), help="JSONL of points; rerunning skips what is there."),
+    report_dir: Path = typer.Option(Path("results/sweep"), help="Plots, summary JSON and the HTML report."),
+    max_new_tokens: int = typer.Option(24, min=1, max=512),
+    workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
+    runner: str = typer.Option("local", help="local, or ray (optional extra)."),
+    validate: int = typer.Option(0, min=0, help="Re-run this many constant-rate points through real gRPC and the relay."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Grid of profiles x links x samples: accuracy vs bytes, time to first token vs bandwidth, Pareto front."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.evaluation import sweep as sweep_module
+    from common.evaluation.report import html_report, plot_sweep
+    from common.evaluation.squad import load_squad
+
+    if runner not in ("local", "ray"):
+        raise typer.BadParameter("runner is local or ray", param_hint="--runner")
+    names = _parse_profiles(profiles)
+    links = sweep_module.link_specs([b for b in bandwidths.split(",") if b], [t for t in traces.split(",") if t], delay)
+    try:
+        for spec in links:
+            link_from_options_checked(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    dataset = load_squad(data, limit=samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console) as progress:
+        task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
+        done = sweep_module.load_done(out)
+        already = sum(1 for s in dataset for p in names
+                      if {sweep_module.link_key(l) for l in links} <= done.get((s.id, p), set()))
+        progress.advance(task, already)
+        computed = sweep_module.run_sweep(model, dataset, names, links, out, max_new_tokens, workers, runner,
+                                          progress=lambda n: progress.advance(task, n))
+    console.print(f"{computed} (sample, profile) pairs computed, {already} already in {out}")
+    ids = {s.id for s in dataset}
+    points = [p for p in map(json.loads, out.read_text().splitlines()) if p["sample_id"] in ids and p["profile"] in names]
+    summaries = sweep_module.summarize(points)
+    plots = plot_sweep(summaries, report_dir)
+    best = [b for b in (sweep_module.best_at(summaries, rate) for rate in ("5mbit", "20mbit", "100mbit")) if b]
+    table = Table(title="best profile per bandwidth: the most faithful whose modeled transfer fits 1 s")
+    for column in ("rate", "profile", "fidelity F1", "F1 gold", "bytes", "link s", "TTFT s", "text TTFT s"):
+        table.add_column(column, justify="right")
+    for b in best:
+        table.add_row(b["rate"], b["profile"], f"{b['fidelity_f1']:.3f}", f"{b['f1_gold']:.3f}", f"{b['bytes_mean']:,.0f}",
+                      f"{b['link_s']:.3f}", f"{b['ttft_s']:.2f}", f"{b['text_ttft_s']:.2f}")
+    console.print(table)
+    front = sweep_module.pareto_front(summaries)
+    console.print(f"Pareto front (bytes vs fidelity): {', '.join(front)}")
+    validation = []
+    if validate:
+        from common.evaluation.validate import validate as run_validation
+
+        distinct = {}
+        for p in points:  # one point per (profile, rate), spread over the grid
+            if p["trace"] == "constant":
+                distinct.setdefault((p["profile"], p["rate"]), p)
+        chosen = list(distinct.values())
+        chosen = chosen[:: max(1, len(chosen) // validate)][:validate]
+        validation = run_validation(model, {s.id: s for s in dataset}, chosen)
+        for v in validation:
+            console.print(f"validate {v['profile']} at {v['rate']}: modeled {v['modeled_s']:.3f} s, "
+                          f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
+    report = {"model": model, "samples": len(dataset), "profiles": names, "links": links, "summaries": summaries,
+              "best": best, "pareto": front, "validation": validation}
+    (report_dir / "summary.json").write_text(json.dumps(report, indent=2))
+    html_report(summaries, plots, best, report_dir / "report.html", f"kvwire sweep: {model}, {len(dataset)} questions")
+    console.print(f"wrote {report_dir}/summary.json, report.html and {len(plots)} plots")
+
+
+def link_from_options_checked(spec: dict) -> None:
+    from common.channel import link_from_options
+
+    link_from_options(spec["rate"] or None, spec["trace"], spec["delay"])
+
+
 @app.command("channel")
 def channel(
     listen: str = typer.Option("127.0.0.1:50052", help="Address the relay accepts connections on."),

@@ -84,14 +84,18 @@ def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
 @torch.inference_mode()
 def greedy_decode(
     model: PreTrainedModel, cache: DynamicCache, tail_ids: list[int], start_position: int, max_new_tokens: int,
-    first_logits: list | None = None, token_by_token: bool | None = None,
+    first_logits: list | None = None, token_by_token: bool | None = None, timings: dict | None = None,
 ) -> list[int]:
     """Prefill `tail_ids` on top of `cache` at `start_position`, then decode greedily.
 
     Stops after an end-of-sequence token (which is returned, as `generate` does).
     If `first_logits` is a list, the logits of the first answer token are appended to it.
     `token_by_token` feeds the tail one token at a time; by default only when layers differ in length.
+    If `timings` is a dict, `first_token_s` (tail prefill + first token) is written to it.
     """
+    import time
+
+    start = time.perf_counter()
     if not tail_ids:
         raise ValueError("decoding needs at least one token to prefill on top of the cache")
     eos = model.generation_config.eos_token_id
@@ -114,8 +118,11 @@ def greedy_decode(
         position_ids = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
         logits = model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True).logits
         position += input_ids.shape[1]
-        if first_logits is not None and not generated:
-            first_logits.append(logits[0, -1].float())
+        if not generated:
+            if first_logits is not None:
+                first_logits.append(logits[0, -1].float())
+            if timings is not None:
+                timings["first_token_s"] = time.perf_counter() - start
         token = int(logits[0, -1].argmax())
         generated.append(token)
         if token in eos_ids:

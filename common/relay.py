@@ -45,6 +45,7 @@ class Relay:
         self.corrupt = corrupt  # applied to client -> upstream segments (fault injection)
         self.stats: list[ConnectionStats] = []
         self.server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task] = set()
 
     @property
     def port(self) -> int:
@@ -57,9 +58,21 @@ class Relay:
     async def stop(self) -> None:
         if self.server:
             self.server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self.server:
             await self.server.wait_closed()
 
     async def _handle(self, client_reader, client_writer) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await self._serve(client_reader, client_writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _serve(self, client_reader, client_writer) -> None:
         peer = "%s:%d" % client_writer.get_extra_info("peername")[:2]
         stats = ConnectionStats(peer)
         self.stats.append(stats)
@@ -150,3 +163,29 @@ async def measure_goodput(link: Link, nbytes: int) -> float:
     await relay.stop()
     server.close()
     return nbytes * 8 / (received["last"] - start)
+
+
+class BackgroundRelay:
+    """A relay on its own event loop in a daemon thread, for code that is not async."""
+
+    def __init__(self, upstream: str, make_link: Callable[[], Link], corrupt: Callable[[bytes], bytes] | None = None):
+        import threading
+
+        host, port = upstream.rsplit(":", 1)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.relay = Relay("127.0.0.1", 0, host, int(port), make_link, corrupt)
+        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(timeout=10)
+        self.target = f"127.0.0.1:{self.relay.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.relay.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundRelay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

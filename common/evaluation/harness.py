@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import DynamicCache
 
 from common import wire
 from common.evaluation.metrics import best_em, best_f1, f1, mean_ci95
@@ -41,7 +42,20 @@ class EvalRow:
     select_s: float
     encode_s: float
     assemble_s: float
+    inject_s: float
+    first_token_s: float  # tail prefill + first answer token on the receiver
     decode_s: float
+    frame_bytes: list[int]  # each frame on the wire, for the link model
+    text_bytes: int  # the text baseline: the prompt as UTF-8 in one gRPC message
+    text_prefill_s: float  # the receiver's prefill of the whole prompt + first token
+
+
+def text_baseline(loaded: LoadedModel, pre) -> tuple[int, float]:
+    """Bytes and receiver time when the prompt travels as text and the receiver prefills it."""
+    text = loaded.tokenizer.decode(pre.prompt.ids)
+    timings: dict = {}
+    greedy_decode(loaded.model, DynamicCache(config=loaded.config), pre.prompt.ids, 0, 1, timings=timings)
+    return len(text.encode()) + wire.GRPC_MESSAGE_PREFIX + 8, timings["first_token_s"]
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
@@ -59,6 +73,7 @@ def fp16_bytes(loaded: LoadedModel, kv) -> int:
 def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], max_new_tokens: int = 24,
              query_aware: bool = True, progress: Callable[[], None] | None = None) -> list[EvalRow]:
     profiles = [str(parse_profile(p)) for p in profiles]
+    prefill_prompt(loaded, "warm up", "?")  # first-call overheads stay out of the timings
     rows = []
     for sample in samples:
         pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, profiles)
@@ -66,6 +81,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
         full = greedy_decode(loaded.model, pre.kv.to_cache(loaded.config), pre.tail_ids, pre.kv.seq_len,
                              max_new_tokens, reference_logits)
         full_answer = loaded.tokenizer.decode(full, skip_special_tokens=True)
+        text_bytes, text_prefill_s = text_baseline(loaded, pre)
         for profile in profiles:
             start = time.perf_counter()
             kv = select_tokens(loaded, pre, profile)
@@ -74,9 +90,12 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
             encoded = time.perf_counter()
             received = wire.decode(frames, loaded.fingerprint)
             assembled = time.perf_counter()
+            cache = received.to_cache(loaded.config)
+            injected = time.perf_counter()
             logits: list = []
-            tokens = greedy_decode(loaded.model, received.to_cache(loaded.config), pre.tail_ids, received.seq_len,
-                                   max_new_tokens, logits)
+            timings: dict = {}
+            tokens = greedy_decode(loaded.model, cache, pre.tail_ids, received.seq_len, max_new_tokens, logits,
+                                   timings=timings)
             decoded = time.perf_counter()
             answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
             rows.append(EvalRow(
@@ -88,7 +107,9 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
                 bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=fp16_bytes(loaded, pre.kv), seq_len=pre.kv.seq_len,
                 kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
                 prefill_s=pre.seconds, select_s=selected - start, encode_s=encoded - selected,
-                assemble_s=assembled - encoded, decode_s=decoded - assembled,
+                assemble_s=assembled - encoded, inject_s=injected - assembled,
+                first_token_s=timings["first_token_s"], decode_s=decoded - injected,
+                frame_bytes=[wire.wire_bytes(f) for f in frames], text_bytes=text_bytes, text_prefill_s=text_prefill_s,
             ))
             if progress:
                 progress()
@@ -108,7 +129,7 @@ def aggregate(rows: list[EvalRow]) -> list[dict]:
         summary["bytes_mean"] = sum(r.bytes for r in group) / len(group)
         summary["ratio_vs_fp16"] = sum(r.bytes for r in group) / sum(r.fp16_bytes for r in group)
         summary["kept_fraction"] = sum(r.kept_tokens for r in group) / sum(r.seq_len for r in group)
-        for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "decode_s"):
+        for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "inject_s", "first_token_s", "decode_s"):
             summary[key] = sum(getattr(r, key) for r in group) / len(group)
         summaries.append(summary)
     return summaries

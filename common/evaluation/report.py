@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 
@@ -17,3 +19,132 @@ def summary_table(summaries: list[dict], title: str) -> Table:
             f"{s['kept_fraction']:.2f}",
         )
     return table
+
+
+def family(profile: str) -> str:
+    """The method family a profile belongs to, for rate-distortion curves."""
+    from common.profile import parse_profile
+
+    parsed = parse_profile(profile)
+    quantized = parsed.precision is not None and parsed.precision.kind in ("int", "nf4")
+    if parsed.selection is not None:
+        return parsed.selection.method + ("+quant" if quantized or parsed.rank else "")
+    if parsed.rank is not None:
+        return "svd"
+    if quantized:
+        return "quantization"
+    return "full"
+
+
+def _rate_bits(rate: str) -> float:
+    from common.channel import parse_rate
+
+    return parse_rate(rate)
+
+
+def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
+    """Rate-distortion, time-to-first-token vs bandwidth, and the Pareto front, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.evaluation.sweep import pareto_front
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_profile = {}
+    for s in summaries:
+        by_profile.setdefault(s["profile"], s)
+    paths = {}
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    families: dict[str, list[dict]] = {}
+    for s in by_profile.values():
+        families.setdefault(family(s["profile"]), []).append(s)
+    for name, members in sorted(families.items()):
+        members.sort(key=lambda s: s["ratio_vs_fp16"])
+        for ax, key in zip(axes, ("fidelity_f1", "f1_gold")):
+            ax.errorbar([m["ratio_vs_fp16"] for m in members], [m[key] for m in members],
+                        yerr=[m[f"{key}_ci95"] for m in members], marker="o", capsize=3, label=name)
+    for ax, label in zip(axes, ("fidelity F1 (vs full-KV answer)", "F1 vs SQuAD gold")):
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes on the wire / fp16 KV bytes")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("accuracy against bytes")
+    fig.tight_layout()
+    paths["rate_distortion"] = out_dir / "rate_distortion.png"
+    fig.savefig(paths["rate_distortion"], dpi=110)
+    plt.close(fig)
+
+    constant = [s for s in summaries if s["trace"] == "constant" and s["rate"]]
+    if constant:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for profile in by_profile:
+            series = sorted((s for s in constant if s["profile"] == profile), key=lambda s: _rate_bits(s["rate"]))
+            ax.plot([_rate_bits(s["rate"]) / 1e6 for s in series], [s["ttft_s"] for s in series], marker=".", label=profile)
+        text = {}
+        for s in constant:
+            text.setdefault(s["rate"], []).append(s["text_ttft_s"])
+        rates = sorted(text, key=_rate_bits)
+        ax.plot([_rate_bits(r) / 1e6 for r in rates], [sum(text[r]) / len(text[r]) for r in rates], "k--", lw=2,
+                label="text baseline (receiver prefills)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel("time to first token (s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("time to first token against bandwidth")
+        fig.tight_layout()
+        paths["ttft"] = out_dir / "ttft_vs_bandwidth.png"
+        fig.savefig(paths["ttft"], dpi=110)
+        plt.close(fig)
+
+    front = set(pareto_front(summaries))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in by_profile.values():
+        on_front = s["profile"] in front
+        ax.scatter(s["ratio_vs_fp16"], s["fidelity_f1"], color="C3" if on_front else "C0", s=40 if on_front else 15)
+        if on_front:
+            ax.annotate(s["profile"], (s["ratio_vs_fp16"], s["fidelity_f1"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    line = sorted((by_profile[p] for p in front), key=lambda s: s["ratio_vs_fp16"])
+    ax.plot([s["ratio_vs_fp16"] for s in line], [s["fidelity_f1"] for s in line], "C3-", alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes on the wire / fp16 KV bytes")
+    ax.set_ylabel("fidelity F1")
+    ax.set_title("Pareto front: no other profile is both smaller and more faithful")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    paths["pareto"] = out_dir / "pareto.png"
+    fig.savefig(paths["pareto"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def html_report(summaries: list[dict], plots: dict[str, Path], best: list[dict], path: Path, title: str) -> None:
+    """One self-contained HTML file: the plots inlined, the summary and best-profile tables."""
+    import base64
+    import html
+
+    images = "".join(
+        f'<h2>{html.escape(name.replace("_", " "))}</h2><img src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}" style="max-width:100%">' for name, p in plots.items())
+    columns = ["profile", "link", "n", "fidelity_f1", "f1_gold", "kl_first", "bytes_mean", "ratio_vs_fp16", "link_s",
+               "ttft_s", "text_ttft_s"]
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+
+    rows = "".join("<tr>" + "".join(f"<td>{cell(s[c])}</td>" for c in columns) + "</tr>" for s in summaries)
+    best_rows = "".join(f"<tr><td>{html.escape(b['rate'])}</td><td>{html.escape(b['profile'])}</td>"
+                        f"<td>{cell(b['fidelity_f1'])}</td><td>{cell(b['link_s'])}</td></tr>" for b in best)
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><body>
+<h1>{html.escape(title)}</h1>{images}
+<h2>best profile per bandwidth (most faithful whose transfer fits 1 s)</h2>
+<table><tr><th>rate</th><th>profile</th><th>fidelity F1</th><th>link s</th></tr>{best_rows}</table>
+<h2>all points</h2><table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table></body></html>""")

@@ -1,0 +1,150 @@
+"""`kvwire sweep`: profiles x links x samples, resumable, with the link time from the channel model.
+
+Model work (prefill, select, encode, assemble, decode) runs once per (sample, profile);
+every link point reuses it and adds the modeled transfer time of the same frames.
+Points go to a JSONL file as they are made; a rerun skips (sample, profile) pairs whose
+points are all there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from common.channel import link_from_options
+from common.evaluation.harness import EvalRow, evaluate
+from common.evaluation.metrics import mean_ci95
+from common.evaluation.squad import Sample
+from common.profile import parse_profile
+
+
+def link_key(spec: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(spec.items()))
+
+
+def link_specs(bandwidths: list[str], traces: list[str], delay: str) -> list[dict]:
+    specs = [{"rate": b, "trace": "constant", "delay": delay} for b in bandwidths]
+    specs += [{"rate": "", "trace": t, "delay": delay} for t in traces]
+    return specs
+
+
+def points_for(row: EvalRow, links: list[dict]) -> list[dict]:
+    """One JSONL point per link: the row's model figures plus modeled link times and TTFT."""
+    base = asdict(row)
+    frames = base.pop("frame_bytes")
+    points = []
+    for spec in links:
+        link = link_from_options(spec["rate"] or None, spec["trace"], spec["delay"])
+        link_s = link.transfer_time(frames)
+        text_link_s = link.transfer_time([row.text_bytes])
+        receiver_s = row.assemble_s + row.inject_s + row.first_token_s
+        points.append({
+            **base, "link": link_key(spec), "rate": spec["rate"], "trace": spec["trace"],
+            "link_s": link_s,
+            # From the question to the first answer token, sender prefill included:
+            "ttft_s": row.prefill_s + row.select_s + row.encode_s + link_s + receiver_s,
+            # The same when the edge already holds the prefilled cache (a reused context):
+            "ttft_cached_s": row.select_s + row.encode_s + link_s + receiver_s,
+            "text_ttft_s": text_link_s + row.text_prefill_s,
+        })
+    return points
+
+
+def load_done(path: Path) -> dict[tuple[str, str], set[str]]:
+    done: dict[tuple[str, str], set[str]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                point = json.loads(line)
+                done.setdefault((point["sample_id"], point["profile"]), set()).add(point["link"])
+    return done
+
+
+def _evaluate_one(args) -> list[EvalRow]:
+    model, sample, profiles, max_new_tokens = args
+    from common.models import load_model
+
+    return evaluate(load_model(model), [sample], profiles, max_new_tokens)
+
+
+def run_sweep(model: str, samples: list[Sample], profiles: list[str], links: list[dict], out: Path,
+              max_new_tokens: int = 24, workers: int = 1, runner: str = "local",
+              progress: Callable[[int], None] | None = None) -> int:
+    """Append missing points to `out`; returns how many (sample, profile) pairs were computed."""
+    profiles = [str(parse_profile(p)) for p in profiles]  # points are keyed by canonical names
+    done = load_done(out)
+    wanted = {link_key(s) for s in links}
+    jobs = []
+    for sample in samples:
+        todo = [p for p in profiles if not wanted <= done.get((sample.id, p), set())]
+        if todo:
+            jobs.append((model, sample, todo, max_new_tokens))
+    if runner == "ray":
+        results = _ray_map(jobs)
+    elif workers > 1:
+        results = ProcessPoolExecutor(workers).map(_evaluate_one, jobs)
+    else:
+        results = map(_evaluate_one, jobs)
+    computed = 0
+    with out.open("a") as handle:
+        for rows in results:
+            for row in rows:
+                missing = [s for s in links if link_key(s) not in done.get((row.sample_id, row.profile), set())]
+                for point in points_for(row, missing):
+                    handle.write(json.dumps(point) + "\n")
+                computed += 1
+            handle.flush()
+            if progress:
+                progress(len(rows))
+    return computed
+
+
+def _ray_map(jobs):
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--runner ray needs the optional extra: pip install 'kvwire[ray]'") from None
+    ray.init(ignore_reinit_error=True)
+    remote = ray.remote(_evaluate_one)
+    return ray.get([remote.remote(job) for job in jobs])
+
+
+def summarize(points: list[dict]) -> list[dict]:
+    """Per (profile, link): means and 95% CIs of quality and time."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["profile"], p["link"]), []).append(p)
+    rows = []
+    for (profile, link), group in groups.items():
+        row = {"profile": profile, "link": link, "rate": group[0]["rate"], "trace": group[0]["trace"], "n": len(group)}
+        for key in ("f1_gold", "fidelity_f1", "kl_first", "ttft_s", "ttft_cached_s", "text_ttft_s", "link_s"):
+            row[key], row[f"{key}_ci95"] = mean_ci95([p[key] for p in group])
+        row["bytes_mean"] = sum(p["bytes"] for p in group) / len(group)
+        row["ratio_vs_fp16"] = sum(p["bytes"] for p in group) / sum(p["fp16_bytes"] for p in group)
+        row["top1_agree"] = sum(p["top1_agree"] for p in group) / len(group)
+        rows.append(row)
+    return rows
+
+
+def pareto_front(summaries: list[dict]) -> list[str]:
+    """Profiles no other profile beats on both bytes and fidelity (first link's figures)."""
+    by_profile = {}
+    for s in summaries:
+        by_profile.setdefault(s["profile"], s)
+    front = []
+    for name, s in by_profile.items():
+        dominated = any(o["ratio_vs_fp16"] <= s["ratio_vs_fp16"] and o["fidelity_f1"] >= s["fidelity_f1"]
+                        and (o["ratio_vs_fp16"], o["fidelity_f1"]) != (s["ratio_vs_fp16"], s["fidelity_f1"])
+                        for o in by_profile.values())
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: by_profile[n]["ratio_vs_fp16"])
+
+
+def best_at(summaries: list[dict], rate: str, deadline_s: float = 1.0) -> dict | None:
+    """At a constant `rate`: the most faithful profile whose modeled link time meets `deadline_s`."""
+    fits = [s for s in summaries if s["rate"] == rate and s["trace"] == "constant" and s["link_s"] <= deadline_s]
+    return max(fits, key=lambda s: (s["fidelity_f1"], -s["bytes_mean"]), default=None)

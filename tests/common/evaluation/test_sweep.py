@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from common.evaluation import sweep
+from common.evaluation.squad import load_squad
+
+
+def test_points_use_the_link_model():
+    from common.evaluation.harness import EvalRow
+
+    row = EvalRow("s", "int8", "a", "a", 1, 1, 1, True, 0.0, True, bytes=2_000_000, fp16_bytes=4_000_000, seq_len=100,
+                  kept_tokens=100, prefill_s=0.5, select_s=0.0, encode_s=0.1, assemble_s=0.05, inject_s=0.01,
+                  first_token_s=0.2, decode_s=1.0, frame_bytes=[1_000_000, 1_000_000], text_bytes=1000,
+                  text_prefill_s=0.6)
+    links = sweep.link_specs(["8mbit"], [], "10ms")
+    (point,) = sweep.points_for(row, links)
+    assert point["link_s"] == 2.0 + 0.010  # 16 Mbit at 8 Mbit/s plus the delay
+    assert point["ttft_s"] == pytest.approx(0.5 + 0.0 + 0.1 + 2.010 + 0.05 + 0.01 + 0.2)
+    assert point["ttft_cached_s"] == pytest.approx(0.1 + 2.010 + 0.05 + 0.01 + 0.2)
+    assert point["text_ttft_s"] == pytest.approx(1000 * 8 / 8e6 + 0.010 + 0.6)
+    assert "frame_bytes" not in point
+
+
+def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
+    samples = load_squad(limit=2)
+    out = tmp_path / "points.jsonl"
+    links = sweep.link_specs(["10mbit", "100mbit"], ["step:100mbit:10mbit:0.5s"], "0ms")
+    calls = []
+    real = sweep._evaluate_one
+
+    def counting(args):
+        calls.append((args[1].id, tuple(args[2])))
+        return real(args)
+
+    monkeypatch.setattr(sweep, "_evaluate_one", counting)
+    assert sweep.run_sweep("tiny-llama", samples[:1], ["fp16", "int4"], links, out, max_new_tokens=4) == 2
+    assert len(out.read_text().splitlines()) == 2 * 3
+    # Rerun with one more sample and profile: only the missing pairs are computed.
+    calls.clear()
+    assert sweep.run_sweep("tiny-llama", samples, ["fp16", "int4", "int8"], links, out, max_new_tokens=4) == 4
+    assert sorted(calls) == sorted([(samples[0].id, ("int8:g32",)), (samples[1].id, ("fp16", "int4:g32", "int8:g32"))])
+    points = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(points) == 6 * 3
+    assert len({(p["sample_id"], p["profile"], p["link"]) for p in points}) == len(points)
+    summaries = sweep.summarize(points)
+    assert {s["n"] for s in summaries} == {2}
+    assert sweep.pareto_front(summaries)
+
+
+def test_best_at_respects_the_deadline():
+    summaries = [
+        {"profile": "fp16", "rate": "5mbit", "trace": "constant", "link_s": 8.0, "fidelity_f1": 1.0, "bytes_mean": 5e6},
+        {"profile": "int4", "rate": "5mbit", "trace": "constant", "link_s": 0.9, "fidelity_f1": 0.7, "bytes_mean": 5e5},
+        {"profile": "int2", "rate": "5mbit", "trace": "constant", "link_s": 0.5, "fidelity_f1": 0.3, "bytes_mean": 3e5},
+    ]
+    assert sweep.best_at(summaries, "5mbit")["profile"] == "int4"
+    assert sweep.best_at(summaries, "1mbit") is None

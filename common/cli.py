@@ -298,6 +298,94 @@ def bench_select_once(mode: str, tokens: int, model: str = typer.Option("smollm2
     print(json.dumps(select_once(mode, tokens, model)))
 
 
+def _run_study(name: str, samples: int, data: Optional[Path], model: str, json_path: Optional[Path], **kwargs) -> None:
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation import studies
+    from common.evaluation.report import summary_table
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    study = getattr(studies, name.replace("-", "_"))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(name, total=None)
+        result = study(loaded, dataset, progress=lambda: progress.advance(task), **kwargs)
+    if "summaries" in result:
+        console.print(summary_table(result["summaries"], f"study {name}: {model}, {len(dataset)} questions"))
+    console.print(f"[bold]{name}: the claim {result['verdict']}.[/bold] {result['evidence']}")
+    if json_path:
+        json_path.write_text(json.dumps({"study": name, "model": model, "samples": len(dataset), **result}, indent=2))
+
+
+StudySamples = typer.Option(30, min=1, help="Answerable questions.")
+StudyData = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format file (default: the embedded subset).")
+
+
+@study_app.command("quant-cliff")
+def study_quant_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                      model: str = typer.Option("smollm2-135m", "--model"),
+                      json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """INT8/4/3/2/1: are INT8 and INT4 lossless, with a cliff below?"""
+    _run_study("quant_cliff", samples, data, model, json_path)
+
+
+@study_app.command("svd-cliff")
+def study_svd_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                    model: str = typer.Option("smollm2-135m", "--model"),
+                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """SVD ranks 32/16/8/4: where does low rank break?"""
+    _run_study("svd_cliff", samples, data, model, json_path)
+
+
+@study_app.command("selection")
+def study_selection(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                    model: str = typer.Option("smollm2-135m", "--model"),
+                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Q2C, SnapKV, H2O and random at 25/50/75%: does Q2C > SnapKV > H2O > random at 50%?"""
+    _run_study("selection", samples, data, model, json_path)
+
+
+@study_app.command("hybrid")
+def study_hybrid(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                 model: str = typer.Option("smollm2-135m", "--model"),
+                 json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Selection + INT4 against either alone at matched bytes."""
+    _run_study("hybrid", samples, data, model, json_path)
+
+
+@study_app.command("truncation")
+def study_truncation(
+    samples: int = typer.Option(8, min=1, help="Haystack contexts (the needle at spread depths)."),
+    tokens: int = typer.Option(2048, help="Context length."),
+    sinks: int = typer.Option(0, help="Also keep this many first tokens (sink + recent)."),
+    fit_up_to: int = typer.Option(128, help="Fit on windows up to this; judge the extrapolation beyond."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Next-token KL against window size: power law or exponential? Fitted exponent and extrapolation error."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation import studies
+    from common.evaluation.haystack import needle_samples
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = needle_samples(loaded.tokenizer, tokens, [i / max(1, samples - 1) for i in range(samples)])
+    windows = tuple(w for w in (8, 16, 32, 64, 128, 256, 512, 1024, 1536) if w < tokens)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("contexts", total=len(dataset))
+        result = studies.truncation(loaded, dataset, windows, fit_up_to, sinks, progress=lambda: progress.advance(task))
+    console.print(f"[bold]truncation: the claim {result['verdict']}.[/bold] {result['evidence']}")
+    if json_path:
+        json_path.write_text(json.dumps({"study": "truncation", "model": model, "tokens": tokens, **result}, indent=2))
+
+
 @study_app.command("layers")
 def study_layers(
     samples: int = typer.Option(20, min=1),

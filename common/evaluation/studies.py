@@ -1,0 +1,138 @@
+"""`kvwire study NAME`: the research claims kvwire starts from, re-measured here, each with a verdict.
+
+Every study returns a dict with `verdict` ("holds" / "does not hold here"), a sentence of
+`evidence` with the numbers, and the per-profile summaries behind them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from common.evaluation.harness import aggregate, evaluate, kl_divergence
+from common.evaluation.squad import Sample
+from common.models import LoadedModel
+
+QUANT_CLIFF = ["fp16", "int8", "int4:g32", "int3", "int2", "int1"]
+SVD_CLIFF = ["fp16", "svd:r32", "svd:r16", "svd:r8", "svd:r4"]
+SELECTION_METHODS = ["q2c", "snapkv", "h2o", "random"]
+HYBRID = ["q2c:0.5+int4:g32", "int2", "q2c:0.15+fp16", "int4:g32", "q2c:0.5+fp16"]
+
+
+def _by_profile(summaries: list[dict]) -> dict[str, dict]:
+    return {s["profile"]: s for s in summaries}
+
+
+def _cliff(summaries: list[dict], order: list[str], label: str) -> dict:
+    """Where does fidelity fall most between neighbouring steps, and is everything above it near-lossless?"""
+    from common.profile import parse_profile
+
+    by = _by_profile(summaries)
+    names = [str(parse_profile(p)) for p in order]
+    drops = [(by[a]["fidelity_f1"] - by[b]["fidelity_f1"], a, b) for a, b in zip(names, names[1:])]
+    drop, above, below = max(drops)
+    above_ok = all(by[n]["fidelity_f1"] >= 0.9 for n in names[: names.index(above) + 1])
+    holds = drop >= 0.3 and above_ok
+    figures = ", ".join(f"{n} {by[n]['fidelity_f1']:.2f}" for n in names)
+    return {"verdict": "holds" if holds else "does not hold here",
+            "evidence": f"{label} fidelity F1: {figures}. Largest drop {drop:.2f} from {above} to {below}"
+                        f"{'' if above_ok else '; the steps above it are already below 0.9'}.",
+            "summaries": summaries}
+
+
+def quant_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
+    """Seed claim: INT8 and INT4 are lossless for the task; accuracy falls off a cliff below."""
+    rows = evaluate(loaded, samples, QUANT_CLIFF, max_new_tokens, progress=progress)
+    return _cliff(aggregate(rows), QUANT_CLIFF, "quantization")
+
+
+def svd_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
+    """Seed claim: low rank degrades sharply below some rank."""
+    rows = evaluate(loaded, samples, SVD_CLIFF, max_new_tokens, progress=progress)
+    return _cliff(aggregate(rows), SVD_CLIFF, "low rank")
+
+
+def selection(loaded, samples, max_new_tokens=24, progress=None) -> dict:
+    """Seed claim: at 50% kept, Q2C > SnapKV > H2O > random."""
+    profiles = [f"{m}:{k}+fp16" for k in (0.25, 0.5, 0.75) for m in SELECTION_METHODS]
+    summaries = aggregate(evaluate(loaded, samples, profiles, max_new_tokens, progress=progress))
+    by = _by_profile(summaries)
+    at_half = [by[f"{m}:0.5+fp16"] for m in SELECTION_METHODS]
+    order = sorted(SELECTION_METHODS, key=lambda m: -by[f"{m}:0.5+fp16"]["fidelity_f1"])
+    holds = order == SELECTION_METHODS
+    figures = ", ".join(f"{m} {s['fidelity_f1']:.2f} ± {s['fidelity_f1_ci95']:.2f}" for m, s in zip(SELECTION_METHODS, at_half))
+    return {"verdict": "holds" if holds else "does not hold here",
+            "evidence": f"fidelity F1 at 50% kept: {figures}; measured order {' > '.join(order)}.",
+            "summaries": summaries}
+
+
+def hybrid(loaded, samples, max_new_tokens=24, progress=None) -> dict:
+    """Seed claim: selection + INT4 beats either alone at matched bytes."""
+    summaries = aggregate(evaluate(loaded, samples, HYBRID, max_new_tokens, progress=progress))
+    by = _by_profile(summaries)
+    mixed, quant_only, select_only = by["q2c:0.5+int4:g32"], by["int2:g32"], by["q2c:0.15+fp16"]
+    holds = mixed["fidelity_f1"] > max(quant_only["fidelity_f1"], select_only["fidelity_f1"])
+    return {"verdict": "holds" if holds else "does not hold here",
+            "evidence": (f"at about {mixed['ratio_vs_fp16']:.2f} of the fp16 bytes: q2c:0.5+int4 fidelity "
+                         f"{mixed['fidelity_f1']:.2f} ({mixed['ratio_vs_fp16']:.3f}), int2 alone {quant_only['fidelity_f1']:.2f} "
+                         f"({quant_only['ratio_vs_fp16']:.3f}), q2c:0.15 alone {select_only['fidelity_f1']:.2f} "
+                         f"({select_only['ratio_vs_fp16']:.3f})."),
+            "summaries": summaries}
+
+
+def _fit(xs: list[float], ys: list[float], kind: str) -> tuple[float, float]:
+    """Least squares in log space: power law log y = log a - alpha log x, or exponential log y = log a - x / tau."""
+    x = torch.tensor([math.log(v) if kind == "power" else v for v in xs], dtype=torch.float64)
+    y = torch.tensor([math.log(v) for v in ys], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    coef = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
+    return float(coef[0]), float(-coef[1])
+
+
+def _predict(a: float, b: float, x: float, kind: str) -> float:
+    return math.exp(a - b * (math.log(x) if kind == "power" else x))
+
+
+def truncation(loaded: LoadedModel, samples: list[Sample], windows=(8, 16, 32, 64, 128, 256, 512, 1024),
+               fit_up_to: int = 128, sinks: int = 0, progress: Callable[[], None] | None = None) -> dict:
+    """Seed claim: next-token KL against the window size decays as a power law, not exponentially.
+
+    For each sample, KL(full || only the last w context tokens kept, plus `sinks` first tokens).
+    Both laws are fitted on windows <= fit_up_to and judged on how well they extrapolate beyond.
+    """
+    from common.evaluation.sensitivity import first_token_logits
+    from common.select import Selection, apply_selection
+    from sender.prefill import prefill_prompt
+
+    kl = {w: [] for w in windows}
+    for sample in samples:
+        pre = prefill_prompt(loaded, sample.context, sample.question, True)
+        reference = first_token_logits(loaded, pre.kv, pre.tail_ids)
+        for w in windows:
+            if w >= pre.context_len:
+                continue
+            method = Selection("sink", w, options=(("s", str(sinks)),)) if sinks else Selection("window", w)
+            kv = apply_selection(pre.kv, method, None, pre.context_len, loaded.sliding_layers)
+            kl[w].append(kl_divergence(reference, first_token_logits(loaded, kv, pre.tail_ids)))
+        if progress:
+            progress()
+    points = [(w, sum(v) / len(v)) for w, v in kl.items() if v]
+    points = [(w, max(k, 1e-9)) for w, k in points]
+    train = [(w, k) for w, k in points if w <= fit_up_to]
+    test = [(w, k) for w, k in points if w > fit_up_to]
+    fits = {}
+    for kind in ("power", "exponential"):
+        a, b = _fit([w for w, _ in train], [k for _, k in train], kind)
+        error = (sum(abs(math.log(_predict(a, b, w, kind)) - math.log(k)) for w, k in test) / len(test)) if test else math.nan
+        fits[kind] = {"log_a": a, "rate": b, "extrapolation_log_error": error}
+    power, expo = fits["power"], fits["exponential"]
+    holds = power["extrapolation_log_error"] < expo["extrapolation_log_error"]
+    curve = ", ".join(f"w={w}: {k:.3g}" for w, k in points)
+    return {"verdict": "holds" if holds else "does not hold here",
+            "evidence": (f"KL by window ({'sink ' + str(sinks) + ' + ' if sinks else ''}recent): {curve}. "
+                         f"Fitted on w <= {fit_up_to}: power-law exponent alpha = {power['rate']:.2f}, "
+                         f"mean |log error| beyond it {power['extrapolation_log_error']:.2f} (power) vs "
+                         f"{expo['extrapolation_log_error']:.2f} (exponential, tau = {1 / expo['rate'] if expo['rate'] else math.inf:.0f} tokens)."),
+            "points": points, "fits": fits}

@@ -78,19 +78,31 @@ def sender_ask(
 def demo(
     samples: int = typer.Option(20, min=1, help="Number of answerable questions."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
-    profiles: str = typer.Option("raw,int8,int4:g32,int2", help="Comma-separated profiles; the first gets the per-question table."),
+    profiles: str = typer.Option("raw,int8,int4:g32,q2c:0.5+int4:g32",
+                                 help="Comma-separated profiles; the first gets the per-question table."),
+    rate: str = typer.Option("50mbit", help="Rate of the emulated link every transfer crosses (the relay); 'none' for plain loopback."),
+    delay: str = typer.Option("10ms", help="One-way delay of the emulated link."),
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(32, min=1, max=512),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
-    """Run a receiver on loopback and send SQuAD questions through it; compare with local generation."""
+    """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
+    from common.channel import link_from_options
     from common.evaluation.squad import load_squad
     from sender.demo import report, run_demo
 
     names = _parse_profiles(profiles)
-    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console)
-    report(rows, console, json_path)
+    link_factory, link = None, "plain loopback"
+    if rate != "none":
+        try:
+            link_from_options(rate, delay=delay)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        link_factory, link = (lambda: link_from_options(rate, delay=delay)), f"a {rate} link with {delay} delay"
+    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console, link_factory)
+    report(rows, console, json_path, plot_path, link)
 
 
 LinkOptions = dict(

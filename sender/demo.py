@@ -20,6 +20,7 @@ from common.evaluation.metrics import best_f1, f1, mean_ci95
 from common.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import load_model
+from common.relay import BackgroundRelay
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens
 
@@ -67,10 +68,17 @@ def local_receiver(model: str, port: int | None = None):
 
 
 def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware: bool, max_new_tokens: int,
-             console: Console) -> list[DemoRow]:
-    """Prefill each sample once, send it under every profile, and compare with local generation."""
+             console: Console, link_factory=None) -> list[DemoRow]:
+    """Prefill each sample once, send it under every profile, and compare with local generation.
+
+    With `link_factory`, every transfer crosses the shaping relay (`kvwire channel`) on its way.
+    """
     rows = []
-    with local_receiver(model) as target, Client(target) as client:
+    with contextlib.ExitStack() as stack:
+        target = stack.enter_context(local_receiver(model))
+        if link_factory is not None:
+            target = stack.enter_context(BackgroundRelay(target, link_factory)).target
+        client = stack.enter_context(Client(target))
         loaded = load_model(model)
         fp = loaded.fingerprint
         agreed = [client.negotiate(fp, [p]).profile for p in profiles]
@@ -132,10 +140,35 @@ def _clip(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def report(rows: list[DemoRow], console: Console, json_path: Path | None) -> dict:
+def plot(summaries: list[dict], path: Path, link: str) -> None:
+    """Fidelity against bytes, and against transfer time, one point per profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in summaries:
+        for ax, x in zip(axes, (s["ratio_vs_fp16"], s["transfer_s_mean"])):
+            ax.errorbar(x, s["fidelity_f1_mean"], yerr=s["fidelity_f1_ci95"], marker="o", capsize=3, label=s["profile"])
+    axes[0].set_xlabel("bytes on the wire / fp16 KV bytes")
+    axes[1].set_xlabel(f"transfer time (s), {link}")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("fidelity F1 (vs local full-prompt answer)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("kvwire demo: accuracy against bytes and time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rows: list[DemoRow], console: Console, json_path: Path | None, plot_path: Path | None = None,
+           link: str = "loopback") -> dict:
     summaries = summarize_by_profile(rows)
     first = [r for r in rows if r.profile == summaries[0]["profile"]]
-    table = Table(title=f"kvwire demo: {summaries[0]['profile']} over gRPC (loopback), answer via transfer vs local generate")
+    table = Table(title=f"kvwire demo: {summaries[0]['profile']} over gRPC ({link}), answer via transfer vs local generate")
     for column in ("question", "gold", "local answer", "via transfer", "match", "bytes", "prefill s", "encode+send s", "decode s"):
         table.add_column(column)
     for r in first:
@@ -144,7 +177,8 @@ def report(rows: list[DemoRow], console: Console, json_path: Path | None) -> dic
                       f"{r.encode_s + r.transfer_s:.3f}", f"{r.inject_s + r.decode_s:.2f}")
     console.print(table)
     fp16_per_token = first[0].raw_fp16_bytes / first[0].seq_len
-    table = Table(title=f"accuracy against bytes ({summaries[0]['n']} questions; raw fp16 KV is {fp16_per_token:,.0f} B/token)")
+    table = Table(title=f"accuracy against bytes and time ({summaries[0]['n']} questions over {link}; "
+                        f"raw fp16 KV is {fp16_per_token:,.0f} B/token)")
     for column in ("profile", "token match", "fidelity F1", "F1 vs gold", "B/token", "vs fp16", "encode s", "send s", "decode s"):
         table.add_column(column, justify="left" if column == "profile" else "right")
     for s in summaries:
@@ -153,7 +187,10 @@ def report(rows: list[DemoRow], console: Console, json_path: Path | None) -> dic
                       f"{s['ratio_vs_fp16']:.3f}", f"{s['encode_s_mean']:.3f}", f"{s['transfer_s_mean']:.3f}",
                       f"{s['inject_s_mean'] + s['decode_s_mean']:.2f}")
     console.print(table)
-    result = {**summaries[0], "profiles": summaries, "samples": [asdict(r) for r in rows]}
+    result = {**summaries[0], "link": link, "profiles": summaries, "samples": [asdict(r) for r in rows]}
+    if plot_path:
+        plot(summaries, plot_path, link)
+        console.print(f"wrote {plot_path}")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_path}")

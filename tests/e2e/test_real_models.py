@@ -76,11 +76,16 @@ def test_demo_cli_writes_json(tmp_path):
     out = tmp_path / "demo.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "common.cli", "demo", "--samples", "2", "--max-new-tokens", "8",
-                    "--profiles", "raw,int4:g32", "--json", str(out)], check=True, env=env, timeout=600)
+                    "--profiles", "raw,int4:g32", "--rate", "200mbit", "--json", str(out), "--plot", str(tmp_path / "demo.png")],
+                   check=True, env=env, timeout=600)
     result = json.loads(out.read_text())
     assert {"samples", "token_match_rate", "bytes_mean", "f1_gold_mean"} <= result.keys()
     assert len(result["samples"]) == 4
     assert [p["profile"] for p in result["profiles"]] == ["raw", "int4:g32"]
     assert result["token_match_rate"] == 1.0  # the first profile, raw, is lossless
     assert result["profiles"][1]["bytes_mean"] < result["bytes_mean"] / 4
+    assert result["link"].startswith("a 200mbit link")
+    # 10 MB of raw fp32 KV cannot cross 200 Mbit/s faster than the link allows.
+    assert result["transfer_s_mean"] >= result["bytes_mean"] * 8 / 200e6 * 0.95
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert result["bytes_mean"] > 0

@@ -30,15 +30,62 @@ ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3
 
 @receiver_app.command("serve")
 def receiver_serve(
-    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (gRPC and HTTP)."),
     port: int = typer.Option(50051, help="gRPC port."),
+    http_port: int = typer.Option(8080, help="HTTP port (health, metrics, sessions, dashboard); 0 for none."),
     model: Optional[str] = ModelOption,
 ) -> None:
-    """Serve the KVWire gRPC service (with health and reflection)."""
+    """Serve the KVWire gRPC service (health, reflection) and its HTTP side in one process."""
+    from common.settings import get_settings
     from receiver.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(host, port, model))
+    settings = get_settings()
+    if not http_port:
+        asyncio.run(serve(host, port, model))
+        return
+    import uvicorn
+
+    from receiver.http import create_app
+
+    uvicorn.run(create_app(settings, host, port, model), host=host, port=http_port, log_level="info",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+
+
+@receiver_app.command("health")
+def receiver_health(target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
+                    wait: float = typer.Option(0.0, help="Keep trying this many seconds.")) -> None:
+    """Exit 0 when the receiver's gRPC health service says SERVING (for container healthchecks)."""
+    from common.settings import get_settings
+    from sender.client import Client
+
+    with Client.from_settings(get_settings(), target) as client:
+        try:
+            client.wait_until_serving(timeout_s=max(wait, 0.1))
+        except TimeoutError as exc:
+            console.print(str(exc))
+            raise typer.Exit(1) from None
+    console.print(f"{target} SERVING")
+
+
+@sender_app.command("serve")
+def sender_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8081, help="HTTP port."),
+    target: Optional[str] = typer.Option(None, help="Receiver host:port (default: KVWIRE_RECEIVER_TARGET)."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """The sender's HTTP API: POST /v1/ask, /metrics, OpenAPI docs at /docs."""
+    import uvicorn
+
+    from common.settings import get_settings
+    from sender.http import create_app
+
+    settings = get_settings(**({"receiver_target": target} if target else {}))
+    uvicorn.run(create_app(settings, model), host=host, port=port, log_level="info",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
 
 
 @sender_app.command("ask")
@@ -54,6 +101,7 @@ def sender_ask(
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
     from common.models import load_model
+    from common.settings import get_settings
     from sender.client import Client
     from sender.prefill import prefill_prompt, select_tokens
 
@@ -61,7 +109,7 @@ def sender_ask(
         raise typer.BadParameter("give exactly one of --context and --context-file")
     text = context if context is not None else context_file.read_text()
     loaded = load_model(model)
-    with Client(target) as client:
+    with Client.from_settings(get_settings(), target) as client:
         agreed = client.negotiate(loaded.fingerprint, [profile]).profile
         pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
         sent = client.transfer(select_tokens(loaded, pre, agreed), agreed, loaded.fingerprint)
@@ -86,6 +134,7 @@ def demo(
     max_new_tokens: int = typer.Option(32, min=1, max=512),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
     plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
+    target: Optional[str] = typer.Option(None, help="Use this running receiver (or relay) instead of starting one."),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
     """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
@@ -95,13 +144,16 @@ def demo(
 
     names = _parse_profiles(profiles)
     link_factory, link = None, "plain loopback"
-    if rate != "none":
+    if target:
+        link = f"the network to {target}"
+    elif rate != "none":
         try:
             link_from_options(rate, delay=delay)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         link_factory, link = (lambda: link_from_options(rate, delay=delay)), f"a {rate} link with {delay} delay"
-    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console, link_factory)
+    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console,
+                    link_factory, target)
     report(rows, console, json_path, plot_path, link)
 
 
@@ -136,6 +188,7 @@ def sweep(
     workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
     runner: str = typer.Option("local", help="local, or ray (optional extra)."),
     validate: int = typer.Option(0, min=0, help="Re-run this many constant-rate points through real gRPC and the relay."),
+    haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
     """Grid of profiles x links x samples: accuracy vs bytes, time to first token vs bandwidth, Pareto front."""
@@ -157,7 +210,14 @@ def sweep(
             link_from_options_checked(spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    dataset = load_squad(data, limit=samples)
+    if haystack:
+        from common.evaluation.haystack import needle_samples
+        from common.models import load_model
+
+        depths = [i / max(1, samples - 1) for i in range(samples)]
+        dataset = needle_samples(load_model(model).tokenizer, haystack, depths)
+    else:
+        dataset = load_squad(data, limit=samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     with Progress(console=console) as progress:
         task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
@@ -396,6 +456,15 @@ def study_truncation(
     console.print(f"[bold]truncation: the claim {result['verdict']}.[/bold] {result['evidence']}")
     if json_path:
         json_path.write_text(json.dumps({"study": "truncation", "model": model, "tokens": tokens, **result}, indent=2))
+
+
+@app.command("prepare")
+def prepare(model: str = typer.Option("smollm2-135m", "--model")) -> None:
+    """Convert and cache a model's weights now (a Docker build step), and print its fingerprint."""
+    from common.models import load_model
+
+    loaded = load_model(model)
+    console.print(f"{model}: ready in {loaded.load_seconds:.1f} s; weights sha256 {loaded.fingerprint.weights_sha256}")
 
 
 @study_app.command("layers")

@@ -1,5 +1,9 @@
-"""All configuration in one place: `KVWIRE_*` environment variables or a `.env` file."""
+"""All configuration in one place: `KVWIRE_*` environment variables, a `.env` file, or KVWIRE_CONFIG_FILE (JSON)."""
 
+from __future__ import annotations
+
+import json
+import os
 from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +22,19 @@ class Settings(BaseSettings):
     session_ttl_s: float = 600.0
     session_budget_bytes: int = 4 << 30
 
+    # Security: a shared bearer token on every RPC and API call, and TLS when a certificate is set.
+    token: str | None = None
+    tls_cert: Path | None = None  # server certificate (PEM), for gRPC and HTTP
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # what clients trust (PEM); defaults to tls_cert
 
-def get_settings() -> Settings:
-    return Settings()
+    # Where the sender's HTTP API sends caches, and where the dashboard finds the latest sweep.
+    receiver_target: str = "127.0.0.1:50051"
+    sweep_dir: Path = Path("results/sweep")
+
+
+def get_settings(**overrides) -> Settings:
+    """Settings from the environment; KVWIRE_CONFIG_FILE may name a JSON file of the same fields."""
+    config_file = os.environ.get("KVWIRE_CONFIG_FILE")
+    values = json.loads(Path(config_file).read_text()) if config_file else {}
+    return Settings(**{**values, **overrides})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -18,11 +19,14 @@ from common.prompts import question_ids
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from common.settings import Settings, get_settings
+from receiver.auth import BearerAuthInterceptor
+from receiver.metrics import ReceiverMetrics
 from receiver.sessions import SessionError, SessionStore
 
 log = logging.getLogger("kvwire.receiver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
 MAX_NEW_TOKENS = 512
+RECENT = 50
 
 
 class KVWireServicer(pb_grpc.KVWireServicer):
@@ -30,6 +34,8 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.settings = settings
         self.limits = wire.Limits(settings.max_frame_bytes, settings.max_transfer_bytes, settings.max_tokens)
         self.sessions = SessionStore(settings.session_ttl_s, settings.session_budget_bytes)
+        self.metrics = ReceiverMetrics()
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # for the dashboard
         self.loaded: LoadedModel | None = None
         self._model_lock = asyncio.Lock()  # one decode at a time: the CPU has few cores to share
 
@@ -63,14 +69,23 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                 assembler.add(frame)
             kv = assembler.result()
             session = self.sessions.put(kv, assembler.header.profile, assembler.bytes_received)
-        except wire.WireError as exc:
-            log.warning("transfer rejected: %s", exc)
-            await context.abort(exc.code, str(exc))
-        except MemoryError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (wire.WireError, MemoryError) as exc:
+            code = exc.code if isinstance(exc, wire.WireError) else grpc.StatusCode.RESOURCE_EXHAUSTED
+            log.warning("transfer rejected (%s): %s", code.name, exc)
+            self.metrics.rejected_frames.labels(code.name).inc()
+            self.metrics.transfers.labels("rejected").inc()
+            self.metrics.bytes_received.inc(assembler.bytes_received)
+            await context.abort(code, str(exc))
+        seconds = time.perf_counter() - start
+        self.metrics.transfers.labels("ok").inc()
+        self.metrics.bytes_received.inc(assembler.bytes_received)
+        self.metrics.transfer_seconds.observe(seconds)
+        self.metrics.active_sessions.set(len(self.sessions))
+        self.recent.appendleft({"session": session.id, "profile": session.profile, "bytes": assembler.bytes_received,
+                                "tokens": kv.seq_len, "transfer_s": seconds, "answer": None, "decode_s": None,
+                                "at": time.time()})
         log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
-        return pb.TransferReply(session_id=session.id, bytes_received=assembler.bytes_received,
-                                assemble_seconds=time.perf_counter() - start)
+        return pb.TransferReply(session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         loaded = await self._model(context)
@@ -98,6 +113,11 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             tokens = await asyncio.to_thread(greedy_decode, loaded.model, cache, tail, kv.seq_len, max_new)
             done = time.perf_counter()
         text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        self.metrics.decode_seconds.observe(done - start)
+        for entry in self.recent:
+            if entry["session"] == session.id:
+                entry.update(answer=text, decode_s=done - start)
+                break
         return pb.GenerateReply(text=text, token_ids=tokens, inject_seconds=injected - start, decode_seconds=done - injected)
 
 
@@ -107,25 +127,40 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 async def start_server(
-    host: str = "127.0.0.1", port: int = 50051, model: str | None = None, settings: Settings | None = None
+    host: str = "127.0.0.1", port: int = 50051, model: str | None = None, settings: Settings | None = None,
+    wait_loaded: bool = True,
 ) -> tuple[grpc.aio.Server, KVWireServicer, int]:
-    """Start serving at once (health NOT_SERVING), load the model, then report SERVING."""
+    """Start serving at once (health NOT_SERVING), load the model, then report SERVING.
+
+    With wait_loaded=False the model loads in the background and this returns at once.
+    """
     settings = settings or get_settings()
     servicer = KVWireServicer(settings)
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server(options=grpc_options(settings))
+    interceptors = [BearerAuthInterceptor(settings.token)] if settings.token else []
+    server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
     pb_grpc.add_KVWireServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if settings.tls_cert:
+        credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    log.info("receiver listening on %s:%d, loading model", host, bound)
-    servicer.loaded = await asyncio.to_thread(load_model, model or settings.model)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("model %s loaded in %.1f s; SERVING", servicer.loaded.name, servicer.loaded.load_seconds)
+    log.info("receiver listening on %s:%d (%s), loading model", host, bound, "TLS" if settings.tls_cert else "plaintext")
+
+    async def load() -> None:
+        servicer.loaded = await asyncio.to_thread(load_model, model or settings.model)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s loaded in %.1f s; SERVING", servicer.loaded.name, servicer.loaded.load_seconds)
+
+    servicer.loading = asyncio.create_task(load())
+    if wait_loaded:
+        await servicer.loading
     return server, servicer, bound
 
 

@@ -58,6 +58,16 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def values(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def peek(self, session_id: str) -> Session:
+        """Look at a session without touching its recency."""
+        self.expire()
+        if session_id not in self._sessions:
+            raise SessionError(f"unknown or expired session {session_id!r}")
+        return self._sessions[session_id]
+
     def delete(self, session_id: str) -> None:
         if self._sessions.pop(session_id, None) is None:
             raise SessionError(f"unknown or expired session {session_id!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,11 +26,24 @@ class TransferResult:
 
 
 class Client:
-    def __init__(self, target: str, timeout_s: float = 120.0):
+    """A receiver's gRPC API. `token` goes out as a bearer token; `tls_ca` (PEM) turns TLS on."""
+
+    def __init__(self, target: str, timeout_s: float = 120.0, token: str | None = None, tls_ca: Path | None = None,
+                 tls_server_name: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
+        if tls_ca is not None:
+            options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else [])
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
+
+    @classmethod
+    def from_settings(cls, settings, target: str | None = None, timeout_s: float = 120.0) -> Client:
+        ca = settings.tls_ca or settings.tls_cert
+        return cls(target or settings.receiver_target, timeout_s, settings.token, ca)
 
     def close(self) -> None:
         self.channel.close()
@@ -56,7 +70,8 @@ class Client:
             time.sleep(0.2)
 
     def negotiate(self, fingerprint: pb.Fingerprint, profiles: list[str]) -> pb.NegotiateReply:
-        return self.stub.Negotiate(pb.NegotiateRequest(fingerprint=fingerprint, profiles=profiles), timeout=self.timeout_s)
+        return self.stub.Negotiate(pb.NegotiateRequest(fingerprint=fingerprint, profiles=profiles), timeout=self.timeout_s,
+                                   metadata=self.metadata)
 
     def send_frames(self, frames) -> TransferResult:
         """Stream frames as they are; count the bytes that go onto the wire."""
@@ -69,7 +84,7 @@ class Client:
                 yield frame
 
         start = time.perf_counter()
-        reply = self.stub.Transfer(counting(), timeout=self.timeout_s)
+        reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
 
     def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint) -> TransferResult:
@@ -79,4 +94,4 @@ class Client:
                  max_new_tokens: int = 64) -> pb.GenerateReply:
         request = pb.GenerateRequest(session_id=session_id, token_ids=token_ids or [], question=question,
                                      max_new_tokens=max_new_tokens)
-        return self.stub.Generate(request, timeout=self.timeout_s)
+        return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)

@@ -20,6 +20,7 @@ from common.evaluation.metrics import best_f1, f1, mean_ci95
 from common.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import load_model
+from common.settings import get_settings
 from common.relay import BackgroundRelay
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens
@@ -56,10 +57,11 @@ def free_port() -> int:
 def local_receiver(model: str, port: int | None = None):
     """Run `kvwire receiver serve` as a subprocess on loopback; yield its address once SERVING."""
     port = port or free_port()
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port), "--model", model])
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port),
+                                "--http-port", "0", "--model", model])
     target = f"127.0.0.1:{port}"
     try:
-        with Client(target) as client:
+        with Client.from_settings(get_settings(), target) as client:
             client.wait_until_serving()
         yield target
     finally:
@@ -68,17 +70,21 @@ def local_receiver(model: str, port: int | None = None):
 
 
 def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware: bool, max_new_tokens: int,
-             console: Console, link_factory=None) -> list[DemoRow]:
+             console: Console, link_factory=None, target: str | None = None) -> list[DemoRow]:
     """Prefill each sample once, send it under every profile, and compare with local generation.
 
     With `link_factory`, every transfer crosses the shaping relay (`kvwire channel`) on its way.
+    With `target`, a running receiver (or relay) is used instead of a local one.
     """
     rows = []
     with contextlib.ExitStack() as stack:
-        target = stack.enter_context(local_receiver(model))
-        if link_factory is not None:
-            target = stack.enter_context(BackgroundRelay(target, link_factory)).target
-        client = stack.enter_context(Client(target))
+        if target is None:
+            target = stack.enter_context(local_receiver(model))
+            if link_factory is not None:
+                target = stack.enter_context(BackgroundRelay(target, link_factory)).target
+        settings = get_settings()
+        client = stack.enter_context(Client.from_settings(settings, target))
+        client.wait_until_serving()
         loaded = load_model(model)
         fp = loaded.fingerprint
         agreed = [client.negotiate(fp, [p]).profile for p in profiles]

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from common.kvstate import KVState
+from receiver.sessions import SessionError, SessionStore
+
+
+def state(tokens: int) -> KVState:
+    k = torch.zeros(1, 1, tokens, 4)  # 16 bytes per token per tensor
+    return KVState([k], [k.clone()], [torch.arange(tokens).view(1, -1)], tokens)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_lru_eviction_under_the_byte_budget():
+    clock = Clock()
+    store = SessionStore(ttl_s=100, budget_bytes=3 * 320, clock=clock)  # room for three 10-token caches
+    a, b, c = (store.put(state(10), "raw", 1) for _ in range(3))
+    clock.t = 1
+    store.get(a.id)  # a is now the most recently used; b is the least
+    d = store.put(state(10), "raw", 1)
+    assert {s.id for s in store.values()} == {a.id, c.id, d.id}
+    with pytest.raises(SessionError, match="unknown or expired"):
+        store.get(b.id)
+    assert store.nbytes <= store.budget_bytes
+    big = store.put(state(25), "raw", 1)  # needs the space of three: evicts the three oldest
+    assert [s.id for s in store.values()] == [big.id]
+
+
+def test_ttl_expiry_and_delete():
+    clock = Clock()
+    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
+    s = store.put(state(4), "raw", 1)
+    clock.t = 9
+    store.get(s.id)  # touching refreshes the TTL
+    clock.t = 18
+    assert store.peek(s.id).id == s.id
+    clock.t = 30
+    with pytest.raises(SessionError):
+        store.get(s.id)
+    t = store.put(state(4), "raw", 1)
+    store.delete(t.id)
+    with pytest.raises(SessionError):
+        store.delete(t.id)
+
+
+def test_a_cache_larger_than_the_budget_is_refused():
+    store = SessionStore(ttl_s=10, budget_bytes=100)
+    with pytest.raises(MemoryError, match="exceeds the session budget"):
+        store.put(state(10), "raw", 1)
+    assert len(store) == 0

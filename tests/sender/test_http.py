@@ -1,0 +1,61 @@
+"""The sender's HTTP API against a real in-process receiver."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from common.settings import Settings
+from sender.http import create_app
+
+CONTEXT = "The Normans gave their name to Normandy, a region in France."
+
+
+@pytest.fixture(scope="module")
+def sender(start_receiver):
+    receiver = start_receiver("tiny-llama")
+    with TestClient(create_app(Settings(receiver_target=receiver.target, token="tok"), "tiny-llama")) as http:
+        yield http
+
+
+AUTH = {"authorization": "Bearer tok"}
+
+
+def test_ask_returns_answer_and_statistics(sender):
+    body = {"context": CONTEXT, "question": "Where is Normandy?", "profile": "q2c:0.5+int4", "max_new_tokens": 4}
+    reply = sender.post("/v1/ask", json=body, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert data["profile"] == "q2c:0.5+int4:g32" and data["answer"] is not None
+    assert data["kept_tokens"] < data["seq_len"] and data["bytes_sent"] > 0 and data["ratio_vs_fp16"] < 0.3
+
+
+def test_ask_through_an_emulated_link_takes_the_link_time(sender):
+    body = {"context": CONTEXT, "question": "Where?", "profile": "raw", "bandwidth": "2mbit", "max_new_tokens": 2}
+    data = sender.post("/v1/ask", json=body, headers=AUTH).json()
+    assert data["transfer_s"] >= data["bytes_sent"] * 8 / 2e6 * 0.95
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"context": CONTEXT, "question": "q", "profile": "int17"}, 422, "1 to 8 bits"),
+    ({"context": CONTEXT, "question": "q", "profile": "auto"}, 422, "planner"),
+    ({"context": CONTEXT, "question": "q", "bandwidth": "fast"}, 422, "cannot read rate"),
+    ({"context": "", "question": "q"}, 422, "context"),
+    ({"context": CONTEXT, "question": "q", "profile": "q2c:0.5", "query_aware": False}, 422, "query-aware"),
+])
+def test_bad_requests(sender, body, status, message):
+    reply = sender.post("/v1/ask", json=body, headers=AUTH)
+    assert reply.status_code == status and message in reply.text
+
+
+def test_auth_docs_and_metrics(sender):
+    assert sender.post("/v1/ask", json={"context": CONTEXT, "question": "q"}).status_code == 401
+    assert sender.get("/metrics").status_code == 401
+    assert "kvwire_sender_asks_total" in sender.get("/metrics", headers=AUTH).text
+    assert sender.get("/docs").status_code == 200
+    assert "/v1/ask" in sender.get("/openapi.json").json()["paths"]
+    assert sender.get("/healthz").status_code == 200
+
+
+def test_receiver_down_is_a_502(start_receiver):
+    with TestClient(create_app(Settings(receiver_target="127.0.0.1:1"), "tiny-llama")) as http:
+        reply = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "int8"})
+    assert reply.status_code == 502 and "UNAVAILABLE" in reply.text

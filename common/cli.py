@@ -276,6 +276,7 @@ def channel(
     rate: str = LinkOptions["rate"], trace: str = LinkOptions["trace"], delay: str = LinkOptions["delay"],
     jitter: str = LinkOptions["jitter"], stall_rate: float = LinkOptions["stall_rate"], stall: str = LinkOptions["stall"],
     seed: int = LinkOptions["seed"],
+    corrupt_per_mb: float = typer.Option(0.0, help="Fault injection: flip a random bit this often per MB sent upstream."),
 ) -> None:
     """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
     from common.channel import link_from_options
@@ -286,7 +287,8 @@ def channel(
         link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    asyncio.run(run_relay(listen, upstream, lambda: link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)))
+    asyncio.run(run_relay(listen, upstream, lambda: link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed),
+                          corrupt_per_mb))
 
 
 @app.command("eval")

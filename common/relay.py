@@ -36,6 +36,39 @@ class ConnectionStats:
         return (self.last_byte or self.started) - (self.first_byte or self.started)
 
 
+def flip_byte_at(offset: int) -> Callable[[bytes], bytes]:
+    """A corrupter that flips one bit of the byte at stream `offset`, once (fault injection)."""
+    seen = {"bytes": 0, "done": False}
+
+    def corrupt(data: bytes) -> bytes:
+        start = seen["bytes"]
+        seen["bytes"] += len(data)
+        if seen["done"] or not start <= offset < seen["bytes"]:
+            return data
+        seen["done"] = True
+        damaged = bytearray(data)
+        damaged[offset - start] ^= 0x10
+        return bytes(damaged)
+
+    return corrupt
+
+
+def random_flips(per_mb: float, seed: int = 0) -> Callable[[bytes], bytes]:
+    """A corrupter that flips bits at random, on average `per_mb` times per MB."""
+    import random
+
+    rng = random.Random(seed)
+
+    def corrupt(data: bytes) -> bytes:
+        if rng.random() >= per_mb * len(data) / 1e6:
+            return data
+        damaged = bytearray(data)
+        damaged[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(damaged)
+
+    return corrupt
+
+
 class Relay:
     def __init__(self, listen_host: str, listen_port: int, upstream_host: str, upstream_port: int,
                  make_link: Callable[[], Link], corrupt: Callable[[bytes], bytes] | None = None):
@@ -123,10 +156,11 @@ class Relay:
         await asyncio.gather(read(), write())
 
 
-async def run_relay(listen: str, upstream: str, make_link: Callable[[], Link]) -> None:
+async def run_relay(listen: str, upstream: str, make_link: Callable[[], Link], corrupt_per_mb: float = 0.0) -> None:
     listen_host, listen_port = listen.rsplit(":", 1)
     upstream_host, upstream_port = upstream.rsplit(":", 1)
-    relay = Relay(listen_host, int(listen_port), upstream_host, int(upstream_port), make_link)
+    corrupt = random_flips(corrupt_per_mb) if corrupt_per_mb > 0 else None
+    relay = Relay(listen_host, int(listen_port), upstream_host, int(upstream_port), make_link, corrupt)
     await relay.start()
     async with relay.server:
         await relay.server.serve_forever()

@@ -165,6 +165,9 @@ class Assembler:
                        for codec, layer in zip(self.codecs, header.layers))
         if expected > self.limits.max_transfer_bytes:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cache of {expected} bytes exceeds the limit of {self.limits.max_transfer_bytes}")
+        # What the decoded cache will occupy in the model's dtype.
+        self.expected_bytes = sum(2 * fp.kv_heads * layer.kept_tokens * fp.head_dim * self.dtype.itemsize
+                                  for layer in header.layers)
         self.header = header
         self._filled = [0] * fp.num_layers
         self._keys = [[] for _ in header.layers]

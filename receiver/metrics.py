@@ -17,5 +17,6 @@ class ReceiverMetrics:
         self.decode_seconds = Histogram("kvwire_decode_seconds", "Time to inject and decode an answer",
                                         buckets=TIME_BUCKETS, registry=self.registry)
         self.active_sessions = Gauge("kvwire_active_sessions", "Sessions held in memory", registry=self.registry)
+        self.inflight = Gauge("kvwire_inflight_transfers", "Transfers still streaming", registry=self.registry)
         self.rejected_frames = Counter("kvwire_rejected_frames", "Transfers rejected, by gRPC status",
                                        ["reason"], registry=self.registry)

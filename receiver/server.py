@@ -38,6 +38,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # for the dashboard
         self.loaded: LoadedModel | None = None
         self._model_lock = asyncio.Lock()  # one decode at a time: the CPU has few cores to share
+        # Transfers are idempotent by transfer id: a retry of a finished one gets the same session.
+        self.completed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.inflight_bytes = 0  # reserved by headers of transfers still streaming
 
     async def _model(self, context) -> LoadedModel:
         if self.loaded is None:
@@ -64,9 +67,25 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         loaded = await self._model(context)
         assembler = wire.Assembler(loaded.fingerprint, self.limits)
         start = time.perf_counter()
+        reserved = 0
+        self.metrics.inflight.inc()
         try:
             async for frame in request_iterator:
                 assembler.add(frame)
+                if reserved == 0 and assembler.header is not None:
+                    previous = self.completed.get(assembler.header.transfer_id)
+                    if previous is not None and previous in self.sessions:
+                        log.info("transfer %s repeated: session %s", assembler.header.transfer_id, previous)
+                        return pb.TransferReply(session_id=previous, bytes_received=assembler.bytes_received)
+                    reserved = self._reserve(assembler.expected_bytes)
+            if not assembler.done:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # The stream ended because the caller's deadline passed, not because it was cut short.
+                    self.metrics.transfers.labels("deadline_exceeded").inc()
+                    log.warning("transfer deadline passed after %d bytes; partial cache dropped", assembler.bytes_received)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"deadline passed after {assembler.bytes_received} bytes; nothing injected")
             kv = assembler.result()
             session = self.sessions.put(kv, assembler.header.profile, assembler.bytes_received)
         except (wire.WireError, MemoryError) as exc:
@@ -76,6 +95,19 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             self.metrics.transfers.labels("rejected").inc()
             self.metrics.bytes_received.inc(assembler.bytes_received)
             await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            # Client gone or deadline passed: the partial cache is dropped, never injected.
+            remaining = context.time_remaining()
+            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            self.metrics.transfers.labels(outcome).inc()
+            log.warning("transfer %s after %d bytes; partial cache dropped", outcome, assembler.bytes_received)
+            raise
+        finally:
+            self.inflight_bytes -= reserved
+            self.metrics.inflight.dec()
+        self.completed[assembler.header.transfer_id] = session.id
+        while len(self.completed) > 10_000:
+            self.completed.popitem(last=False)
         seconds = time.perf_counter() - start
         self.metrics.transfers.labels("ok").inc()
         self.metrics.bytes_received.inc(assembler.bytes_received)
@@ -86,6 +118,17 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                 "at": time.time()})
         log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
         return pb.TransferReply(session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds)
+
+    def _reserve(self, nbytes: int) -> int:
+        """Hold memory for a transfer in flight; refuse (the client backs off) when the budget is taken."""
+        if nbytes > self.settings.session_budget_bytes:
+            raise wire.WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"cache of {nbytes} bytes exceeds the session budget of {self.settings.session_budget_bytes}")
+        if self.inflight_bytes + nbytes > self.settings.session_budget_bytes:
+            raise wire.WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"receiver busy: {self.inflight_bytes} bytes in flight; retry later")
+        self.inflight_bytes += nbytes
+        return nbytes
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         loaded = await self._model(context)

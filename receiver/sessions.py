@@ -34,6 +34,9 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     @property
     def nbytes(self) -> int:
         return sum(s.kv.nbytes for s in self._sessions.values())

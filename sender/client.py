@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from common.proto import kvwire_pb2_grpc as pb_grpc
 # pick_first over a shuffled address list: behind a headless Service each client lands on
 # one random receiver and stays there, so its sessions are found by its Generate calls.
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
+log = logging.getLogger("kvwire.sender")
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20),
                    ("grpc.service_config", SERVICE_CONFIG)]
 
@@ -28,6 +32,15 @@ class TransferResult:
     bytes_sent: int  # serialized frames plus gRPC message prefixes
     frames: int
     seconds: float
+    attempts: int = 1
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """Worth sending again: the receiver was away, the bytes were damaged, or it asked us to back off."""
+    code = error.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED):
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (error.details() or "").startswith("receiver busy")
 
 
 class Client:
@@ -92,8 +105,25 @@ class Client:
         reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
 
-    def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint) -> TransferResult:
-        return self.send_frames(wire.encode(kv, profile, fingerprint))
+    def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint, attempts: int = 1) -> TransferResult:
+        """Send a cache; with attempts > 1, retry retryable failures (same transfer id, so idempotent)."""
+        transfer_id = uuid.uuid4().hex
+        return self.send_with_retry(lambda: wire.encode(kv, profile, fingerprint, transfer_id), attempts)
+
+    def send_with_retry(self, make_frames, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+                        sleep=time.sleep) -> TransferResult:
+        """`make_frames()` yields the same transfer (same transfer id) each time it is called."""
+        for attempt in range(1, attempts + 1):
+            try:
+                result = self.send_frames(make_frames())
+                result.attempts = attempt
+                return result
+            except grpc.RpcError as error:
+                if attempt == attempts or not retryable(error):
+                    raise
+                log.warning("transfer attempt %d failed (%s: %s); retrying", attempt, error.code().name, error.details())
+                sleep(min(max_backoff_s, backoff_s * 2 ** (attempt - 1)) * random.uniform(1.0, 1.2))
+        raise AssertionError("unreachable")
 
     def generate(self, session_id: str, token_ids: list[int] | None = None, question: str = "",
                  max_new_tokens: int = 64) -> pb.GenerateReply:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -553,6 +554,30 @@ def bench_channel(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2))
+
+
+@bench_app.command("fuzz")
+def bench_fuzz(
+    inputs: int = typer.Option(100_000, min=1, help="How many fuzz inputs."),
+    seed: int = typer.Option(0),
+    model: str = typer.Option("tiny-llama", "--model"),
+) -> None:
+    """Fuzz the frame decoder and header validator; print inputs tried, outcomes and crashes."""
+    from common import fuzz, wire
+    from common.kvstate import prefill
+    from common.models import load_model
+
+    loaded = load_model(model)
+    kv = prefill(loaded.model, list(range(300, 340)))
+    seeds = [list(wire.encode(kv, p, loaded.fingerprint)) for p in ("raw", "int4:g32", "nf4", "svd:r4+int8", "int2+int8@0")]
+    start = time.perf_counter()
+    report = fuzz.run(loaded.fingerprint, seeds, structured=inputs * 3 // 4, random_bytes=inputs - inputs * 3 // 4, seed=seed)
+    console.print(f"{report.inputs:,} fuzz inputs in {time.perf_counter() - start:.0f} s: {report.accepted:,} accepted, "
+                  f"rejected {dict(sorted(report.rejected.items()))}, crashes {len(report.crashes)}")
+    for crash in report.crashes[:20]:
+        console.print(f"  crash: {crash}")
+    if report.crashes:
+        raise typer.Exit(1)
 
 
 @bench_app.command("codec")

@@ -56,10 +56,19 @@ def encode_positions(positions: torch.Tensor) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
 
 
+def bounded_decompress(blob: bytes, size: int) -> bytes:
+    """zstd-decompress a frame that must declare exactly `size` bytes (checked before any allocation)."""
+    declared = zstandard.frame_content_size(blob)
+    if declared != size:
+        raise ValueError(f"compressed frame declares {declared} bytes, expected {size}")
+    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    if len(raw) != size:
+        raise ValueError(f"compressed frame holds {len(raw)} bytes, expected {size}")
+    return raw
+
+
 def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
-    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=4 * heads * kept) if kept else b""
-    if len(raw) != 4 * heads * kept:
-        raise ValueError(f"positions hold {len(raw)} bytes, expected {4 * heads * kept}")
+    raw = bounded_decompress(blob, 4 * heads * kept) if kept else b""
     deltas = np.frombuffer(raw, dtype="<u4").reshape(heads, kept).astype(np.int64)
     return torch.from_numpy(np.cumsum(deltas, axis=1))
 
@@ -190,11 +199,9 @@ class Assembler:
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
         try:
-            raw = zstandard.ZstdDecompressor().decompress(chunk.payload, max_output_size=expected)
-        except zstandard.ZstdError as exc:
+            raw = bounded_decompress(chunk.payload, expected)
+        except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-        if len(raw) != expected:
-            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload holds {len(raw)} bytes, expected {expected}")
         keys, values = codec.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), shape, self.dtype)
         self._keys[chunk.layer].append(keys)
         self._values[chunk.layer].append(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -459,6 +460,65 @@ def study_truncation(
     console.print(f"[bold]truncation: the claim {result['verdict']}.[/bold] {result['evidence']}")
     if json_path:
         json_path.write_text(json.dumps({"study": "truncation", "model": model, "tokens": tokens, **result}, indent=2))
+
+
+@app.command("loadtest")
+def loadtest(
+    concurrency: int = typer.Option(16, min=1),
+    transfers: int = typer.Option(200, min=1),
+    profile: str = typer.Option("raw"),
+    rate: Optional[str] = typer.Option(None, help="Put every transfer through the shaping relay at this rate."),
+    samples: int = typer.Option(8, min=1, help="Distinct contexts, cycled."),
+    max_new_tokens: int = typer.Option(4, min=1, max=512),
+    budget: str = typer.Option("1gib", help="The receiver's session byte budget (e.g. 512mib, 1gib)."),
+    target: Optional[str] = typer.Option(None, help="Load this running receiver instead of starting one."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """N concurrent senders against one receiver: throughput, latency percentiles, errors, peak memory;
+    every answer is checked against the one the same profile gives in process."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.channel import link_from_options
+    from common.relay import BackgroundRelay
+    from sender import loadtest as lt
+
+    names = _parse_profiles(profile)
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+    match = re.fullmatch(r"(\d+)(kib|mib|gib)", budget.lower())
+    if not match:
+        raise typer.BadParameter("budget like 512mib or 1gib", param_hint="--budget")
+    _, prepared = lt.prepare(model, names[0], samples, max_new_tokens)
+    process = None
+    if target is None:
+        process, target = lt.start_receiver(model, int(match.group(1)) * units[match.group(2)])
+    try:
+        relay = BackgroundRelay(target, lambda: link_from_options(rate)) if rate else None
+        with Progress(console=console) as progress:
+            task = progress.add_task("transfers", total=transfers)
+            report = lt.run_load(relay.target if relay else target, prepared, concurrency, transfers, max_new_tokens,
+                                 progress=lambda: progress.advance(task))
+        if relay:
+            relay.close()
+        if process:
+            report.receiver_peak_rss = lt.peak_rss(process.pid)
+    finally:
+        if process:
+            process.terminate()
+            process.wait(timeout=30)
+    summary = report.summary()
+    console.print(
+        f"{summary['transfers']} transfers of {names[0]} at concurrency {concurrency}{f' over {rate}' if rate else ''}: "
+        f"{summary['ok']} answers right, {summary['wrong_answers']} wrong, {summary['lost']} lost; errors {summary['errors']}; "
+        f"retries {summary['retries']}\n{summary['transfers_per_s']:.2f} transfers/s, {summary['mb_per_s']:.1f} MB/s; latency "
+        f"p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s, p99 {summary['p99_s']:.3f} s; receiver peak RSS "
+        f"{summary['receiver_peak_rss_mib'] or float('nan'):.0f} MiB")
+    if json_path:
+        json_path.write_text(json.dumps({"profile": names[0], "concurrency": concurrency, "rate": rate, **summary}, indent=2))
+    if summary["wrong_answers"] or summary["lost"]:
+        raise typer.Exit(1)
 
 
 @app.command("prepare")

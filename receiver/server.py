@@ -124,9 +124,10 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         if nbytes > self.settings.session_budget_bytes:
             raise wire.WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"cache of {nbytes} bytes exceeds the session budget of {self.settings.session_budget_bytes}")
-        if self.inflight_bytes + nbytes > self.settings.session_budget_bytes:
+        if self.inflight_bytes + self.sessions.pinned_bytes + nbytes > self.settings.session_budget_bytes:
             raise wire.WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"receiver busy: {self.inflight_bytes} bytes in flight; retry later")
+                                 f"receiver busy: {self.inflight_bytes} bytes in flight, "
+                                 f"{self.sessions.pinned_bytes} held for sessions not yet asked; retry later")
         self.inflight_bytes += nbytes
         return nbytes
 
@@ -149,6 +150,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         if max_new > MAX_NEW_TOKENS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens is at most {MAX_NEW_TOKENS}")
         kv = session.kv
+        session.generations += 1
         async with self._model_lock:
             start = time.perf_counter()
             cache = kv.to_cache(loaded.config)

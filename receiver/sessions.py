@@ -14,6 +14,10 @@ class SessionError(KeyError):
     pass
 
 
+class ReceiverBusy(MemoryError):
+    """No room now: sessions not yet asked anything are kept; the sender should back off and retry."""
+
+
 @dataclass
 class Session:
     id: str
@@ -22,6 +26,7 @@ class Session:
     bytes_received: int
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    generations: int = 0  # a session nobody has asked yet is never evicted for room (only by its TTL)
 
 
 class SessionStore:
@@ -30,6 +35,7 @@ class SessionStore:
         self.budget_bytes = budget_bytes
         self.clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.peak_bytes = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -41,15 +47,24 @@ class SessionStore:
     def nbytes(self) -> int:
         return sum(s.kv.nbytes for s in self._sessions.values())
 
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(s.kv.nbytes for s in self._sessions.values() if s.generations == 0)
+
     def put(self, kv: KVState, profile: str, bytes_received: int) -> Session:
+        """Store a cache, evicting the least recently used sessions that have been asked at least once."""
         if kv.nbytes > self.budget_bytes:
             raise MemoryError(f"cache of {kv.nbytes} bytes exceeds the session budget of {self.budget_bytes}")
         self.expire()
-        while self._sessions and self.nbytes + kv.nbytes > self.budget_bytes:
-            self._sessions.popitem(last=False)
+        evictable = [sid for sid, s in self._sessions.items() if s.generations > 0]  # oldest first
+        while self.nbytes + kv.nbytes > self.budget_bytes:
+            if not evictable:
+                raise ReceiverBusy(f"receiver busy: {self.pinned_bytes} bytes held by sessions not yet asked")
+            del self._sessions[evictable.pop(0)]
         now = self.clock()
         session = Session(uuid.uuid4().hex, kv, profile, bytes_received, created=now, last_used=now)
         self._sessions[session.id] = session
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return session
 
     def get(self, session_id: str) -> Session:

@@ -4,6 +4,7 @@ import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hypothesis  # noqa: E402,F401  (imported up front: CPython 3.11.7 can fail to parse it late, after threaded tests)
 import pytest  # noqa: E402
 
 from common.models import load_model  # noqa: E402

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common.kvstate import KVState
-from receiver.sessions import SessionError, SessionStore
+from receiver.sessions import ReceiverBusy, SessionError, SessionStore
 
 
 def state(tokens: int) -> KVState:
@@ -22,6 +22,8 @@ def test_lru_eviction_under_the_byte_budget():
     clock = Clock()
     store = SessionStore(ttl_s=100, budget_bytes=3 * 320, clock=clock)  # room for three 10-token caches
     a, b, c = (store.put(state(10), "raw", 1) for _ in range(3))
+    for session in (a, b, c):
+        session.generations = 1  # asked once: evictable for room
     clock.t = 1
     store.get(a.id)  # a is now the most recently used; b is the least
     d = store.put(state(10), "raw", 1)
@@ -29,8 +31,10 @@ def test_lru_eviction_under_the_byte_budget():
     with pytest.raises(SessionError, match="unknown or expired"):
         store.get(b.id)
     assert store.nbytes <= store.budget_bytes
+    d.generations = 1
     big = store.put(state(25), "raw", 1)  # needs the space of three: evicts the three oldest
     assert [s.id for s in store.values()] == [big.id]
+    assert store.peak_bytes <= store.budget_bytes
 
 
 def test_ttl_expiry_and_delete():
@@ -55,3 +59,14 @@ def test_a_cache_larger_than_the_budget_is_refused():
     with pytest.raises(MemoryError, match="exceeds the session budget"):
         store.put(state(10), "raw", 1)
     assert len(store) == 0
+
+
+def test_sessions_not_yet_asked_are_never_evicted_for_room():
+    store = SessionStore(ttl_s=100, budget_bytes=2 * 320)
+    first = store.put(state(10), "raw", 1)
+    store.put(state(10), "raw", 1)
+    with pytest.raises(ReceiverBusy, match="receiver busy"):
+        store.put(state(10), "raw", 1)
+    first.generations = 1
+    store.put(state(10), "raw", 1)  # now the asked one makes room
+    assert first.id not in store

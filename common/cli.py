@@ -521,6 +521,38 @@ def loadtest(
         raise typer.Exit(1)
 
 
+@app.command("calibrate")
+def calibrate(
+    profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,q2c:0.75+int8,q2c:0.5+int8,q2c:0.5+int4:g32,"
+                                 "q2c:0.25+int4:g32,q2c:0.25+int2", help="Profiles the planner may choose from."),
+    samples: int = typer.Option(20, min=1),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    out: Optional[Path] = typer.Option(None, help="Where to write the table (default: the model's shipped table)."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Measure the rate-distortion table the planner (profile 'auto') chooses from."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation.harness import aggregate, evaluate
+    from common.evaluation.report import summary_table
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+    from common.planner import calibration_path, table_from_summaries
+
+    names = _parse_profiles(profiles)
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
+        summaries = aggregate(evaluate(loaded, dataset, names, progress=lambda: progress.advance(task)))
+    console.print(summary_table(summaries, f"calibration: {model}, {len(dataset)} questions"))
+    target = out or calibration_path(model)
+    target.write_text(json.dumps(table_from_summaries(model, summaries, len(dataset)), indent=2))
+    console.print(f"wrote {target}")
+
+
 @app.command("prepare")
 def prepare(model: str = typer.Option("smollm2-135m", "--model")) -> None:
     """Convert and cache a model's weights now (a Docker build step), and print its fingerprint."""

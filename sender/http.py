@@ -13,9 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from common import wire
-from common.channel import link_from_options, pace
+from common.channel import link_from_options, pace, parse_rate
 from common.models import load_model
+from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
+from common.prompts import build_prompt
 from common.select import SelectionError
 from common.settings import Settings
 from receiver.auth import token_matches
@@ -26,9 +28,11 @@ from sender.prefill import prefill_prompt, select_tokens
 class AskRequest(BaseModel):
     context: str = Field(min_length=1)
     question: str = Field(min_length=1)
-    profile: str = "int8"
-    bandwidth: str | None = Field(None, description="Emulate a link of this rate in process, e.g. 20mbit.")
-    deadline: float | None = Field(None, gt=0, description="Seconds allowed for the transfer and decode.")
+    profile: str = Field("int8", description="A profile, or 'auto': the planner picks one for bandwidth and deadline.")
+    bandwidth: str | None = Field(None, description="Emulate a link of this rate in process, e.g. 20mbit; "
+                                  "with 'auto', the rate the plan assumes (default 100mbit).")
+    deadline: float | None = Field(None, gt=0, description="Seconds allowed; with 'auto' the plan's target (default 2).")
+    quality_floor: float = Field(0.0, ge=0, le=1, description="With 'auto': the least calibrated fidelity accepted.")
     max_new_tokens: int = Field(32, ge=1, le=512)
     query_aware: bool = True
 
@@ -45,6 +49,7 @@ class AskResponse(BaseModel):
     compress_s: float
     transfer_s: float
     decode_s: float
+    plan: str | None = None  # why 'auto' chose this profile
 
 
 def require_token(request: Request) -> None:
@@ -78,17 +83,24 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
     @app.post("/v1/ask", response_model=AskResponse, dependencies=[Depends(require_token)])
     async def ask(body: AskRequest, request: Request):
-        if body.profile == "auto":
-            raise HTTPException(422, "profile 'auto' needs the negotiation planner, which this build does not have yet")
+        reason = None
         try:
-            profile = str(parse_profile(body.profile))
             link = link_from_options(body.bandwidth) if body.bandwidth else None
-        except (ProfileError, ValueError) as exc:
+            if body.profile == "auto":
+                loaded = request.app.state.loaded
+                tokens = len(build_prompt(loaded.tokenizer, body.context, body.question).ids)
+                chosen = plan(load_table(loaded.name), tokens, parse_rate(body.bandwidth or "100mbit"),
+                              body.deadline or 2.0, body.quality_floor)
+                profile, reason = chosen.profile, chosen.reason
+            else:
+                profile = str(parse_profile(body.profile))
+        except (ProfileError, ValueError, FileNotFoundError) as exc:
             raise HTTPException(422, str(exc)) from None
         start = time.perf_counter()
         async with request.app.state.lock:  # one model pass at a time
             try:
                 result = await asyncio.to_thread(_ask, request.app.state.loaded, settings, body, profile, link)
+                result.plan = reason
             except SelectionError as exc:
                 asks.labels("bad_request").inc()
                 raise HTTPException(422, str(exc)) from None

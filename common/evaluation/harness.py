@@ -129,6 +129,7 @@ def aggregate(rows: list[EvalRow]) -> list[dict]:
         summary["bytes_mean"] = sum(r.bytes for r in group) / len(group)
         summary["ratio_vs_fp16"] = sum(r.bytes for r in group) / sum(r.fp16_bytes for r in group)
         summary["kept_fraction"] = sum(r.kept_tokens for r in group) / sum(r.seq_len for r in group)
+        summary["seq_len_mean"] = sum(r.seq_len for r in group) / len(group)
         for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "inject_s", "first_token_s", "decode_s"):
             summary[key] = sum(getattr(r, key) for r in group) / len(group)
         summaries.append(summary)

@@ -36,7 +36,7 @@ def test_ask_through_an_emulated_link_takes_the_link_time(sender):
 
 @pytest.mark.parametrize("body,status,message", [
     ({"context": CONTEXT, "question": "q", "profile": "int17"}, 422, "1 to 8 bits"),
-    ({"context": CONTEXT, "question": "q", "profile": "auto"}, 422, "planner"),
+    ({"context": CONTEXT, "question": "q", "profile": "auto"}, 422, "no calibration for tiny-llama"),
     ({"context": CONTEXT, "question": "q", "bandwidth": "fast"}, 422, "cannot read rate"),
     ({"context": "", "question": "q"}, 422, "context"),
     ({"context": CONTEXT, "question": "q", "profile": "q2c:0.5", "query_aware": False}, 422, "query-aware"),
@@ -59,3 +59,30 @@ def test_receiver_down_is_a_502(start_receiver):
     with TestClient(create_app(Settings(receiver_target="127.0.0.1:1"), "tiny-llama")) as http:
         reply = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "int8"})
     assert reply.status_code == 502 and "UNAVAILABLE" in reply.text
+
+
+def test_auto_uses_the_planner(start_receiver, tmp_path, monkeypatch):
+    """'auto' plans from the model's calibration table and says why."""
+    import json
+
+    from common import planner
+
+    table = {"version": 1, "model": "tiny-llama", "samples": 1, "prefill_s_per_token": 0.0, "profiles": {
+        "fp16": {"fidelity": 1.0, "bytes_per_token": 600, "encode_s_per_token": 0, "receiver_s_per_token": 0,
+                 "first_token_s": 0.0},
+        "int4:g32": {"fidelity": 0.8, "bytes_per_token": 150, "encode_s_per_token": 0, "receiver_s_per_token": 0,
+                     "first_token_s": 0.0}}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(planner, "calibration_path", lambda model: path)
+    import sender.http
+
+    monkeypatch.setattr(sender.http, "load_table", lambda model: planner.load_table(model, path))
+    receiver = start_receiver("tiny-llama")
+    with TestClient(create_app(Settings(receiver_target=receiver.target), "tiny-llama")) as http:
+        fast = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "auto",
+                                          "bandwidth": "100mbit", "deadline": 1.0, "max_new_tokens": 2}).json()
+        slow = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "auto",
+                                          "bandwidth": "50kbit", "deadline": 3.0, "max_new_tokens": 2}).json()
+    assert fast["profile"] == "fp16" and "highest calibrated fidelity" in fast["plan"]
+    assert slow["profile"] == "int4:g32"

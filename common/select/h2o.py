@@ -2,10 +2,7 @@
 
 from dataclasses import dataclass
 
-import torch
-
 from common.select.base import ScoreInput, SelectionError, Selector
-
 
 @dataclass
 class H2O(Selector):

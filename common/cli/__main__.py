@@ -1,0 +1,3 @@
+from common.cli import app
+
+app()

@@ -1,0 +1,64 @@
+"""The Typer application, its sub-commands' groups, and helpers the command modules share."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local packages; never wait on the hub
+
+app = typer.Typer(help="Send an LLM's KV cache between machines, and measure what each byte buys.", no_args_is_help=True)
+receiver_app = typer.Typer(help="The receiving node.", no_args_is_help=True)
+sender_app = typer.Typer(help="The sending node.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+study_app = typer.Typer(help="Reproduce the research claims kvwire starts from, with a verdict.", no_args_is_help=True)
+app.add_typer(receiver_app, name="receiver")
+app.add_typer(sender_app, name="sender")
+app.add_typer(bench_app, name="bench")
+app.add_typer(study_app, name="study")
+console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and CI
+
+
+ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
+
+
+LinkOptions = dict(
+    rate=typer.Option("100mbit", envvar="KVWIRE_CHANNEL_RATE", help="Link rate, e.g. 20mbit (constant trace)."),
+    trace=typer.Option("constant", help="constant, markov, step:RATE1:RATE2:AT (e.g. step:100mbit:10mbit:1s) or a CSV of time,rate."),
+    delay=typer.Option("0ms", envvar="KVWIRE_CHANNEL_DELAY", help="One-way delay."),
+    jitter=typer.Option("0ms", help="Extra delay, uniform in [0, jitter]."),
+    stall_rate=typer.Option(0.0, help="Stalls (retransmission timeouts) per second of transmission."),
+    stall=typer.Option("200ms", help="Length of one stall."),
+    seed=typer.Option(0, help="Seed for the Markov trace, jitter and stalls."),
+)
+
+
+def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], max_new_tokens: int = 24):
+    """Run the eval harness with a progress bar; returns (rows, dataset)."""
+    from rich.progress import Progress
+
+    from common.evaluation.harness import evaluate
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
+        rows = evaluate(loaded, dataset, names, max_new_tokens, progress=lambda: progress.advance(task))
+    return rows, dataset
+
+
+def _parse_profiles(text: str) -> list[str]:
+    from common.profile import ProfileError, parse_profile
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [str(parse_profile(name)) for name in names]
+    except ProfileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profiles") from None

@@ -1,0 +1,232 @@
+"""Commands that run the nodes: receiver, sender, demo, the channel relay, load tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.cli.app import LinkOptions, ModelOption, _parse_profiles, app, console, receiver_app, sender_app
+
+
+@receiver_app.command("serve")
+def receiver_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (gRPC and HTTP)."),
+    port: int = typer.Option(50051, help="gRPC port."),
+    http_port: int = typer.Option(8080, help="HTTP port (health, metrics, sessions, dashboard); 0 for none."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Serve the KVWire gRPC service (health, reflection) and its HTTP side in one process."""
+    from common.settings import get_settings
+    from receiver.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    if not http_port:
+        asyncio.run(serve(host, port, model))
+        return
+    import uvicorn
+
+    from receiver.http import create_app
+
+    uvicorn.run(create_app(settings, host, port, model), host=host, port=http_port, log_level="info",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+
+
+@receiver_app.command("health")
+def receiver_health(target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
+                    wait: float = typer.Option(0.0, help="Keep trying this many seconds.")) -> None:
+    """Exit 0 when the receiver's gRPC health service says SERVING (for container healthchecks)."""
+    from common.settings import get_settings
+    from sender.client import Client
+
+    with Client.from_settings(get_settings(), target) as client:
+        try:
+            client.wait_until_serving(timeout_s=max(wait, 0.1))
+        except TimeoutError as exc:
+            console.print(str(exc))
+            raise typer.Exit(1) from None
+    console.print(f"{target} SERVING")
+
+
+@sender_app.command("serve")
+def sender_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8081, help="HTTP port."),
+    target: Optional[str] = typer.Option(None, help="Receiver host:port (default: KVWIRE_RECEIVER_TARGET)."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """The sender's HTTP API: POST /v1/ask, /metrics, OpenAPI docs at /docs."""
+    import uvicorn
+
+    from common.settings import get_settings
+    from sender.http import create_app
+
+    settings = get_settings(**({"receiver_target": target} if target else {}))
+    uvicorn.run(create_app(settings, model), host=host, port=port, log_level="info",
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+
+
+@sender_app.command("ask")
+def sender_ask(
+    question: str = typer.Option(..., help="The question."),
+    context: Optional[str] = typer.Option(None, help="The context text."),
+    context_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the context from a file."),
+    target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
+    profile: str = typer.Option("raw", help="Compression profile."),
+    query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
+    max_new_tokens: int = typer.Option(64, min=1, max=512),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    from common.models import load_model
+    from common.settings import get_settings
+    from sender.client import Client
+    from sender.prefill import prefill_prompt, select_tokens
+
+    if (context is None) == (context_file is None):
+        raise typer.BadParameter("give exactly one of --context and --context-file")
+    text = context if context is not None else context_file.read_text()
+    loaded = load_model(model)
+    with Client.from_settings(get_settings(), target) as client:
+        agreed = client.negotiate(loaded.fingerprint, [profile]).profile
+        pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
+        sent = client.transfer(select_tokens(loaded, pre, agreed), agreed, loaded.fingerprint)
+        if query_agnostic:
+            reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
+        else:
+            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    console.print(f"[bold]{reply.text}[/bold]")
+    console.print(f"{sent.bytes_sent:,} bytes in {sent.frames} frames for {pre.kv.seq_len} tokens; "
+                  f"prefill {pre.seconds:.2f} s, transfer {sent.seconds:.2f} s, decode {reply.decode_seconds:.2f} s")
+
+
+@app.command()
+def demo(
+    samples: int = typer.Option(20, min=1, help="Number of answerable questions."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
+    profiles: str = typer.Option("raw,int8,int4:g32,q2c:0.5+int4:g32",
+                                 help="Comma-separated profiles; the first gets the per-question table."),
+    rate: str = typer.Option("50mbit", help="Rate of the emulated link every transfer crosses (the relay); 'none' for plain loopback."),
+    delay: str = typer.Option("10ms", help="One-way delay of the emulated link."),
+    query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
+    max_new_tokens: int = typer.Option(32, min=1, max=512),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
+    target: Optional[str] = typer.Option(None, help="Use this running receiver (or relay) instead of starting one."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
+    from common.channel import link_from_options
+    from common.evaluation.squad import load_squad
+    from sender.demo import report, run_demo
+
+    names = _parse_profiles(profiles)
+    link_factory, link = None, "plain loopback"
+    if target:
+        link = f"the network to {target}"
+    elif rate != "none":
+        try:
+            link_from_options(rate, delay=delay)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        link_factory, link = (lambda: link_from_options(rate, delay=delay)), f"a {rate} link with {delay} delay"
+    rows = run_demo(load_squad(data, limit=samples), model, names, not query_agnostic, max_new_tokens, console,
+                    link_factory, target)
+    report(rows, console, json_path, plot_path, link)
+
+
+@app.command("channel")
+def channel(
+    listen: str = typer.Option("127.0.0.1:50052", help="Address the relay accepts connections on."),
+    upstream: str = typer.Option("127.0.0.1:50051", help="The receiver's address."),
+    rate: str = LinkOptions["rate"], trace: str = LinkOptions["trace"], delay: str = LinkOptions["delay"],
+    jitter: str = LinkOptions["jitter"], stall_rate: float = LinkOptions["stall_rate"], stall: str = LinkOptions["stall"],
+    seed: int = LinkOptions["seed"],
+    corrupt_per_mb: float = typer.Option(0.0, help="Fault injection: flip a random bit this often per MB sent upstream."),
+) -> None:
+    """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
+    from common.channel import link_from_options
+    from common.relay import run_relay
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    asyncio.run(run_relay(listen, upstream, lambda: link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed),
+                          corrupt_per_mb))
+
+
+@app.command("prepare")
+def prepare(model: str = typer.Option("smollm2-135m", "--model")) -> None:
+    """Convert and cache a model's weights now (a Docker build step), and print its fingerprint."""
+    from common.models import load_model
+
+    loaded = load_model(model)
+    console.print(f"{model}: ready in {loaded.load_seconds:.1f} s; weights sha256 {loaded.fingerprint.weights_sha256}")
+
+
+@app.command("loadtest")
+def loadtest(
+    concurrency: int = typer.Option(16, min=1),
+    transfers: int = typer.Option(200, min=1),
+    profile: str = typer.Option("raw"),
+    rate: Optional[str] = typer.Option(None, help="Put every transfer through the shaping relay at this rate."),
+    samples: int = typer.Option(8, min=1, help="Distinct contexts, cycled."),
+    max_new_tokens: int = typer.Option(4, min=1, max=512),
+    budget: str = typer.Option("1gib", help="The receiver's session byte budget (e.g. 512mib, 1gib)."),
+    target: Optional[str] = typer.Option(None, help="Load this running receiver instead of starting one."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """N concurrent senders against one receiver: throughput, latency percentiles, errors, peak memory;
+    every answer is checked against the one the same profile gives in process."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.channel import link_from_options
+    from common.relay import BackgroundRelay
+    from sender import loadtest as lt
+
+    names = _parse_profiles(profile)
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+    match = re.fullmatch(r"(\d+)(kib|mib|gib)", budget.lower())
+    if not match:
+        raise typer.BadParameter("budget like 512mib or 1gib", param_hint="--budget")
+    _, prepared = lt.prepare(model, names[0], samples, max_new_tokens)
+    process = None
+    if target is None:
+        process, target = lt.start_receiver(model, int(match.group(1)) * units[match.group(2)])
+    try:
+        relay = BackgroundRelay(target, lambda: link_from_options(rate)) if rate else None
+        with Progress(console=console) as progress:
+            task = progress.add_task("transfers", total=transfers)
+            report = lt.run_load(relay.target if relay else target, prepared, concurrency, transfers, max_new_tokens,
+                                 progress=lambda: progress.advance(task))
+        if relay:
+            relay.close()
+        if process:
+            report.receiver_peak_rss = lt.peak_rss(process.pid)
+    finally:
+        if process:
+            process.terminate()
+            process.wait(timeout=30)
+    summary = report.summary()
+    console.print(
+        f"{summary['transfers']} transfers of {names[0]} at concurrency {concurrency}{f' over {rate}' if rate else ''}: "
+        f"{summary['ok']} answers right, {summary['wrong_answers']} wrong, {summary['lost']} lost; errors {summary['errors']}; "
+        f"retries {summary['retries']}\n{summary['transfers_per_s']:.2f} transfers/s, {summary['mb_per_s']:.1f} MB/s; latency "
+        f"p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s, p99 {summary['p99_s']:.3f} s; receiver peak RSS "
+        f"{summary['receiver_peak_rss_mib'] or float('nan'):.0f} MiB")
+    if json_path:
+        json_path.write_text(json.dumps({"profile": names[0], "concurrency": concurrency, "rate": rate, **summary}, indent=2))
+    if summary["wrong_answers"] or summary["lost"]:
+        raise typer.Exit(1)

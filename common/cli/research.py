@@ -1,0 +1,295 @@
+"""Commands that measure: eval, sweep, studies, calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.cli.app import _evaluate, _parse_profiles, app, console, study_app
+
+
+@app.command("eval")
+def eval_command(
+    profiles: str = typer.Option("fp16,int8,int4:g32,q2c:0.5", help="Comma-separated profiles."),
+    samples: int = typer.Option(20, min=1, help="Answerable questions to use."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
+    max_new_tokens: int = typer.Option(24, min=1, max=512),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Accuracy against bytes: F1 vs gold, fidelity vs full KV, first-token KL, bytes per profile."""
+    import json
+
+    from common.evaluation.harness import aggregate, rows_as_dicts
+    from common.evaluation.report import summary_table
+
+    rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles), max_new_tokens)
+    summaries = aggregate(rows)
+    console.print(summary_table(summaries, f"{model}: {len(dataset)} questions, fidelity against the full-KV answer"))
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "profiles": summaries, "samples": rows_as_dicts(rows)}, indent=2))
+        console.print(f"wrote {json_path}")
+
+
+DEFAULT_SWEEP_PROFILES = ("fp16,int8,int4:g32,int3,int2,nf4,svd:r32+int8,q2c:0.75+fp16,q2c:0.5+fp16,q2c:0.25+fp16,"
+                          "snapkv:0.5+fp16,h2o:0.5+fp16,random:0.5+fp16,q2c:0.75+int4:g32,q2c:0.5+int4:g32,"
+                          "q2c:0.25+int4:g32,q2c:0.5+int8,snapkv:0.5+int4:g32")
+
+
+@app.command("sweep")
+def sweep(
+    profiles: str = typer.Option(DEFAULT_SWEEP_PROFILES, help="Comma-separated profiles."),
+    bandwidths: str = typer.Option("1mbit,2mbit,5mbit,10mbit,20mbit,50mbit,100mbit,200mbit,500mbit,1gbit",
+                                   help="Constant-rate links."),
+    traces: str = typer.Option("markov,step:100mbit:10mbit:0.5s", help="Varying links (comma-separated; empty for none)."),
+    delay: str = typer.Option("10ms", help="One-way delay on every link."),
+    samples: int = typer.Option(20, min=1),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    out: Path = typer.Option(Path("results/sweep.jsonl"), help="JSONL of points; rerunning skips what is there."),
+    report_dir: Path = typer.Option(Path("results/sweep"), help="Plots, summary JSON and the HTML report."),
+    max_new_tokens: int = typer.Option(24, min=1, max=512),
+    workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
+    runner: str = typer.Option("local", help="local, or ray (optional extra)."),
+    validate: int = typer.Option(0, min=0, help="Re-run this many constant-rate points through real gRPC and the relay."),
+    haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Grid of profiles x links x samples: accuracy vs bytes, time to first token vs bandwidth, Pareto front."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.evaluation import sweep as sweep_module
+    from common.evaluation.report import html_report, plot_sweep
+    from common.evaluation.squad import load_squad
+
+    if runner not in ("local", "ray"):
+        raise typer.BadParameter("runner is local or ray", param_hint="--runner")
+    names = _parse_profiles(profiles)
+    links = sweep_module.link_specs([b for b in bandwidths.split(",") if b], [t for t in traces.split(",") if t], delay)
+    try:
+        for spec in links:
+            link_from_options_checked(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if haystack:
+        from common.evaluation.haystack import needle_samples
+        from common.models import load_model
+
+        depths = [i / max(1, samples - 1) for i in range(samples)]
+        dataset = needle_samples(load_model(model).tokenizer, haystack, depths)
+    else:
+        dataset = load_squad(data, limit=samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console) as progress:
+        task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
+        done = sweep_module.load_done(out)
+        already = sum(1 for s in dataset for p in names
+                      if {sweep_module.link_key(l) for l in links} <= done.get((s.id, p), set()))
+        progress.advance(task, already)
+        computed = sweep_module.run_sweep(model, dataset, names, links, out, max_new_tokens, workers, runner,
+                                          progress=lambda n: progress.advance(task, n))
+    console.print(f"{computed} (sample, profile) pairs computed, {already} already in {out}")
+    ids = {s.id for s in dataset}
+    points = [p for p in map(json.loads, out.read_text().splitlines()) if p["sample_id"] in ids and p["profile"] in names]
+    summaries = sweep_module.summarize(points)
+    plots = plot_sweep(summaries, report_dir)
+    best = [b for b in (sweep_module.best_at(summaries, rate) for rate in ("5mbit", "20mbit", "100mbit")) if b]
+    table = Table(title="best profile per bandwidth: the most faithful whose modeled transfer fits 1 s")
+    for column in ("rate", "profile", "fidelity F1", "F1 gold", "bytes", "link s", "TTFT s", "text TTFT s"):
+        table.add_column(column, justify="right")
+    for b in best:
+        table.add_row(b["rate"], b["profile"], f"{b['fidelity_f1']:.3f}", f"{b['f1_gold']:.3f}", f"{b['bytes_mean']:,.0f}",
+                      f"{b['link_s']:.3f}", f"{b['ttft_s']:.2f}", f"{b['text_ttft_s']:.2f}")
+    console.print(table)
+    front = sweep_module.pareto_front(summaries)
+    console.print(f"Pareto front (bytes vs fidelity): {', '.join(front)}")
+    validation = []
+    if validate:
+        from common.evaluation.validate import validate as run_validation
+
+        distinct = {}
+        for p in points:  # one point per (profile, rate), spread over the grid
+            if p["trace"] == "constant":
+                distinct.setdefault((p["profile"], p["rate"]), p)
+        chosen = list(distinct.values())
+        chosen = chosen[:: max(1, len(chosen) // validate)][:validate]
+        validation = run_validation(model, {s.id: s for s in dataset}, chosen)
+        for v in validation:
+            console.print(f"validate {v['profile']} at {v['rate']}: modeled {v['modeled_s']:.3f} s, "
+                          f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
+    report = {"model": model, "samples": len(dataset), "profiles": names, "links": links, "summaries": summaries,
+              "best": best, "pareto": front, "validation": validation}
+    (report_dir / "summary.json").write_text(json.dumps(report, indent=2))
+    html_report(summaries, plots, best, report_dir / "report.html", f"kvwire sweep: {model}, {len(dataset)} questions")
+    console.print(f"wrote {report_dir}/summary.json, report.html and {len(plots)} plots")
+
+
+def link_from_options_checked(spec: dict) -> None:
+    from common.channel import link_from_options
+
+    link_from_options(spec["rate"] or None, spec["trace"], spec["delay"])
+
+
+@app.command("calibrate")
+def calibrate(
+    profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,q2c:0.75+int8,q2c:0.5+int8,q2c:0.5+int4:g32,"
+                                 "q2c:0.25+int4:g32,q2c:0.25+int2", help="Profiles the planner may choose from."),
+    samples: int = typer.Option(20, min=1),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    out: Optional[Path] = typer.Option(None, help="Where to write the table (default: the model's shipped table)."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Measure the rate-distortion table the planner (profile 'auto') chooses from."""
+    import json
+
+    from common.evaluation.harness import aggregate
+    from common.evaluation.report import summary_table
+    from common.planner import calibration_path, table_from_summaries
+
+    rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles))
+    summaries = aggregate(rows)
+    console.print(summary_table(summaries, f"calibration: {model}, {len(dataset)} questions"))
+    target = out or calibration_path(model)
+    target.write_text(json.dumps(table_from_summaries(model, summaries, len(dataset)), indent=2))
+    console.print(f"wrote {target}")
+
+
+def _run_study(name: str, samples: int, data: Optional[Path], model: str, json_path: Optional[Path], **kwargs) -> None:
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation import studies
+    from common.evaluation.report import summary_table
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    study = getattr(studies, name.replace("-", "_"))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(name, total=None)
+        result = study(loaded, dataset, progress=lambda: progress.advance(task), **kwargs)
+    if "summaries" in result:
+        console.print(summary_table(result["summaries"], f"study {name}: {model}, {len(dataset)} questions"))
+    console.print(f"[bold]{name}: the claim {result['verdict']}.[/bold] {result['evidence']}")
+    if json_path:
+        json_path.write_text(json.dumps({"study": name, "model": model, "samples": len(dataset), **result}, indent=2))
+
+
+StudySamples = typer.Option(30, min=1, help="Answerable questions.")
+
+
+StudyData = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format file (default: the embedded subset).")
+
+
+@study_app.command("quant-cliff")
+def study_quant_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                      model: str = typer.Option("smollm2-135m", "--model"),
+                      json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """INT8/4/3/2/1: are INT8 and INT4 lossless, with a cliff below?"""
+    _run_study("quant_cliff", samples, data, model, json_path)
+
+
+@study_app.command("svd-cliff")
+def study_svd_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                    model: str = typer.Option("smollm2-135m", "--model"),
+                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """SVD ranks 32/16/8/4: where does low rank break?"""
+    _run_study("svd_cliff", samples, data, model, json_path)
+
+
+@study_app.command("selection")
+def study_selection(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                    model: str = typer.Option("smollm2-135m", "--model"),
+                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Q2C, SnapKV, H2O and random at 25/50/75%: does Q2C > SnapKV > H2O > random at 50%?"""
+    _run_study("selection", samples, data, model, json_path)
+
+
+@study_app.command("hybrid")
+def study_hybrid(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                 model: str = typer.Option("smollm2-135m", "--model"),
+                 json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Selection + INT4 against either alone at matched bytes."""
+    _run_study("hybrid", samples, data, model, json_path)
+
+
+@study_app.command("truncation")
+def study_truncation(
+    samples: int = typer.Option(8, min=1, help="Haystack contexts (the needle at spread depths)."),
+    tokens: int = typer.Option(2048, help="Context length."),
+    sinks: int = typer.Option(0, help="Also keep this many first tokens (sink + recent)."),
+    fit_up_to: int = typer.Option(128, help="Fit on windows up to this; judge the extrapolation beyond."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Next-token KL against window size: power law or exponential? Fitted exponent and extrapolation error."""
+    import json
+
+    from rich.progress import Progress
+
+    from common.evaluation import studies
+    from common.evaluation.haystack import needle_samples
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = needle_samples(loaded.tokenizer, tokens, [i / max(1, samples - 1) for i in range(samples)])
+    windows = tuple(w for w in (8, 16, 32, 64, 128, 256, 512, 1024, 1536) if w < tokens)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("contexts", total=len(dataset))
+        result = studies.truncation(loaded, dataset, windows, fit_up_to, sinks, progress=lambda: progress.advance(task))
+    console.print(f"[bold]truncation: the claim {result['verdict']}.[/bold] {result['evidence']}")
+    if json_path:
+        json_path.write_text(json.dumps({"study": "truncation", "model": model, "tokens": tokens, **result}, indent=2))
+
+
+@study_app.command("layers")
+def study_layers(
+    samples: int = typer.Option(20, min=1),
+    compress: str = typer.Option("q2c:0.25:layer", help="What compressing one layer means: a profile."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    write: bool = typer.Option(False, help="Save as the model's shipped sensitivities (used by the adaptive budget)."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Per-layer sensitivity: next-token KL when only that layer is compressed. Is there a layer-0 bottleneck?"""
+    import json
+    from importlib import resources
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.evaluation.sensitivity import layer_sensitivity
+    from common.evaluation.squad import load_squad
+    from common.models import load_model
+
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("samples", total=len(dataset))
+        kl = layer_sensitivity(loaded, dataset, compress, progress=lambda: progress.advance(task))
+    table = Table(title=f"{model}: KL(full || layer l alone compressed with {compress}), {len(dataset)} questions")
+    table.add_column("layer", justify="right")
+    table.add_column("KL (nats)", justify="right")
+    table.add_column("")
+    top = max(kl)
+    for layer, value in enumerate(kl):
+        table.add_row(str(layer), f"{value:.4f}", "█" * max(1, round(30 * value / top)) if top > 0 else "")
+    console.print(table)
+    ranked = sorted(range(len(kl)), key=lambda i: -kl[i])
+    others = sorted(kl[1:])[len(kl[1:]) // 2]
+    verdict = "holds" if ranked[0] == 0 and kl[0] > 2 * others else "does not hold"
+    console.print(f"most sensitive layers: {ranked[:5]}; layer 0 KL {kl[0]:.4f} vs median of the others {others:.4f}: "
+                  f"the layer-0 bottleneck {verdict} here")
+    result = {"model": model, "compress": compress, "samples": len(dataset), "sensitivity": kl, "ranked": ranked}
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    if write:
+        target = Path(str(resources.files("common") / "data" / f"layer-sensitivity-{model}.json"))
+        target.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {target}")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from common.bench import CODEC_PROFILES
 from common.cli.app import bench_app, console
 
 
@@ -119,8 +120,9 @@ def bench_fuzz(
 def bench_codec(
     tokens: int = typer.Option(1024, min=16, help="Context length of the cache."),
     device: str = typer.Option("cpu", help="cpu: a real SmolLM2 cache; cuda: synthetic tensors of the same shape on the GPU."),
-    profiles: str = typer.Option(",".join(__import__("common.bench", fromlist=["x"]).CODEC_PROFILES), help="Comma-separated profiles."),
+    profiles: str = typer.Option(",".join(CODEC_PROFILES), help="Comma-separated profiles."),
     repeats: int = typer.Option(3, min=1),
+    zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
@@ -143,7 +145,7 @@ def bench_codec(
     names = [p for p in profiles.split(",") if p]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("codecs", total=len(names))
-        rows, copy_mb_s = bench_codecs(kv, names, repeats, progress=lambda: progress.advance(task))
+        rows, copy_mb_s = bench_codecs(kv, names, repeats, zstd_level, progress=lambda: progress.advance(task))
     table = Table(title=f"codec benchmark: {source}; copy {copy_mb_s:,.0f} MB/s")
     for column in ("profile", "enc MB/s", "dec MB/s", "enc/copy", "dec/copy", "bytes/fp16", "+zstd", "bits/elem",
                    "entropy bound", "rel err K", "rel err V"):

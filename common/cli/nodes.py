@@ -82,9 +82,11 @@ def sender_ask(
     profile: str = typer.Option("raw", help="Compression profile."),
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(64, min=1, max=512),
+    zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
     model: Optional[str] = ModelOption,
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    from common import wire
     from common.models import load_model
     from common.settings import get_settings
     from sender.client import Client
@@ -97,7 +99,8 @@ def sender_ask(
     with Client.from_settings(get_settings(), target) as client:
         agreed = client.negotiate(loaded.fingerprint, [profile]).profile
         pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
-        sent = client.transfer(select_tokens(loaded, pre, agreed), agreed, loaded.fingerprint)
+        kv = select_tokens(loaded, pre, agreed)
+        sent = client.send_frames(wire.encode(kv, agreed, loaded.fingerprint, zstd_level=zstd_level))
         if query_agnostic:
             reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
         else:

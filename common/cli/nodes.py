@@ -86,6 +86,8 @@ def sender_ask(
     model: Optional[str] = ModelOption,
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    import grpc
+
     from common import wire
     from common.models import load_model
     from common.settings import get_settings
@@ -95,16 +97,21 @@ def sender_ask(
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
     text = context if context is not None else context_file.read_text()
+    profile = _parse_profiles(profile)[0]
     loaded = load_model(model)
-    with Client.from_settings(get_settings(), target) as client:
-        agreed = client.negotiate(loaded.fingerprint, [profile]).profile
-        pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
-        kv = select_tokens(loaded, pre, agreed)
-        sent = client.send_frames(wire.encode(kv, agreed, loaded.fingerprint, zstd_level=zstd_level))
-        if query_agnostic:
-            reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
-        else:
-            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    try:
+        with Client.from_settings(get_settings(), target) as client:
+            agreed = client.negotiate(loaded.fingerprint, [profile]).profile
+            pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
+            kv = select_tokens(loaded, pre, agreed)
+            sent = client.send_frames(wire.encode(kv, agreed, loaded.fingerprint, zstd_level=zstd_level))
+            if query_agnostic:
+                reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
+            else:
+                reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    except grpc.RpcError as error:
+        console.print(f"[red]receiver at {target} refused: {error.code().name}: {error.details()}[/red]")
+        raise typer.Exit(1) from None
     console.print(f"[bold]{reply.text}[/bold]")
     console.print(f"{sent.bytes_sent:,} bytes in {sent.frames} frames for {pre.kv.seq_len} tokens; "
                   f"prefill {pre.seconds:.2f} s, transfer {sent.seconds:.2f} s, decode {reply.decode_seconds:.2f} s")

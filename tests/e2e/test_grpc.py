@@ -201,3 +201,23 @@ def test_selected_cache_decodes_from_original_positions(llama_receiver, tiny_lla
     assert stored.seq_len == pre.kv.seq_len
     assert stored.kept_tokens(0) < pre.kv.seq_len
     assert torch.equal(stored.positions[0], select_tokens(tiny_llama, pre, "q2c:0.5").positions[0])
+
+
+def test_sender_ask_cli(llama_receiver, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    context = tmp_path / "context.txt"
+    context.write_text(CONTEXT)
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", "sender", "ask", "--question", QUESTION, "--context-file", str(context),
+         "--target", llama_receiver.target, "--profile", "q2c:0.5+int4", "--model", "tiny-llama",
+         "--max-new-tokens", "4", "--zstd-level", "9"],
+        capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert "bytes in" in result.stdout and "frames for" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "common.cli", "sender", "ask", "--question", "q", "--context", "c",
+                          "--profile", "int17", "--target", llama_receiver.target, "--model", "tiny-llama"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "int17" in (bad.stdout + bad.stderr)

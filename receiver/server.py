@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from common import wire
 from common.kvstate import greedy_decode
 from common.models import LoadedModel, load_model
+from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
 from common.prompts import question_ids
 from common.proto import kvwire_pb2 as pb
@@ -27,6 +28,10 @@ log = logging.getLogger("kvwire.receiver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
 MAX_NEW_TOKENS = 512
 RECENT = 50
+
+
+class AbortNegotiation(Exception):
+    pass
 
 
 class KVWireServicer(pb_grpc.KVWireServicer):
@@ -48,20 +53,50 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         return self.loaded
 
     async def Negotiate(self, request: pb.NegotiateRequest, context) -> pb.NegotiateReply:
+        try:
+            return await self._negotiate(request, context)
+        except AbortNegotiation as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot plan: {exc}")
+
+    async def _negotiate(self, request: pb.NegotiateRequest, context) -> pb.NegotiateReply:
         loaded = await self._model(context)
         if request.fingerprint != loaded.fingerprint:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"model fingerprint mismatch: receiver runs {loaded.name} "
                                 f"({loaded.fingerprint.weights_sha256[:12]}), sender offered "
                                 f"{request.fingerprint.architecture} ({request.fingerprint.weights_sha256[:12]})")
-        for offered in request.profiles:
+        offered = []
+        for spec in request.profiles:
             try:
-                profile = parse_profile(offered)
+                profile = parse_profile(spec)
                 profile.check_layers(loaded.fingerprint.num_layers)
+                offered.append(str(profile))
             except ProfileError:
                 continue
-            return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=str(profile), limits=self.limits.to_proto())
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"none of the offered profiles is supported: {list(request.profiles)}")
+        if request.policy == "auto":
+            return self._plan(loaded, request, offered)
+        if request.policy not in ("", "fixed"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {request.policy!r}; use fixed or auto")
+        if not offered:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"none of the offered profiles is supported: {list(request.profiles)}")
+        return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=offered[0], limits=self.limits.to_proto(),
+                                 reason="fixed: the first offered profile this receiver decodes")
+
+    def _plan(self, loaded: LoadedModel, request: pb.NegotiateRequest, offered: list[str]) -> pb.NegotiateReply:
+        """Policy auto: the planner's pick among the offered (or all calibrated) profiles."""
+        try:
+            table = load_table(loaded.name)
+            chosen = plan(table, max(1, request.context_tokens), request.bandwidth_bps or 100e6,
+                          request.deadline_s or 2.0, request.quality_floor,
+                          [p for p in offered if p in table["profiles"]] if offered else None)
+        except (FileNotFoundError, ValueError) as exc:
+            raise AbortNegotiation(str(exc)) from None
+        log.info("negotiated %s for %d tokens at %.1f Mbit/s, deadline %.2f s: %s", chosen.profile,
+                 request.context_tokens, (request.bandwidth_bps or 100e6) / 1e6, request.deadline_s or 2.0, chosen.reason)
+        return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=chosen.profile, limits=self.limits.to_proto(),
+                                 reason=chosen.reason, expected_seconds=chosen.expected_seconds,
+                                 expected_fidelity=chosen.expected_fidelity, capabilities=sorted(table["profiles"]))
 
     async def Transfer(self, request_iterator, context) -> pb.TransferReply:
         loaded = await self._model(context)

@@ -17,6 +17,7 @@ from common import wire
 from common.kvstate import KVState
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
+from sender.bandwidth import BandwidthEstimator
 
 # pick_first over a shuffled address list: behind a headless Service each client lands on
 # one random receiver and stays there, so its sessions are found by its Generate calls.
@@ -57,6 +58,7 @@ class Client:
         else:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
+        self.bandwidth = BandwidthEstimator()
 
     @classmethod
     def from_settings(cls, settings, target: str | None = None, timeout_s: float = 120.0) -> Client:
@@ -87,22 +89,34 @@ class Client:
                 raise TimeoutError(f"receiver at {self.target} not SERVING after {timeout_s:.0f} s")
             time.sleep(0.2)
 
-    def negotiate(self, fingerprint: pb.Fingerprint, profiles: list[str]) -> pb.NegotiateReply:
-        return self.stub.Negotiate(pb.NegotiateRequest(fingerprint=fingerprint, profiles=profiles), timeout=self.timeout_s,
-                                   metadata=self.metadata)
+    def negotiate(self, fingerprint: pb.Fingerprint, profiles: list[str], policy: str = "fixed",
+                  context_tokens: int = 0, bandwidth_bps: float | None = None, deadline_s: float = 0.0,
+                  quality_floor: float = 0.0) -> pb.NegotiateReply:
+        """Agree on a profile. With policy "auto", the receiver plans for the link; the bandwidth
+        defaults to this client's estimate from its earlier transfers."""
+        if bandwidth_bps is None:
+            bandwidth_bps = self.bandwidth.estimate() or 0.0
+        request = pb.NegotiateRequest(fingerprint=fingerprint, profiles=profiles, policy=policy,
+                                      context_tokens=context_tokens, bandwidth_bps=bandwidth_bps, deadline_s=deadline_s,
+                                      quality_floor=quality_floor)
+        return self.stub.Negotiate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def send_frames(self, frames) -> TransferResult:
         """Stream frames as they are; count the bytes that go onto the wire."""
         counted = {"bytes": 0, "frames": 0}
+        pulls: list[tuple[float, int]] = []
 
         def counting():
             for frame in frames:
-                counted["bytes"] += wire.wire_bytes(frame)
+                size = wire.wire_bytes(frame)
+                counted["bytes"] += size
                 counted["frames"] += 1
+                pulls.append((time.perf_counter(), size))
                 yield frame
 
         start = time.perf_counter()
         reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
+        self.bandwidth.observe_stream(pulls, time.perf_counter())
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
 
     def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint, attempts: int = 1) -> TransferResult:

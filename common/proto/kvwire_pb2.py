@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/proto/kvwire.proto\x12\tkvwire.v1\"\x82\x01\n\x0b\x46ingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\"Q\n\x06Limits\x12\x17\n\x0fmax_frame_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_transfer_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"Q\n\x10NegotiateRequest\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x10\n\x08profiles\x18\x02 \x03(\t\"q\n\x0eNegotiateReply\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12!\n\x06limits\x18\x03 \x01(\x0b\x32\x11.kvwire.v1.Limits\"5\n\x0bLayerHeader\x12\x13\n\x0bkept_tokens\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x01(\x0c\"\xa3\x01\n\x06Header\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12+\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0f\n\x07seq_len\x18\x04 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\r\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.kvwire.v1.LayerHeader\"p\n\x05\x43hunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x10\n\x08raw_size\x18\x04 \x01(\r\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"4\n\x07Trailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"~\n\x05\x46rame\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.kvwire.v1.HeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.kvwire.v1.ChunkH\x00\x12%\n\x07trailer\x18\x03 \x01(\x0b\x32\x12.kvwire.v1.TrailerH\x00\x42\x06\n\x04kind\"U\n\rTransferReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x18\n\x10\x61ssemble_seconds\x18\x03 \x01(\x01\"b\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\"`\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0einject_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x32\xc9\x01\n\x06KVWire\x12\x43\n\tNegotiate\x12\x1b.kvwire.v1.NegotiateRequest\x1a\x19.kvwire.v1.NegotiateReply\x12\x38\n\x08Transfer\x12\x10.kvwire.v1.Frame\x1a\x18.kvwire.v1.TransferReply(\x01\x12@\n\x08Generate\x12\x1a.kvwire.v1.GenerateRequest\x1a\x18.kvwire.v1.GenerateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/proto/kvwire.proto\x12\tkvwire.v1\"\x82\x01\n\x0b\x46ingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\"Q\n\x06Limits\x12\x17\n\x0fmax_frame_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_transfer_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\xbb\x01\n\x10NegotiateRequest\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x10\n\x08profiles\x18\x02 \x03(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\x12\x15\n\rbandwidth_bps\x18\x05 \x01(\x01\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\x12\x15\n\rquality_floor\x18\x07 \x01(\x01\"\xcc\x01\n\x0eNegotiateReply\x12+\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12!\n\x06limits\x18\x03 \x01(\x0b\x32\x11.kvwire.v1.Limits\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x65xpected_fidelity\x18\x06 \x01(\x01\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\"5\n\x0bLayerHeader\x12\x13\n\x0bkept_tokens\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x01(\x0c\"\xa3\x01\n\x06Header\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12+\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x16.kvwire.v1.Fingerprint\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0f\n\x07seq_len\x18\x04 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\r\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.kvwire.v1.LayerHeader\"p\n\x05\x43hunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x10\n\x08raw_size\x18\x04 \x01(\r\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"4\n\x07Trailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"~\n\x05\x46rame\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.kvwire.v1.HeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.kvwire.v1.ChunkH\x00\x12%\n\x07trailer\x18\x03 \x01(\x0b\x32\x12.kvwire.v1.TrailerH\x00\x42\x06\n\x04kind\"U\n\rTransferReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x18\n\x10\x61ssemble_seconds\x18\x03 \x01(\x01\"b\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\"`\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0einject_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x32\xc9\x01\n\x06KVWire\x12\x43\n\tNegotiate\x12\x1b.kvwire.v1.NegotiateRequest\x1a\x19.kvwire.v1.NegotiateReply\x12\x38\n\x08Transfer\x12\x10.kvwire.v1.Frame\x1a\x18.kvwire.v1.TransferReply(\x01\x12@\n\x08Generate\x12\x1a.kvwire.v1.GenerateRequest\x1a\x18.kvwire.v1.GenerateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINGERPRINT']._serialized_end=171
   _globals['_LIMITS']._serialized_start=173
   _globals['_LIMITS']._serialized_end=254
-  _globals['_NEGOTIATEREQUEST']._serialized_start=256
-  _globals['_NEGOTIATEREQUEST']._serialized_end=337
-  _globals['_NEGOTIATEREPLY']._serialized_start=339
-  _globals['_NEGOTIATEREPLY']._serialized_end=452
-  _globals['_LAYERHEADER']._serialized_start=454
-  _globals['_LAYERHEADER']._serialized_end=507
-  _globals['_HEADER']._serialized_start=510
-  _globals['_HEADER']._serialized_end=673
-  _globals['_CHUNK']._serialized_start=675
-  _globals['_CHUNK']._serialized_end=787
-  _globals['_TRAILER']._serialized_start=789
-  _globals['_TRAILER']._serialized_end=841
-  _globals['_FRAME']._serialized_start=843
-  _globals['_FRAME']._serialized_end=969
-  _globals['_TRANSFERREPLY']._serialized_start=971
-  _globals['_TRANSFERREPLY']._serialized_end=1056
-  _globals['_GENERATEREQUEST']._serialized_start=1058
-  _globals['_GENERATEREQUEST']._serialized_end=1156
-  _globals['_GENERATEREPLY']._serialized_start=1158
-  _globals['_GENERATEREPLY']._serialized_end=1254
-  _globals['_KVWIRE']._serialized_start=1257
-  _globals['_KVWIRE']._serialized_end=1458
+  _globals['_NEGOTIATEREQUEST']._serialized_start=257
+  _globals['_NEGOTIATEREQUEST']._serialized_end=444
+  _globals['_NEGOTIATEREPLY']._serialized_start=447
+  _globals['_NEGOTIATEREPLY']._serialized_end=651
+  _globals['_LAYERHEADER']._serialized_start=653
+  _globals['_LAYERHEADER']._serialized_end=706
+  _globals['_HEADER']._serialized_start=709
+  _globals['_HEADER']._serialized_end=872
+  _globals['_CHUNK']._serialized_start=874
+  _globals['_CHUNK']._serialized_end=986
+  _globals['_TRAILER']._serialized_start=988
+  _globals['_TRAILER']._serialized_end=1040
+  _globals['_FRAME']._serialized_start=1042
+  _globals['_FRAME']._serialized_end=1168
+  _globals['_TRANSFERREPLY']._serialized_start=1170
+  _globals['_TRANSFERREPLY']._serialized_end=1255
+  _globals['_GENERATEREQUEST']._serialized_start=1257
+  _globals['_GENERATEREQUEST']._serialized_end=1355
+  _globals['_GENERATEREPLY']._serialized_start=1357
+  _globals['_GENERATEREPLY']._serialized_end=1453
+  _globals['_KVWIRE']._serialized_start=1456
+  _globals['_KVWIRE']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

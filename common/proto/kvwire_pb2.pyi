@@ -33,22 +33,40 @@ class Limits(_message.Message):
     def __init__(self, max_frame_bytes: _Optional[int] = ..., max_transfer_bytes: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class NegotiateRequest(_message.Message):
-    __slots__ = ("fingerprint", "profiles")
+    __slots__ = ("fingerprint", "profiles", "policy", "context_tokens", "bandwidth_bps", "deadline_s", "quality_floor")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     profiles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profiles: _Optional[_Iterable[str]] = ...) -> None: ...
+    policy: str
+    context_tokens: int
+    bandwidth_bps: float
+    deadline_s: float
+    quality_floor: float
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profiles: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., context_tokens: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., deadline_s: _Optional[float] = ..., quality_floor: _Optional[float] = ...) -> None: ...
 
 class NegotiateReply(_message.Message):
-    __slots__ = ("fingerprint", "profile", "limits")
+    __slots__ = ("fingerprint", "profile", "limits", "reason", "expected_seconds", "expected_fidelity", "capabilities")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     profile: str
     limits: Limits
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profile: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    reason: str
+    expected_seconds: float
+    expected_fidelity: float
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profile: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., reason: _Optional[str] = ..., expected_seconds: _Optional[float] = ..., expected_fidelity: _Optional[float] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerHeader(_message.Message):
     __slots__ = ("kept_tokens", "positions")

@@ -1,0 +1,35 @@
+"""Bandwidth estimation from the stream itself: an EWMA over acknowledged transfers, with a safety factor.
+
+A transfer's reply acknowledges every chunk, so its bytes over the time from the first
+frame to the reply is one goodput sample. Timing single frames does not work: gRPC's
+flow-control window (several MB once BDP probing grows it) swallows whole transfers
+before the link has carried them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_SAMPLE_BYTES = 64 * 1024  # tiny transfers say more about latency than rate
+
+
+@dataclass
+class BandwidthEstimator:
+    alpha: float = 0.3  # weight of the newest sample
+    safety: float = 0.8  # plan with this fraction of the estimate
+    _ewma: float | None = None
+
+    def update(self, nbytes: int, seconds: float) -> None:
+        if nbytes < MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        rate = nbytes * 8 / seconds
+        self._ewma = rate if self._ewma is None else self.alpha * rate + (1 - self.alpha) * self._ewma
+
+    def observe_stream(self, pulls: list[tuple[float, int]], end: float) -> None:
+        """pulls: (time the frame was handed to gRPC, its size), in order; end: when the reply came."""
+        if pulls:
+            self.update(sum(size for _, size in pulls), end - pulls[0][0])
+
+    def estimate(self) -> float | None:
+        """Bit/s to plan with, or None before any transfer."""
+        return None if self._ewma is None else self.safety * self._ewma

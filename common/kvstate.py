@@ -77,7 +77,8 @@ class KVState:
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([input_ids]), cache=cache, use_cache=True)
+    # Only the cache is wanted: skip the (seq_len x vocab) logits, gigabytes at 8K tokens.
+    model(input_ids=torch.tensor([input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
     return KVState.from_cache(cache, len(input_ids))
 
 

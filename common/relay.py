@@ -102,6 +102,8 @@ class Relay:
         self._connections.add(task)
         try:
             await self._serve(client_reader, client_writer)
+        except asyncio.CancelledError:
+            pass  # the relay is stopping: end this connection quietly
         finally:
             self._connections.discard(task)
 

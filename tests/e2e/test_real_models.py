@@ -66,9 +66,12 @@ def test_smollm2_int8_keeps_the_answer(start_receiver, smollm2):
 def test_gemma3_lossless_over_grpc(start_receiver):
     loaded = load_model("gemma3-270m")
     receiver = start_receiver("gemma3-270m")
-    samples = load_squad(limit=3)  # contexts longer than nothing: sliding window is 512 tokens
-    check_lossless(receiver, loaded, samples[:2])
-    check_lossless(receiver, loaded, samples[2:], query_aware=False)
+    from common.evaluation.haystack import needle_samples
+
+    samples = load_squad(limit=2)
+    long = needle_samples(loaded.tokenizer, 800, [0.5])  # longer than Gemma's 512-token sliding window
+    check_lossless(receiver, loaded, samples[:1] + long)
+    check_lossless(receiver, loaded, samples[1:] + long, query_aware=False)
 
 
 @pytest.mark.slow

@@ -53,6 +53,9 @@ def sweep(
     workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
     runner: str = typer.Option("local", help="local, or ray (optional extra)."),
     validate: int = typer.Option(0, min=0, help="Re-run this many constant-rate points through real gRPC and the relay."),
+    deadlines: str = typer.Option("", help="e.g. 0.5,1,2,5: replay transfers along the Markov trace and compare "
+                                           "static profiles against auto on deadline hit rate and quality."),
+    statics: str = typer.Option("int8,int4:g32,q2c:0.5+int4:g32", help="Static profiles for --deadlines."),
     haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
@@ -121,8 +124,26 @@ def sweep(
         for v in validation:
             console.print(f"validate {v['profile']} at {v['rate']}: modeled {v['modeled_s']:.3f} s, "
                           f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
+    deadline_rows = []
+    if deadlines:
+        from common.channel import Trace
+        from common.channel import parse_duration
+        from common.evaluation.deadlines import replay
+        from common.planner import load_table
+        from rich.table import Table as RichTable
+
+        static_names = _parse_profiles(statics)
+        deadline_rows = replay(sweep_module.model_points(points), [s.id for s in dataset], static_names,
+                               load_table(model), Trace.markov(seed=0), parse_duration(delay),
+                               [float(d) for d in deadlines.split(",")])
+        table = RichTable(title="static profiles against auto, Markov trace (5-200 Mbit/s): deadline hit rate, quality")
+        for column in ("deadline s", "profile", "hit rate", "mean quality"):
+            table.add_column(column, justify="right")
+        for row in deadline_rows:
+            table.add_row(f"{row['deadline_s']:g}", row["profile"], f"{row['hit_rate']:.1%}", f"{row['mean_quality']:.3f}")
+        console.print(table)
     report = {"model": model, "samples": len(dataset), "profiles": names, "links": links, "summaries": summaries,
-              "best": best, "pareto": front, "validation": validation}
+              "best": best, "pareto": front, "validation": validation, "deadlines": deadline_rows}
     (report_dir / "summary.json").write_text(json.dumps(report, indent=2))
     html_report(summaries, plots, best, report_dir / "report.html", f"kvwire sweep: {model}, {len(dataset)} questions")
     console.print(f"wrote {report_dir}/summary.json, report.html and {len(plots)} plots")

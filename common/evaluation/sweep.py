@@ -148,3 +148,8 @@ def best_at(summaries: list[dict], rate: str, deadline_s: float = 1.0) -> dict |
     """At a constant `rate`: the most faithful profile whose modeled link time meets `deadline_s`."""
     fits = [s for s in summaries if s["rate"] == rate and s["trace"] == "constant" and s["link_s"] <= deadline_s]
     return max(fits, key=lambda s: (s["fidelity_f1"], -s["bytes_mean"]), default=None)
+
+
+def model_points(points: list[dict]) -> dict[tuple[str, str], dict]:
+    """One point per (sample, profile): the model-side figures, the same for every link."""
+    return {(p["sample_id"], p["profile"]): p for p in points}

@@ -46,7 +46,8 @@ def num_groups(cols: int, group: int) -> int:
 
 
 def to_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(-1)
+    # Flatten first: a tensor with a size-1 dimension can be "contiguous" with a last stride != 1.
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def from_bytes(blob: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -203,41 +203,29 @@ def _run_study(name: str, samples: int, data: Optional[Path], model: str, json_p
 
 
 StudySamples = typer.Option(30, min=1, help="Answerable questions.")
-
-
 StudyData = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format file (default: the embedded subset).")
 
 
-@study_app.command("quant-cliff")
-def study_quant_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
-                      model: str = typer.Option("smollm2-135m", "--model"),
-                      json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
-    """INT8/4/3/2/1: are INT8 and INT4 lossless, with a cliff below?"""
-    _run_study("quant_cliff", samples, data, model, json_path)
+SQUAD_STUDIES = {
+    "quant-cliff": "INT8/4/3/2/1: are INT8 and INT4 lossless, with a cliff below?",
+    "svd-cliff": "SVD ranks 32/16/8/4: where does low rank break?",
+    "selection": "Q2C, SnapKV, H2O and random at 25/50/75%: does Q2C > SnapKV > H2O > random at 50%?",
+    "hybrid": "Selection + INT4 against either alone at matched bytes.",
+}
 
 
-@study_app.command("svd-cliff")
-def study_svd_cliff(samples: int = StudySamples, data: Optional[Path] = StudyData,
-                    model: str = typer.Option("smollm2-135m", "--model"),
-                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
-    """SVD ranks 32/16/8/4: where does low rank break?"""
-    _run_study("svd_cliff", samples, data, model, json_path)
+def _register_squad_study(name: str, doc: str) -> None:
+    def command(samples: int = StudySamples, data: Optional[Path] = StudyData,
+                model: str = typer.Option("smollm2-135m", "--model"),
+                json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+        _run_study(name.replace("-", "_"), samples, data, model, json_path)
+
+    command.__doc__ = doc
+    study_app.command(name)(command)
 
 
-@study_app.command("selection")
-def study_selection(samples: int = StudySamples, data: Optional[Path] = StudyData,
-                    model: str = typer.Option("smollm2-135m", "--model"),
-                    json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
-    """Q2C, SnapKV, H2O and random at 25/50/75%: does Q2C > SnapKV > H2O > random at 50%?"""
-    _run_study("selection", samples, data, model, json_path)
-
-
-@study_app.command("hybrid")
-def study_hybrid(samples: int = StudySamples, data: Optional[Path] = StudyData,
-                 model: str = typer.Option("smollm2-135m", "--model"),
-                 json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
-    """Selection + INT4 against either alone at matched bytes."""
-    _run_study("hybrid", samples, data, model, json_path)
+for _name, _doc in SQUAD_STUDIES.items():
+    _register_squad_study(_name, _doc)
 
 
 @study_app.command("truncation")

@@ -24,3 +24,18 @@ def test_cliff_verdicts():
     assert held["verdict"] == "holds" and "int4:g32 to int2:g32" in held["evidence"]
     gradual = studies._cliff(summaries({"fp16": 1.0, "int8:g32": 0.8, "int4:g32": 0.6, "int2:g32": 0.4}), order, "q")
     assert gradual["verdict"] == "does not hold here"
+
+
+def test_study_cli_writes_a_verdict(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    out = tmp_path / "hybrid.json"
+    result = CliRunner().invoke(app, ["study", "hybrid", "--samples", "1", "--model", "tiny-llama", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["verdict"] in ("holds", "does not hold here") and "fidelity" in report["evidence"]
+    assert {s["profile"] for s in report["summaries"]} >= {"q2c:0.5+int4:g32", "int2:g32"}

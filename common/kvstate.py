@@ -42,6 +42,11 @@ class KVState:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
 
+    @property
+    def fp16_nbytes(self) -> int:
+        """Size of these keys and values as fp16: the reference every byte ratio is taken against."""
+        return sum(2 * (k.numel() + v.numel()) for k, v in zip(self.keys, self.values))
+
     def kept_tokens(self, layer: int) -> int:
         return self.keys[layer].shape[2]
 

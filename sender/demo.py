@@ -88,7 +88,6 @@ def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware
         loaded = load_model(model)
         fp = loaded.fingerprint
         agreed = [client.negotiate(fp, [p]).profile for p in profiles]
-        fp16_per_token = 2 * fp.num_layers * fp.kv_heads * fp.head_dim * 2
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("questions x profiles", total=len(samples) * len(agreed))
             for sample in samples:
@@ -108,7 +107,7 @@ def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware
                     rows.append(DemoRow(
                         id=sample.id, profile=profile, question=sample.question, gold=sample.answers[0],
                         local_answer=local_text, transfer_answer=answer, tokens_match=list(reply.token_ids) == local,
-                        seq_len=pre.kv.seq_len, bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=fp16_per_token * pre.kv.seq_len,
+                        seq_len=pre.kv.seq_len, bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=pre.kv.fp16_nbytes,
                         f1_gold=best_f1(answer, sample.answers), fidelity_f1=f1(answer, local_text),
                         prefill_s=pre.seconds, encode_s=encode_s, transfer_s=sent.seconds,
                         inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,

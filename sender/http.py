@@ -129,11 +129,9 @@ def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> As
             reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=body.max_new_tokens)
         else:
             reply = client.generate(sent.session_id, question=body.question, max_new_tokens=body.max_new_tokens)
-    fp = loaded.fingerprint
-    fp16 = 2 * fp.num_layers * fp.kv_heads * fp.head_dim * 2 * pre.kv.seq_len
     return AskResponse(
         answer=reply.text, profile=agreed, session_id=sent.session_id, seq_len=pre.kv.seq_len,
         kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
-        bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / fp16, prefill_s=pre.seconds,
+        bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / pre.kv.fp16_nbytes, prefill_s=pre.seconds,
         compress_s=compressed - start, transfer_s=sent.seconds, decode_s=reply.inject_seconds + reply.decode_seconds,
     )

@@ -65,11 +65,6 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((p.exp() * (p - q)).sum())
 
 
-def fp16_bytes(loaded: LoadedModel, kv) -> int:
-    """Size of the full cache as fp16 tensors: the reference every ratio is taken against."""
-    return sum(2 * k.numel() for k in kv.keys) * 2
-
-
 def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], max_new_tokens: int = 24,
              query_aware: bool = True, progress: Callable[[], None] | None = None) -> list[EvalRow]:
     profiles = [str(parse_profile(p)) for p in profiles]
@@ -104,7 +99,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
                 fidelity_f1=f1(answer, full_answer), token_match=tokens == full,
                 kl_first=kl_divergence(reference_logits[0], logits[0]),
                 top1_agree=int(logits[0].argmax()) == int(reference_logits[0].argmax()),
-                bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=fp16_bytes(loaded, pre.kv), seq_len=pre.kv.seq_len,
+                bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=pre.kv.fp16_nbytes, seq_len=pre.kv.seq_len,
                 kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
                 prefill_s=pre.seconds, select_s=selected - start, encode_s=encoded - selected,
                 assemble_s=assembled - encoded, inject_s=injected - assembled,

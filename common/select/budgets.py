@@ -23,25 +23,34 @@ PYRAMID_SLOPE = 0.5  # the bottom layer keeps (1 + slope) x the mean, the top (1
 def _fit(weights: torch.Tensor, count: int, limit: int) -> list[int]:
     """Integer counts proportional to `weights`, each in [1, limit], summing to count * len(weights)."""
     layers = len(weights)
-    total = min(count * layers, limit * layers)
+    total = min(count, limit) * layers
     weights = weights.clamp_min(1e-9).double()
-    counts = torch.ones(layers, dtype=torch.float64)
+    counts = torch.zeros(layers, dtype=torch.float64)
     free = torch.ones(layers, dtype=torch.bool)
-    # Water-filling: share what is left among layers that are not yet at their limit.
-    for _ in range(layers):
+    # Water-filling: share what is left among the free layers; pin those that fall outside
+    # [1, limit] (first the ones under the floor, then the ones over the cap) and share again.
+    for _ in range(2 * layers):
         remaining = total - counts[~free].sum()
-        share = remaining * weights * free / (weights * free).sum()
-        counts = torch.where(free, share.clamp(1, limit), counts)
-        capped = free & (counts >= limit)
-        if not capped.any():
+        share = remaining * weights / weights[free].sum()
+        low = free & (share < 1)
+        high = free & (share > limit)
+        pin = low if low.any() else high
+        if not pin.any():
+            counts[free] = share[free]
             break
-        free &= ~capped
-    result = counts.floor().long()
+        counts[pin] = torch.where(low[pin], torch.ones_like(share[pin]), torch.full_like(share[pin], limit))
+        free &= ~pin
+        if not free.any():
+            break
+    result = counts.floor().long().clamp(1, limit)
     shortfall = int(total - result.sum())
-    order = torch.argsort(counts - result, descending=True)
-    for i in order[: max(0, shortfall)]:
+    order = torch.argsort(counts - counts.floor(), descending=True)
+    for i in order.tolist():
+        if shortfall <= 0:
+            break
         if result[i] < limit:
             result[i] += 1
+            shortfall -= 1
     return result.tolist()
 
 

@@ -15,19 +15,13 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.settings import Settings
-from receiver.auth import token_matches
+from receiver.auth import require_token
 from receiver.server import start_server
 from receiver.sessions import SessionError
 
 
 def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
-
-
-def require_token(request: Request) -> None:
-    token = request.app.state.settings.token
-    if token and not token_matches(request.headers.get("authorization"), token):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def create_app(settings: Settings, grpc_host: str = "127.0.0.1", grpc_port: int = 50051, model: str | None = None) -> FastAPI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -53,16 +54,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def local_receiver(model: str, port: int | None = None):
-    """Run `kvwire receiver serve` as a subprocess on loopback; yield its address once SERVING."""
-    port = port or free_port()
+def start_receiver_process(model: str, env: dict | None = None, quiet: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start `kvwire receiver serve` on a free loopback port; return it and its address once SERVING."""
+    port = free_port()
+    output = subprocess.DEVNULL if quiet else None
     process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port),
-                                "--http-port", "0", "--model", model])
+                                "--http-port", "0", "--model", model], env={**os.environ, **(env or {})},
+                               stdout=output, stderr=output)
     target = f"127.0.0.1:{port}"
     try:
         with Client.from_settings(get_settings(), target) as client:
             client.wait_until_serving()
+    except BaseException:
+        process.terminate()
+        raise
+    return process, target
+
+
+@contextlib.contextmanager
+def local_receiver(model: str):
+    """A receiver subprocess for the length of the block; yields its address."""
+    process, target = start_receiver_process(model)
+    try:
         yield target
     finally:
         process.terminate()

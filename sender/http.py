@@ -20,7 +20,7 @@ from common.profile import ProfileError, parse_profile
 from common.prompts import build_prompt
 from common.select import SelectionError
 from common.settings import Settings
-from receiver.auth import token_matches
+from receiver.auth import require_token
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens
 
@@ -50,12 +50,6 @@ class AskResponse(BaseModel):
     transfer_s: float
     decode_s: float
     plan: str | None = None  # why 'auto' chose this profile
-
-
-def require_token(request: Request) -> None:
-    token = request.app.state.settings.token
-    if token and not token_matches(request.headers.get("authorization"), token):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def create_app(settings: Settings, model: str | None = None) -> FastAPI:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ from common.evaluation.squad import load_squad
 from common.kvstate import greedy_decode
 from common.models import load_model
 from sender.client import Client
-from sender.demo import free_port
+from sender.demo import start_receiver_process
 from sender.prefill import prefill_prompt, select_tokens
 
 
@@ -131,14 +130,4 @@ def _copy(frame):
 
 
 def start_receiver(model: str, budget_bytes: int) -> tuple[subprocess.Popen, str]:
-    import os
-
-    port = free_port()
-    env = {**os.environ, "KVWIRE_SESSION_BUDGET_BYTES": str(budget_bytes)}
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port),
-                                "--http-port", "0", "--model", model], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"127.0.0.1:{port}"
-    with Client(target) as client:
-        client.wait_until_serving()
-    return process, target
+    return start_receiver_process(model, {"KVWIRE_SESSION_BUDGET_BYTES": str(budget_bytes)}, quiet=True)

@@ -50,6 +50,24 @@ class KVState:
     def kept_tokens(self, layer: int) -> int:
         return self.keys[layer].shape[2]
 
+    def token_range(self, start: int, end: int) -> KVState:
+        """The kept tokens whose positions lie in [start, end) (every head must keep the same positions)."""
+        keys, values, positions = [], [], []
+        for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions)):
+            if not (p == p[:1]).all():
+                raise ValueError(f"layer {layer}: heads keep different positions; a token range needs them shared")
+            lo, hi = torch.searchsorted(p[0].contiguous(), torch.tensor([start, end])).tolist()
+            keys.append(k[:, :, lo:hi])
+            values.append(v[:, :, lo:hi])
+            positions.append(p[:, lo:hi])
+        return KVState(keys, values, positions, end)
+
+    def extend(self, other: KVState) -> KVState:
+        """This state followed by `other`, whose positions come after this one's `seq_len`."""
+        return KVState([torch.cat(pair, dim=2) for pair in zip(self.keys, other.keys)],
+                       [torch.cat(pair, dim=2) for pair in zip(self.values, other.values)],
+                       [torch.cat(pair, dim=1) for pair in zip(self.positions, other.positions)], other.seq_len)
+
     @classmethod
     def from_cache(cls, cache: DynamicCache, seq_len: int) -> KVState:
         """Take the state of a cache after prefilling `seq_len` tokens.
@@ -85,6 +103,31 @@ def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
     # Only the cache is wanted: skip the (seq_len x vocab) logits, gigabytes at 8K tokens.
     model(input_ids=torch.tensor([input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
     return KVState.from_cache(cache, len(input_ids))
+
+
+@torch.inference_mode()
+def prefill_on_top(model: PreTrainedModel, kv: KVState | None, token_ids: list[int]) -> KVState:
+    """Prefill `token_ids` at positions kv.seq_len, kv.seq_len + 1, ... on top of `kv` (None: from scratch).
+
+    Layers must hold equally many tokens (no sliding-window layers, no per-layer budgets):
+    the attention mask is built from one layer's length.
+    """
+    if not token_ids:
+        raise ValueError("nothing to prefill")
+    if kv is None:
+        return prefill(model, token_ids)
+    cache = kv.to_cache(model.config)
+    if any(layer.is_sliding for layer in cache.layers):
+        raise ValueError("sliding-window layers keep only their window: prefill on top needs full layers")
+    if len({kv.kept_tokens(i) for i in range(kv.num_layers)}) > 1:
+        raise ValueError("layers hold different numbers of tokens; prefill on top needs them equal")
+    start = kv.seq_len
+    model(input_ids=torch.tensor([token_ids]), cache=cache, use_cache=True, logits_to_keep=1,
+          position_ids=torch.arange(start, start + len(token_ids)).unsqueeze(0))
+    heads = kv.keys[0].shape[1]
+    new_positions = torch.arange(start, start + len(token_ids)).expand(heads, -1)
+    return KVState([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                   [torch.cat([p, new_positions], dim=1) for p in kv.positions], start + len(token_ids))
 
 
 @torch.inference_mode()

@@ -73,6 +73,64 @@ def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
     return torch.from_numpy(np.cumsum(deltas, axis=1))
 
 
+def layer_headers(kv: KVState) -> list[pb.LayerHeader]:
+    for layer, positions in enumerate(kv.positions):
+        if (positions.diff(dim=1) <= 0).any():
+            raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
+    return [pb.LayerHeader(kept_tokens=kv.kept_tokens(i), positions=encode_positions(p)) for i, p in enumerate(kv.positions)]
+
+
+class Encoder:
+    """Sender side: the frames of one transfer, counting what its trailer declares."""
+
+    def __init__(self, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3):
+        self.fingerprint = fingerprint
+        self.transfer_id = transfer_id or uuid.uuid4().hex
+        self.compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self.num_chunks = self.payload_bytes = 0
+
+    def header(self, seq_len: int, kv: KVState | None = None, profile: Profile | None = None) -> pb.Frame:
+        """The header of a whole-cache transfer (kv and profile), or of a segmented one (neither)."""
+        return pb.Frame(header=pb.Header(
+            transfer_id=self.transfer_id, fingerprint=self.fingerprint, profile=str(profile) if profile else "",
+            seq_len=seq_len, batch=1, layers=layer_headers(kv) if kv is not None else [], segmented=kv is None))
+
+    def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
+        """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
+        for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
+            codec = profile.codec(layer)
+            _, heads, kept, head_dim = keys.shape
+            # Every codec's payload is at most the model-dtype size of its tokens.
+            step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * kv.dtype.itemsize))
+            for start in range(0, kept, step):
+                end = min(start + step, kept)
+                raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
+                payload = self.compressor.compress(raw)
+                if len(payload) > MAX_CHUNK_BYTES:
+                    raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+                self.num_chunks += 1
+                self.payload_bytes += len(payload)
+                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
+                                              crc32=zlib.crc32(payload), payload=payload))
+
+    def kv_segment(self, kv: KVState, start: int, end: int, profile: str | Profile) -> Iterator[pb.Frame]:
+        """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""
+        profile = parse_profile(profile)
+        if profile.selection is not None:
+            raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
+        part = kv.token_range(start, end)
+        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=str(profile),
+                                          layers=layer_headers(part)))
+        yield from self.chunks(part, profile)
+
+    def text_segment(self, token_ids: list[int], start: int) -> pb.Frame:
+        """Tokens [start, start + len(token_ids)) as text, for the receiver to prefill."""
+        return pb.Frame(segment=pb.Segment(token_start=start, token_end=start + len(token_ids), token_ids=token_ids))
+
+    def trailer(self) -> pb.Frame:
+        return pb.Frame(trailer=pb.Trailer(num_chunks=self.num_chunks, payload_bytes=self.payload_bytes))
+
+
 def encode(
     kv: KVState, profile: str | Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
     zstd_level: int = 3,
@@ -80,45 +138,57 @@ def encode(
     """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer."""
     profile = parse_profile(profile)
     profile.check_layers(kv.num_layers)
-    batch = kv.keys[0].shape[0]
-    for layer, positions in enumerate(kv.positions):
-        if (positions.diff(dim=1) <= 0).any():
-            raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
-    yield pb.Frame(header=pb.Header(
-        transfer_id=transfer_id or uuid.uuid4().hex, fingerprint=fingerprint, profile=str(profile),
-        seq_len=kv.seq_len, batch=batch,
-        layers=[pb.LayerHeader(kept_tokens=kv.kept_tokens(i), positions=encode_positions(p))
-                for i, p in enumerate(kv.positions)],
-    ))
-    compressor = zstandard.ZstdCompressor(level=zstd_level)
-    num_chunks = payload_bytes = 0
-    for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
-        codec = profile.codec(layer)
-        _, heads, kept, head_dim = keys.shape
-        # Every codec's payload is at most the model-dtype size of its tokens.
-        step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * batch * heads * head_dim * kv.dtype.itemsize))
-        for start in range(0, kept, step):
-            end = min(start + step, kept)
-            raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
-            payload = compressor.compress(raw)
-            if len(payload) > MAX_CHUNK_BYTES:
-                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
-            num_chunks += 1
-            payload_bytes += len(payload)
-            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
-                                          crc32=zlib.crc32(payload), payload=payload))
-    yield pb.Frame(trailer=pb.Trailer(num_chunks=num_chunks, payload_bytes=payload_bytes))
+    if kv.keys[0].shape[0] != 1:
+        raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
+    encoder = Encoder(fingerprint, transfer_id, zstd_level)
+    yield encoder.header(kv.seq_len, kv, profile)
+    yield from encoder.chunks(kv, profile)
+    yield encoder.trailer()
+
+
+@dataclass
+class Segment:
+    """Tokens [start, end) of the sequence as received: a cache (`kv`) or text (`token_ids`)."""
+
+    start: int
+    end: int
+    kv: KVState | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class _Pending:
+    """A cache segment whose chunks are still arriving."""
+
+    start: int
+    end: int
+    codecs: list
+    positions: list[torch.Tensor]
+    kept: list[int]
+    filled: list[int]
+    keys: list[list[torch.Tensor]]
+    values: list[list[torch.Tensor]]
 
 
 class Assembler:
-    """Receiver side: validates frames one at a time and builds the KVState."""
+    """Receiver side: validates frames one at a time and builds the cache, segment by segment.
 
-    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits):
+    A whole-cache transfer is one segment, [0, seq_len), declared by its header. A segmented
+    transfer declares each segment in a Segment frame. Completed segments are collected by
+    `take_segments()`, in order.
+    """
+
+    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool = False):
         self.fingerprint = fingerprint
         self.limits = limits
+        self.segmented = segmented
         self.header: pb.Header | None = None
         self.done = False
         self.bytes_received = 0
+        self.segments: list[Segment] = []  # completed, not yet taken
+        self._pending: _Pending | None = None
+        self._covered = 0  # tokens [0, covered) are in completed segments
+        self._whole: KVState | None = None
         self._num_chunks = 0
         self._payload_bytes = 0
 
@@ -139,62 +209,109 @@ class Assembler:
                             "a second header" if kind == "header" else f"{kind} frame before the header")
         getattr(self, f"_add_{kind}")(getattr(frame, kind))
 
+    def take_segments(self) -> list[Segment]:
+        taken, self.segments = self.segments, []
+        return taken
+
     def _add_header(self, header: pb.Header) -> None:
         fp = self.fingerprint
         if header.fingerprint != fp:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"model fingerprint mismatch: receiver runs {fp.architecture} ({fp.weights_sha256[:12]}), "
                             f"sender has {header.fingerprint.architecture} ({header.fingerprint.weights_sha256[:12]})")
-        try:
-            self.profile = parse_profile(header.profile)
-            self.profile.check_layers(fp.num_layers)
-        except ProfileError as exc:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if len(header.layers) != fp.num_layers:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"header has {len(header.layers)} layers, model has {fp.num_layers}")
+        if header.segmented != self.segmented:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a segmented transfer goes through TransferSegments"
+                            if header.segmented else "TransferSegments needs a segmented header")
         if header.batch != 1:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"batch must be 1, got {header.batch}")
         if not 0 < header.seq_len <= self.limits.max_tokens:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED if header.seq_len else grpc.StatusCode.INVALID_ARGUMENT,
                             f"seq_len {header.seq_len} outside 1..{self.limits.max_tokens}")
         self.dtype = DTYPES[fp.dtype]
-        self.positions = []
-        for i, layer in enumerate(header.layers):
-            if layer.kept_tokens > header.seq_len:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i} keeps {layer.kept_tokens} tokens of {header.seq_len}")
+        self.header = header
+        if header.segmented:
+            if header.profile or header.layers:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a segmented header names no profile and no layers")
+            # The most the assembled cache can occupy: every token, in the model's dtype.
+            self.expected_bytes = 2 * fp.num_layers * fp.kv_heads * header.seq_len * fp.head_dim * self.dtype.itemsize
+            return
+        self._begin(header.profile, header.layers, 0, header.seq_len)
+        self.expected_bytes = sum(2 * fp.kv_heads * kept * fp.head_dim * self.dtype.itemsize for kept in self._pending.kept)
+        self._complete_if_filled()
+
+    def _add_segment(self, segment: pb.Segment) -> None:
+        if not self.segmented:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "segment frame in a transfer that is not segmented")
+        if self._pending is not None:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"segment at token {segment.token_start} before the chunks of the previous one are complete")
+        start, end = segment.token_start, segment.token_end
+        if start != self._covered or not start < end <= self.header.seq_len:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"segment [{start}, {end}) does not continue at token "
+                            f"{self._covered} of {self.header.seq_len}")
+        if segment.profile:
+            if segment.token_ids:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"segment [{start}, {end}) has a profile and text")
+            self._begin(segment.profile, segment.layers, start, end)
+            if self._profile.selection is not None:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "segments carry precision stages only, not a selection")
+            self._complete_if_filled()
+            return
+        if segment.layers or len(segment.token_ids) != end - start:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"text segment [{start}, {end}) carries {len(segment.token_ids)} token ids and no layers")
+        self.segments.append(Segment(start, end, token_ids=list(segment.token_ids)))
+        self._covered = end
+
+    def _begin(self, profile_text: str, layers, start: int, end: int) -> None:
+        """Validate a segment's profile and layers before allocating anything for it."""
+        fp = self.fingerprint
+        try:
+            self._profile = parse_profile(profile_text)
+            self._profile.check_layers(fp.num_layers)
+        except ProfileError as exc:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if len(layers) != fp.num_layers:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"header has {len(layers)} layers, model has {fp.num_layers}")
+        positions = []
+        for i, layer in enumerate(layers):
+            if layer.kept_tokens > end - start:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i} keeps {layer.kept_tokens} tokens of {end - start}")
             try:
-                positions = decode_positions(layer.positions, fp.kv_heads, layer.kept_tokens)
+                kept_positions = decode_positions(layer.positions, fp.kv_heads, layer.kept_tokens)
             except (ValueError, zstandard.ZstdError) as exc:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
-            if layer.kept_tokens and (positions[:, -1] >= header.seq_len).any():
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond seq_len {header.seq_len}")
-            self.positions.append(positions)
-        self.codecs = [self.profile.codec(i) for i in range(fp.num_layers)]
-        expected = sum(codec.payload_size((1, fp.kv_heads, layer.kept_tokens, fp.head_dim), self.dtype)
-                       for codec, layer in zip(self.codecs, header.layers))
+            if layer.kept_tokens and (kept_positions[:, -1] >= end).any():
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond "
+                                + (f"seq_len {end}" if start == 0 else f"its segment [{start}, {end})"))
+            if layer.kept_tokens and (kept_positions[:, 0] < start).any():
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies before its segment [{start}, {end})")
+            positions.append(kept_positions)
+        codecs = [self._profile.codec(i) for i in range(fp.num_layers)]
+        kept = [layer.kept_tokens for layer in layers]
+        expected = sum(codec.payload_size((1, fp.kv_heads, n, fp.head_dim), self.dtype) for codec, n in zip(codecs, kept))
         if expected > self.limits.max_transfer_bytes:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cache of {expected} bytes exceeds the limit of {self.limits.max_transfer_bytes}")
-        # What the decoded cache will occupy in the model's dtype.
-        self.expected_bytes = sum(2 * fp.kv_heads * layer.kept_tokens * fp.head_dim * self.dtype.itemsize
-                                  for layer in header.layers)
-        self.header = header
-        self._filled = [0] * fp.num_layers
-        self._keys = [[] for _ in header.layers]
-        self._values = [[] for _ in header.layers]
+        self._pending = _Pending(start, end, codecs, positions, kept, [0] * fp.num_layers,
+                                 [[] for _ in kept], [[] for _ in kept])
 
     def _add_chunk(self, chunk: pb.Chunk) -> None:
         fp = self.fingerprint
+        pending = self._pending
+        if pending is None:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk [{chunk.token_start}, "
+                            f"{chunk.token_end}) does not continue any segment")
         if chunk.layer >= fp.num_layers:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"chunk for layer {chunk.layer}; the model has {fp.num_layers}")
-        kept = self.header.layers[chunk.layer].kept_tokens
-        if chunk.token_start != self._filled[chunk.layer] or not chunk.token_start < chunk.token_end <= kept:
+        kept = pending.kept[chunk.layer]
+        if chunk.token_start != pending.filled[chunk.layer] or not chunk.token_start < chunk.token_end <= kept:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"layer {chunk.layer}: chunk [{chunk.token_start}, {chunk.token_end}) does not continue at "
-                            f"token {self._filled[chunk.layer]} of {kept}")
+                            f"token {pending.filled[chunk.layer]} of {kept}")
         if zlib.crc32(chunk.payload) != chunk.crc32:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer} tokens [{chunk.token_start}, {chunk.token_end}): checksum mismatch")
         shape = (1, fp.kv_heads, chunk.token_end - chunk.token_start, fp.head_dim)
-        codec = self.codecs[chunk.layer]
+        codec = pending.codecs[chunk.layer]
         expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
@@ -203,33 +320,46 @@ class Assembler:
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
         keys, values = codec.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), shape, self.dtype)
-        self._keys[chunk.layer].append(keys)
-        self._values[chunk.layer].append(values)
-        self._filled[chunk.layer] = chunk.token_end
+        pending.keys[chunk.layer].append(keys)
+        pending.values[chunk.layer].append(values)
+        pending.filled[chunk.layer] = chunk.token_end
         self._num_chunks += 1
         self._payload_bytes += len(chunk.payload)
+        self._complete_if_filled()
+
+    def _complete_if_filled(self) -> None:
+        pending = self._pending
+        if pending.filled != pending.kept:
+            return
+        empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype)
+        kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],
+                     values=[torch.cat(parts, dim=2) if parts else empty for parts in pending.values],
+                     positions=pending.positions, seq_len=pending.end)
+        self.segments.append(Segment(pending.start, pending.end, kv=kv))
+        self._whole = kv
+        self._covered = pending.end
+        self._pending = None
 
     def _add_trailer(self, trailer: pb.Trailer) -> None:
         if (trailer.num_chunks, trailer.payload_bytes) != (self._num_chunks, self._payload_bytes):
             raise WireError(grpc.StatusCode.DATA_LOSS,
                             f"trailer counts {trailer.num_chunks} chunks / {trailer.payload_bytes} bytes, "
                             f"received {self._num_chunks} / {self._payload_bytes}")
-        missing = [i for i, layer in enumerate(self.header.layers) if self._filled[i] != layer.kept_tokens]
-        if missing:
+        if self._pending is not None:
+            missing = [i for i, (f, k) in enumerate(zip(self._pending.filled, self._pending.kept)) if f != k]
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layers {missing} are incomplete")
+        if self._covered != self.header.seq_len:
+            raise WireError(grpc.StatusCode.DATA_LOSS, f"segments cover tokens [0, {self._covered}) of {self.header.seq_len}")
         self.done = True
 
     def result(self) -> KVState:
+        """The cache of a whole-cache transfer."""
         if not self.done:
             raise WireError(grpc.StatusCode.DATA_LOSS,
                             "stream ended before the trailer: transfer incomplete, nothing injected")
-        empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype)
-        return KVState(
-            keys=[torch.cat(parts, dim=2) if parts else empty for parts in self._keys],
-            values=[torch.cat(parts, dim=2) if parts else empty for parts in self._values],
-            positions=self.positions,
-            seq_len=self.header.seq_len,
-        )
+        if self.segmented:
+            raise ValueError("a segmented transfer is assembled from take_segments()")
+        return self._whole
 
 
 def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits()) -> KVState:

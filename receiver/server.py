@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import wire
-from common.kvstate import greedy_decode
+from common.kvstate import KVState, greedy_decode, prefill_on_top
 from common.models import LoadedModel, load_model
 from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
@@ -99,10 +99,23 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                  expected_fidelity=chosen.expected_fidelity, capabilities=sorted(table["profiles"]))
 
     async def Transfer(self, request_iterator, context) -> pb.TransferReply:
+        reply = None
+        async for ack in self._receive(request_iterator, context, segmented=False):
+            reply = ack.done
+        return reply
+
+    async def TransferSegments(self, request_iterator, context):
+        async for ack in self._receive(request_iterator, context, segmented=True):
+            yield ack
+
+    async def _receive(self, request_iterator, context, segmented: bool):
+        """Assemble one transfer; yield an ack per segment in place, then one carrying the reply."""
         loaded = await self._model(context)
-        assembler = wire.Assembler(loaded.fingerprint, self.limits)
+        assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented)
         start = time.perf_counter()
         reserved = 0
+        kv = None
+        acked = 0
         self.metrics.inflight.inc()
         try:
             async for frame in request_iterator:
@@ -111,8 +124,15 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                     previous = self.completed.get(assembler.header.transfer_id)
                     if previous is not None and previous in self.sessions:
                         log.info("transfer %s repeated: session %s", assembler.header.transfer_id, previous)
-                        return pb.TransferReply(session_id=previous, bytes_received=assembler.bytes_received)
+                        yield pb.SegmentAck(done=pb.TransferReply(session_id=previous,
+                                                                  bytes_received=assembler.bytes_received))
+                        return
                     reserved = self._reserve(assembler.expected_bytes)
+                for segment in assembler.take_segments():
+                    kv = await self._place(loaded, kv, segment)
+                    if segmented:
+                        yield pb.SegmentAck(segment=acked, bytes_received=assembler.bytes_received)
+                    acked += 1
             if not assembler.done:
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
@@ -121,8 +141,10 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                     log.warning("transfer deadline passed after %d bytes; partial cache dropped", assembler.bytes_received)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"deadline passed after {assembler.bytes_received} bytes; nothing injected")
-            kv = assembler.result()
-            session = self.sessions.put(kv, assembler.header.profile, assembler.bytes_received)
+                raise wire.WireError(grpc.StatusCode.DATA_LOSS,
+                                     "stream ended before the trailer: transfer incomplete, nothing injected")
+            profile = assembler.header.profile or "segmented"
+            session = self.sessions.put(kv, profile, assembler.bytes_received)
         except (wire.WireError, MemoryError) as exc:
             code = exc.code if isinstance(exc, wire.WireError) else grpc.StatusCode.RESOURCE_EXHAUSTED
             log.warning("transfer rejected (%s): %s", code.name, exc)
@@ -152,7 +174,24 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                 "tokens": kv.seq_len, "transfer_s": seconds, "answer": None, "decode_s": None,
                                 "at": time.time()})
         log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
-        return pb.TransferReply(session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds)
+        yield pb.SegmentAck(segment=acked, bytes_received=assembler.bytes_received, done=pb.TransferReply(
+            session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds))
+
+    async def _place(self, loaded: LoadedModel, kv: KVState | None, segment: wire.Segment) -> KVState:
+        """Append a received segment to the cache assembled so far; text segments are prefilled on top of it."""
+        if segment.kv is not None:
+            return segment.kv if kv is None else kv.extend(segment.kv)
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        if max(segment.token_ids) >= vocab:
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"text segment [{segment.start}, {segment.end}): token id {max(segment.token_ids)} "
+                                 f"is outside the vocabulary of {vocab}")
+        if loaded.sliding_layers:
+            raise wire.WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"{loaded.name} has sliding-window layers, which keep only their window: "
+                                 "a text segment cannot be prefilled on top of received ones")
+        async with self._model_lock:
+            return await asyncio.to_thread(prefill_on_top, loaded.model, kv, segment.token_ids)
 
     def _reserve(self, nbytes: int) -> int:
         """Hold memory for a transfer in flight; refuse (the client backs off) when the budget is taken."""

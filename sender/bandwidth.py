@@ -1,4 +1,5 @@
-"""Bandwidth estimation from the stream itself: an EWMA over acknowledged transfers, with a safety factor.
+"""Bandwidth estimation from the stream itself: an EWMA over acknowledged transfers (or
+acknowledged segments of one, see sender.adaptive), with a safety factor.
 
 A transfer's reply acknowledges every chunk, so its bytes over the time from the first
 frame to the reply is one goodput sample. Timing single frames does not work: gRPC's
@@ -18,11 +19,13 @@ class BandwidthEstimator:
     alpha: float = 0.3  # weight of the newest sample
     safety: float = 0.8  # plan with this fraction of the estimate
     _ewma: float | None = None
+    _last: float | None = None
 
     def update(self, nbytes: int, seconds: float) -> None:
         if nbytes < MIN_SAMPLE_BYTES or seconds <= 0:
             return
         rate = nbytes * 8 / seconds
+        self._last = rate
         self._ewma = rate if self._ewma is None else self.alpha * rate + (1 - self.alpha) * self._ewma
 
     def observe_stream(self, pulls: list[tuple[float, int]], end: float) -> None:
@@ -33,3 +36,7 @@ class BandwidthEstimator:
     def estimate(self) -> float | None:
         """Bit/s to plan with, or None before any transfer."""
         return None if self._ewma is None else self.safety * self._ewma
+
+    def cautious_estimate(self) -> float | None:
+        """Like estimate(), but a drop in the newest sample counts at once (for deadlines within a transfer)."""
+        return None if self._ewma is None else self.safety * min(self._ewma, self._last)

@@ -77,20 +77,36 @@ class LayerHeader(_message.Message):
     def __init__(self, kept_tokens: _Optional[int] = ..., positions: _Optional[bytes] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("transfer_id", "fingerprint", "profile", "seq_len", "batch", "layers")
+    __slots__ = ("transfer_id", "fingerprint", "profile", "seq_len", "batch", "layers", "segmented")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTED_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     fingerprint: Fingerprint
     profile: str
     seq_len: int
     batch: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerHeader]
-    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profile: _Optional[str] = ..., seq_len: _Optional[int] = ..., batch: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerHeader, _Mapping]]] = ...) -> None: ...
+    segmented: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., profile: _Optional[str] = ..., seq_len: _Optional[int] = ..., batch: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerHeader, _Mapping]]] = ..., segmented: _Optional[bool] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("token_start", "token_end", "profile", "layers", "token_ids")
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_start: int
+    token_end: int
+    profile: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerHeader]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., profile: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerHeader, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("layer", "token_start", "token_end", "raw_size", "crc32", "payload")
@@ -117,14 +133,16 @@ class Trailer(_message.Message):
     def __init__(self, num_chunks: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("header", "chunk", "trailer")
+    __slots__ = ("header", "chunk", "trailer", "segment")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     header: Header
     chunk: Chunk
     trailer: Trailer
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ...) -> None: ...
+    segment: Segment
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ...) -> None: ...
 
 class TransferReply(_message.Message):
     __slots__ = ("session_id", "bytes_received", "assemble_seconds")
@@ -135,6 +153,16 @@ class TransferReply(_message.Message):
     bytes_received: int
     assemble_seconds: float
     def __init__(self, session_id: _Optional[str] = ..., bytes_received: _Optional[int] = ..., assemble_seconds: _Optional[float] = ...) -> None: ...
+
+class SegmentAck(_message.Message):
+    __slots__ = ("segment", "bytes_received", "done")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    segment: int
+    bytes_received: int
+    done: TransferReply
+    def __init__(self, segment: _Optional[int] = ..., bytes_received: _Optional[int] = ..., done: _Optional[_Union[TransferReply, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "question", "token_ids", "max_new_tokens")

@@ -44,6 +44,11 @@ class KVWireStub:
                 request_serializer=common_dot_proto_dot_kvwire__pb2.Frame.SerializeToString,
                 response_deserializer=common_dot_proto_dot_kvwire__pb2.TransferReply.FromString,
                 _registered_method=True)
+        self.TransferSegments = channel.stream_stream(
+                '/kvwire.v1.KVWire/TransferSegments',
+                request_serializer=common_dot_proto_dot_kvwire__pb2.Frame.SerializeToString,
+                response_deserializer=common_dot_proto_dot_kvwire__pb2.SegmentAck.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/kvwire.v1.KVWire/Generate',
                 request_serializer=common_dot_proto_dot_kvwire__pb2.GenerateRequest.SerializeToString,
@@ -68,6 +73,15 @@ class KVWireServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferSegments(self, request_iterator, context):
+        """Stream one cache in token segments, each at its own profile or as text that
+        the receiver prefills; every segment is acknowledged once it is in place, so
+        the sender can re-plan the next one. The last reply carries the session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Decode an answer from a session's cache.
         """
@@ -87,6 +101,11 @@ def add_KVWireServicer_to_server(servicer, server):
                     servicer.Transfer,
                     request_deserializer=common_dot_proto_dot_kvwire__pb2.Frame.FromString,
                     response_serializer=common_dot_proto_dot_kvwire__pb2.TransferReply.SerializeToString,
+            ),
+            'TransferSegments': grpc.stream_stream_rpc_method_handler(
+                    servicer.TransferSegments,
+                    request_deserializer=common_dot_proto_dot_kvwire__pb2.Frame.FromString,
+                    response_serializer=common_dot_proto_dot_kvwire__pb2.SegmentAck.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -148,6 +167,33 @@ class KVWire:
             '/kvwire.v1.KVWire/Transfer',
             common_dot_proto_dot_kvwire__pb2.Frame.SerializeToString,
             common_dot_proto_dot_kvwire__pb2.TransferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferSegments(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvwire.v1.KVWire/TransferSegments',
+            common_dot_proto_dot_kvwire__pb2.Frame.SerializeToString,
+            common_dot_proto_dot_kvwire__pb2.SegmentAck.FromString,
             options,
             channel_credentials,
             insecure,

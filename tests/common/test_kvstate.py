@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from common.kvstate import KVState, greedy_decode, prefill, reference_generate
+from common.kvstate import KVState, greedy_decode, prefill, prefill_on_top, reference_generate
 
 PROMPT = [int(x) for x in torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(1))]
 
@@ -35,3 +36,28 @@ def test_positions_matter_after_selection(tiny_llama, smollm2):
         original = greedy_decode(loaded.model, kv.to_cache(loaded.config), PROMPT[-1:], kv.seq_len, 10)
         compacted = greedy_decode(loaded.model, kv.to_cache(loaded.config), PROMPT[-1:], kept, 10)
         assert original != compacted, loaded.name
+
+
+def test_token_ranges_extend_back_to_the_whole_state(tiny_llama):
+    kv = prefill(tiny_llama.model, list(range(300, 340)))
+    parts = [kv.token_range(a, b) for a, b in ((0, 7), (7, 30), (30, 40))]
+    whole = parts[0].extend(parts[1]).extend(parts[2])
+    assert whole.seq_len == 40 and [p.seq_len for p in parts] == [7, 30, 40]
+    for a, b in zip(kv.keys + kv.values + kv.positions, whole.keys + whole.values + whole.positions):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("split", [1, 17, 39])
+def test_prefill_on_top_matches_one_prefill(tiny_llama, split):
+    ids = list(range(300, 340))
+    kv = prefill(tiny_llama.model, ids)
+    on_top = prefill_on_top(tiny_llama.model, kv.token_range(0, split), ids[split:])
+    assert on_top.seq_len == 40 and torch.equal(on_top.positions[0], kv.positions[0])
+    for a, b in zip(kv.keys + kv.values, on_top.keys + on_top.values):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_on_top_refuses_sliding_layers(tiny_gemma3):
+    kv = prefill(tiny_gemma3.model, list(range(300, 340)))
+    with pytest.raises(ValueError, match="sliding-window"):
+        prefill_on_top(tiny_gemma3.model, kv, [5, 6])

@@ -157,3 +157,62 @@ def test_compressed_round_trip_matches_codec(profile, tiny_llama):
         assert torch.equal(back.keys[layer], k) and torch.equal(back.values[layer], v)
     payload = sum(len(f.chunk.payload) for f in frames if f.WhichOneof("kind") == "chunk")
     assert sum(map(wire.wire_bytes, frames)) > payload  # framing is counted too
+
+
+def segmented_frames(kv, fingerprint, plan):
+    """plan: [(start, end, profile or None for text)] -> the frames of a segmented transfer."""
+    encoder = wire.Encoder(fingerprint)
+    frames = [encoder.header(kv.seq_len)]
+    for start, end, profile in plan:
+        frames += [encoder.text_segment(IDS[start:end], start)] if profile is None else list(
+            encoder.kv_segment(kv, start, end, profile))
+    return frames + [encoder.trailer()]
+
+
+def assemble_segments(frames, fingerprint):
+    assembler = wire.Assembler(fingerprint, wire.Limits(), segmented=True)
+    for frame in frames:
+        assembler.add(frame)
+    return assembler, assembler.take_segments()
+
+
+def test_segments_round_trip(llama_frames, tiny_llama):
+    kv, _ = llama_frames
+    frames = segmented_frames(kv, tiny_llama.fingerprint, [(0, 20, "raw"), (20, 35, None), (35, 60, "int4:g32")])
+    assembler, segments = assemble_segments(frames, tiny_llama.fingerprint)
+    assert assembler.done and [(s.start, s.end) for s in segments] == [(0, 20), (20, 35), (35, 60)]
+    assert segments[1].kv is None and segments[1].token_ids == IDS[20:35]
+    assert torch.equal(segments[0].kv.keys[1], kv.keys[1][:, :, :20])
+    assert torch.equal(segments[2].kv.positions[0], kv.positions[0][:, 35:])
+    close = wire.decode(wire.encode(kv.token_range(35, 60), "int4:g32", tiny_llama.fingerprint), tiny_llama.fingerprint)
+    assert torch.equal(segments[2].kv.values[0], close.values[0])  # same codec as a whole-cache transfer
+
+
+def test_bad_segments_are_refused(llama_frames, tiny_llama):
+    kv, whole = llama_frames
+    fp = tiny_llama.fingerprint
+
+    def refused(frames, code, match):
+        with pytest.raises(wire.WireError, match=match) as info:
+            assemble_segments(frames, fp)
+        assert info.value.code == code
+
+    good = segmented_frames(kv, fp, [(0, 30, "raw"), (30, 60, None)])
+    gap = segmented_frames(kv, fp, [(0, 30, "raw"), (31, 60, None)])
+    refused(gap, grpc.StatusCode.INVALID_ARGUMENT, "does not continue at token 30")
+    short = segmented_frames(kv, fp, [(0, 30, "raw")])
+    refused(short, grpc.StatusCode.DATA_LOSS, r"cover tokens \[0, 30\) of 60")
+    early = good[:2] + good[-2:]  # the text segment before the raw one's chunks
+    refused(early, grpc.StatusCode.INVALID_ARGUMENT, "before the chunks of the previous one")
+    selected = pb.Frame()
+    selected.CopyFrom(good[1])
+    selected.segment.profile = "q2c:0.5+int8"
+    refused(good[:1] + [selected], grpc.StatusCode.INVALID_ARGUMENT, "precision stages only")
+    text = pb.Frame()
+    text.CopyFrom(good[-2])
+    del text.segment.token_ids[-1]
+    refused(good[:-2] + [text], grpc.StatusCode.INVALID_ARGUMENT, "carries 29 token ids")
+    refused(whole, grpc.StatusCode.INVALID_ARGUMENT, "TransferSegments needs a segmented header")
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, good, fp, match="goes through TransferSegments")
+    with pytest.raises(ValueError, match="precision stages only"):
+        list(wire.Encoder(fp).kv_segment(kv, 0, 30, "snapkv:0.5"))

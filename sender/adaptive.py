@@ -1,0 +1,209 @@
+"""Segment-level adaptation, as CacheGen does: the cache travels in token segments, each at
+the profile that fits what is left of the deadline under the bandwidth measured so far.
+
+Each segment is planned when the previous one has been acknowledged (stop and wait), so
+its plan uses the goodput of the segment before it. A segment's share of the remaining
+time is proportional to its tokens. Among the precision profiles of the calibration table
+(the ladder), the one with the best calibrated fidelity whose expected time fits the share
+is sent; where none fits, the segment goes as text and the receiver prefills it on top of
+the segments before it. Selection stages do not apply per segment: a segment's tokens all
+travel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from common import wire
+from common.kvstate import KVState
+from common.profile import ProfileError, parse_profile
+from common.proto import kvwire_pb2 as pb
+from sender.bandwidth import BandwidthEstimator
+
+DEFAULT_SEGMENT_TOKENS = 512
+TEXT = "text"
+ACK_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Choice:
+    profile: str  # a ladder profile, or "text"
+    expected_s: float
+    reason: str
+
+
+@dataclass
+class SegmentPlanner:
+    """Chooses a segment's profile from a calibration table (common.planner's format)."""
+
+    table: dict
+    ladder: list[str] | None = None  # default: every precision-only profile of the table
+
+    def __post_init__(self):
+        profiles = self.table["profiles"]
+        if self.ladder is None:
+            self.ladder = [p for p in profiles if parse_profile(p).selection is None]
+        for name in self.ladder:
+            if name not in profiles:
+                raise ProfileError(f"{name} is not in the calibration table ({', '.join(profiles)})")
+            if parse_profile(name).selection is not None:
+                raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
+        if not self.ladder:
+            raise ProfileError("the ladder has no precision-only profile")
+
+    def expected_seconds(self, profile: str, tokens: int, nbytes: int, bandwidth_bps: float) -> float:
+        link = nbytes * 8 / bandwidth_bps
+        if profile == TEXT:
+            return link + self.table["prefill_s_per_token"] * tokens  # the receiver prefills it
+        row = self.table["profiles"][profile]
+        return link + (row["encode_s_per_token"] + row["receiver_s_per_token"]) * tokens
+
+    def choose(self, tokens: int, kv_bytes: dict[str, int], text_bytes: int, bandwidth_bps: float,
+               budget_s: float) -> Choice:
+        """kv_bytes: the segment's payload size under each ladder profile."""
+        fits = []
+        for name in self.ladder:
+            seconds = self.expected_seconds(name, tokens, kv_bytes[name], bandwidth_bps)
+            if seconds <= budget_s:
+                fits.append((self.table["profiles"][name]["fidelity"], -kv_bytes[name], name, seconds))
+        if fits:
+            fidelity, _, name, seconds = max(fits)
+            return Choice(name, seconds, f"best fidelity ({fidelity:.2f}) of {len(fits)} that fit {budget_s:.2f} s "
+                                         f"at {bandwidth_bps / 1e6:.1f} Mbit/s")
+        seconds = self.expected_seconds(TEXT, tokens, text_bytes, bandwidth_bps)
+        return Choice(TEXT, seconds, f"no profile fits {budget_s:.2f} s at {bandwidth_bps / 1e6:.1f} Mbit/s: text")
+
+
+@dataclass
+class SegmentRecord:
+    start: int
+    end: int
+    profile: str
+    bytes: int  # frames on the wire, prefixes included
+    estimate_bps: float  # the bandwidth it was planned with
+    budget_s: float
+    expected_s: float
+    reason: str
+    sent_s: float = 0.0  # since the stream began: first frame handed to gRPC
+    acked_s: float = 0.0  # the receiver acknowledged it in place
+
+
+@dataclass
+class AdaptiveResult:
+    session_id: str
+    bytes_sent: int
+    seconds: float
+    segments: list[SegmentRecord] = field(default_factory=list)
+
+    @property
+    def profiles(self) -> list[str]:
+        return [s.profile for s in self.segments]
+
+
+def segment_bounds(seq_len: int, segment_tokens: int) -> list[tuple[int, int]]:
+    if segment_tokens < 1:
+        raise ValueError("segment_tokens must be at least 1")
+    return [(start, min(start + segment_tokens, seq_len)) for start in range(0, seq_len, segment_tokens)]
+
+
+def payload_bytes(kv: KVState, profile: str) -> int:
+    """Payload of `kv` under `profile` before zstd: an upper bound on what the link carries."""
+    parsed = parse_profile(profile)
+    return sum(parsed.codec(i).payload_size(tuple(k.shape), kv.dtype) for i, k in enumerate(kv.keys))
+
+
+def send_segments(
+    client, kv: KVState, token_ids: list[int], fingerprint: pb.Fingerprint, planner: SegmentPlanner | None,
+    deadline_s: float, segment_tokens: int = DEFAULT_SEGMENT_TOKENS, initial_bps: float = 20e6,
+    schedule: list[str] | None = None, zstd_level: int = 3, started: float | None = None,
+) -> AdaptiveResult:
+    """Stream `kv` (the cache of `token_ids`) in segments over TransferSegments.
+
+    `deadline_s` counts from `started` (default: now) to the cache being in place, less the
+    calibrated first-token time. The first segment is planned with the client's bandwidth
+    estimate, or `initial_bps` before it has one; later ones with what the acknowledgements
+    measured (a drop is believed at once, see BandwidthEstimator.cautious). `schedule`
+    fixes each segment's profile instead of planning (profiles or "text").
+    """
+    if len(token_ids) != kv.seq_len:
+        raise ValueError(f"{len(token_ids)} token ids for a cache of {kv.seq_len} tokens")
+    bounds = segment_bounds(kv.seq_len, segment_tokens)
+    if schedule is not None and len(schedule) != len(bounds):
+        raise ValueError(f"a schedule of {len(schedule)} profiles for {len(bounds)} segments")
+    if schedule is None and planner is None:
+        raise ValueError("give a planner or a schedule")
+    for name in schedule or []:
+        if name != TEXT and parse_profile(name).selection is not None:
+            raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
+    started = time.perf_counter() if started is None else started
+    tail_s = max((row["first_token_s"] for row in planner.table["profiles"].values()), default=0.0) if planner else 0.0
+    records: list[SegmentRecord] = []
+    acked = threading.Semaphore(0)
+    finished = threading.Event()
+    counted = {"bytes": 0}
+    failures: list[Exception] = []
+
+    def plan(index: int, start: int, end: int) -> SegmentRecord:
+        estimate = client.bandwidth.cautious_estimate() or initial_bps
+        budget = (deadline_s - tail_s - (time.perf_counter() - started)) * (end - start) / (kv.seq_len - start)
+        if schedule is not None:
+            return SegmentRecord(start, end, schedule[index], 0, estimate, budget, 0.0, "fixed schedule")
+        part = kv.token_range(start, end)
+        sizes = {name: payload_bytes(part, name) for name in planner.ladder}
+        choice = planner.choose(end - start, sizes, 4 * (end - start), estimate, budget)
+        return SegmentRecord(start, end, choice.profile, 0, estimate, budget, choice.expected_s, choice.reason)
+
+    def frames() -> Iterator[pb.Frame]:
+        try:
+            yield from segment_frames()
+        except Exception as exc:  # gRPC would report it as UNKNOWN: hand it to the caller instead
+            failures.append(exc)
+            raise
+
+    def segment_frames() -> Iterator[pb.Frame]:
+        encoder = wire.Encoder(fingerprint, zstd_level=zstd_level)
+        for index, (start, end) in enumerate(bounds):
+            if index == 0:
+                header = encoder.header(kv.seq_len)
+                counted["bytes"] += wire.wire_bytes(header)
+                yield header
+            else:
+                while not acked.acquire(timeout=ACK_POLL_S):  # stop and wait: plan on the newest goodput
+                    if finished.is_set():
+                        return
+            record = plan(index, start, end)
+            records.append(record)
+            record.sent_s = time.perf_counter() - started
+            segment = ([encoder.text_segment(token_ids[start:end], start)] if record.profile == TEXT
+                       else encoder.kv_segment(kv, start, end, record.profile))
+            for frame in segment:
+                size = wire.wire_bytes(frame)
+                record.bytes += size
+                counted["bytes"] += size
+                yield frame
+        trailer = encoder.trailer()
+        counted["bytes"] += wire.wire_bytes(trailer)
+        yield trailer
+
+    reply = None
+    try:
+        for ack in client.stub.TransferSegments(frames(), timeout=client.timeout_s, metadata=client.metadata):
+            if ack.HasField("done"):
+                reply = ack.done
+                break
+            record = records[ack.segment]
+            record.acked_s = time.perf_counter() - started
+            client.bandwidth.update(record.bytes, record.acked_s - record.sent_s)
+            acked.release()
+    except grpc.RpcError:
+        if failures:
+            raise failures[0] from None
+        raise
+    finally:
+        finished.set()
+    return AdaptiveResult(reply.session_id, counted["bytes"], time.perf_counter() - started, records)

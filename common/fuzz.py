@@ -32,16 +32,33 @@ class FuzzReport:
 
 def feed(frames: list[pb.Frame], fingerprint: pb.Fingerprint, report: FuzzReport) -> None:
     report.inputs += 1
-    assembler = wire.Assembler(fingerprint, FUZZ_LIMITS)
+    # The receiver's two handlers: Transfer (whole cache) and TransferSegments.
+    segmented = bool(frames) and frames[0].WhichOneof("kind") == "header" and frames[0].header.segmented
+    assembler = wire.Assembler(fingerprint, FUZZ_LIMITS, segmented)
     try:
         for frame in frames:
             assembler.add(frame)
-        assembler.result()
+            assembler.take_segments()
+        if segmented and not assembler.done:
+            raise wire.WireError(wire.grpc.StatusCode.DATA_LOSS, "stream ended before the trailer")
+        if not segmented:
+            assembler.result()
         report.accepted += 1
     except wire.WireError as exc:
         report.rejected[exc.code.name] = report.rejected.get(exc.code.name, 0) + 1
     except Exception as exc:  # noqa: BLE001 - any other exception is exactly what fuzzing looks for
         report.crashes.append(f"{type(exc).__name__}: {exc}")
+
+
+def seed_transfers(kv, fingerprint: pb.Fingerprint) -> list[list[pb.Frame]]:
+    """Valid transfers to mutate: whole caches under several profiles, and a segmented one."""
+    seeds = [list(wire.encode(kv, p, fingerprint)) for p in ("raw", "int4:g32", "nf4", "svd:r4+int8", "int2+int8@0")]
+    encoder = wire.Encoder(fingerprint)
+    third = kv.seq_len // 3
+    seeds.append([encoder.header(kv.seq_len), *encoder.kv_segment(kv, 0, third, "int8"),
+                  encoder.text_segment(list(range(100, 100 + third)), third),
+                  *encoder.kv_segment(kv, 2 * third, kv.seq_len, "raw"), encoder.trailer()])
+    return seeds
 
 
 def parse_frames(blobs: list[bytes]) -> list[pb.Frame] | None:
@@ -92,6 +109,17 @@ def mutate(frames: list[pb.Frame], rng: random.Random) -> list[pb.Frame]:
     elif choice == 8 and kind == "header":
         frame.header.profile = rng.choice(["", "int0", "int4:g0", "svd:r0", "q2c:2", "x" * 300, "int4:g32+int8@0-999",
                                            "nf4", "int2", "svd:r4+int8"])
+    elif choice == 9 and kind == "segment":
+        segment = frame.segment
+        field = rng.randrange(4)
+        if field == 0:
+            segment.token_start, segment.token_end = rng.randrange(1 << 16), rng.randrange(1 << 16)
+        elif field == 1:
+            segment.profile = rng.choice(["", "raw", "q2c:0.5+int8", "int3", "bogus"])
+        elif field == 2:
+            segment.token_ids[:] = [rng.randrange(1 << 32) for _ in range(rng.randrange(8))]
+        elif segment.layers:
+            segment.layers[rng.randrange(len(segment.layers))].kept_tokens = rng.randrange(1 << 16)
     elif kind == "trailer":
         frame.trailer.num_chunks = rng.randrange(1 << 20)
         frame.trailer.payload_bytes = rng.randrange(1 << 40)

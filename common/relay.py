@@ -135,7 +135,8 @@ class Relay:
                         data = corrupt(data)
                     await queue.put((link.send(len(data), loop.time() - origin), data))
             finally:
-                await queue.put((None, b""))
+                if not asyncio.current_task().cancelling():  # when cancelled, the writer is being cancelled too
+                    await queue.put((None, b""))
 
         async def write() -> None:
             try:

@@ -152,6 +152,7 @@ class Segment:
 
     start: int
     end: int
+    profile: str  # canonical profile, or "text"
     kv: KVState | None = None
     token_ids: list[int] | None = None
 
@@ -260,7 +261,7 @@ class Assembler:
         if segment.layers or len(segment.token_ids) != end - start:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"text segment [{start}, {end}) carries {len(segment.token_ids)} token ids and no layers")
-        self.segments.append(Segment(start, end, token_ids=list(segment.token_ids)))
+        self.segments.append(Segment(start, end, "text", token_ids=list(segment.token_ids)))
         self._covered = end
 
     def _begin(self, profile_text: str, layers, start: int, end: int) -> None:
@@ -335,7 +336,7 @@ class Assembler:
         kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],
                      values=[torch.cat(parts, dim=2) if parts else empty for parts in pending.values],
                      positions=pending.positions, seq_len=pending.end)
-        self.segments.append(Segment(pending.start, pending.end, kv=kv))
+        self.segments.append(Segment(pending.start, pending.end, str(self._profile), kv=kv))
         self._whole = kv
         self._covered = pending.end
         self._pending = None

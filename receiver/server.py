@@ -116,6 +116,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         reserved = 0
         kv = None
         acked = 0
+        sent_as: collections.Counter[str] = collections.Counter()
         self.metrics.inflight.inc()
         try:
             async for frame in request_iterator:
@@ -130,6 +131,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                     reserved = self._reserve(assembler.expected_bytes)
                 for segment in assembler.take_segments():
                     kv = await self._place(loaded, kv, segment)
+                    sent_as[segment.profile] += segment.end - segment.start
                     if segmented:
                         yield pb.SegmentAck(segment=acked, bytes_received=assembler.bytes_received)
                     acked += 1
@@ -143,7 +145,8 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                         f"deadline passed after {assembler.bytes_received} bytes; nothing injected")
                 raise wire.WireError(grpc.StatusCode.DATA_LOSS,
                                      "stream ended before the trailer: transfer incomplete, nothing injected")
-            profile = assembler.header.profile or "segmented"
+            # A segmented transfer's profile, for the dashboard: tokens per segment profile.
+            profile = assembler.header.profile or ", ".join(f"{name} ({tokens} tokens)" for name, tokens in sent_as.items())
             session = self.sessions.put(kv, profile, assembler.bytes_received)
         except (wire.WireError, MemoryError) as exc:
             code = exc.code if isinstance(exc, wire.WireError) else grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -5,8 +5,8 @@ Each segment is planned when the previous one has been acknowledged (stop and wa
 its plan uses the goodput of the segment before it. A segment's share of the remaining
 time is proportional to its tokens. Among the precision profiles of the calibration table
 (the ladder), the one with the best calibrated fidelity whose expected time fits the share
-is sent; where none fits, the segment goes as text and the receiver prefills it on top of
-the segments before it. Selection stages do not apply per segment: a segment's tokens all
+is sent; where none fits, the segment goes as text, which the receiver prefills on top of
+the segments before it, unless the smallest cache is expected to be in place sooner. Selection stages do not apply per segment: a segment's tokens all
 travel.
 """
 
@@ -43,9 +43,15 @@ class SegmentPlanner:
 
     table: dict
     ladder: list[str] | None = None  # default: every precision-only profile of the table
+    # The receiver's prefill time per token of a text segment (default: the table's). Longer
+    # contexts cost more per token than the calibration's short prompts, so the sender passes
+    # the rate of its own prefill of this context when it has one.
+    text_s_per_token: float | None = None
 
     def __post_init__(self):
         profiles = self.table["profiles"]
+        if self.text_s_per_token is None:
+            self.text_s_per_token = self.table["prefill_s_per_token"]
         if self.ladder is None:
             self.ladder = [p for p in profiles if parse_profile(p).selection is None]
         for name in self.ladder:
@@ -59,24 +65,29 @@ class SegmentPlanner:
     def expected_seconds(self, profile: str, tokens: int, nbytes: int, bandwidth_bps: float) -> float:
         link = nbytes * 8 / bandwidth_bps
         if profile == TEXT:
-            return link + self.table["prefill_s_per_token"] * tokens  # the receiver prefills it
+            return link + self.text_s_per_token * tokens  # the receiver prefills it
         row = self.table["profiles"][profile]
         return link + (row["encode_s_per_token"] + row["receiver_s_per_token"]) * tokens
 
     def choose(self, tokens: int, kv_bytes: dict[str, int], text_bytes: int, bandwidth_bps: float,
                budget_s: float) -> Choice:
-        """kv_bytes: the segment's payload size under each ladder profile."""
-        fits = []
-        for name in self.ladder:
-            seconds = self.expected_seconds(name, tokens, kv_bytes[name], bandwidth_bps)
-            if seconds <= budget_s:
-                fits.append((self.table["profiles"][name]["fidelity"], -kv_bytes[name], name, seconds))
+        """kv_bytes: the segment's payload size under each ladder profile.
+
+        The best calibrated fidelity among the profiles that fit the budget; when none fits,
+        whatever is expected to be in place soonest: text, or the smallest cache when the
+        receiver's prefill would take longer than sending it.
+        """
+        options = {name: self.expected_seconds(name, tokens, kv_bytes[name], bandwidth_bps) for name in self.ladder}
+        fits = [(self.table["profiles"][name]["fidelity"], -kv_bytes[name], name) for name, seconds in options.items()
+                if seconds <= budget_s]
         if fits:
-            fidelity, _, name, seconds = max(fits)
-            return Choice(name, seconds, f"best fidelity ({fidelity:.2f}) of {len(fits)} that fit {budget_s:.2f} s "
-                                         f"at {bandwidth_bps / 1e6:.1f} Mbit/s")
-        seconds = self.expected_seconds(TEXT, tokens, text_bytes, bandwidth_bps)
-        return Choice(TEXT, seconds, f"no profile fits {budget_s:.2f} s at {bandwidth_bps / 1e6:.1f} Mbit/s: text")
+            fidelity, _, name = max(fits)
+            return Choice(name, options[name], f"best fidelity ({fidelity:.2f}) of {len(fits)} that fit "
+                                               f"{budget_s:.2f} s at {bandwidth_bps / 1e6:.1f} Mbit/s")
+        options[TEXT] = self.expected_seconds(TEXT, tokens, text_bytes, bandwidth_bps)
+        name = min(options, key=options.get)
+        return Choice(name, options[name], f"nothing fits {budget_s:.2f} s at {bandwidth_bps / 1e6:.1f} Mbit/s: "
+                                           f"{name} is expected soonest ({options[name]:.2f} s)")
 
 
 @dataclass
@@ -121,6 +132,7 @@ def send_segments(
     client, kv: KVState, token_ids: list[int], fingerprint: pb.Fingerprint, planner: SegmentPlanner | None,
     deadline_s: float, segment_tokens: int = DEFAULT_SEGMENT_TOKENS, initial_bps: float = 20e6,
     schedule: list[str] | None = None, zstd_level: int = 3, started: float | None = None,
+    records: list[SegmentRecord] | None = None,
 ) -> AdaptiveResult:
     """Stream `kv` (the cache of `token_ids`) in segments over TransferSegments.
 
@@ -128,7 +140,8 @@ def send_segments(
     calibrated first-token time. The first segment is planned with the client's bandwidth
     estimate, or `initial_bps` before it has one; later ones with what the acknowledgements
     measured (a drop is believed at once, see BandwidthEstimator.cautious). `schedule`
-    fixes each segment's profile instead of planning (profiles or "text").
+    fixes each segment's profile instead of planning (profiles or "text"). `records`, if
+    given, is filled as segments are planned, so the caller sees them after a failure too.
     """
     if len(token_ids) != kv.seq_len:
         raise ValueError(f"{len(token_ids)} token ids for a cache of {kv.seq_len} tokens")
@@ -142,7 +155,7 @@ def send_segments(
             raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
     started = time.perf_counter() if started is None else started
     tail_s = max((row["first_token_s"] for row in planner.table["profiles"].values()), default=0.0) if planner else 0.0
-    records: list[SegmentRecord] = []
+    records = [] if records is None else records
     acked = threading.Semaphore(0)
     finished = threading.Event()
     counted = {"bytes": 0}

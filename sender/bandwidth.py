@@ -9,6 +9,7 @@ before the link has carried them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 MIN_SAMPLE_BYTES = 64 * 1024  # tiny transfers say more about latency than rate
@@ -18,14 +19,19 @@ MIN_SAMPLE_BYTES = 64 * 1024  # tiny transfers say more about latency than rate
 class BandwidthEstimator:
     alpha: float = 0.3  # weight of the newest sample
     safety: float = 0.8  # plan with this fraction of the estimate
+    # An estimate older than this is forgotten, so a sender that stopped sending caches (it
+    # sent text instead) probes the link again rather than trusting a rate from long ago.
+    max_age_s: float = 30.0
     _ewma: float | None = None
     _last: float | None = None
+    _at: float = 0.0
 
-    def update(self, nbytes: int, seconds: float) -> None:
+    def update(self, nbytes: int, seconds: float, now: float | None = None) -> None:
         if nbytes < MIN_SAMPLE_BYTES or seconds <= 0:
             return
         rate = nbytes * 8 / seconds
         self._last = rate
+        self._at = time.monotonic() if now is None else now
         self._ewma = rate if self._ewma is None else self.alpha * rate + (1 - self.alpha) * self._ewma
 
     def observe_stream(self, pulls: list[tuple[float, int]], end: float) -> None:
@@ -33,10 +39,15 @@ class BandwidthEstimator:
         if pulls:
             self.update(sum(size for _, size in pulls), end - pulls[0][0])
 
-    def estimate(self) -> float | None:
-        """Bit/s to plan with, or None before any transfer."""
-        return None if self._ewma is None else self.safety * self._ewma
+    def _stale(self, now: float | None) -> bool:
+        if self._ewma is not None and (time.monotonic() if now is None else now) - self._at > self.max_age_s:
+            self._ewma = self._last = None
+        return self._ewma is None
 
-    def cautious_estimate(self) -> float | None:
+    def estimate(self, now: float | None = None) -> float | None:
+        """Bit/s to plan with, or None before any transfer (or after max_age_s without one)."""
+        return None if self._stale(now) else self.safety * self._ewma
+
+    def cautious_estimate(self, now: float | None = None) -> float | None:
         """Like estimate(), but a drop in the newest sample counts at once (for deadlines within a transfer)."""
-        return None if self._ewma is None else self.safety * min(self._ewma, self._last)
+        return None if self._stale(now) else self.safety * min(self._ewma, self._last)

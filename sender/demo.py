@@ -72,9 +72,9 @@ def start_receiver_process(model: str, env: dict | None = None, quiet: bool = Fa
 
 
 @contextlib.contextmanager
-def local_receiver(model: str):
+def local_receiver(model: str, quiet: bool = False):
     """A receiver subprocess for the length of the block; yields its address."""
-    process, target = start_receiver_process(model)
+    process, target = start_receiver_process(model, quiet=quiet)
     try:
         yield target
     finally:

@@ -99,13 +99,13 @@ def bench_fuzz(
     model: str = typer.Option("tiny-llama", "--model"),
 ) -> None:
     """Fuzz the frame decoder and header validator; print inputs tried, outcomes and crashes."""
-    from common import fuzz, wire
+    from common import fuzz
     from common.kvstate import prefill
     from common.models import load_model
 
     loaded = load_model(model)
     kv = prefill(loaded.model, list(range(300, 340)))
-    seeds = [list(wire.encode(kv, p, loaded.fingerprint)) for p in ("raw", "int4:g32", "nf4", "svd:r4+int8", "int2+int8@0")]
+    seeds = fuzz.seed_transfers(kv, loaded.fingerprint)
     start = time.perf_counter()
     report = fuzz.run(loaded.fingerprint, seeds, structured=inputs * 3 // 4, random_bytes=inputs - inputs * 3 // 4, seed=seed)
     console.print(f"{report.inputs:,} fuzz inputs in {time.perf_counter() - start:.0f} s: {report.accepted:,} accepted, "
@@ -158,3 +158,52 @@ def bench_codec(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps({"source": source, "copy_mb_s": copy_mb_s, "rows": rows_as_dicts(rows)}, indent=2))
+
+
+@bench_app.command("segments")
+def bench_segments(
+    tokens: int = typer.Option(1024, min=64, help="Needle-in-a-haystack contexts of this many tokens."),
+    segment_tokens: int = typer.Option(256, min=16, help="Tokens per segment."),
+    trials: int = typer.Option(12, min=1, help="Contexts (needle depths) x seeded link traces."),
+    deadlines: str = typer.Option("2,4", help="Seconds from the first frame to the cache in place."),
+    statics: str = typer.Option("int8,int4:g32", help="Whole-cache profiles to compare against."),
+    trace: str = typer.Option("markov", help="Link trace (markov, step:A:B:T or a CSV), seeded per trial."),
+    delay: str = typer.Option("10ms"),
+    bandwidth: str = typer.Option("20mbit", help="The rate the first segment is planned with."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Segmented (adaptive) against whole-cache transfers over real gRPC through the shaping relay:
+    deadline hit rate and quality (F1 against the full-prompt answer, 0 when late)."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from common.channel import parse_rate
+    from common.cli.app import _parse_profiles
+    from common.evaluation.haystack import needle_samples
+    from common.evaluation.segment_trials import run_trials, summarize
+    from common.models import load_model
+    from sender.demo import local_receiver
+
+    names = _parse_profiles(statics)
+    limits = [float(d) for d in deadlines.split(",")]
+    loaded = load_model(model)
+    samples = needle_samples(loaded.tokenizer, tokens, [i / max(1, trials - 1) for i in range(trials)])
+    with local_receiver(model, quiet=True) as target, Progress(console=console) as progress:
+        task = progress.add_task("transfers", total=trials * len(limits) * (len(names) + 1))
+        rows = run_trials(loaded, target, samples, names, limits, trials, segment_tokens, trace, delay,
+                          parse_rate(bandwidth), progress=lambda: progress.advance(task))
+    summary = summarize(rows)
+    table = Table(title=f"{trials} trials of {tokens}-token contexts on {trace} links ({delay} delay), "
+                        f"segments of {segment_tokens} tokens")
+    for column in ("deadline s", "method", "hit rate", "mean quality", "MB sent", "sent as"):
+        table.add_column(column, justify="right")
+    for row in summary:
+        table.add_row(f"{row['deadline_s']:g}", row["method"], f"{row['hit_rate']:.0%}", f"{row['mean_quality']:.3f}",
+                      f"{row['bytes_mean'] / 1e6:.2f}", ", ".join(f"{k} {v:.0%}" for k, v in row["sent_as"].items()))
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"tokens": tokens, "segment_tokens": segment_tokens, "trace": trace,
+                                         "delay": delay, "summary": summary, "trials": rows}, indent=2))

@@ -83,6 +83,12 @@ def sender_ask(
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(64, min=1, max=512),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
+    segments: int = typer.Option(0, min=0, help="Send in segments of this many tokens (e.g. 512), each planned "
+                                                "for --deadline: a precision profile, or text the receiver prefills."),
+    deadline: float = typer.Option(2.0, min=0.0, help="With --segments: seconds until the cache is in place."),
+    bandwidth: str = typer.Option("20mbit", help="With --segments: the rate to plan the first segment with."),
+    calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                               help="With --segments: the table to plan with (default: the model's)."),
     model: Optional[str] = ModelOption,
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
@@ -99,6 +105,10 @@ def sender_ask(
     text = context if context is not None else context_file.read_text()
     profile = _parse_profiles(profile)[0]
     loaded = load_model(model)
+    if segments:
+        _ask_in_segments(loaded, text, question, target, segments, deadline, bandwidth, calibration, max_new_tokens,
+                         zstd_level)
+        return
     try:
         with Client.from_settings(get_settings(), target) as client:
             agreed = client.negotiate(loaded.fingerprint, [profile]).profile
@@ -115,6 +125,47 @@ def sender_ask(
     console.print(f"[bold]{reply.text}[/bold]")
     console.print(f"{sent.bytes_sent:,} bytes in {sent.frames} frames for {pre.kv.seq_len} tokens; "
                   f"prefill {pre.seconds:.2f} s, transfer {sent.seconds:.2f} s, decode {reply.decode_seconds:.2f} s")
+
+
+def _ask_in_segments(loaded, text: str, question: str, target: str, segment_tokens: int, deadline: float,
+                     bandwidth: str, calibration: Optional[Path], max_new_tokens: int, zstd_level: int) -> None:
+    import grpc
+    from rich.table import Table
+
+    from common.channel import parse_rate
+    from common.planner import load_table
+    from common.settings import get_settings
+    from sender.adaptive import SegmentPlanner, send_segments
+    from sender.client import Client
+    from sender.prefill import prefill_prompt
+
+    try:
+        initial_bps = parse_rate(bandwidth)
+        table = load_table(loaded.name, calibration)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    pre = prefill_prompt(loaded, text, question)
+    planner = SegmentPlanner(table, text_s_per_token=pre.seconds / pre.kv.seq_len)
+    try:
+        with Client.from_settings(get_settings(), target) as client:
+            client.negotiate(loaded.fingerprint, planner.ladder)  # the receiver knows this model and these codecs
+            sent = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint, planner, deadline,
+                                 segment_tokens, initial_bps, zstd_level=zstd_level)
+            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+    except grpc.RpcError as error:
+        console.print(f"[red]receiver at {target} refused: {error.code().name}: {error.details()}[/red]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{len(sent.segments)} segments, deadline {deadline:g} s")
+    for column in ("tokens", "profile", "bytes", "planned at Mbit/s", "budget s", "sent s", "in place s"):
+        table.add_column(column, justify="right")
+    for s in sent.segments:
+        table.add_row(f"{s.start}-{s.end}", s.profile, f"{s.bytes:,}", f"{s.estimate_bps / 1e6:.1f}", f"{s.budget_s:.2f}",
+                      f"{s.sent_s:.2f}", f"{s.acked_s:.2f}")
+    console.print(table)
+    console.print(f"[bold]{reply.text}[/bold]")
+    console.print(f"{sent.bytes_sent:,} bytes for {pre.kv.seq_len} tokens in {sent.seconds:.2f} s "
+                  f"({'met' if sent.seconds <= deadline else 'missed'} the deadline); prefill {pre.seconds:.2f} s, "
+                  f"decode {reply.decode_seconds:.2f} s")
 
 
 @app.command()

@@ -53,8 +53,9 @@ def sweep(
     workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
     runner: str = typer.Option("local", help="local, or ray (optional extra)."),
     validate: int = typer.Option(0, min=0, help="Re-run this many constant-rate points through real gRPC and the relay."),
-    deadlines: str = typer.Option("", help="e.g. 0.5,1,2,5: replay transfers along the Markov trace and compare "
-                                           "static profiles against auto on deadline hit rate and quality."),
+    deadlines: str = typer.Option("", help="e.g. 0.5,1,2,5: replay transfers along each trace of --traces and compare "
+                                           "static profiles against auto and auto-segments on deadline hit rate "
+                                           "and quality."),
     statics: str = typer.Option("int8,int4:g32,q2c:0.5+int4:g32", help="Static profiles for --deadlines."),
     haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
     model: str = typer.Option("smollm2-135m", "--model"),
@@ -126,22 +127,28 @@ def sweep(
                           f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
     deadline_rows = []
     if deadlines:
-        from common.channel import Trace
-        from common.channel import parse_duration
+        from common.channel import link_from_options, parse_duration
         from common.evaluation.deadlines import replay
         from common.planner import load_table
-        from rich.table import Table as RichTable
 
         static_names = _parse_profiles(statics)
-        deadline_rows = replay(sweep_module.model_points(points), [s.id for s in dataset], static_names,
-                               load_table(model), Trace.markov(seed=0), parse_duration(delay),
-                               [float(d) for d in deadlines.split(",")])
-        table = RichTable(title="static profiles against auto, Markov trace (5-200 Mbit/s): deadline hit rate, quality")
-        for column in ("deadline s", "profile", "hit rate", "mean quality"):
-            table.add_column(column, justify="right")
-        for row in deadline_rows:
-            table.add_row(f"{row['deadline_s']:g}", row["profile"], f"{row['hit_rate']:.1%}", f"{row['mean_quality']:.3f}")
-        console.print(table)
+        varying = [spec for spec in links if spec["trace"] != "constant"]
+        if not varying:
+            raise typer.BadParameter("--deadlines replays transfers along the varying links of --traces", param_hint="--traces")
+        for spec in varying:
+            trace = link_from_options(None, spec["trace"], spec["delay"]).trace
+            rows = replay(sweep_module.model_points(points), [s.id for s in dataset], static_names, load_table(model),
+                          trace, parse_duration(delay), [float(d) for d in deadlines.split(",")],
+                          enter_at_random=not spec["trace"].startswith("step:"))
+            deadline_rows += [{"trace": spec["trace"], **row} for row in rows]
+            table = Table(title=f"static profiles against the planners, trace {spec['trace']}: deadline hit rate, quality")
+            for column in ("deadline s", "profile", "hit rate", "mean quality", "sent as"):
+                table.add_column(column, justify="right")
+            for row in rows:
+                sent_as = ", ".join(f"{name} {count / row['transfers']:.0%}" for name, count in row["choices"].items())
+                table.add_row(f"{row['deadline_s']:g}", row["profile"], f"{row['hit_rate']:.1%}", f"{row['mean_quality']:.3f}",
+                              sent_as if row["profile"].startswith("auto") else "")
+            console.print(table)
     report = {"model": model, "samples": len(dataset), "profiles": names, "links": links, "summaries": summaries,
               "best": best, "pareto": front, "validation": validation, "deadlines": deadline_rows}
     (report_dir / "summary.json").write_text(json.dumps(report, indent=2))

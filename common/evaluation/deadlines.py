@@ -1,19 +1,31 @@
-"""Static profiles against `auto` on a varying link: deadline hit rate and quality.
+"""Static profiles against the planners on a varying link: deadline hit rate and quality.
 
 Uses the model work a sweep measured (per sample and profile: compute times, bytes and
-fidelity) and replays transfers that start at many points of a bandwidth trace. `auto`
-plans each transfer with the calibrated table and the bandwidth the sender has seen so
-far (EWMA over its previous transfers, as `sender.bandwidth` does). Quality counts the
-fidelity of answers that arrive in time, 0 for late ones.
+fidelity) and replays transfers along a bandwidth trace: a long trace (Markov, CSV) is
+entered at many points, and a step trace is seen from its start by every transfer (the
+link drops mid-transfer). Two planners run next to the static profiles:
+
+- `auto`: the profile negotiated for the whole transfer (common.planner, any calibrated
+  profile, selection included), planned with the EWMA of earlier transfers.
+- `auto-segments`: the segment planner (sender.adaptive) with its text fallback. SQuAD
+  contexts fit one segment, so this is one decision per transfer among the precision
+  profiles, or text when none fits; a text answer is the full-prompt answer (fidelity 1,
+  as tests/e2e/test_segments.py asserts), delivered after the receiver prefills it.
+
+Quality counts the fidelity of answers that arrive in time, 0 for late ones.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from common.channel import Link, Trace
 from common.planner import plan
+from sender.adaptive import TEXT, SegmentPlanner
 from sender.bandwidth import BandwidthEstimator
+
+INITIAL_BPS = 20e6  # what a sender assumes before its first acknowledged transfer
 
 
 def shifted(trace: Trace, offset: float) -> Trace:
@@ -24,20 +36,23 @@ def shifted(trace: Trace, offset: float) -> Trace:
 
 def replay(points: dict[tuple[str, str], dict], samples: list[str], statics: list[str], table: dict,
            trace: Trace, delay_s: float, deadlines: list[float], transfers: int = 400, gap_s: float = 2.0,
-           seed: int = 0) -> list[dict]:
-    """points[(sample_id, profile)] -> one sweep point (compute times, bytes, fidelity).
+           seed: int = 0, enter_at_random: bool = True) -> list[dict]:
+    """points[(sample_id, profile)] -> one sweep point (compute times, bytes, fidelity, text baseline).
 
-    Transfers start every `gap_s` seconds (plus jitter) along the trace, each on a random sample.
+    Transfers start every `gap_s` seconds (plus jitter) along the trace, each on a random sample;
+    with enter_at_random=False every transfer sees the trace from its start.
     """
     rng = random.Random(seed)
     starts = [i * gap_s + rng.uniform(0, gap_s) for i in range(transfers)]
     chosen_samples = [rng.choice(samples) for _ in starts]
+    segments = SegmentPlanner(table)
     results = []
     for deadline in deadlines:
-        outcomes = {name: [] for name in statics + ["auto"]}
-        estimator = BandwidthEstimator()
+        outcomes = {name: [] for name in statics + ["auto", "auto-segments"]}
+        choices = {"auto": Counter(), "auto-segments": Counter()}
+        whole_estimator, segment_estimator = BandwidthEstimator(), BandwidthEstimator()
         for start, sample in zip(starts, chosen_samples):
-            link = Link(shifted(trace, start), delay_s)
+            link = Link(shifted(trace, start) if enter_at_random else trace, delay_s)
             compute = {}
             for profile in set(statics) | set(table["profiles"]):
                 point = points.get((sample, profile))
@@ -47,17 +62,38 @@ def replay(points: dict[tuple[str, str], dict], samples: list[str], statics: lis
                 compute[profile] = (point["prefill_s"] + point["select_s"] + point["encode_s"] + link_s
                                     + point["assemble_s"] + point["inject_s"] + point["first_token_s"],
                                     point["fidelity_f1"], point["bytes"], link_s)
+
+            def record(name: str, ttft: float, fidelity: float) -> None:
+                outcomes[name].append((ttft <= deadline, fidelity if ttft <= deadline else 0.0))
+
             for profile in statics:
-                ttft, fidelity, _, _ = compute[profile]
-                outcomes[profile].append((ttft <= deadline, fidelity if ttft <= deadline else 0.0))
+                record(profile, *compute[profile][:2])
             allowed = [p for p in table["profiles"] if p in compute]
-            tokens = points[(sample, allowed[0])]["seq_len"]
-            picked = plan(table, tokens, estimator.estimate() or 20e6, deadline, allowed=allowed).profile
+            first = points[(sample, allowed[0])]
+            picked = plan(table, first["seq_len"], whole_estimator.estimate(start) or INITIAL_BPS, deadline,
+                          allowed=allowed).profile
             ttft, fidelity, nbytes, link_s = compute[picked]
-            outcomes["auto"].append((ttft <= deadline, fidelity if ttft <= deadline else 0.0))
-            estimator.update(nbytes, link_s)  # the acknowledged transfer feeds the estimate
+            record("auto", ttft, fidelity)
+            choices["auto"][picked] += 1
+            whole_estimator.update(nbytes, link_s, start)  # the acknowledged transfer feeds the estimate
+
+            ladder = [p for p in segments.ladder if p in compute]
+            budget = deadline - max(table["profiles"][p]["first_token_s"] for p in ladder) - first["prefill_s"]
+            # The sender plans text with the rate of its own prefill of this context.
+            choice = SegmentPlanner(table, ladder, first["prefill_s"] / first["seq_len"]).choose(first["seq_len"], {p: compute[p][2] for p in ladder},
+                                                          first["text_bytes"],
+                                                          segment_estimator.cautious_estimate(start) or INITIAL_BPS, budget)
+            choices["auto-segments"][choice.profile] += 1
+            if choice.profile == TEXT:
+                link_s = link.transfer_time([first["text_bytes"]])
+                record("auto-segments", first["prefill_s"] + link_s + first["text_prefill_s"], 1.0)
+            else:
+                ttft, fidelity, nbytes, link_s = compute[choice.profile]
+                record("auto-segments", ttft, fidelity)
+                segment_estimator.update(nbytes, link_s, start)
         for name, rows in outcomes.items():
             results.append({"deadline_s": deadline, "profile": name, "transfers": len(rows),
                             "hit_rate": sum(h for h, _ in rows) / len(rows),
-                            "mean_quality": sum(q for _, q in rows) / len(rows)})
+                            "mean_quality": sum(q for _, q in rows) / len(rows),
+                            "choices": dict(choices[name].most_common()) if name in choices else {name: len(rows)}})
     return results

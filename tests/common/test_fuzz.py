@@ -12,7 +12,7 @@ from common.proto import kvwire_pb2 as pb
 @pytest.fixture(scope="module")
 def seeds(tiny_llama):
     kv = prefill(tiny_llama.model, list(range(300, 340)))
-    return [list(wire.encode(kv, p, tiny_llama.fingerprint)) for p in ("raw", "int4:g32", "nf4", "svd:r4+int8")]
+    return fuzz.seed_transfers(kv, tiny_llama.fingerprint)
 
 
 def test_mutated_transfers_never_crash(seeds, tiny_llama):
@@ -20,6 +20,9 @@ def test_mutated_transfers_never_crash(seeds, tiny_llama):
     assert report.crashes == []
     assert report.inputs == 2000
     assert report.accepted > 0 and sum(report.rejected.values()) > 1000
+    segmented = fuzz.FuzzReport()
+    fuzz.feed(seeds[-1], tiny_llama.fingerprint, segmented)
+    assert segmented.accepted == 1  # the segmented seed is a valid transfer
     assert {"DATA_LOSS", "INVALID_ARGUMENT"} <= set(report.rejected)
 
 

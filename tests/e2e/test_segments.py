@@ -39,9 +39,9 @@ def test_all_text_segments_give_the_full_prompt_answer(model, request):
     receiver = request.getfixturevalue(model.replace("tiny_", "") + "_receiver")
     pre = prefill_prompt(loaded, CONTEXT, QUESTION)
     with Client(receiver.target) as client:
-        # A deadline nothing can meet: every segment falls back to text.
+        # A link planned at 1 kbit/s and a deadline nothing can meet: every segment falls back to text.
         result = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint,
-                               SegmentPlanner(TABLE), deadline_s=1e-6, segment_tokens=48)
+                               SegmentPlanner(TABLE), deadline_s=1e-6, segment_tokens=48, initial_bps=1e3)
         tokens = answer(client, loaded, pre, result)
     assert len(result.segments) == -(-pre.kv.seq_len // 48) > 2
     assert set(result.profiles) == {TEXT}
@@ -115,3 +115,22 @@ def test_a_rate_drop_mid_transfer_moves_later_segments_to_smaller_profiles(drop,
         assert after and all(s.bytes / (s.end - s.start) < 0.6 * first.bytes / 64 for s in after), result.profiles
     else:
         assert set(result.profiles) == {"fp16"}, [(s.profile, s.estimate_bps, s.budget_s) for s in result.segments]
+
+
+def test_sender_ask_in_segments_cli(llama_receiver, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    (tmp_path / "table.json").write_text(json.dumps(TABLE))
+    command = [sys.executable, "-m", "common.cli", "sender", "ask", "--question", QUESTION, "--context-file",
+               str(tmp_path / "context.txt"), "--target", llama_receiver.target, "--model", "tiny-llama",
+               "--max-new-tokens", "4", "--segments", "32", "--calibration", str(tmp_path / "table.json")]
+    fast = subprocess.run(command + ["--deadline", "60"], capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert fast.returncode == 0, fast.stderr
+    assert "segments, deadline 60 s" in fast.stdout and "raw" in fast.stdout and "met the deadline" in fast.stdout
+    late = subprocess.run(command + ["--deadline", "0"], capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert late.returncode == 0, late.stderr
+    assert "text" in late.stdout and " raw " not in late.stdout  # nothing fits: every segment went as text

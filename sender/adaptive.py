@@ -89,6 +89,12 @@ class SegmentPlanner:
         return Choice(name, options[name], f"nothing fits {budget_s:.2f} s at {bandwidth_bps / 1e6:.1f} Mbit/s: "
                                            f"{name} is expected soonest ({options[name]:.2f} s)")
 
+    def probe(self, kv_bytes: dict[str, int]) -> Choice:
+        """Before anything is known of the link: the smallest cache, whose acknowledgement measures it
+        (text would measure nothing, and a sender that starts on text could never leave it)."""
+        name = min(self.ladder, key=lambda n: kv_bytes[n])
+        return Choice(name, 0.0, "probe: nothing measured yet, the smallest cache measures the link")
+
 
 @dataclass
 class SegmentRecord:
@@ -96,7 +102,7 @@ class SegmentRecord:
     end: int
     profile: str
     bytes: int  # frames on the wire, prefixes included
-    estimate_bps: float  # the bandwidth it was planned with
+    estimate_bps: float | None  # the bandwidth it was planned with (None: a probe)
     budget_s: float
     expected_s: float
     reason: str
@@ -130,7 +136,7 @@ def payload_bytes(kv: KVState, profile: str) -> int:
 
 def send_segments(
     client, kv: KVState, token_ids: list[int], fingerprint: pb.Fingerprint, planner: SegmentPlanner | None,
-    deadline_s: float, segment_tokens: int = DEFAULT_SEGMENT_TOKENS, initial_bps: float = 20e6,
+    deadline_s: float, segment_tokens: int = DEFAULT_SEGMENT_TOKENS, initial_bps: float | None = None,
     schedule: list[str] | None = None, zstd_level: int = 3, started: float | None = None,
     records: list[SegmentRecord] | None = None,
 ) -> AdaptiveResult:
@@ -138,8 +144,9 @@ def send_segments(
 
     `deadline_s` counts from `started` (default: now) to the cache being in place, less the
     calibrated first-token time. The first segment is planned with the client's bandwidth
-    estimate, or `initial_bps` before it has one; later ones with what the acknowledgements
-    measured (a drop is believed at once, see BandwidthEstimator.cautious). `schedule`
+    estimate, or `initial_bps` before it has one, or else sent as a probe (the smallest
+    cache); later ones with what the acknowledgements measured (a drop is believed at once,
+    see BandwidthEstimator.cautious_estimate). `schedule`
     fixes each segment's profile instead of planning (profiles or "text"). `records`, if
     given, is filled as segments are planned, so the caller sees them after a failure too.
     """
@@ -168,7 +175,10 @@ def send_segments(
             return SegmentRecord(start, end, schedule[index], 0, estimate, budget, 0.0, "fixed schedule")
         part = kv.token_range(start, end)
         sizes = {name: payload_bytes(part, name) for name in planner.ladder}
-        choice = planner.choose(end - start, sizes, 4 * (end - start), estimate, budget)
+        if estimate is None:
+            choice = planner.probe(sizes)
+        else:
+            choice = planner.choose(end - start, sizes, 4 * (end - start), estimate, budget)
         return SegmentRecord(start, end, choice.profile, 0, estimate, budget, choice.expected_s, choice.reason)
 
     def frames() -> Iterator[pb.Frame]:

@@ -169,7 +169,8 @@ def bench_segments(
     statics: str = typer.Option("int8,int4:g32", help="Whole-cache profiles to compare against."),
     trace: str = typer.Option("markov", help="Link trace (markov, step:A:B:T or a CSV), seeded per trial."),
     delay: str = typer.Option("10ms"),
-    bandwidth: str = typer.Option("20mbit", help="The rate the first segment is planned with."),
+    bandwidth: Optional[str] = typer.Option(None, help="The rate the first segment is planned with "
+                                                       "(default: send it as a probe, the smallest cache)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
@@ -194,7 +195,7 @@ def bench_segments(
     with local_receiver(model, quiet=True) as target, Progress(console=console) as progress:
         task = progress.add_task("transfers", total=trials * len(limits) * (len(names) + 1))
         rows = run_trials(loaded, target, samples, names, limits, trials, segment_tokens, trace, delay,
-                          parse_rate(bandwidth), progress=lambda: progress.advance(task))
+                          parse_rate(bandwidth) if bandwidth else None, progress=lambda: progress.advance(task))
     summary = summarize(rows)
     table = Table(title=f"{trials} trials of {tokens}-token contexts on {trace} links ({delay} delay), "
                         f"segments of {segment_tokens} tokens")

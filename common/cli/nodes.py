@@ -86,7 +86,8 @@ def sender_ask(
     segments: int = typer.Option(0, min=0, help="Send in segments of this many tokens (e.g. 512), each planned "
                                                 "for --deadline: a precision profile, or text the receiver prefills."),
     deadline: float = typer.Option(2.0, min=0.0, help="With --segments: seconds until the cache is in place."),
-    bandwidth: str = typer.Option("20mbit", help="With --segments: the rate to plan the first segment with."),
+    bandwidth: Optional[str] = typer.Option(None, help="With --segments: the rate to plan the first segment with "
+                                                       "(default: send it as a probe, the smallest cache)."),
     calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                help="With --segments: the table to plan with (default: the model's)."),
     model: Optional[str] = ModelOption,
@@ -128,7 +129,7 @@ def sender_ask(
 
 
 def _ask_in_segments(loaded, text: str, question: str, target: str, segment_tokens: int, deadline: float,
-                     bandwidth: str, calibration: Optional[Path], max_new_tokens: int, zstd_level: int) -> None:
+                     bandwidth: Optional[str], calibration: Optional[Path], max_new_tokens: int, zstd_level: int) -> None:
     import grpc
     from rich.table import Table
 
@@ -140,7 +141,7 @@ def _ask_in_segments(loaded, text: str, question: str, target: str, segment_toke
     from sender.prefill import prefill_prompt
 
     try:
-        initial_bps = parse_rate(bandwidth)
+        initial_bps = parse_rate(bandwidth) if bandwidth else None
         table = load_table(loaded.name, calibration)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -159,7 +160,8 @@ def _ask_in_segments(loaded, text: str, question: str, target: str, segment_toke
     for column in ("tokens", "profile", "bytes", "planned at Mbit/s", "budget s", "sent s", "in place s"):
         table.add_column(column, justify="right")
     for s in sent.segments:
-        table.add_row(f"{s.start}-{s.end}", s.profile, f"{s.bytes:,}", f"{s.estimate_bps / 1e6:.1f}", f"{s.budget_s:.2f}",
+        planned_at = "probe" if s.estimate_bps is None else f"{s.estimate_bps / 1e6:.1f}"
+        table.add_row(f"{s.start}-{s.end}", s.profile, f"{s.bytes:,}", planned_at, f"{s.budget_s:.2f}",
                       f"{s.sent_s:.2f}", f"{s.acked_s:.2f}")
     console.print(table)
     console.print(f"[bold]{reply.text}[/bold]")

@@ -25,7 +25,7 @@ from common.planner import plan
 from sender.adaptive import TEXT, SegmentPlanner
 from sender.bandwidth import BandwidthEstimator
 
-INITIAL_BPS = 20e6  # what a sender assumes before its first acknowledged transfer
+INITIAL_BPS = 20e6  # what `auto` assumes before its first acknowledged transfer
 
 
 def shifted(trace: Trace, offset: float) -> Trace:
@@ -80,9 +80,11 @@ def replay(points: dict[tuple[str, str], dict], samples: list[str], statics: lis
             ladder = [p for p in segments.ladder if p in compute]
             budget = deadline - max(table["profiles"][p]["first_token_s"] for p in ladder) - first["prefill_s"]
             # The sender plans text with the rate of its own prefill of this context.
-            choice = SegmentPlanner(table, ladder, first["prefill_s"] / first["seq_len"]).choose(first["seq_len"], {p: compute[p][2] for p in ladder},
-                                                          first["text_bytes"],
-                                                          segment_estimator.cautious_estimate(start) or INITIAL_BPS, budget)
+            planner = SegmentPlanner(table, ladder, first["prefill_s"] / first["seq_len"])
+            sizes = {p: compute[p][2] for p in ladder}
+            estimate = segment_estimator.cautious_estimate(start)
+            choice = (planner.probe(sizes) if estimate is None
+                      else planner.choose(first["seq_len"], sizes, first["text_bytes"], estimate, budget))
             choices["auto-segments"][choice.profile] += 1
             if choice.profile == TEXT:
                 link_s = link.transfer_time([first["text_bytes"]])

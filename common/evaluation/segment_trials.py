@@ -32,7 +32,7 @@ SEGMENTS = "segments"
 
 def run_trials(loaded: LoadedModel, target: str, samples: list[Sample], statics: list[str], deadlines: list[float],
                trials: int, segment_tokens: int, trace: str = "markov", delay: str = "10ms",
-               initial_bps: float = 20e6, max_new_tokens: int = 16, table: dict | None = None,
+               initial_bps: float | None = None, max_new_tokens: int = 16, table: dict | None = None,
                progress: Callable[[], None] = lambda: None) -> list[dict]:
     table = table or load_table(loaded.name)
     rows = []

@@ -59,3 +59,8 @@ def test_cautious_estimate_believes_a_drop_at_once_and_forgets_old_samples():
     assert estimator.estimate(now=1.0) == pytest.approx(0.3 * 10e6 + 0.7 * 200e6)
     assert estimator.cautious_estimate(now=1.0) == pytest.approx(10e6)
     assert estimator.cautious_estimate(now=12.0) is None  # stale: plan as if nothing were known
+
+
+def test_the_probe_is_the_smallest_cache():
+    choice = SegmentPlanner(TABLE).probe(SIZES)
+    assert choice.profile == "int4:g32" and choice.reason.startswith("probe")

@@ -129,14 +129,16 @@ class Relay:
         segment = max(512, min(MAX_SEGMENT, int(link.trace.rates[0] / 8 * 0.01)))
 
         async def read() -> None:
+            # The end marker follows the last byte, or a peer that went away. A cancelled or
+            # closed reader puts nothing: the writer is being torn down with it.
             try:
                 while data := await reader.read(segment):
                     if corrupt:
                         data = corrupt(data)
                     await queue.put((link.send(len(data), loop.time() - origin), data))
-            finally:
-                if not asyncio.current_task().cancelling():  # when cancelled, the writer is being cancelled too
-                    await queue.put((None, b""))
+            except OSError:
+                pass
+            await queue.put((None, b""))
 
         async def write() -> None:
             try:

@@ -177,7 +177,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                 "tokens": kv.seq_len, "transfer_s": seconds, "answer": None, "decode_s": None,
                                 "at": time.time()})
         log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
-        yield pb.SegmentAck(segment=acked, bytes_received=assembler.bytes_received, done=pb.TransferReply(
+        yield pb.SegmentAck(bytes_received=assembler.bytes_received, done=pb.TransferReply(
             session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds))
 
     async def _place(self, loaded: LoadedModel, kv: KVState | None, segment: wire.Segment) -> KVState:

@@ -146,9 +146,9 @@ def send_segments(
     calibrated first-token time. The first segment is planned with the client's bandwidth
     estimate, or `initial_bps` before it has one, or else sent as a probe (the smallest
     cache); later ones with what the acknowledgements measured (a drop is believed at once,
-    see BandwidthEstimator.cautious_estimate). `schedule`
-    fixes each segment's profile instead of planning (profiles or "text"). `records`, if
-    given, is filled as segments are planned, so the caller sees them after a failure too.
+    see BandwidthEstimator.cautious_estimate). `schedule` fixes each segment's profile
+    instead of planning (profiles or "text"). `records`, if given, is filled as segments are
+    planned, so the caller sees them after a failure too.
     """
     if len(token_ids) != kv.seq_len:
         raise ValueError(f"{len(token_ids)} token ids for a cache of {kv.seq_len} tokens")

@@ -60,7 +60,7 @@ class KVWireServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Negotiate(self, request, context):
-        """Agree on model identity (and, later, on a compression profile).
+        """Agree on model identity and on a compression profile (fixed, or planned for the link).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,6 +78,21 @@ def test_a_quantized_segment_changes_the_cache_but_keeps_positions(llama_receive
     assert (kv.keys[0][:, :, :64] - pre.kv.keys[0][:, :, :64]).abs().max() < 0.05 * pre.kv.keys[0].abs().max()
 
 
+def test_sliding_window_models_take_cache_segments_but_refuse_text(start_receiver, tiny_gemma3):
+    receiver = start_receiver("tiny-gemma3")
+    pre = prefill_prompt(tiny_gemma3, CONTEXT, QUESTION)  # longer than its 16-token sliding window
+    ids = pre.prompt.ids[:pre.kv.seq_len]
+    count = -(-len(ids) // 64)
+    with Client(receiver.target) as client:
+        result = send_segments(client, pre.kv, ids, tiny_gemma3.fingerprint, None, 10, 64, schedule=["raw"] * count)
+        tokens = answer(client, tiny_gemma3, pre, result)
+        with pytest.raises(grpc.RpcError) as info:
+            send_segments(client, pre.kv, ids, tiny_gemma3.fingerprint, None, 10, 64,
+                          schedule=["raw"] + [TEXT] * (count - 1))
+    assert tokens == reference_generate(tiny_gemma3.model, pre.prompt.ids, 16)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "sliding-window" in info.value.details()
+
+
 def test_segments_refused_where_they_cannot_be_assembled(llama_receiver, tiny_llama):
     pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION)
     ids = pre.prompt.ids[:pre.kv.seq_len]

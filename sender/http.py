@@ -21,6 +21,7 @@ from common.prompts import build_prompt
 from common.select import SelectionError
 from common.settings import Settings
 from receiver.auth import require_token
+from sender.adaptive import SegmentPlanner, send_segments
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens
 
@@ -35,6 +36,19 @@ class AskRequest(BaseModel):
     quality_floor: float = Field(0.0, ge=0, le=1, description="With 'auto': the least calibrated fidelity accepted.")
     max_new_tokens: int = Field(32, ge=1, le=512)
     query_aware: bool = True
+    segments: int | None = Field(None, ge=16, le=8192, description="Send in segments of this many tokens, each "
+                                 "planned for the deadline (a precision profile, or text the receiver prefills); "
+                                 "'profile' is then ignored.")
+
+
+class SegmentInfo(BaseModel):
+    start: int
+    end: int
+    profile: str
+    bytes: int
+    planned_bps: float | None  # None: a probe
+    budget_s: float
+    reason: str
 
 
 class AskResponse(BaseModel):
@@ -50,6 +64,7 @@ class AskResponse(BaseModel):
     transfer_s: float
     decode_s: float
     plan: str | None = None  # why 'auto' chose this profile
+    segments: list[SegmentInfo] | None = None
 
 
 def create_app(settings: Settings, model: str | None = None) -> FastAPI:
@@ -79,8 +94,15 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
     async def ask(body: AskRequest, request: Request):
         reason = None
         try:
+            if body.segments and (body.bandwidth or not body.query_aware):
+                raise ValueError("segments go over the real link, query-aware: leave out bandwidth (put `kvwire "
+                                 "channel` in front of the receiver to emulate a link) and query_aware=false")
             link = link_from_options(body.bandwidth) if body.bandwidth else None
-            if body.profile == "auto":
+            if body.segments:
+                loaded = request.app.state.loaded
+                profile, reason = "segments", None
+                load_table(loaded.name)  # fail early, as a bad request, without a calibration
+            elif body.profile == "auto":
                 loaded = request.app.state.loaded
                 tokens = len(build_prompt(loaded.tokenizer, body.context, body.question).ids)
                 chosen = plan(load_table(loaded.name), tokens, parse_rate(body.bandwidth or "100mbit"),
@@ -111,6 +133,8 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
 
 def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> AskResponse:
+    if body.segments:
+        return _ask_in_segments(loaded, settings, body)
     with Client.from_settings(settings, timeout_s=body.deadline or 120.0) as client:
         agreed = client.negotiate(loaded.fingerprint, [profile]).profile
         pre = prefill_prompt(loaded, body.context, body.question, body.query_aware, [agreed])
@@ -129,3 +153,21 @@ def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> As
         bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / pre.kv.fp16_nbytes, prefill_s=pre.seconds,
         compress_s=compressed - start, transfer_s=sent.seconds, decode_s=reply.inject_seconds + reply.decode_seconds,
     )
+
+
+def _ask_in_segments(loaded, settings: Settings, body: AskRequest) -> AskResponse:
+    deadline = body.deadline or 2.0
+    pre = prefill_prompt(loaded, body.context, body.question)
+    planner = SegmentPlanner(load_table(loaded.name), text_s_per_token=pre.seconds / pre.kv.seq_len)
+    with Client.from_settings(settings, timeout_s=120.0) as client:
+        client.negotiate(loaded.fingerprint, planner.ladder)
+        sent = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint, planner, deadline,
+                             body.segments)
+        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=body.max_new_tokens)
+    return AskResponse(
+        answer=reply.text, profile="segments", session_id=sent.session_id, seq_len=pre.kv.seq_len,
+        kept_tokens=pre.kv.seq_len, bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / pre.kv.fp16_nbytes,
+        prefill_s=pre.seconds, compress_s=0.0, transfer_s=sent.seconds,  # segments are encoded while they stream
+        decode_s=reply.inject_seconds + reply.decode_seconds,
+        segments=[SegmentInfo(start=r.start, end=r.end, profile=r.profile, bytes=r.bytes, planned_bps=r.estimate_bps,
+                              budget_s=r.budget_s, reason=r.reason) for r in sent.segments])

@@ -40,6 +40,8 @@ def test_ask_through_an_emulated_link_takes_the_link_time(sender):
     ({"context": CONTEXT, "question": "q", "bandwidth": "fast"}, 422, "cannot read rate"),
     ({"context": "", "question": "q"}, 422, "context"),
     ({"context": CONTEXT, "question": "q", "profile": "q2c:0.5", "query_aware": False}, 422, "query-aware"),
+    ({"context": CONTEXT, "question": "q", "segments": 32, "bandwidth": "2mbit"}, 422, "leave out bandwidth"),
+    ({"context": CONTEXT, "question": "q", "segments": 32}, 422, "no calibration for tiny-llama"),
 ])
 def test_bad_requests(sender, body, status, message):
     reply = sender.post("/v1/ask", json=body, headers=AUTH)
@@ -84,5 +86,12 @@ def test_auto_uses_the_planner(start_receiver, tmp_path, monkeypatch):
                                           "bandwidth": "100mbit", "deadline": 1.0, "max_new_tokens": 2}).json()
         slow = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "auto",
                                           "bandwidth": "50kbit", "deadline": 3.0, "max_new_tokens": 2}).json()
+        segmented = http.post("/v1/ask", json={"context": CONTEXT * 4, "question": "q", "segments": 16,
+                                               "deadline": 30.0, "max_new_tokens": 2}).json()
     assert fast["profile"] == "fp16" and "highest calibrated fidelity" in fast["plan"]
     assert slow["profile"] == "int4:g32"
+    parts = segmented["segments"]
+    assert len(parts) == -(-segmented["seq_len"] // 16) > 2 and parts[-1]["end"] == segmented["seq_len"]
+    # A tiny model's segments are far below the 64 KB a goodput sample needs: each one is a probe.
+    assert {p["profile"] for p in parts} == {"int4:g32"} and all(p["planned_bps"] is None for p in parts)
+    assert segmented["answer"] is not None and segmented["profile"] == "segments"

@@ -13,6 +13,8 @@ import torch
 from common.quant.base import QuantError, check_finite, from_bytes, group_view, num_groups, to_bytes
 from common.quant.packing import pack, packed_size, unpack
 
+FP16_MIN_NORMAL = 2.0**-14
+
 
 @dataclass(frozen=True)
 class Uniform:
@@ -40,9 +42,18 @@ class Uniform:
                 scale = groups.abs().mean(dim=-1)
             else:
                 scale = groups.abs().amax(dim=-1) / (2 ** (self.bits - 1) - 1)
-            return scale.unsqueeze(-1).half()
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        return torch.stack([(high - low) / (2**self.bits - 1), low], dim=-1).half()
+            params = scale.unsqueeze(-1).half()
+        else:
+            low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+            scale = (high - low) / (2**self.bits - 1)
+            params = torch.stack([scale, low], dim=-1).half()
+        # Below fp16's normal range the step is coarse (multiples of 2**-24): rounded down, it
+        # pushes codes past the last level (or collapses the group at 0). Round it up there, to
+        # the next fp16 value, so every code stays in range.
+        stored = params[..., 0]
+        rounded_down = (stored.float() < scale) & (scale < FP16_MIN_NORMAL)
+        params[..., 0] = torch.where(rounded_down, (stored.view(torch.int16) + 1).view(torch.float16), stored)
+        return params
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (rows, cols) float -> packed codes + fp16 parameters, as uint8."""

@@ -197,3 +197,14 @@ def test_single_token_single_head_chunks(codec):
     assert payload.numel() == codec.payload_size((1, 1, 1, 256), torch.float32)
     k, v = codec.decode(payload, (1, 1, 1, 256), torch.float32)
     assert torch.allclose(k, keys, atol=0.2) and torch.allclose(v, values, atol=0.2)
+
+
+@pytest.mark.parametrize("values, bits", [([0.0, 1.7453432e-06], 6), ([1e-5, 0.0], 8), ([1e-5, 0.0], 7)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_step_below_fp16_normal_range_keeps_codes_in_range(values, bits, symmetric):
+    """Found by hypothesis: a step of 2.8e-8 rounds to 0 in fp16 (the group collapses), one of 7.9e-8
+    rounds down to 6e-8 (codes past the last level are clipped). Both are rounded up now."""
+    x = torch.tensor([values])
+    q = Uniform(bits, 4, symmetric=symmetric)
+    step = max(abs(v) for v in values) / (2 ** (bits - 1) - 1 if symmetric else 2**bits - 1)
+    assert (q.decode(q.encode(x), 1, 2) - x).abs().max() <= step / 2 + 2.0**-25

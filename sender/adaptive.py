@@ -62,6 +62,11 @@ class SegmentPlanner:
         if not self.ladder:
             raise ProfileError("the ladder has no precision-only profile")
 
+    @property
+    def first_token_s(self) -> float:
+        """What the receiver needs after the cache is in place: the slowest calibrated first token."""
+        return max(self.table["profiles"][name]["first_token_s"] for name in self.ladder)
+
     def expected_seconds(self, profile: str, tokens: int, nbytes: int, bandwidth_bps: float) -> float:
         link = nbytes * 8 / bandwidth_bps
         if profile == TEXT:
@@ -161,7 +166,7 @@ def send_segments(
         if name != TEXT and parse_profile(name).selection is not None:
             raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
     started = time.perf_counter() if started is None else started
-    tail_s = max((row["first_token_s"] for row in planner.table["profiles"].values()), default=0.0) if planner else 0.0
+    tail_s = planner.first_token_s if planner else 0.0
     records = [] if records is None else records
     acked = threading.Semaphore(0)
     finished = threading.Event()

@@ -99,9 +99,7 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
                                  "channel` in front of the receiver to emulate a link) and query_aware=false")
             link = link_from_options(body.bandwidth) if body.bandwidth else None
             if body.segments:
-                loaded = request.app.state.loaded
-                profile, reason = "segments", None
-                load_table(loaded.name)  # fail early, as a bad request, without a calibration
+                profile, table = "segments", load_table(request.app.state.loaded.name)
             elif body.profile == "auto":
                 loaded = request.app.state.loaded
                 tokens = len(build_prompt(loaded.tokenizer, body.context, body.question).ids)
@@ -115,7 +113,10 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
         start = time.perf_counter()
         async with request.app.state.lock:  # one model pass at a time
             try:
-                result = await asyncio.to_thread(_ask, request.app.state.loaded, settings, body, profile, link)
+                if body.segments:
+                    result = await asyncio.to_thread(_ask_in_segments, request.app.state.loaded, settings, body, table)
+                else:
+                    result = await asyncio.to_thread(_ask, request.app.state.loaded, settings, body, profile, link)
                 result.plan = reason
             except SelectionError as exc:
                 asks.labels("bad_request").inc()
@@ -133,8 +134,6 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
 
 def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> AskResponse:
-    if body.segments:
-        return _ask_in_segments(loaded, settings, body)
     with Client.from_settings(settings, timeout_s=body.deadline or 120.0) as client:
         agreed = client.negotiate(loaded.fingerprint, [profile]).profile
         pre = prefill_prompt(loaded, body.context, body.question, body.query_aware, [agreed])
@@ -155,13 +154,13 @@ def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> As
     )
 
 
-def _ask_in_segments(loaded, settings: Settings, body: AskRequest) -> AskResponse:
+def _ask_in_segments(loaded, settings: Settings, body: AskRequest, table: dict) -> AskResponse:
     deadline = body.deadline or 2.0
     pre = prefill_prompt(loaded, body.context, body.question)
-    planner = SegmentPlanner(load_table(loaded.name), text_s_per_token=pre.seconds / pre.kv.seq_len)
+    planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
     with Client.from_settings(settings, timeout_s=120.0) as client:
         client.negotiate(loaded.fingerprint, planner.ladder)
-        sent = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint, planner, deadline,
+        sent = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, planner, deadline,
                              body.segments)
         reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=body.max_new_tokens)
     return AskResponse(

@@ -23,6 +23,16 @@ class Prefilled:
     stats: AttentionStats | None
     seconds: float
 
+    @property
+    def cache_ids(self) -> list[int]:
+        """The prompt tokens the cache holds (what a text segment of it carries)."""
+        return self.prompt.ids[:self.kv.seq_len]
+
+    @property
+    def seconds_per_token(self) -> float:
+        """This prefill's rate: what the receiver's prefill of text from this context will cost."""
+        return self.seconds / self.kv.seq_len
+
 
 def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware: bool = True,
                    profiles: list[str | Profile] = ()) -> Prefilled:

@@ -146,11 +146,11 @@ def _ask_in_segments(loaded, text: str, question: str, target: str, segment_toke
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
     pre = prefill_prompt(loaded, text, question)
-    planner = SegmentPlanner(table, text_s_per_token=pre.seconds / pre.kv.seq_len)
+    planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
     try:
         with Client.from_settings(get_settings(), target) as client:
             client.negotiate(loaded.fingerprint, planner.ladder)  # the receiver knows this model and these codecs
-            sent = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint, planner, deadline,
+            sent = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, planner, deadline,
                                  segment_tokens, initial_bps, zstd_level=zstd_level)
             reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
     except grpc.RpcError as error:

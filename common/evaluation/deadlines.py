@@ -78,9 +78,9 @@ def replay(points: dict[tuple[str, str], dict], samples: list[str], statics: lis
             whole_estimator.update(nbytes, link_s, start)  # the acknowledged transfer feeds the estimate
 
             ladder = [p for p in segments.ladder if p in compute]
-            budget = deadline - max(table["profiles"][p]["first_token_s"] for p in ladder) - first["prefill_s"]
             # The sender plans text with the rate of its own prefill of this context.
             planner = SegmentPlanner(table, ladder, first["prefill_s"] / first["seq_len"])
+            budget = deadline - planner.first_token_s - first["prefill_s"]
             sizes = {p: compute[p][2] for p in ladder}
             estimate = segment_estimator.cautious_estimate(start)
             choice = (planner.probe(sizes) if estimate is None

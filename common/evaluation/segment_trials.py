@@ -39,8 +39,7 @@ def run_trials(loaded: LoadedModel, target: str, samples: list[Sample], statics:
     for trial in range(trials):
         sample = samples[trial % len(samples)]
         pre = prefill_prompt(loaded, sample.context, sample.question)
-        ids = pre.prompt.ids[:pre.kv.seq_len]
-        planner = SegmentPlanner(table, text_s_per_token=pre.seconds / pre.kv.seq_len)
+        planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
         full = loaded.tokenizer.decode(reference_generate(loaded.model, pre.prompt.ids, max_new_tokens),
                                        skip_special_tokens=True)
         for deadline in deadlines:
@@ -51,7 +50,7 @@ def run_trials(loaded: LoadedModel, target: str, samples: list[Sample], statics:
                     records, nbytes = [], 0
                     try:
                         if method == SEGMENTS:
-                            sent = send_segments(client, pre.kv, ids, loaded.fingerprint, planner, deadline,
+                            sent = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, planner, deadline,
                                                  segment_tokens, initial_bps, started=start, records=records)
                         else:
                             sent = client.transfer(pre.kv, method, loaded.fingerprint)

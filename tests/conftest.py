@@ -47,6 +47,22 @@ def start_receiver():
         receiver.stop()
 
 
+# One receiver per test module and model (modules change sessions and settings of their own).
+@pytest.fixture(scope="module")
+def llama_receiver(start_receiver):
+    return start_receiver("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def gemma3_receiver(start_receiver):
+    return start_receiver("tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def smollm2_receiver(start_receiver):
+    return start_receiver("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return load_model("tiny-llama")

@@ -21,16 +21,6 @@ CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave 
 QUESTION = "Where is Normandy?"
 
 
-@pytest.fixture(scope="module")
-def llama_receiver(start_receiver):
-    return start_receiver("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma3_receiver(start_receiver):
-    return start_receiver("tiny-gemma3")
-
-
 def ask(client, loaded, query_aware, profile="raw", max_new_tokens=12):
     pre = prefill_prompt(loaded, CONTEXT, QUESTION, query_aware, [profile])
     sent = client.transfer(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)

@@ -29,14 +29,9 @@ def test_estimator_ewma():
     assert estimator.estimate() == pytest.approx(12e6)
 
 
-@pytest.fixture(scope="module")
-def receiver(start_receiver):
-    return start_receiver("tiny-llama")
-
-
-def test_auto_policy_plans_for_the_link(receiver, tiny_llama, monkeypatch):
+def test_auto_policy_plans_for_the_link(llama_receiver, tiny_llama, monkeypatch):
     monkeypatch.setattr(server_module, "load_table", lambda model: TABLE)
-    with Client(receiver.target) as client:
+    with Client(llama_receiver.target) as client:
         fast = client.negotiate(tiny_llama.fingerprint, [], "auto", 1000, 1e9, 1.0)
         slow = client.negotiate(tiny_llama.fingerprint, [], "auto", 1000, 2e6, 1.0)
         floor = client.negotiate(tiny_llama.fingerprint, ["fp16", "int4"], "auto", 1000, 2e6, 1.0, quality_floor=0.9)
@@ -51,16 +46,16 @@ def test_auto_policy_plans_for_the_link(receiver, tiny_llama, monkeypatch):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_auto_without_a_calibration_is_a_clear_error(receiver, tiny_llama):
-    with Client(receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+def test_auto_without_a_calibration_is_a_clear_error(llama_receiver, tiny_llama):
+    with Client(llama_receiver.target) as client, pytest.raises(grpc.RpcError) as info:
         client.negotiate(tiny_llama.fingerprint, [], "auto", 100, 1e6, 1.0)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no calibration for tiny-llama" in info.value.details()
 
 
-def test_bandwidth_estimate_from_the_stream(receiver, tiny_llama):
+def test_bandwidth_estimate_from_the_stream(llama_receiver, tiny_llama):
     pre = prefill_prompt(tiny_llama, "The Normans built castles. " * 400, "Who?")  # ~2,400 tokens: ~2.5 MB raw
-    with BackgroundRelay(receiver.target, lambda: link_from_options("20mbit")) as relay, Client(relay.target) as client:
+    with BackgroundRelay(llama_receiver.target, lambda: link_from_options("20mbit")) as relay, Client(relay.target) as client:
         client.transfer(pre.kv, "raw", tiny_llama.fingerprint)
         estimate = client.bandwidth.estimate() / client.bandwidth.safety
     assert estimate == pytest.approx(20e6, rel=0.35)

@@ -19,16 +19,6 @@ TABLE = {"version": 1, "model": "tiny", "samples": 1, "prefill_s_per_token": 0.0
     "raw": {"fidelity": 1.0, "encode_s_per_token": 0, "receiver_s_per_token": 0, "first_token_s": 0.0}}}
 
 
-@pytest.fixture(scope="module")
-def llama_receiver(start_receiver):
-    return start_receiver("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def smollm2_receiver(start_receiver):
-    return start_receiver("smollm2-135m")
-
-
 def answer(client, loaded, pre, result, max_new_tokens=16):
     return list(client.generate(result.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens).token_ids)
 
@@ -40,7 +30,7 @@ def test_all_text_segments_give_the_full_prompt_answer(model, request):
     pre = prefill_prompt(loaded, CONTEXT, QUESTION)
     with Client(receiver.target) as client:
         # A link planned at 1 kbit/s and a deadline nothing can meet: every segment falls back to text.
-        result = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint,
+        result = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint,
                                SegmentPlanner(TABLE), deadline_s=1e-6, segment_tokens=48, initial_bps=1e3)
         tokens = answer(client, loaded, pre, result)
     assert len(result.segments) == -(-pre.kv.seq_len // 48) > 2
@@ -57,7 +47,7 @@ def test_mixed_cache_and_text_segments_give_the_full_prompt_answer(model, reques
     schedule = ["raw", TEXT, "raw", TEXT, TEXT, "raw"]
     tokens_per_segment = -(-pre.kv.seq_len // len(schedule))
     with Client(receiver.target) as client:
-        result = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], loaded.fingerprint, None,
+        result = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, None,
                                deadline_s=10, segment_tokens=tokens_per_segment, schedule=schedule)
         tokens = answer(client, loaded, pre, result)
     assert result.profiles == schedule
@@ -67,7 +57,7 @@ def test_mixed_cache_and_text_segments_give_the_full_prompt_answer(model, reques
 def test_a_quantized_segment_changes_the_cache_but_keeps_positions(llama_receiver, tiny_llama):
     pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION)
     with Client(llama_receiver.target) as client:
-        result = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], tiny_llama.fingerprint, None,
+        result = send_segments(client, pre.kv, pre.cache_ids, tiny_llama.fingerprint, None,
                                deadline_s=10, segment_tokens=64, schedule=["int8", "raw"] + [TEXT] * (-(-pre.kv.seq_len // 64) - 2))
         session = llama_receiver.servicer.sessions.get(result.session_id)
     kv = session.kv
@@ -78,10 +68,10 @@ def test_a_quantized_segment_changes_the_cache_but_keeps_positions(llama_receive
     assert (kv.keys[0][:, :, :64] - pre.kv.keys[0][:, :, :64]).abs().max() < 0.05 * pre.kv.keys[0].abs().max()
 
 
-def test_sliding_window_models_take_cache_segments_but_refuse_text(start_receiver, tiny_gemma3):
-    receiver = start_receiver("tiny-gemma3")
+def test_sliding_window_models_take_cache_segments_but_refuse_text(gemma3_receiver, tiny_gemma3):
+    receiver = gemma3_receiver
     pre = prefill_prompt(tiny_gemma3, CONTEXT, QUESTION)  # longer than its 16-token sliding window
-    ids = pre.prompt.ids[:pre.kv.seq_len]
+    ids = pre.cache_ids
     count = -(-len(ids) // 64)
     with Client(receiver.target) as client:
         result = send_segments(client, pre.kv, ids, tiny_gemma3.fingerprint, None, 10, 64, schedule=["raw"] * count)
@@ -95,7 +85,7 @@ def test_sliding_window_models_take_cache_segments_but_refuse_text(start_receive
 
 def test_segments_refused_where_they_cannot_be_assembled(llama_receiver, tiny_llama):
     pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION)
-    ids = pre.prompt.ids[:pre.kv.seq_len]
+    ids = pre.cache_ids
     with Client(llama_receiver.target) as client:
         with pytest.raises(ValueError, match="precision stages only"):
             send_segments(client, pre.kv, ids, tiny_llama.fingerprint, None, 10, 64,
@@ -118,7 +108,7 @@ def test_a_rate_drop_mid_transfer_moves_later_segments_to_smaller_profiles(drop,
     trace = "step:200mbit:10mbit:0.15s" if drop else "step:200mbit:200mbit:0.15s"
     with BackgroundRelay(smollm2_receiver.target, lambda: link_from_options(None, trace, "2ms")) as relay, \
             Client(relay.target) as client:
-        result = send_segments(client, pre.kv, pre.prompt.ids[:pre.kv.seq_len], smollm2.fingerprint, planner,
+        result = send_segments(client, pre.kv, pre.cache_ids, smollm2.fingerprint, planner,
                                deadline_s=4.0, segment_tokens=64, initial_bps=200e6)
         tokens = answer(client, smollm2, pre, result, 8)
     first, last = result.segments[0], result.segments[-1]

@@ -8,8 +8,8 @@ TABLE = {"version": 1, "model": "tiny", "samples": 1, "prefill_s_per_token": 0.0
     "int8": {"fidelity": 0.9, "encode_s_per_token": 0, "receiver_s_per_token": 0, "first_token_s": 0.0}}}
 
 
-def test_trials_compare_methods_on_the_same_link(start_receiver, tiny_llama):
-    receiver = start_receiver("tiny-llama")
+def test_trials_compare_methods_on_the_same_link(llama_receiver, tiny_llama):
+    receiver = llama_receiver
     samples = needle_samples(tiny_llama.tokenizer, 256, [0.5])
     rows = run_trials(tiny_llama, receiver.target, samples, ["raw"], [30.0, 1e-3], trials=1, segment_tokens=64,
                       trace="step:200mbit:100mbit:1s", delay="1ms", max_new_tokens=4, table=TABLE)

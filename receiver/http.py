@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.settings import Settings
-from receiver.auth import require_token
+from common.auth import require_token
 from receiver.server import start_server
 from receiver.sessions import SessionError
 

@@ -23,7 +23,6 @@ from common import wire
 from common.kvstate import KVState
 from common.profile import ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
-from sender.bandwidth import BandwidthEstimator
 
 DEFAULT_SEGMENT_TOKENS = 512
 TEXT = "text"

@@ -13,14 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from common import wire
-from common.channel import link_from_options, pace, parse_rate
+from common.link import link_from_options, pace, parse_rate
 from common.models import load_model
 from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
 from common.prompts import build_prompt
 from common.select import SelectionError
 from common.settings import Settings
-from receiver.auth import require_token
+from common.auth import require_token
 from sender.adaptive import SegmentPlanner, send_segments
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from common.cli import app
+from channel.cli import app
 from common.settings import Settings
 from sender.client import Client
-from sender.demo import free_port
+from channel.nodes import free_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
@@ -105,7 +105,7 @@ def test_three_process_topology(tmp_path):
     """receiver, channel and sender run as three processes with the compose file's own commands."""
     services = COMPOSE["services"]
     ports = {"50051": free_port(), "50052": free_port(), "8080": free_port()}
-    kvwire = [sys.executable, "-m", "common.cli"]
+    kvwire = [sys.executable, "-m", "channel.cli"]
     processes = []
 
     def start(name, extra=()):

@@ -10,11 +10,11 @@ import grpc
 import pytest
 
 from common import wire
-from common.channel import Link, Trace, link_from_options
+from common.link import Link, Trace, link_from_options
 from common.kvstate import reference_generate
-from common.relay import BackgroundRelay, flip_byte_at
+from channel.relay import BackgroundRelay, flip_byte_at
 from sender.client import Client
-from sender.demo import free_port
+from channel.nodes import free_port
 from sender.prefill import prefill_prompt
 
 CONTEXT = " ".join(f"Fact {i}: the Normans built castle number {i} in Normandy." for i in range(30))
@@ -26,7 +26,7 @@ def prepared(tiny_llama):
 
 
 def start_receiver_process(port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "channel.cli", "receiver", "serve", "--port", str(port),
                              "--http-port", "0", "--model", "tiny-llama"], env={**os.environ},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

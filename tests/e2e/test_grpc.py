@@ -58,7 +58,7 @@ def test_not_serving_until_model_loaded(monkeypatch):
     """While the model loads, health says NOT_SERVING and KVWire calls get UNAVAILABLE."""
     from common.settings import Settings
     from receiver import server as server_module
-    from sender.demo import free_port
+    from channel.nodes import free_port
 
     port = free_port()
     loading = threading.Event()
@@ -201,13 +201,13 @@ def test_sender_ask_cli(llama_receiver, tmp_path):
     context = tmp_path / "context.txt"
     context.write_text(CONTEXT)
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "sender", "ask", "--question", QUESTION, "--context-file", str(context),
+        [sys.executable, "-m", "channel.cli", "sender", "ask", "--question", QUESTION, "--context-file", str(context),
          "--target", llama_receiver.target, "--profile", "q2c:0.5+int4", "--model", "tiny-llama",
          "--max-new-tokens", "4", "--zstd-level", "9"],
         capture_output=True, text=True, timeout=300, env={**os.environ})
     assert result.returncode == 0, result.stderr
     assert "bytes in" in result.stdout and "frames for" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "common.cli", "sender", "ask", "--question", "q", "--context", "c",
+    bad = subprocess.run([sys.executable, "-m", "channel.cli", "sender", "ask", "--question", "q", "--context", "c",
                           "--profile", "int17", "--target", llama_receiver.target, "--model", "tiny-llama"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "int17" in (bad.stdout + bad.stderr)

@@ -1,6 +1,6 @@
 """Concurrent senders against one receiver with a tight memory budget: backpressure, nothing lost."""
 
-from sender import loadtest
+from channel import loadtest
 
 
 def test_load_under_a_tight_budget_loses_nothing(start_receiver):

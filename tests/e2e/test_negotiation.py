@@ -3,8 +3,8 @@
 import grpc
 import pytest
 
-from common.channel import link_from_options
-from common.relay import BackgroundRelay
+from common.link import link_from_options
+from channel.relay import BackgroundRelay
 from receiver import server as server_module
 from sender.bandwidth import BandwidthEstimator
 from sender.client import Client

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common.evaluation.squad import load_squad
+from channel.evaluation.squad import load_squad
 from common.kvstate import reference_generate
 from common.models import load_model
 from sender.client import Client
@@ -66,7 +66,7 @@ def test_smollm2_int8_keeps_the_answer(start_receiver, smollm2):
 def test_gemma3_lossless_over_grpc(start_receiver):
     loaded = load_model("gemma3-270m")
     receiver = start_receiver("gemma3-270m")
-    from common.evaluation.haystack import needle_samples
+    from channel.evaluation.haystack import needle_samples
 
     samples = load_squad(limit=2)
     long = needle_samples(loaded.tokenizer, 800, [0.5])  # longer than Gemma's 512-token sliding window
@@ -78,7 +78,7 @@ def test_gemma3_lossless_over_grpc(start_receiver):
 def test_demo_cli_writes_json(tmp_path):
     out = tmp_path / "demo.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "common.cli", "demo", "--samples", "2", "--max-new-tokens", "8",
+    subprocess.run([sys.executable, "-m", "channel.cli", "demo", "--samples", "2", "--max-new-tokens", "8",
                     "--profiles", "raw,int4:g32", "--rate", "200mbit", "--json", str(out), "--plot", str(tmp_path / "demo.png")],
                    check=True, env=env, timeout=600)
     result = json.loads(out.read_text())

@@ -3,10 +3,10 @@
 import grpc
 import pytest
 
-from common.channel import link_from_options
+from common.link import link_from_options
 from common.kvstate import reference_generate
 from common.planner import load_table
-from common.relay import BackgroundRelay
+from channel.relay import BackgroundRelay
 from sender.adaptive import TEXT, SegmentPlanner, send_segments
 from sender.client import Client
 from sender.prefill import prefill_prompt
@@ -130,7 +130,7 @@ def test_sender_ask_in_segments_cli(llama_receiver, tmp_path):
 
     (tmp_path / "context.txt").write_text(CONTEXT)
     (tmp_path / "table.json").write_text(json.dumps(TABLE))
-    command = [sys.executable, "-m", "common.cli", "sender", "ask", "--question", QUESTION, "--context-file",
+    command = [sys.executable, "-m", "channel.cli", "sender", "ask", "--question", QUESTION, "--context-file",
                str(tmp_path / "context.txt"), "--target", llama_receiver.target, "--model", "tiny-llama",
                "--max-new-tokens", "4", "--segments", "32", "--calibration", str(tmp_path / "table.json")]
     fast = subprocess.run(command + ["--deadline", "60"], capture_output=True, text=True, timeout=300, env={**os.environ})

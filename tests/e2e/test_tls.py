@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sender.client import Client
-from sender.demo import free_port
+from channel.nodes import free_port
 from sender.prefill import prefill_prompt
 from tests.tls import make_certificate
 
@@ -22,7 +22,7 @@ def tls_receiver(tmp_path_factory):
     trust = ssl.create_default_context(cafile=str(cert))
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "KVWIRE_TLS_CERT": str(cert), "KVWIRE_TLS_KEY": str(key), "KVWIRE_TOKEN": "t0ken"}
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(grpc_port),
+    process = subprocess.Popen([sys.executable, "-m", "channel.cli", "receiver", "serve", "--port", str(grpc_port),
                                 "--http-port", str(http_port), "--model", "tiny-llama"], env=env)
     try:
         for _ in range(600):

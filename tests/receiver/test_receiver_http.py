@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.settings import Settings
 from receiver.http import create_app
 from sender.client import Client
-from sender.demo import free_port
+from channel.nodes import free_port
 from sender.prefill import prefill_prompt, select_tokens
 
 TOKEN = "s3cret"

@@ -1,7 +1,7 @@
 import pytest
 
-from common.channel import Trace
-from common.evaluation.deadlines import replay, shifted
+from common.link import Trace
+from channel.evaluation.deadlines import replay, shifted
 
 
 def test_shifted_trace():

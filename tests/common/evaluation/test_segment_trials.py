@@ -1,7 +1,7 @@
 """The segment trials of `kvwire bench segments`, on a tiny model over the real relay."""
 
-from common.evaluation.haystack import needle_samples
-from common.evaluation.segment_trials import SEGMENTS, run_trials, summarize
+from channel.evaluation.haystack import needle_samples
+from channel.evaluation.segment_trials import SEGMENTS, run_trials, summarize
 
 TABLE = {"version": 1, "model": "tiny", "samples": 1, "prefill_s_per_token": 0.001, "profiles": {
     "raw": {"fidelity": 1.0, "encode_s_per_token": 0, "receiver_s_per_token": 0, "first_token_s": 0.0},

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.evaluation import studies
+from channel.evaluation import studies
 
 
 def test_power_law_fit_recovers_the_exponent():
@@ -31,7 +31,7 @@ def test_study_cli_writes_a_verdict(tmp_path):
 
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from channel.cli import app
 
     out = tmp_path / "hybrid.json"
     result = CliRunner().invoke(app, ["study", "hybrid", "--samples", "1", "--model", "tiny-llama", "--json", str(out)])

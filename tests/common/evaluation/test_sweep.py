@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from common.evaluation import sweep
-from common.evaluation.squad import load_squad
+from channel.evaluation import sweep
+from channel.evaluation.squad import load_squad
 
 
 def test_points_use_the_link_model():
-    from common.evaluation.harness import EvalRow
+    from channel.evaluation.harness import EvalRow
 
     row = EvalRow("s", "int8", "a", "a", 1, 1, 1, True, 0.0, True, bytes=2_000_000, fp16_bytes=4_000_000, seq_len=100,
                   kept_tokens=100, prefill_s=0.5, select_s=0.0, encode_s=0.1, assemble_s=0.05, inject_s=0.01,

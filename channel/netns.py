@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 
-from common.channel import parse_rate
+from common.link import parse_rate
 
 SINK = """
 import socket, sys, time

@@ -14,8 +14,8 @@ import torch
 from transformers import DynamicCache
 
 from common import wire
-from common.evaluation.metrics import best_em, best_f1, f1, mean_ci95
-from common.evaluation.squad import Sample
+from channel.evaluation.metrics import best_em, best_f1, f1, mean_ci95
+from channel.evaluation.squad import Sample
 from common.kvstate import greedy_decode
 from common.models import LoadedModel
 from common.profile import parse_profile

@@ -42,8 +42,8 @@ def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], 
     """Run the eval harness with a progress bar; returns (rows, dataset)."""
     from rich.progress import Progress
 
-    from common.evaluation.harness import evaluate
-    from common.evaluation.squad import load_squad
+    from channel.evaluation.harness import evaluate
+    from channel.evaluation.squad import load_squad
     from common.models import load_model
 
     loaded = load_model(model)

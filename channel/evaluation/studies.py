@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from common.evaluation.harness import aggregate, evaluate, kl_divergence
-from common.evaluation.squad import Sample
+from channel.evaluation.harness import aggregate, evaluate, kl_divergence
+from channel.evaluation.squad import Sample
 from common.models import LoadedModel
 
 QUANT_CLIFF = ["fp16", "int8", "int4:g32", "int3", "int2", "int1"]
@@ -102,7 +102,7 @@ def truncation(loaded: LoadedModel, samples: list[Sample], windows=(8, 16, 32, 6
     For each sample, KL(full || only the last w context tokens kept, plus `sinks` first tokens).
     Both laws are fitted on windows <= fit_up_to and judged on how well they extrapolate beyond.
     """
-    from common.evaluation.sensitivity import first_token_logits
+    from channel.evaluation.sensitivity import first_token_logits
     from common.select import Selection, apply_selection
     from sender.prefill import prefill_prompt
 

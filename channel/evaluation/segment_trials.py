@@ -16,13 +16,13 @@ from collections.abc import Callable
 
 import grpc
 
-from common.channel import link_from_options
-from common.evaluation.metrics import f1
-from common.evaluation.squad import Sample
+from common.link import link_from_options
+from channel.evaluation.metrics import f1
+from channel.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import LoadedModel
 from common.planner import load_table
-from common.relay import BackgroundRelay
+from channel.relay import BackgroundRelay
 from sender.adaptive import SegmentPlanner, send_segments
 from sender.client import Client
 from sender.prefill import prefill_prompt

@@ -14,10 +14,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from common.channel import link_from_options
-from common.evaluation.harness import EvalRow, evaluate
-from common.evaluation.metrics import mean_ci95
-from common.evaluation.squad import Sample
+from common.link import link_from_options
+from channel.evaluation.harness import EvalRow, evaluate
+from channel.evaluation.metrics import mean_ci95
+from channel.evaluation.squad import Sample
 from common.profile import parse_profile
 
 

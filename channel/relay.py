@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.channel import Link
+from common.link import Link
 
 log = logging.getLogger("kvwire.channel")
 MAX_SEGMENT = 64 * 1024

@@ -98,7 +98,7 @@ def rows_as_dicts(rows: list[CodecRow]) -> list[dict]:
 
 def real_cache(model: str, tokens: int) -> KVState:
     """Prefill about `tokens` tokens of SQuAD paragraphs (the embedded subset) with a real model."""
-    from common.evaluation.squad import load_squad
+    from channel.evaluation.squad import load_squad
     from common.kvstate import prefill
     from common.models import load_model
 
@@ -129,7 +129,7 @@ def synthetic_cache(layers: int, heads: int, tokens: int, head_dim: int, device:
 
 
 def main_gpu(out_dir: str, tokens: int = 1024, repeats: int = 5) -> None:
-    """Entry point for a CUDA machine without the CLI's dependencies: `python3 -c 'from common.bench import main_gpu; ...'`."""
+    """Entry point for a CUDA machine without the CLI's dependencies: `python3 -c 'from channel.bench import main_gpu; ...'`."""
     import json
     from pathlib import Path
 
@@ -153,7 +153,7 @@ def select_once(mode: str, tokens: int, model: str = "smollm2-135m") -> dict:
     """
     import resource
 
-    from common.evaluation.haystack import QUESTION, haystack_context
+    from channel.evaluation.haystack import QUESTION, haystack_context
     from common.models import load_model
     from common.profile import parse_profile
     from common.select import apply_selection

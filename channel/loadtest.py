@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from common import wire
-from common.evaluation.squad import load_squad
+from channel.evaluation.squad import load_squad
 from common.kvstate import greedy_decode
 from common.models import load_model
 from sender.client import Client
-from sender.demo import start_receiver_process
+from channel.nodes import start_receiver_process
 from sender.prefill import prefill_prompt, select_tokens
 
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,13 +12,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from channel.evaluation.metrics import best_f1, f1, mean_ci95
+from channel.evaluation.squad import Sample
+from channel.nodes import local_receiver
+from channel.relay import BackgroundRelay
 from common import wire
-from common.evaluation.metrics import best_f1, f1, mean_ci95
-from common.evaluation.squad import Sample
 from common.kvstate import reference_generate
 from common.models import load_model
 from common.settings import get_settings
-from common.relay import BackgroundRelay
 from sender.client import Client
 from sender.prefill import prefill_prompt, select_tokens
 
@@ -46,40 +43,6 @@ class DemoRow:
     transfer_s: float
     inject_s: float
     decode_s: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_receiver_process(model: str, env: dict | None = None, quiet: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start `kvwire receiver serve` on a free loopback port; return it and its address once SERVING."""
-    port = free_port()
-    output = subprocess.DEVNULL if quiet else None
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "receiver", "serve", "--port", str(port),
-                                "--http-port", "0", "--model", model], env={**os.environ, **(env or {})},
-                               stdout=output, stderr=output)
-    target = f"127.0.0.1:{port}"
-    try:
-        with Client.from_settings(get_settings(), target) as client:
-            client.wait_until_serving()
-    except BaseException:
-        process.terminate()
-        raise
-    return process, target
-
-
-@contextlib.contextmanager
-def local_receiver(model: str, quiet: bool = False):
-    """A receiver subprocess for the length of the block; yields its address."""
-    process, target = start_receiver_process(model, quiet=quiet)
-    try:
-        yield target
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware: bool, max_new_tokens: int,

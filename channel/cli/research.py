@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from common.cli.app import _evaluate, _parse_profiles, app, console, study_app
+from channel.cli.app import _evaluate, _parse_profiles, app, console, study_app
 
 
 @app.command("eval")
@@ -22,8 +22,8 @@ def eval_command(
     """Accuracy against bytes: F1 vs gold, fidelity vs full KV, first-token KL, bytes per profile."""
     import json
 
-    from common.evaluation.harness import aggregate, rows_as_dicts
-    from common.evaluation.report import summary_table
+    from channel.evaluation.harness import aggregate, rows_as_dicts
+    from channel.evaluation.report import summary_table
 
     rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles), max_new_tokens)
     summaries = aggregate(rows)
@@ -66,9 +66,9 @@ def sweep(
     from rich.progress import Progress
     from rich.table import Table
 
-    from common.evaluation import sweep as sweep_module
-    from common.evaluation.report import html_report, plot_sweep
-    from common.evaluation.squad import load_squad
+    from channel.evaluation import sweep as sweep_module
+    from channel.evaluation.report import html_report, plot_sweep
+    from channel.evaluation.squad import load_squad
 
     if runner not in ("local", "ray"):
         raise typer.BadParameter("runner is local or ray", param_hint="--runner")
@@ -80,7 +80,7 @@ def sweep(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if haystack:
-        from common.evaluation.haystack import needle_samples
+        from channel.evaluation.haystack import needle_samples
         from common.models import load_model
 
         depths = [i / max(1, samples - 1) for i in range(samples)]
@@ -113,7 +113,7 @@ def sweep(
     console.print(f"Pareto front (bytes vs fidelity): {', '.join(front)}")
     validation = []
     if validate:
-        from common.evaluation.validate import validate as run_validation
+        from channel.evaluation.validate import validate as run_validation
 
         distinct = {}
         for p in points:  # one point per (profile, rate), spread over the grid
@@ -127,8 +127,8 @@ def sweep(
                           f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
     deadline_rows = []
     if deadlines:
-        from common.channel import link_from_options, parse_duration
-        from common.evaluation.deadlines import replay
+        from common.link import link_from_options, parse_duration
+        from channel.evaluation.deadlines import replay
         from common.planner import load_table
 
         static_names = _parse_profiles(statics)
@@ -157,7 +157,7 @@ def sweep(
 
 
 def link_from_options_checked(spec: dict) -> None:
-    from common.channel import link_from_options
+    from common.link import link_from_options
 
     link_from_options(spec["rate"] or None, spec["trace"], spec["delay"])
 
@@ -174,8 +174,8 @@ def calibrate(
     """Measure the rate-distortion table the planner (profile 'auto') chooses from."""
     import json
 
-    from common.evaluation.harness import aggregate
-    from common.evaluation.report import summary_table
+    from channel.evaluation.harness import aggregate
+    from channel.evaluation.report import summary_table
     from common.planner import calibration_path, table_from_summaries
 
     rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles))
@@ -191,9 +191,9 @@ def _run_study(name: str, samples: int, data: Optional[Path], model: str, json_p
 
     from rich.progress import Progress
 
-    from common.evaluation import studies
-    from common.evaluation.report import summary_table
-    from common.evaluation.squad import load_squad
+    from channel.evaluation import studies
+    from channel.evaluation.report import summary_table
+    from channel.evaluation.squad import load_squad
     from common.models import load_model
 
     loaded = load_model(model)
@@ -249,8 +249,8 @@ def study_truncation(
 
     from rich.progress import Progress
 
-    from common.evaluation import studies
-    from common.evaluation.haystack import needle_samples
+    from channel.evaluation import studies
+    from channel.evaluation.haystack import needle_samples
     from common.models import load_model
 
     loaded = load_model(model)
@@ -280,8 +280,8 @@ def study_layers(
     from rich.progress import Progress
     from rich.table import Table
 
-    from common.evaluation.sensitivity import layer_sensitivity
-    from common.evaluation.squad import load_squad
+    from channel.evaluation.sensitivity import layer_sensitivity
+    from channel.evaluation.squad import load_squad
     from common.models import load_model
 
     loaded = load_model(model)

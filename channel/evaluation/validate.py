@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from common import wire
-from common.channel import link_from_options
-from common.evaluation.squad import Sample
+from common.link import link_from_options
+from channel.evaluation.squad import Sample
 from common.models import load_model
-from common.relay import BackgroundRelay
+from channel.relay import BackgroundRelay
 from sender.client import Client
-from sender.demo import local_receiver
+from channel.nodes import local_receiver
 from sender.prefill import prefill_prompt, select_tokens
 
 

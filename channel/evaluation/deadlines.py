@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from common.channel import Link, Trace
+from common.link import Link, Trace
 from common.planner import plan
 from sender.adaptive import TEXT, SegmentPlanner
 from sender.bandwidth import BandwidthEstimator

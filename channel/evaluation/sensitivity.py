@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 
 from common import wire
-from common.evaluation.harness import kl_divergence
-from common.evaluation.squad import Sample
+from channel.evaluation.harness import kl_divergence
+from channel.evaluation.squad import Sample
 from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel
 from common.profile import parse_profile

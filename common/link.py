@@ -2,7 +2,7 @@
 
 One model serves two placements: in process around the sender's frame stream
 (`pace`, which releases frames when the link would have delivered them), and the
-standalone TCP relay (`common.relay`), which shapes the real bytes of a connection.
+standalone TCP relay (`channel.relay`), which shapes the real bytes of a connection.
 Both are deterministic under a fixed seed.
 
 Rates are in bit/s; times in seconds from the start of the link.

@@ -37,7 +37,7 @@ def family(profile: str) -> str:
 
 
 def _rate_bits(rate: str) -> float:
-    from common.channel import parse_rate
+    from common.link import parse_rate
 
     return parse_rate(rate)
 
@@ -49,7 +49,7 @@ def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.evaluation.sweep import pareto_front
+    from channel.evaluation.sweep import pareto_front
 
     out_dir.mkdir(parents=True, exist_ok=True)
     by_profile = {}

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from common.bench import CODEC_PROFILES
-from common.cli.app import bench_app, console
+from channel.bench import CODEC_PROFILES
+from channel.cli.app import bench_app, console
 
 
 @bench_app.command("select")
@@ -30,7 +30,7 @@ def bench_select(
     results = []
     for mode, length in (("kvwire", tokens), ("eager", eager_tokens)):
         console.print(f"running {mode} at {length} tokens in a fresh process…")
-        out = subprocess.run([sys.executable, "-m", "common.cli", "bench", "select-once", mode, str(length), "--model", model],
+        out = subprocess.run([sys.executable, "-m", "channel.cli", "bench", "select-once", mode, str(length), "--model", model],
                              capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     table = Table(title="prefill + selection scores (Q2C and SnapKV) on the CPU")
@@ -48,7 +48,7 @@ def bench_select(
 def bench_select_once(mode: str, tokens: int, model: str = typer.Option("smollm2-135m", "--model")) -> None:
     import json
 
-    from common.bench import select_once
+    from channel.bench import select_once
 
     print(json.dumps(select_once(mode, tokens, model)))
 
@@ -64,9 +64,9 @@ def bench_channel(
 
     from rich.table import Table
 
-    from common.channel import link_from_options, parse_rate
-    from common.netns import NetnsUnavailable, tbf_transfer_seconds
-    from common.relay import measure_goodput
+    from common.link import link_from_options, parse_rate
+    from channel.netns import NetnsUnavailable, tbf_transfer_seconds
+    from channel.relay import measure_goodput
 
     table = Table(title="kvwire channel relay: goodput at the receiver vs configured rate (loopback)")
     for column in ("rate", "bytes", "relay s", "relay goodput / rate", "tc tbf s", "tbf goodput / rate", "relay s / tbf s"):
@@ -133,7 +133,7 @@ def bench_codec(
     from rich.progress import Progress
     from rich.table import Table
 
-    from common.bench import bench_codecs, real_cache, rows_as_dicts, synthetic_cache
+    from channel.bench import bench_codecs, real_cache, rows_as_dicts, synthetic_cache
 
     torch.set_num_threads(torch.get_num_threads())
     if device == "cpu":
@@ -181,12 +181,12 @@ def bench_segments(
     from rich.progress import Progress
     from rich.table import Table
 
-    from common.channel import parse_rate
-    from common.cli.app import _parse_profiles
-    from common.evaluation.haystack import needle_samples
-    from common.evaluation.segment_trials import run_trials, summarize
+    from common.link import parse_rate
+    from channel.cli.app import _parse_profiles
+    from channel.evaluation.haystack import needle_samples
+    from channel.evaluation.segment_trials import run_trials, summarize
     from common.models import load_model
-    from sender.demo import local_receiver
+    from channel.nodes import local_receiver
 
     names = _parse_profiles(statics)
     limits = [float(d) for d in deadlines.split(",")]

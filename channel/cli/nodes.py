@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from common.cli.app import LinkOptions, ModelOption, _parse_profiles, app, console, receiver_app, sender_app
+from channel.cli.app import LinkOptions, ModelOption, _parse_profiles, app, console, receiver_app, sender_app
 
 
 @receiver_app.command("serve")
@@ -133,7 +133,7 @@ def _ask_in_segments(loaded, text: str, question: str, target: str, segment_toke
     import grpc
     from rich.table import Table
 
-    from common.channel import parse_rate
+    from common.link import parse_rate
     from common.planner import load_table
     from common.settings import get_settings
     from sender.adaptive import SegmentPlanner, send_segments
@@ -186,9 +186,9 @@ def demo(
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
     """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
-    from common.channel import link_from_options
-    from common.evaluation.squad import load_squad
-    from sender.demo import report, run_demo
+    from common.link import link_from_options
+    from channel.evaluation.squad import load_squad
+    from channel.demo import report, run_demo
 
     names = _parse_profiles(profiles)
     link_factory, link = None, "plain loopback"
@@ -215,8 +215,8 @@ def channel(
     corrupt_per_mb: float = typer.Option(0.0, help="Fault injection: flip a random bit this often per MB sent upstream."),
 ) -> None:
     """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
-    from common.channel import link_from_options
-    from common.relay import run_relay
+    from common.link import link_from_options
+    from channel.relay import run_relay
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -255,9 +255,9 @@ def loadtest(
 
     from rich.progress import Progress
 
-    from common.channel import link_from_options
-    from common.relay import BackgroundRelay
-    from sender import loadtest as lt
+    from common.link import link_from_options
+    from channel.relay import BackgroundRelay
+    from channel import loadtest as lt
 
     names = _parse_profiles(profile)
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}

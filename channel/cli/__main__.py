@@ -1,0 +1,3 @@
+from channel.cli import app
+
+app()

@@ -2,24 +2,28 @@
 
 A profile is stages joined by `+`; each stage is a name with `:`-separated options.
 
-    raw | lossless         the model's dtype, bit for bit (the default)
-    fp16 | bf16            cast
-    intN[:gG][:sym|asym][:k=channel|token][:v=channel|token]
-                           uniform N-bit quantization, N in 1..8, groups of G (default 32);
-                           asymmetric by default (int1: symmetric, sign x mean|x|);
-                           keys per channel and values per token (KIVI)
-    nf4[:gG][:k=..][:v=..] 4-bit NormalFloat, absmax per group of G (default 64)
+    PRECISION[:OPTIONS][:k=channel|token][:v=channel|token]
+                           a quantizer of common.quant.QUANTIZERS, which parses its own options:
+      raw | lossless       the model's dtype, bit for bit (the default)
+      fp16 | bf16          cast
+      intN[:gG][:sym|asym] uniform N-bit quantization, N in 1..8, groups of G (default 32);
+                           asymmetric by default (int1: symmetric, sign x mean|x|)
+      nf4[:gG]             4-bit NormalFloat, absmax per group of G (default 64)
+                           k= and v= (grouped quantizers only) pick the axis groups run along:
+                           keys per channel and values per token by default (KIVI)
     svd:rR                 rank-R factors per layer and head; the precision stage, if any,
                            quantizes the factors (default fp16): svd:r32+int8
     PRECISION@A-B          per-layer override: layers A..B (inclusive) use PRECISION,
                            e.g. int2+int8@0-3 (mixed precision)
     METHOD:KEEP[:GRANULARITY][:BUDGET][:OPTIONS]
                            token selection, applied by the sender before the codec.
-                           METHOD: q2c, q2c-last, snapkv, h2o, sink, window, random, knorm, capkv.
+                           METHOD: a selector of common.select.METHODS: q2c, q2c-last, snapkv,
+                           h2o, sink, window, random, knorm, capkv.
                            KEEP: a fraction of the context (0.5) or a count (256t).
                            GRANULARITY: global, layer or head (default depends on the method).
                            BUDGET: uniform (default), pyramid or adaptive.
-                           OPTIONS: snapkv wN kN max|avg; h2o rF; sink sN; random seedN; capkv ridgeF.
+                           OPTIONS: the selector's grammar_options: snapkv wN kN max|avg; h2o rF;
+                           sink sN; random seedN; capkv ridgeF.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid.
@@ -32,24 +36,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.quant.base import MatrixQuantizer
+from common.quant import STAGE_NAMES, quantizer_for
+from common.quant.base import QuantError, StageQuantizer
 from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
-from common.quant.nf4 import NF4
-from common.quant.uniform import Uniform
-from common.select import GRANULARITIES, METHODS, OPTIONS, Selection
+from common.select import GRANULARITIES, METHODS, Selection
 from common.select.budgets import BUDGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CASTS = {"raw": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-ALIASES = {"lossless": "raw"}
-DEFAULT_GROUP = {"int": 32, "nf4": 64}
-
-
-def _default_symmetric(bits: int) -> bool:
-    # Two levels at a group's min and max lose more than sign x mean|x| does.
-    return bits == 1
+_AXIS_OPTION = re.compile(r"(?P<tensor>[kv])=(?P<axis>channel|token)")
 
 
 class ProfileError(ValueError):
@@ -58,31 +54,19 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class Precision:
-    kind: str  # raw, fp16, bf16, int, nf4
-    bits: int = 0
-    group: int = 0
-    symmetric: bool = False
+    """A quantizer, and the axis its groups run along for keys and for values (see common.quant.kv)."""
+
+    quantizer: StageQuantizer
     key_axis: str = CHANNEL
     value_axis: str = TOKEN
 
     def __str__(self) -> str:
-        if self.kind in CASTS:
-            return self.kind
-        parts = [f"int{self.bits}" if self.kind == "int" else "nf4", f"g{self.group}"]
-        if self.kind == "int" and self.symmetric != _default_symmetric(self.bits):
-            parts.append("sym" if self.symmetric else "asym")
+        parts = [self.quantizer.spec()]
         if self.key_axis != CHANNEL:
             parts.append(f"k={self.key_axis}")
         if self.value_axis != TOKEN:
             parts.append(f"v={self.value_axis}")
         return ":".join(parts)
-
-    def quantizer(self) -> MatrixQuantizer:
-        if self.kind in CASTS:
-            return Cast(CASTS[self.kind])
-        if self.kind == "nf4":
-            return NF4(self.group)
-        return Uniform(self.bits, self.group, self.symmetric)
 
 
 @dataclass(frozen=True)
@@ -113,11 +97,11 @@ class Profile:
                 return precision
         if self.precision is not None:
             return self.precision
-        return Precision("fp16" if self.rank is not None else "raw")
+        return Precision(Cast(torch.float16) if self.rank is not None else Cast())
 
     def codec(self, layer: int) -> KVCodec:
         precision = self.precision_for(layer)
-        quantizer = precision.quantizer()
+        quantizer = precision.quantizer
         if self.rank is not None:
             quantizer = LowRank(self.rank, quantizer)
         return KVCodec(quantizer, precision.key_axis, precision.value_axis)
@@ -151,7 +135,7 @@ def _parse_selection(name: str, options: list[str], stage: str) -> Selection:
             budget = option
         else:
             match = re.fullmatch(r"([a-z]+)(\d+(\.\d+)?)?", option)
-            known = OPTIONS.get(name, {})
+            known = METHODS[name].grammar_options
             if not match or match.group(1) not in known or (known[match.group(1)][1] is str) != (match.group(2) is None):
                 raise ProfileError(f"{stage!r}: unknown option {option!r} for {name}; "
                                    f"known: {', '.join(GRANULARITIES + BUDGETS + tuple(known)) }")
@@ -167,40 +151,24 @@ def _parse_selection(name: str, options: list[str], stage: str) -> Selection:
 
 
 def _parse_precision(name: str, options: list[str], stage: str) -> Precision:
-    if name in CASTS:
-        if options:
-            raise ProfileError(f"{stage!r}: {name} takes no options")
-        return Precision(name)
-    match = re.fullmatch(r"int(\d+)", name)
-    if match:
-        kind, bits = "int", int(match.group(1))
-        if not 1 <= bits <= 8:
-            raise ProfileError(f"{stage!r}: integer quantization takes 1 to 8 bits, not {bits}")
-    elif name == "nf4":
-        kind, bits = "nf4", 4
-    else:
-        raise ProfileError(f"{stage!r}: unknown stage {name!r}; known: raw, fp16, bf16, int1..int8, nf4, svd, "
-                           f"{', '.join(METHODS)}")
-    values = {"group": DEFAULT_GROUP[kind], "symmetric": None, "key_axis": CHANNEL, "value_axis": TOKEN}
+    axes = {"k": CHANNEL, "v": TOKEN}
+    own = []  # the quantizer's own options
     for option in options:
-        if re.fullmatch(r"g\d+", option):
-            values["group"] = int(option[1:])
-            if values["group"] < 1:
-                raise ProfileError(f"{stage!r}: group size must be positive")
-        elif option in ("sym", "asym"):
-            if values["symmetric"] is not None:
-                raise ProfileError(f"{stage!r}: give sym or asym once")
-            if kind == "nf4" and option == "asym":
-                raise ProfileError(f"{stage!r}: nf4 is symmetric by construction")
-            values["symmetric"] = option == "sym"
-        elif re.fullmatch(r"[kv]=(channel|token)", option):
-            values["key_axis" if option[0] == "k" else "value_axis"] = option[2:]
+        match = _AXIS_OPTION.fullmatch(option)
+        if match:
+            axes[match["tensor"]] = match["axis"]
         else:
-            raise ProfileError(f"{stage!r}: unknown option {option!r}; options: gN, sym, asym, k=channel|token, v=channel|token")
-    if values["symmetric"] is None:
-        values["symmetric"] = _default_symmetric(bits)
-    values["symmetric"] = values["symmetric"] and kind == "int"
-    return Precision(kind, bits, **values)
+            own.append(option)
+    try:
+        quantizer = quantizer_for(name, own)
+    except QuantError as exc:
+        raise ProfileError(f"{stage!r}: {exc}") from None
+    if quantizer is None:
+        raise ProfileError(f"{stage!r}: unknown stage {name!r}; known: {', '.join(STAGE_NAMES)}, svd, "
+                           f"{', '.join(METHODS)}")
+    if len(own) < len(options) and not quantizer.grouped:
+        raise ProfileError(f"{stage!r}: {name} takes no k= or v= options: it has no groups")
+    return Precision(quantizer, axes["k"], axes["v"])
 
 
 def parse_profile(spec: str | Profile) -> Profile:
@@ -214,7 +182,7 @@ def parse_profile(spec: str | Profile) -> Profile:
         match = _STAGE.match(stage)
         if not match:
             raise ProfileError(f"cannot parse stage {stage!r} of profile {spec!r}")
-        name = ALIASES.get(match["name"], match["name"])
+        name = match["name"]
         options = match["options"].split(":")[1:] if match["options"] else []
         if name in METHODS:
             if selection is not None:
@@ -243,6 +211,6 @@ def parse_profile(spec: str | Profile) -> Profile:
             raise ProfileError(f"{spec!r}: two precision stages, {precision} and {parsed}; use @A-B for per-layer ones")
         else:
             precision = parsed
-    if precision is not None and precision.kind == "raw" and rank is None:
+    if precision == Precision(Cast()) and rank is None:
         precision = None  # raw is the default: one spelling for one profile
     return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection)

@@ -26,7 +26,7 @@ def family(profile: str) -> str:
     from common.profile import parse_profile
 
     parsed = parse_profile(profile)
-    quantized = parsed.precision is not None and parsed.precision.kind in ("int", "nf4")
+    quantized = parsed.precision is not None and parsed.precision.quantizer.code_bits is not None
     if parsed.selection is not None:
         return parsed.selection.method + ("+quant" if quantized or parsed.rank else "")
     if parsed.rank is not None:

@@ -2,15 +2,24 @@
 
 A matrix quantizer turns a 2-D float tensor `(rows, cols)` into a flat uint8 tensor
 of exactly `size(rows, cols, dtype)` bytes, and back. Groups run along `cols`.
+
+A code quantizer (`code_bits` set) lays its payload out as codes first: the first
+`packed_size(rows * cols, code_bits)` bytes are the `rows * cols` codes in row-major
+order, packed by `common.quant.packing`; its parameters (scales, offsets) follow.
+
+A stage quantizer is one the profile grammar names (`int4:g32`, `nf4`, `fp16`): it parses
+and prints its own stage, and is listed in `common.quant.QUANTIZERS`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import re
+from typing import ClassVar, Protocol
 
 import torch
 
 FP16_MAX = 65504.0
+FP16_EPS = 2.0**-10  # relative spacing of fp16 values: the rounding of fp16 group parameters
 
 
 class QuantError(ValueError):
@@ -18,11 +27,53 @@ class QuantError(ValueError):
 
 
 class MatrixQuantizer(Protocol):
+    code_bits: int | None  # bits per code symbol of a code quantizer (see above); None otherwise
+
     def size(self, rows: int, cols: int, dtype: torch.dtype) -> int: ...
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, cols) -> flat uint8 payload of size(rows, cols, x.dtype) bytes."""
+        ...
 
-    def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor: ...
+    def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """Flat uint8 payload -> (rows, cols) tensor of `dtype`."""
+        ...
+
+
+class StageQuantizer(MatrixQuantizer, Protocol):
+    stage_names: ClassVar[tuple[str, ...]]  # the stage names, for the "known stages" message: ("int1..int8",)
+    examples: ClassVar[tuple[str, ...]]  # canonical specs, one per variant, for the generic tests
+    grouped: ClassVar[bool]  # groups run along cols, so the profile's k=/v= layout options apply
+
+    @classmethod
+    def from_stage(cls, name: str, options: list[str]) -> StageQuantizer | None:
+        """The quantizer a stage `name:option:...` names (layout options k=/v= removed), None if the
+        name is not its own; QuantError on bad options."""
+        ...
+
+    def spec(self) -> str:
+        """The canonical stage text: from_stage parses it back to an equal quantizer."""
+        ...
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, cols) -> (rows, cols) bound on |decode(encode(x), ..., torch.float32) - x|."""
+        ...
+
+
+def group_options(options: list[str], group: int) -> tuple[int, bool | None]:
+    """The options of a grouped stage: gN, the group size (default `group`), and sym or asym
+    (None when neither is given) -> (group, symmetric)."""
+    symmetric = None
+    for option in options:
+        if re.fullmatch(r"g\d+", option):
+            group = int(option[1:])
+        elif option in ("sym", "asym"):
+            if symmetric is not None:
+                raise QuantError("give sym or asym once")
+            symmetric = option == "sym"
+        else:
+            raise QuantError(f"unknown option {option!r}; options: gN, sym, asym, k=channel|token, v=channel|token")
+    return group, symmetric
 
 
 def check_finite(x: torch.Tensor, limit: float | None = FP16_MAX) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.quant.kv import KVCodec, _matrix_shape
-from common.quant.nf4 import NF4
 from common.quant.packing import packed_size, unpack
-from common.quant.uniform import Uniform
 
 
 def entropy_bits(symbols: torch.Tensor, alphabet: int) -> float:
@@ -18,11 +16,15 @@ def entropy_bits(symbols: torch.Tensor, alphabet: int) -> float:
 
 
 def code_symbols(codec: KVCodec, payload: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int] | None:
-    """The code symbols inside a payload of a uniform or NF4 codec, with their bit width; None for others."""
+    """The code symbols inside the payload of a codec of a code quantizer, with their bit width; None for others.
+
+    shape: (1, kv_heads, tokens, head_dim) of keys and values -> (symbols,) uint8, bits. Each of the
+    key and value payloads starts with its codes (see `common.quant.base`).
+    """
     quantizer = codec.quantizer
-    if not isinstance(quantizer, (Uniform, NF4)):
+    bits = quantizer.code_bits
+    if bits is None:
         return None
-    bits = quantizer.bits if isinstance(quantizer, Uniform) else 4
     symbols, offset = [], 0
     for axis in (codec.key_axis, codec.value_axis):
         rows, cols = _matrix_shape(shape, axis)

@@ -48,7 +48,7 @@ class KVCodec:
     def _parts(self, shape: tuple[int, ...]):
         """(axis, rows, cols) for keys and values; low rank factorizes per head."""
         if isinstance(self.quantizer, LowRank):
-            _, heads, tokens, dim = shape
+            _, _, tokens, dim = shape
             return [("head", tokens, dim)] * 2
         return [(axis, *_matrix_shape(shape, axis)) for axis in (self.key_axis, self.value_axis)]
 

@@ -7,6 +7,7 @@ quantizes them), so low rank and quantization compose.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,8 @@ from common.quant.base import MatrixQuantizer, QuantError, check_finite
 class LowRank:
     rank: int
     factors: MatrixQuantizer
+
+    code_bits: ClassVar[None] = None  # the payload is two factors, each with its own codes and parameters
 
     def __post_init__(self):
         if self.rank < 1:

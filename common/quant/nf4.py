@@ -1,13 +1,29 @@
-"""NF4: the 4-bit NormalFloat code book (Dettmers et al., QLoRA, 2023), absmax-scaled per group."""
+"""NF4: the 4-bit NormalFloat code book (Dettmers et al., QLoRA, 2023), absmax-scaled per group.
+
+Stage: nf4[:gG], groups of G (default 64); symmetric by construction (sym is accepted, asym refused).
+Layout: packed 4-bit codes, then one fp16 absmax per group.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common.quant.base import QuantError, check_finite, from_bytes, group_view, num_groups, to_bytes
+from common.quant.base import (
+    FP16_EPS,
+    QuantError,
+    check_finite,
+    from_bytes,
+    group_options,
+    group_view,
+    num_groups,
+    to_bytes,
+)
 from common.quant.packing import pack, packed_size, unpack
+
+DEFAULT_GROUP = 64
 
 # Quantiles of N(0, 1), normalized to [-1, 1], with an exact zero (QLoRA, Appendix E).
 NF4_CODE_BOOK = torch.tensor([
@@ -20,11 +36,28 @@ NF4_CODE_BOOK = torch.tensor([
 
 @dataclass(frozen=True)
 class NF4:
-    group: int = 64
+    group: int = DEFAULT_GROUP
+
+    code_bits: ClassVar[int] = 4
+    stage_names: ClassVar[tuple[str, ...]] = ("nf4",)
+    examples: ClassVar[tuple[str, ...]] = ("nf4:g64", "nf4:g1", "nf4:g16")
+    grouped: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.group < 1:
             raise QuantError(f"group size must be positive, got {self.group}")
+
+    @classmethod
+    def from_stage(cls, name: str, options: list[str]) -> NF4 | None:
+        if name != "nf4":
+            return None
+        group, symmetric = group_options(options, DEFAULT_GROUP)
+        if symmetric is False:
+            raise QuantError("nf4 is symmetric by construction")
+        return cls(group)
+
+    def spec(self) -> str:
+        return f"nf4:g{self.group}"
 
     def size(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> int:
         return packed_size(rows * cols, 4) + 2 * rows * num_groups(cols, self.group)
@@ -48,3 +81,11 @@ class NF4:
         absmax = from_bytes(blob[code_bytes:], torch.float16, (rows, num_groups(cols, self.group))).float()
         scale = absmax.repeat_interleave(self.group, dim=1)[:, :cols]
         return (NF4_CODE_BOOK.to(blob.device)[codes] * scale).to(dtype)
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, cols) -> (rows, cols): half the widest gap of the code book, scaled by the
+        group's absmax, plus the fp16 rounding of that absmax."""
+        absmax = group_view(x.float(), self.group).abs().amax(dim=-1)
+        half_gap = float((NF4_CODE_BOOK[1:] - NF4_CODE_BOOK[:-1]).max()) / 2
+        bound = absmax * (half_gap + 2 * FP16_EPS) + 1e-6
+        return bound.repeat_interleave(self.group, dim=1)[:, : x.shape[1]]

@@ -1,32 +1,72 @@
 """Uniform group-wise quantization, 1 to 8 bits, asymmetric (min/scale) or symmetric (absmax).
 
+Stage: intN[:gG][:sym|asym], N in 1..8, groups of G (default 32); asymmetric by default,
+except int1, symmetric by default (two levels at a group's min and max lose more than
+sign x mean|x| does).
+
 Layout: packed codes, then fp16 parameters per group: (scale, min) when asymmetric,
 (scale,) when symmetric. Symmetric 1-bit is sign quantization scaled by mean |x|.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common.quant.base import QuantError, check_finite, from_bytes, group_view, num_groups, to_bytes
+from common.quant.base import (
+    FP16_EPS,
+    QuantError,
+    check_finite,
+    from_bytes,
+    group_options,
+    group_view,
+    num_groups,
+    to_bytes,
+)
 from common.quant.packing import pack, packed_size, unpack
 
 FP16_MIN_NORMAL = 2.0**-14
+DEFAULT_GROUP = 32
 
 
 @dataclass(frozen=True)
 class Uniform:
     bits: int
-    group: int = 32
+    group: int = DEFAULT_GROUP
     symmetric: bool = False
+
+    stage_names: ClassVar[tuple[str, ...]] = ("int1..int8",)
+    examples: ClassVar[tuple[str, ...]] = ("int1:g32", "int1:g4:asym", "int2:g32", "int3:g64:sym", "int4:g32",
+                                           "int8:g1", "int8:g32:sym")
+    grouped: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise QuantError(f"uniform quantization takes 1 to 8 bits, got {self.bits}")
         if self.group < 1:
             raise QuantError(f"group size must be positive, got {self.group}")
+
+    @classmethod
+    def from_stage(cls, name: str, options: list[str]) -> Uniform | None:
+        match = re.fullmatch(r"int(\d+)", name)
+        if not match:
+            return None
+        bits = int(match[1])
+        group, symmetric = group_options(options, DEFAULT_GROUP)
+        return cls(bits, group, bits == 1 if symmetric is None else symmetric)
+
+    def spec(self) -> str:
+        text = f"int{self.bits}:g{self.group}"
+        if self.symmetric != (self.bits == 1):
+            text += ":sym" if self.symmetric else ":asym"
+        return text
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits
 
     @property
     def params(self) -> int:
@@ -86,3 +126,17 @@ class Uniform:
             return ((codes - (2 ** (self.bits - 1) - 1)) * scale).to(dtype)
         low = params[..., 1].repeat_interleave(self.group, dim=1)[:, :cols]
         return (codes * scale + low).to(dtype)
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, cols) -> (rows, cols): half a step of each element's group (for sign x mean|x|,
+        the group's largest |x|), plus the fp16 rounding of the group's parameters."""
+        groups = group_view(x.float(), self.group)
+        magnitude = groups.abs().amax(dim=-1)
+        if self.symmetric and self.bits == 1:
+            error = magnitude
+        elif self.symmetric:
+            error = magnitude / (2**self.bits - 2)  # half of the step absmax / (2^(bits-1) - 1)
+        else:
+            error = (groups.amax(dim=-1) - groups.amin(dim=-1)) / (2 * (2**self.bits - 1))
+        bound = error * (1 + 4 * FP16_EPS) + 4 * FP16_EPS * magnitude + 1e-6
+        return bound.repeat_interleave(self.group, dim=1)[:, : x.shape[1]]

@@ -1,7 +1,8 @@
 """Token selection: which context tokens each layer (or KV head) keeps.
 
-The registry maps names in the profile grammar (`METHOD:KEEP`) to selector classes;
-`apply_selection` turns a selector's scores into a smaller KVState.
+The registry maps names in the profile grammar (`METHOD:KEEP`) to selector classes; a new
+method is its own module (a `Selector` subclass) plus a line in METHODS. `apply_selection`
+turns a selector's scores into a smaller KVState.
 """
 
 from __future__ import annotations
@@ -27,14 +28,6 @@ METHODS: dict[str, type[Selector]] = {
     "q2c": Q2C, "q2c-last": Q2CLast, "snapkv": SnapKV, "h2o": H2O, "sink": Sink,
     "window": Window, "random": Random, "knorm": KNorm, "capkv": CapKV,
 }
-# Method options in the grammar: option name -> (dataclass field, type).
-OPTIONS: dict[str, dict[str, tuple[str, type]]] = {
-    "snapkv": {"w": ("window", int), "k": ("kernel", int), "max": ("pooling", str), "avg": ("pooling", str)},
-    "h2o": {"r": ("recent_fraction", float)},
-    "sink": {"s": ("sinks", int)},
-    "random": {"seed": ("seed", int)},
-    "capkv": {"ridge": ("ridge", float)},
-}
 
 
 @dataclass(frozen=True)
@@ -46,11 +39,12 @@ class Selection:
     options: tuple[tuple[str, str], ...] = field(default=())  # grammar options, e.g. (("w", "16"),)
 
     def selector(self) -> Selector:
+        cls = METHODS[self.method]
         kwargs = {}
         for name, value in self.options:
-            attribute, kind = OPTIONS[self.method][name]
+            attribute, kind = cls.grammar_options[name]
             kwargs[attribute] = name if kind is str else kind(value)
-        return METHODS[self.method](**kwargs)
+        return cls(**kwargs)
 
     @property
     def resolved_granularity(self) -> str:
@@ -58,11 +52,7 @@ class Selection:
 
     def needs(self, seq_len: int, context_len: int) -> dict[str, range]:
         """The attention row sets this selection reads, for a prefill of seq_len tokens."""
-        selector = self.selector()
-        rows = {"question": range(context_len, seq_len), "all": range(0, seq_len)}
-        if isinstance(selector, SnapKV):
-            rows[selector.stats_name] = range(max(0, seq_len - selector.window), seq_len)
-        return {name: rows[name] for name in selector.needs}
+        return self.selector().row_sets(seq_len, context_len)
 
     def kept_count(self, context_len: int) -> int:
         if isinstance(self.keep, int):
@@ -76,7 +66,8 @@ class Selection:
             parts.append(self.granularity)
         if self.budget != "uniform":
             parts.append(self.budget)
-        parts += [name if OPTIONS[self.method][name][1] is str else f"{name}{value}" for name, value in self.options]
+        known = METHODS[self.method].grammar_options
+        parts += [name if known[name][1] is str else f"{name}{value}" for name, value in self.options]
         return ":".join(parts)
 
 
@@ -130,4 +121,4 @@ def apply_selection(
     return KVState(keys, values, positions, kv.seq_len)
 
 
-__all__ = ["METHODS", "GRANULARITIES", "Selection", "SelectionError", "apply_selection", "AttentionStats"]
+__all__ = ["GRANULARITIES", "METHODS", "AttentionStats", "Selection", "SelectionError", "apply_selection"]

@@ -1,9 +1,10 @@
 """The selector interface: score context tokens, keep the highest.
 
-A selector is a small dataclass with `score()`. The framework in
-`common.select.apply` turns scores into kept positions at the chosen granularity
-(global, layer or head) and per-layer budget, always keeping the tokens after the
-context (the question and chat template), and writes a new KVState.
+A selector is a small dataclass with `score()`; it declares the attention statistics it
+reads (`row_sets`) and its options in the profile grammar (`grammar_options`). The
+framework in `common.select.apply_selection` turns scores into kept positions at the
+chosen granularity (global, layer or head) and per-layer budget, always keeping the
+tokens after the context (the question and chat template), and writes a new KVState.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from common.kvstate import KVState
 from common.select.stats import AttentionStats
 
 GRANULARITIES = ("global", "layer", "head")
+# A selector's options in the profile grammar: name -> (dataclass field, type).
+GrammarOptions = dict[str, tuple[str, type]]
 
 
 class SelectionError(ValueError):
@@ -42,11 +45,19 @@ class ScoreInput:
 
 @dataclass
 class Selector:
-    # Attention row sets the method reads: "question", "all" or "windowW" (see AttentionStats).
+    # Attention row sets the method reads: "question" (the rows after the context) or "all".
     needs: ClassVar[tuple[str, ...]] = ()
     default_granularity: ClassVar[str] = "global"
     # Which layers' scores a global selection sums: all of them, or the last only.
     global_layers: ClassVar[str] = "all"
+    # A str option is a flag whose name is the value (snapkv's max); the others carry a number
+    # (snapkv's w16 sets window = 16).
+    grammar_options: ClassVar[GrammarOptions] = {}
+
+    def row_sets(self, seq_len: int, context_len: int) -> dict[str, range]:
+        """The attention rows this selector reads, by name (see AttentionStats), for a prefill of seq_len tokens."""
+        rows = {"question": range(context_len, seq_len), "all": range(seq_len)}
+        return {name: rows[name] for name in self.needs}
 
     def score(self, inputs: ScoreInput, layer: int) -> torch.Tensor:
         """Scores of shape (kv_heads, context_len); higher is kept first."""

@@ -7,10 +7,11 @@ highest-leverage keys approximately maximizes the log-determinant.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common.select.base import ScoreInput, SelectionError, Selector
+from common.select.base import GrammarOptions, ScoreInput, SelectionError, Selector
 
 
 def leverage_scores(keys: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -27,6 +28,7 @@ class CapKV(Selector):
     ridge: float = 1e-3  # relative to the mean diagonal of the Gram matrix
 
     default_granularity = "head"
+    grammar_options: ClassVar[GrammarOptions] = {"ridge": ("ridge", float)}
 
     def __post_init__(self):
         if self.ridge <= 0:

@@ -1,8 +1,10 @@
 """H2O: heavy hitters (attention accumulated over all queries) plus a recent window."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from common.select.base import ScoreInput, SelectionError, Selector
+from common.select.base import GrammarOptions, ScoreInput, SelectionError, Selector
+
 
 @dataclass
 class H2O(Selector):
@@ -10,6 +12,7 @@ class H2O(Selector):
 
     needs = ("all",)
     default_granularity = "head"
+    grammar_options: ClassVar[GrammarOptions] = {"r": ("recent_fraction", float)}
 
     def __post_init__(self):
         if not 0 <= self.recent_fraction <= 1:

@@ -1,13 +1,22 @@
 """StreamingLLM: the first few tokens (attention sinks) plus the most recent ones."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from common.select.base import ScoreInput, SelectionError, Selector, recency
+from common.select.base import (
+    GrammarOptions,
+    ScoreInput,
+    SelectionError,
+    Selector,
+    recency,
+)
 
 
 @dataclass
 class Sink(Selector):
     sinks: int = 4
+
+    grammar_options: ClassVar[GrammarOptions] = {"s": ("sinks", int)}
 
     def __post_init__(self):
         if self.sinks < 0:

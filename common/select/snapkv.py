@@ -1,10 +1,11 @@
 """SnapKV: attention from an observation window of the last queries, pooled, top-k per head."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common.select.base import ScoreInput, SelectionError, Selector
+from common.select.base import GrammarOptions, ScoreInput, SelectionError, Selector
 
 
 @dataclass
@@ -14,14 +15,17 @@ class SnapKV(Selector):
     pooling: str = "max"
 
     default_granularity = "head"
+    grammar_options: ClassVar[GrammarOptions] = {
+        "w": ("window", int), "k": ("kernel", int), "max": ("pooling", str), "avg": ("pooling", str),
+    }
 
     @property
     def stats_name(self) -> str:
         return f"window{self.window}"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return (self.stats_name,)
+    def row_sets(self, seq_len: int, context_len: int) -> dict[str, range]:
+        """The last `window` rows: the observation window."""
+        return {self.stats_name: range(max(0, seq_len - self.window), seq_len)}
 
     def __post_init__(self):
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:

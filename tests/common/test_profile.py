@@ -4,9 +4,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.profile import Precision, Profile, ProfileError, parse_profile
+from common.quant import QUANTIZERS
 from common.quant.lowrank import LowRank
 from common.quant.nf4 import NF4
 from common.quant.uniform import Uniform
+from common.select import METHODS
 
 
 @pytest.mark.parametrize("spec,canonical", [
@@ -27,7 +29,8 @@ def test_parse_and_print(spec, canonical):
     ("", "empty"), ("int9", "1 to 8 bits"), ("int0", "1 to 8 bits"), ("int4+int8", "two precision stages"),
     ("svd:r8+svd:r4", "two svd"), ("svd", "positive rank"), ("svd:r0", "positive rank"), ("svd:r8@0", "positive rank"),
     ("int4:g0", "positive"), ("int4:sym:asym", "sym or asym once"), ("nf4:asym", "symmetric by construction"),
-    ("int4:x=1", "unknown option"), ("fp16:g32", "takes no options"), ("zip", "unknown stage"),
+    ("int4:x=1", "unknown option"), ("int4:k=chan", "unknown option"), ("fp16:g32", "takes no options"),
+    ("fp16:k=token", "takes no k= or v= options"), ("zip", "unknown stage"),
     ("int4+int8@3-1", "empty"), ("int4+int8@0-3+int2@2", "overlaps"), ("int4++int8", "cannot parse"),
 ])
 def test_bad_specs_name_the_problem(spec, message):
@@ -50,8 +53,34 @@ def test_codecs_per_layer():
        k=st.sampled_from(["channel", "token"]), v=st.sampled_from(["channel", "token"]),
        rank=st.one_of(st.none(), st.integers(1, 256)))
 def test_round_trip_property(bits, group, sym, k, v, rank):
-    profile = Profile(Precision("int", bits, group, sym, k, v), rank)
+    profile = Profile(Precision(Uniform(bits, group, sym), k, v), rank)
     assert parse_profile(str(profile)) == profile
+
+
+CANONICAL = ["int4:g32", "int1:g32", "int3:g64:sym", "nf4:g64", "int8:g32:k=token", "svd:r32+int8:g32",
+             "q2c:0.5+int4:g32", "snapkv:256t:w16", "h2o:0.25:layer:pyramid", "raw", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("canonical", CANONICAL)
+def test_canonical_strings_are_stable(canonical):
+    """These strings cross the wire and key stored results: they must never change."""
+    assert str(parse_profile(canonical)) == canonical
+
+
+@pytest.mark.parametrize("cls", QUANTIZERS, ids=lambda cls: cls.__name__)
+def test_unknown_stage_lists_every_quantizer(cls):
+    with pytest.raises(ProfileError, match="unknown stage") as error:
+        parse_profile("zip")
+    assert all(name in str(error.value) for name in cls.stage_names)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_selector_option_round_trips(method):
+    for name, (_, kind) in METHODS[method].grammar_options.items():
+        spec = f"{method}:0.5:{name}" if kind is str else f"{method}:0.5:{name}1"
+        assert str(parse_profile(spec)) == spec
+    with pytest.raises(ProfileError, match="unknown option 'zz'"):
+        parse_profile(f"{method}:0.5:zz")
 
 
 def test_payload_sizes_are_exact():

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from common.profile import parse_profile
+from common.quant import QUANTIZERS
 from common.quant.base import QuantError
 from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
@@ -38,6 +40,26 @@ def test_pack_layout_is_least_significant_first():
 
 matrices = arrays("float32", st.tuples(st.integers(1, 6), st.integers(1, 70)),
                   elements=st.floats(-100, 100, width=32))
+EXAMPLES = [(cls, spec) for cls in QUANTIZERS for spec in cls.examples]
+
+
+@pytest.mark.parametrize("cls,spec", EXAMPLES, ids=[spec for _, spec in EXAMPLES])
+@settings(max_examples=30, deadline=None)
+@given(x=matrices, dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_every_registered_quantizer(cls, spec, x, dtype):
+    """Each example of each registered quantizer: its spec round-trips, its payload is exactly size()
+    bytes, and decoding restores shape and dtype within the quantizer's own error bound."""
+    assert str(parse_profile(spec)) == spec
+    q = parse_profile(spec).precision_for(0).quantizer
+    assert type(q) is cls and q.spec() == spec
+    x = torch.from_numpy(x).to(dtype)
+    blob = q.encode(x)
+    assert blob.dtype == torch.uint8 and blob.shape == (q.size(*x.shape, dtype),)
+    decoded = q.decode(blob, *x.shape, dtype)
+    assert decoded.shape == x.shape and decoded.dtype == dtype
+    info = torch.finfo(dtype)
+    output_rounding = (decoded.float().abs() + info.tiny) * info.eps / 2
+    assert ((decoded.float() - x.float()).abs() <= q.max_error(x) + output_rounding).all()
 
 
 def group_bound(x: torch.Tensor, group: int, levels_per_range: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from common.kvstate import greedy_decode, prefill
 from common.models import load_model
-from common.select import Selection, SelectionError, apply_selection
+from common.select import METHODS, Selection, SelectionError, apply_selection
 from common.select.base import ScoreInput
 from common.select.stats import AttentionStats, collecting
 
@@ -41,7 +41,7 @@ def setup(request):
 
 
 def test_attention_mass_matches_eager(setup):
-    loaded, kv, stats, attentions = setup
+    _, kv, stats, attentions = setup
     kv_heads = kv.keys[0].shape[1]
     for layer, attn in enumerate(attentions):
         for name, rows in stats.row_sets.items():
@@ -54,7 +54,7 @@ def scores(selection: Selection, kv, stats, layer, budget=10):
 
 
 def test_q2c_and_snapkv_and_h2o_scores(setup):
-    loaded, kv, stats, attentions = setup
+    _, kv, stats, attentions = setup
     kv_heads = kv.keys[0].shape[1]
     for layer, attn in enumerate(attentions):
         q2c = grouped(attn[:, CONTEXT:], kv_heads)[:, :CONTEXT]
@@ -70,7 +70,7 @@ def test_q2c_and_snapkv_and_h2o_scores(setup):
 
 
 def test_key_based_scores(setup):
-    loaded, kv, stats, _ = setup
+    _, kv, stats, _ = setup
     for layer in range(kv.num_layers):
         keys = kv.keys[layer][0, :, :CONTEXT].double()
         assert torch.allclose(scores(Selection("knorm", 0.5), kv, stats, layer).double(), -keys.norm(dim=-1), atol=1e-5)
@@ -88,7 +88,7 @@ def kept(selection, kv, stats, sliding=frozenset()):
 
 
 def test_positional_methods_keep_what_they_say(setup):
-    loaded, kv, stats, _ = setup
+    _, kv, stats, _ = setup
     tail = list(range(CONTEXT, len(IDS)))
     assert kept(Selection("window", 10), kv, stats).positions[0][0].tolist() == list(range(26, 36)) + tail
     assert kept(Selection("sink", 10), kv, stats).positions[1][0].tolist() == [0, 1, 2, 3] + list(range(30, 36)) + tail
@@ -99,7 +99,7 @@ def test_positional_methods_keep_what_they_say(setup):
 
 
 def test_granularities(setup):
-    loaded, kv, stats, _ = setup
+    _, kv, stats, _ = setup
     heads = kv.keys[0].shape[1]
     glob = kept(Selection("knorm", 10, "global"), kv, stats)
     assert all(torch.equal(p, glob.positions[0]) for p in glob.positions)  # same tokens everywhere
@@ -114,23 +114,23 @@ def test_granularities(setup):
 
 
 def test_q2c_last_uses_only_the_last_layer(setup):
-    loaded, kv, stats, attentions = setup
+    _, kv, stats, attentions = setup
     last = grouped(attentions[-1][:, CONTEXT:], kv.keys[0].shape[1])[:, :CONTEXT].sum(0)
     expected = last.topk(10).indices.sort().values.tolist()
     assert kept(Selection("q2c-last", 10), kv, stats).positions[0][0, :10].tolist() == expected
 
 
 def test_keep_everything_is_the_identity(setup):
-    loaded, kv, stats, _ = setup
-    for method in ("q2c", "snapkv", "h2o", "sink", "window", "random", "knorm", "capkv"):
-        options = (("w", "8"),) if method == "snapkv" else ()
+    _, kv, stats, _ = setup
+    for method in METHODS:
+        options = (("w", "8"),) if method == "snapkv" else ()  # the window the fixture captured
         full = kept(Selection(method, 1.0, options=options), kv, stats)
         for layer in range(kv.num_layers):
             assert torch.equal(full.keys[layer], kv.keys[layer]) and torch.equal(full.positions[layer], kv.positions[layer])
 
 
 def test_missing_statistics_are_a_clear_error(setup):
-    loaded, kv, _, _ = setup
+    _, kv, _, _ = setup
     with pytest.raises(SelectionError, match="attention statistics"):
         apply_selection(kv, Selection("q2c", 0.5), None, CONTEXT)
     with pytest.raises(SelectionError, match="uniform"):

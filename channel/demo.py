@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,16 +11,16 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from channel.evaluation.metrics import best_f1, f1, mean_ci95
+from channel.evaluation.metrics import best_f1, f1, summarize_groups
 from channel.evaluation.squad import Sample
 from channel.nodes import local_receiver
 from channel.relay import BackgroundRelay
-from common import wire
 from common.kvstate import reference_generate
 from common.models import load_model
+from common.profile import Profile
 from common.settings import get_settings
 from sender.client import Client
-from sender.prefill import prefill_prompt, select_tokens
+from sender.pipeline import Sender
 
 
 @dataclass
@@ -45,9 +44,9 @@ class DemoRow:
     decode_s: float
 
 
-def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware: bool, max_new_tokens: int,
+def run_demo(samples: list[Sample], model: str, profiles: list[Profile], query_aware: bool, max_new_tokens: int,
              console: Console, link_factory=None, target: str | None = None) -> list[DemoRow]:
-    """Prefill each sample once, send it under every profile, and compare with local generation.
+    """Prefill each sample once, ask under every profile, and compare with local generation.
 
     With `link_factory`, every transfer crosses the shaping relay (`kvwire channel`) on its way.
     With `target`, a running receiver (or relay) is used instead of a local one.
@@ -58,63 +57,45 @@ def run_demo(samples: list[Sample], model: str, profiles: list[str], query_aware
             target = stack.enter_context(local_receiver(model))
             if link_factory is not None:
                 target = stack.enter_context(BackgroundRelay(target, link_factory)).target
-        settings = get_settings()
-        client = stack.enter_context(Client.from_settings(settings, target))
+        client = stack.enter_context(Client.from_settings(get_settings(), target))
         client.wait_until_serving()
         loaded = load_model(model)
-        fp = loaded.fingerprint
-        agreed = [client.negotiate(fp, [p]).profile for p in profiles]
+        sender = Sender(loaded, client)
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("questions x profiles", total=len(samples) * len(agreed))
+            task = progress.add_task("questions x profiles", total=len(samples) * len(profiles))
             for sample in samples:
-                pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, agreed)
+                pre = sender.prefill(sample.context, sample.question, query_aware, profiles)
                 local = reference_generate(loaded.model, pre.prompt.ids, max_new_tokens)
                 local_text = loaded.tokenizer.decode(local, skip_special_tokens=True)
-                for profile in agreed:
-                    start = time.perf_counter()
-                    frames = list(wire.encode(select_tokens(loaded, pre, profile), profile, fp))
-                    encode_s = time.perf_counter() - start  # selection included
-                    sent = client.send_frames(frames)
-                    if query_aware:
-                        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
-                    else:
-                        reply = client.generate(sent.session_id, question=sample.question, max_new_tokens=max_new_tokens)
-                    answer = loaded.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+                for profile in profiles:
+                    asked = sender.ask(sample.context, sample.question, profile, query_aware, max_new_tokens,
+                                       prefilled=pre)
+                    answer = loaded.tokenizer.decode(asked.token_ids, skip_special_tokens=True)
                     rows.append(DemoRow(
-                        id=sample.id, profile=profile, question=sample.question, gold=sample.answers[0],
-                        local_answer=local_text, transfer_answer=answer, tokens_match=list(reply.token_ids) == local,
-                        seq_len=pre.kv.seq_len, bytes_on_wire=sent.bytes_sent, raw_fp16_bytes=pre.kv.fp16_nbytes,
+                        id=sample.id, profile=asked.profile, question=sample.question, gold=sample.answers[0],
+                        local_answer=local_text, transfer_answer=answer, tokens_match=asked.token_ids == local,
+                        seq_len=asked.seq_len, bytes_on_wire=asked.bytes_sent, raw_fp16_bytes=asked.fp16_bytes,
                         f1_gold=best_f1(answer, sample.answers), fidelity_f1=f1(answer, local_text),
-                        prefill_s=pre.seconds, encode_s=encode_s, transfer_s=sent.seconds,
-                        inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+                        prefill_s=asked.prefill_s, encode_s=asked.encode_s, transfer_s=asked.transfer_s,
+                        inject_s=asked.inject_s, decode_s=asked.decode_s,
                     ))
                     progress.advance(task)
     return rows
 
 
-def summarize(rows: list[DemoRow]) -> dict:
-    n = len(rows)
-    mean = lambda key: sum(getattr(r, key) for r in rows) / n  # noqa: E731
-    f1_mean, f1_ci = mean_ci95([r.f1_gold for r in rows])
-    fidelity, fidelity_ci = mean_ci95([r.fidelity_f1 for r in rows])
-    return {
-        "profile": rows[0].profile,
-        "n": n,
-        "token_match_rate": sum(r.tokens_match for r in rows) / n,
-        "bytes_mean": mean("bytes_on_wire"),
-        "bytes_per_token": sum(r.bytes_on_wire for r in rows) / sum(r.seq_len for r in rows),
-        "ratio_vs_fp16": sum(r.bytes_on_wire for r in rows) / sum(r.raw_fp16_bytes for r in rows),
-        "f1_gold_mean": f1_mean,
-        "f1_gold_ci95": f1_ci,
-        "fidelity_f1_mean": fidelity,
-        "fidelity_f1_ci95": fidelity_ci,
-        **{f"{key}_mean": mean(key) for key in ("prefill_s", "encode_s", "transfer_s", "inject_s", "decode_s")},
-    }
+SUMMARY_STATS = (
+    ("token_match_rate", "mean", "tokens_match"), ("bytes_mean", "mean", "bytes_on_wire"),
+    ("bytes_per_token", "ratio", ("bytes_on_wire", "seq_len")),
+    ("ratio_vs_fp16", "ratio", ("bytes_on_wire", "raw_fp16_bytes")),
+    (("f1_gold_mean", "f1_gold_ci95"), "mean_ci", "f1_gold"),
+    (("fidelity_f1_mean", "fidelity_f1_ci95"), "mean_ci", "fidelity_f1"),
+    *((f"{key}_mean", "mean", key) for key in ("prefill_s", "encode_s", "transfer_s", "inject_s", "decode_s")),
+)
 
 
 def summarize_by_profile(rows: list[DemoRow]) -> list[dict]:
-    profiles = list(dict.fromkeys(r.profile for r in rows))
-    return [summarize([r for r in rows if r.profile == p]) for p in profiles]
+    """Per profile, in first-seen order: token match, bytes, quality with 95% intervals, stage times."""
+    return summarize_groups(rows, ["profile"], SUMMARY_STATS)
 
 
 def _clip(text: str, width: int = 48) -> str:

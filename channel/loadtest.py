@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common import wire
-from channel.evaluation.squad import load_squad
-from common.kvstate import greedy_decode
-from common.models import load_model
-from sender.client import Client
+from channel.evaluation.squad import Sample, load_squad
 from channel.nodes import start_receiver_process
-from sender.prefill import prefill_prompt, select_tokens
+from common import wire
+from common.kvstate import greedy_decode
+from common.models import LoadedModel
+from common.profile import Profile
+from sender.client import Client
+from sender.pipeline import Sender
+from sender.prefill import Prefilled, prefill_prompt, select_tokens
 
 
 @dataclass
@@ -61,42 +63,47 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
-def prepare(model: str, profile: str, samples: int, max_new_tokens: int):
-    """Frames and the expected answer tokens for each sample, computed once in process."""
-    loaded = load_model(model)
+@dataclass
+class Prepared:
+    sample: Sample
+    prefilled: Prefilled
+    expected: list[int]  # the answer this profile gives in process
+
+
+def prepare(loaded: LoadedModel, profile: Profile, samples: int, max_new_tokens: int) -> list[Prepared]:
+    """Each sample's prefill and the answer tokens its compressed cache gives in process, computed once."""
     prepared = []
     for sample in load_squad(limit=samples):
         pre = prefill_prompt(loaded, sample.context, sample.question, True, [profile])
-        frames = list(wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint))
+        frames = wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)
         received = wire.decode(frames, loaded.fingerprint)
         expected = greedy_decode(loaded.model, received.to_cache(loaded.config), pre.tail_ids, received.seq_len,
                                  max_new_tokens)
-        prepared.append((frames, pre.tail_ids, expected))
-    return loaded, prepared
+        prepared.append(Prepared(sample, pre, expected))
+    return prepared
 
 
-def run_load(target: str, prepared, concurrency: int, transfers: int, max_new_tokens: int, progress=None) -> LoadReport:
+def run_load(target: str, loaded: LoadedModel, profile: Profile, prepared: list[Prepared], concurrency: int,
+             transfers: int, max_new_tokens: int, progress=None) -> LoadReport:
+    """`transfers` asks from `concurrency` senders, each with its own connection, through the ask pipeline."""
     report = LoadReport()
     lock = threading.Lock()
     counter = iter(range(transfers))
 
     def worker() -> None:
         with Client(target, timeout_s=300) as client:
+            sender = Sender(loaded, client, attempts=8)
             while True:
                 with lock:
                     index = next(counter, None)
                 if index is None:
                     return
-                frames, tail, expected = prepared[index % len(prepared)]
+                job = prepared[index % len(prepared)]
                 start = time.perf_counter()
                 try:
-                    # A fresh transfer id per transfer; the same one across its retries.
-                    header = _copy(frames[0])
-                    header.header.transfer_id = f"load-{index}"
-                    these = [header] + frames[1:]
-                    sent = client.send_with_retry(lambda: iter(these), attempts=8)
-                    reply = client.generate(sent.session_id, token_ids=tail, max_new_tokens=max_new_tokens)
-                    outcome = "ok" if list(reply.token_ids) == expected else "wrong"
+                    sent = sender.ask(job.sample.context, job.sample.question, profile, True, max_new_tokens,
+                                      prefilled=job.prefilled)
+                    outcome = "ok" if sent.token_ids == job.expected else "wrong"
                 except grpc.RpcError as error:
                     outcome, sent = error.code().name, None
                 elapsed = time.perf_counter() - start
@@ -123,10 +130,6 @@ def run_load(target: str, prepared, concurrency: int, transfers: int, max_new_to
         thread.join()
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _copy(frame):
-    return type(frame).FromString(frame.SerializeToString())
 
 
 def start_receiver(model: str, budget_bytes: int) -> tuple[subprocess.Popen, str]:

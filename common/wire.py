@@ -113,9 +113,8 @@ class Encoder:
                 yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
                                               crc32=zlib.crc32(payload), payload=payload))
 
-    def kv_segment(self, kv: KVState, start: int, end: int, profile: str | Profile) -> Iterator[pb.Frame]:
+    def kv_segment(self, kv: KVState, start: int, end: int, profile: Profile) -> Iterator[pb.Frame]:
         """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""
-        profile = parse_profile(profile)
         if profile.selection is not None:
             raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
         part = kv.token_range(start, end)
@@ -132,11 +131,10 @@ class Encoder:
 
 
 def encode(
-    kv: KVState, profile: str | Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
+    kv: KVState, profile: Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
     zstd_level: int = 3,
 ) -> Iterator[pb.Frame]:
     """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer."""
-    profile = parse_profile(profile)
     profile.check_layers(kv.num_layers)
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")

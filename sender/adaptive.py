@@ -21,7 +21,7 @@ import grpc
 
 from common import wire
 from common.kvstate import KVState
-from common.profile import ProfileError, parse_profile
+from common.profile import Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 
 DEFAULT_SEGMENT_TOKENS = 512
@@ -51,13 +51,15 @@ class SegmentPlanner:
         profiles = self.table["profiles"]
         if self.text_s_per_token is None:
             self.text_s_per_token = self.table["prefill_s_per_token"]
+        parsed = {name: parse_profile(name) for name in profiles}  # the table's names, read once
         if self.ladder is None:
-            self.ladder = [p for p in profiles if parse_profile(p).selection is None]
+            self.ladder = [name for name in profiles if parsed[name].selection is None]
         for name in self.ladder:
             if name not in profiles:
                 raise ProfileError(f"{name} is not in the calibration table ({', '.join(profiles)})")
-            if parse_profile(name).selection is not None:
+            if parsed[name].selection is not None:
                 raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
+        self.parsed = {name: parsed[name] for name in self.ladder}
         if not self.ladder:
             raise ProfileError("the ladder has no precision-only profile")
 
@@ -120,6 +122,7 @@ class AdaptiveResult:
     bytes_sent: int
     seconds: float
     segments: list[SegmentRecord] = field(default_factory=list)
+    frames: int = 0
 
     @property
     def profiles(self) -> list[str]:
@@ -132,10 +135,9 @@ def segment_bounds(seq_len: int, segment_tokens: int) -> list[tuple[int, int]]:
     return [(start, min(start + segment_tokens, seq_len)) for start in range(0, seq_len, segment_tokens)]
 
 
-def payload_bytes(kv: KVState, profile: str) -> int:
+def payload_bytes(kv: KVState, profile: Profile) -> int:
     """Payload of `kv` under `profile` before zstd: an upper bound on what the link carries."""
-    parsed = parse_profile(profile)
-    return sum(parsed.codec(i).payload_size(tuple(k.shape), kv.dtype) for i, k in enumerate(kv.keys))
+    return sum(profile.codec(i).payload_size(tuple(k.shape), kv.dtype) for i, k in enumerate(kv.keys))
 
 
 def send_segments(
@@ -161,15 +163,18 @@ def send_segments(
         raise ValueError(f"a schedule of {len(schedule)} profiles for {len(bounds)} segments")
     if schedule is None and planner is None:
         raise ValueError("give a planner or a schedule")
-    for name in schedule or []:
-        if name != TEXT and parse_profile(name).selection is not None:
+    # A schedule's names come from the caller: parsed here, once.
+    parsed = {**(planner.parsed if planner else {}),
+              **{name: parse_profile(name) for name in schedule or [] if name != TEXT}}
+    for name, profile in parsed.items():
+        if profile.selection is not None:
             raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
     started = time.perf_counter() if started is None else started
     tail_s = planner.first_token_s if planner else 0.0
     records = [] if records is None else records
     acked = threading.Semaphore(0)
     finished = threading.Event()
-    counted = {"bytes": 0}
+    counted = {"bytes": 0, "frames": 0}
     failures: list[Exception] = []
 
     def plan(index: int, start: int, end: int) -> SegmentRecord:
@@ -178,7 +183,7 @@ def send_segments(
         if schedule is not None:
             return SegmentRecord(start, end, schedule[index], 0, estimate, budget, 0.0, "fixed schedule")
         part = kv.token_range(start, end)
-        sizes = {name: payload_bytes(part, name) for name in planner.ladder}
+        sizes = {name: payload_bytes(part, parsed[name]) for name in planner.ladder}
         if estimate is None:
             choice = planner.probe(sizes)
         else:
@@ -198,6 +203,7 @@ def send_segments(
             if index == 0:
                 header = encoder.header(kv.seq_len)
                 counted["bytes"] += wire.wire_bytes(header)
+                counted["frames"] += 1
                 yield header
             else:
                 while not acked.acquire(timeout=ACK_POLL_S):  # stop and wait: plan on the newest goodput
@@ -207,19 +213,21 @@ def send_segments(
             records.append(record)
             record.sent_s = time.perf_counter() - started
             segment = ([encoder.text_segment(token_ids[start:end], start)] if record.profile == TEXT
-                       else encoder.kv_segment(kv, start, end, record.profile))
+                       else encoder.kv_segment(kv, start, end, parsed[record.profile]))
             for frame in segment:
                 size = wire.wire_bytes(frame)
                 record.bytes += size
                 counted["bytes"] += size
+                counted["frames"] += 1
                 yield frame
         trailer = encoder.trailer()
         counted["bytes"] += wire.wire_bytes(trailer)
+        counted["frames"] += 1
         yield trailer
 
     reply = None
     try:
-        for ack in client.stub.TransferSegments(frames(), timeout=client.timeout_s, metadata=client.metadata):
+        for ack in client.stream_segments(frames()):
             if ack.HasField("done"):
                 reply = ack.done
                 break
@@ -233,4 +241,4 @@ def send_segments(
         raise
     finally:
         finished.set()
-    return AdaptiveResult(reply.session_id, counted["bytes"], time.perf_counter() - started, records)
+    return AdaptiveResult(reply.session_id, counted["bytes"], time.perf_counter() - started, records, counted["frames"])

@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import time
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import wire
-from common.kvstate import KVState
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from sender.bandwidth import BandwidthEstimator
@@ -102,7 +101,10 @@ class Client:
         return self.stub.Negotiate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def send_frames(self, frames) -> TransferResult:
-        """Stream frames as they are; count the bytes that go onto the wire."""
+        """Stream frames as they are, once; count the bytes that go onto the wire.
+
+        Senders go through `sender.pipeline.Sender`, which retries; tests call this directly
+        to put malformed streams on the wire."""
         counted = {"bytes": 0, "frames": 0}
         pulls: list[tuple[float, int]] = []
 
@@ -119,11 +121,6 @@ class Client:
         self.bandwidth.observe_stream(pulls, time.perf_counter())
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
 
-    def transfer(self, kv: KVState, profile: str, fingerprint: pb.Fingerprint, attempts: int = 1) -> TransferResult:
-        """Send a cache; with attempts > 1, retry retryable failures (same transfer id, so idempotent)."""
-        transfer_id = uuid.uuid4().hex
-        return self.send_with_retry(lambda: wire.encode(kv, profile, fingerprint, transfer_id), attempts)
-
     def send_with_retry(self, make_frames, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep) -> TransferResult:
         """`make_frames()` yields the same transfer (same transfer id) each time it is called."""
@@ -138,6 +135,10 @@ class Client:
                 log.warning("transfer attempt %d failed (%s: %s); retrying", attempt, error.code().name, error.details())
                 sleep(min(max_backoff_s, backoff_s * 2 ** (attempt - 1)) * random.uniform(1.0, 1.2))
         raise AssertionError("unreachable")
+
+    def stream_segments(self, frames) -> Iterator[pb.SegmentAck]:
+        """A segmented transfer: frames go out as the caller's generator yields them, acks come back."""
+        return self.stub.TransferSegments(frames, timeout=self.timeout_s, metadata=self.metadata)
 
     def generate(self, session_id: str, token_ids: list[int] | None = None, question: str = "",
                  max_new_tokens: int = 64) -> pb.GenerateReply:

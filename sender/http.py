@@ -12,18 +12,21 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from common import wire
-from common.link import link_from_options, pace, parse_rate
+from common.auth import require_token
+from common.link import link_from_options, parse_rate
 from common.models import load_model
-from common.planner import load_table, plan
+from common.planner import load_table
 from common.profile import ProfileError, parse_profile
-from common.prompts import build_prompt
 from common.select import SelectionError
 from common.settings import Settings
-from common.auth import require_token
-from sender.adaptive import SegmentPlanner, send_segments
 from sender.client import Client
-from sender.prefill import prefill_prompt, select_tokens
+from sender.pipeline import AUTO, AskResult, Sender
+
+
+# What the receiver's refusals become: the request itself cannot be served (e.g. auto for a model
+# without calibration), the deadline passed, or else the receiver failed (502).
+RECEIVER_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 422, grpc.StatusCode.FAILED_PRECONDITION: 422,
+                   grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 
 
 class AskRequest(BaseModel):
@@ -31,7 +34,8 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1)
     profile: str = Field("int8", description="A profile, or 'auto': the planner picks one for bandwidth and deadline.")
     bandwidth: str | None = Field(None, description="Emulate a link of this rate in process, e.g. 20mbit; "
-                                  "with 'auto', the rate the plan assumes (default 100mbit).")
+                                  "with 'auto', the rate the plan assumes (default: what this sender "
+                                  "measured on earlier asks, else the receiver's default of 100mbit).")
     deadline: float | None = Field(None, gt=0, description="Seconds allowed; with 'auto' the plan's target (default 2).")
     quality_floor: float = Field(0.0, ge=0, le=1, description="With 'auto': the least calibrated fidelity accepted.")
     max_new_tokens: int = Field(32, ge=1, le=512)
@@ -75,8 +79,11 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.loaded = await asyncio.to_thread(load_model, model or settings.model)
-        yield
+        loaded = await asyncio.to_thread(load_model, model or settings.model)
+        # One client for the app's life: its bandwidth estimate learns the link across asks.
+        with Client.from_settings(settings) as client:
+            app.state.sender = Sender(loaded, client)
+            yield
 
     app = FastAPI(title="kvwire sender", lifespan=lifespan)
     app.state.settings = settings
@@ -92,81 +99,54 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
     @app.post("/v1/ask", response_model=AskResponse, dependencies=[Depends(require_token)])
     async def ask(body: AskRequest, request: Request):
-        reason = None
+        sender: Sender = request.app.state.sender
         try:
             if body.segments and (body.bandwidth or not body.query_aware):
                 raise ValueError("segments go over the real link, query-aware: leave out bandwidth (put `kvwire "
                                  "channel` in front of the receiver to emulate a link) and query_aware=false")
             link = link_from_options(body.bandwidth) if body.bandwidth else None
-            if body.segments:
-                profile, table = "segments", load_table(request.app.state.loaded.name)
-            elif body.profile == "auto":
-                loaded = request.app.state.loaded
-                tokens = len(build_prompt(loaded.tokenizer, body.context, body.question).ids)
-                chosen = plan(load_table(loaded.name), tokens, parse_rate(body.bandwidth or "100mbit"),
-                              body.deadline or 2.0, body.quality_floor)
-                profile, reason = chosen.profile, chosen.reason
-            else:
-                profile = str(parse_profile(body.profile))
+            bandwidth_bps = parse_rate(body.bandwidth) if body.bandwidth else None
+            table = load_table(sender.loaded.name) if body.segments else None
+            profile = AUTO if body.profile == AUTO else parse_profile(body.profile)
         except (ProfileError, ValueError, FileNotFoundError) as exc:
             raise HTTPException(422, str(exc)) from None
         start = time.perf_counter()
         async with request.app.state.lock:  # one model pass at a time
             try:
                 if body.segments:
-                    result = await asyncio.to_thread(_ask_in_segments, request.app.state.loaded, settings, body, table)
+                    result = await asyncio.to_thread(sender.ask_segments, body.context, body.question, None,
+                                                     body.deadline or 2.0, body.segments, None, body.max_new_tokens,
+                                                     table)
                 else:
-                    result = await asyncio.to_thread(_ask, request.app.state.loaded, settings, body, profile, link)
-                result.plan = reason
-            except SelectionError as exc:
+                    sender.client.timeout_s = body.deadline or 120.0
+                    result = await asyncio.to_thread(sender.ask, body.context, body.question, profile,
+                                                     body.query_aware, body.max_new_tokens, bandwidth_bps,
+                                                     body.deadline or 2.0 if profile == AUTO else None,
+                                                     body.quality_floor, link)
+            except (SelectionError, FileNotFoundError) as exc:
                 asks.labels("bad_request").inc()
                 raise HTTPException(422, str(exc)) from None
             except grpc.RpcError as exc:
                 asks.labels(exc.code().name).inc()
-                status = 504 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 502
-                raise HTTPException(status, f"receiver: {exc.code().name}: {exc.details()}") from None
+                raise HTTPException(RECEIVER_STATUS.get(exc.code(), 502),
+                                    f"receiver: {exc.code().name}: {exc.details()}") from None
+            finally:
+                sender.client.timeout_s = 120.0
         asks.labels("ok").inc()
         bytes_sent.inc(result.bytes_sent)
         ask_seconds.observe(time.perf_counter() - start)
-        return result
+        return _response(result)
 
     return app
 
 
-def _ask(loaded, settings: Settings, body: AskRequest, profile: str, link) -> AskResponse:
-    with Client.from_settings(settings, timeout_s=body.deadline or 120.0) as client:
-        agreed = client.negotiate(loaded.fingerprint, [profile]).profile
-        pre = prefill_prompt(loaded, body.context, body.question, body.query_aware, [agreed])
-        start = time.perf_counter()
-        kv = select_tokens(loaded, pre, agreed)
-        frames = list(wire.encode(kv, agreed, loaded.fingerprint))
-        compressed = time.perf_counter()
-        sent = client.send_frames(pace(frames, link, wire.wire_bytes) if link else frames)
-        if body.query_aware:
-            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=body.max_new_tokens)
-        else:
-            reply = client.generate(sent.session_id, question=body.question, max_new_tokens=body.max_new_tokens)
+def _response(result: AskResult) -> AskResponse:
+    segments = None
+    if result.segments is not None:
+        segments = [SegmentInfo(start=r.start, end=r.end, profile=r.profile, bytes=r.bytes, planned_bps=r.estimate_bps,
+                                budget_s=r.budget_s, reason=r.reason) for r in result.segments]
     return AskResponse(
-        answer=reply.text, profile=agreed, session_id=sent.session_id, seq_len=pre.kv.seq_len,
-        kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
-        bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / pre.kv.fp16_nbytes, prefill_s=pre.seconds,
-        compress_s=compressed - start, transfer_s=sent.seconds, decode_s=reply.inject_seconds + reply.decode_seconds,
-    )
-
-
-def _ask_in_segments(loaded, settings: Settings, body: AskRequest, table: dict) -> AskResponse:
-    deadline = body.deadline or 2.0
-    pre = prefill_prompt(loaded, body.context, body.question)
-    planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
-    with Client.from_settings(settings, timeout_s=120.0) as client:
-        client.negotiate(loaded.fingerprint, planner.ladder)
-        sent = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, planner, deadline,
-                             body.segments)
-        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=body.max_new_tokens)
-    return AskResponse(
-        answer=reply.text, profile="segments", session_id=sent.session_id, seq_len=pre.kv.seq_len,
-        kept_tokens=pre.kv.seq_len, bytes_sent=sent.bytes_sent, ratio_vs_fp16=sent.bytes_sent / pre.kv.fp16_nbytes,
-        prefill_s=pre.seconds, compress_s=0.0, transfer_s=sent.seconds,  # segments are encoded while they stream
-        decode_s=reply.inject_seconds + reply.decode_seconds,
-        segments=[SegmentInfo(start=r.start, end=r.end, profile=r.profile, bytes=r.bytes, planned_bps=r.estimate_bps,
-                              budget_s=r.budget_s, reason=r.reason) for r in sent.segments])
+        answer=result.answer, profile=result.profile, session_id=result.session_id, seq_len=result.seq_len,
+        kept_tokens=result.kept_tokens, bytes_sent=result.bytes_sent, ratio_vs_fp16=result.ratio_vs_fp16,
+        prefill_s=result.prefill_s, compress_s=result.encode_s, transfer_s=result.transfer_s,
+        decode_s=result.inject_s + result.decode_s, plan=result.plan, segments=segments)

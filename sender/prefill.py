@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from common.kvstate import KVState, prefill
 from common.models import LoadedModel
-from common.profile import Profile, parse_profile
+from common.profile import Profile
 from common.prompts import Prompt, build_prompt
 from common.select import AttentionStats, SelectionError, apply_selection
 from common.select.budgets import shipped_sensitivities
@@ -35,7 +35,7 @@ class Prefilled:
 
 
 def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware: bool = True,
-                   profiles: list[str | Profile] = ()) -> Prefilled:
+                   profiles: list[Profile] = ()) -> Prefilled:
     """Prefill context (and question, when query-aware) into a KVState.
 
     Query-aware: the cache covers the whole prompt but its last token, which the
@@ -47,7 +47,7 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     seq_len = len(prompt.ids) - 1 if query_aware else len(prompt.context_ids)
     context_len = len(prompt.context_ids)
     row_sets = {}
-    for profile in map(parse_profile, profiles):
+    for profile in profiles:
         if profile.selection is not None:
             row_sets.update(profile.selection.needs(seq_len, context_len))
     stats = AttentionStats(row_sets) if row_sets else None
@@ -57,12 +57,17 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     return Prefilled(prompt, kv, prompt.ids[seq_len:], context_len, stats, time.perf_counter() - start)
 
 
-def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: str | Profile) -> KVState:
+def needs_question(profile: Profile) -> bool:
+    """Whether the profile's selection reads the question's attention (so the question must be in the cache)."""
+    return profile.selection is not None and profile.selection.method.startswith("q2c")
+
+
+def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:
     """Apply the profile's selection stage (if any); the codec stages run in common.wire."""
-    selection = parse_profile(profile).selection
+    selection = profile.selection
     if selection is None:
         return pre.kv
-    if selection.method.startswith("q2c") and pre.context_len >= pre.kv.seq_len:
+    if needs_question(profile) and pre.context_len >= pre.kv.seq_len:
         raise SelectionError("q2c needs the question inside the cache: send query-aware")
     sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
     return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities)

@@ -54,11 +54,12 @@ def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], 
     return rows, dataset
 
 
-def _parse_profiles(text: str) -> list[str]:
+def _parse_profiles(text: str) -> list:
+    """The CLI's edge: comma-separated specs become `Profile`s here, once."""
     from common.profile import ProfileError, parse_profile
 
     names = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        return [str(parse_profile(name)) for name in names]
+        return [parse_profile(name) for name in names]
     except ProfileError as exc:
         raise typer.BadParameter(str(exc), param_hint="--profiles") from None

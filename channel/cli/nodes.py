@@ -79,15 +79,17 @@ def sender_ask(
     context: Optional[str] = typer.Option(None, help="The context text."),
     context_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the context from a file."),
     target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
-    profile: str = typer.Option("raw", help="Compression profile."),
+    profile: str = typer.Option("raw", help="Compression profile, or auto: the receiver plans for --bandwidth "
+                                            "and --deadline."),
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(64, min=1, max=512),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
     segments: int = typer.Option(0, min=0, help="Send in segments of this many tokens (e.g. 512), each planned "
                                                 "for --deadline: a precision profile, or text the receiver prefills."),
-    deadline: float = typer.Option(2.0, min=0.0, help="With --segments: seconds until the cache is in place."),
-    bandwidth: Optional[str] = typer.Option(None, help="With --segments: the rate to plan the first segment with "
-                                                       "(default: send it as a probe, the smallest cache)."),
+    deadline: float = typer.Option(2.0, min=0.0, help="With --segments or auto: seconds until the cache is in place."),
+    bandwidth: Optional[str] = typer.Option(None, help="With auto: the rate to plan for (default: what this client "
+                                                       "measured). With --segments: the rate to plan the first "
+                                                       "segment with (default: send it as a probe, the smallest cache)."),
     calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                help="With --segments: the table to plan with (default: the model's)."),
     model: Optional[str] = ModelOption,
@@ -95,79 +97,58 @@ def sender_ask(
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
     import grpc
 
-    from common import wire
+    from common.link import parse_rate
     from common.models import load_model
+    from common.planner import load_table
     from common.settings import get_settings
     from sender.client import Client
-    from sender.prefill import prefill_prompt, select_tokens
+    from sender.pipeline import AUTO, Sender
 
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
     text = context if context is not None else context_file.read_text()
-    profile = _parse_profiles(profile)[0]
+    chosen = AUTO if profile.strip().lower() == AUTO else _parse_profiles(profile)[0]
     loaded = load_model(model)
-    if segments:
-        _ask_in_segments(loaded, text, question, target, segments, deadline, bandwidth, calibration, max_new_tokens,
-                         zstd_level)
-        return
     try:
-        with Client.from_settings(get_settings(), target) as client:
-            agreed = client.negotiate(loaded.fingerprint, [profile]).profile
-            pre = prefill_prompt(loaded, text, question, not query_agnostic, [agreed])
-            kv = select_tokens(loaded, pre, agreed)
-            sent = client.send_frames(wire.encode(kv, agreed, loaded.fingerprint, zstd_level=zstd_level))
-            if query_agnostic:
-                reply = client.generate(sent.session_id, question=question, max_new_tokens=max_new_tokens)
-            else:
-                reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
-    except grpc.RpcError as error:
-        console.print(f"[red]receiver at {target} refused: {error.code().name}: {error.details()}[/red]")
-        raise typer.Exit(1) from None
-    console.print(f"[bold]{reply.text}[/bold]")
-    console.print(f"{sent.bytes_sent:,} bytes in {sent.frames} frames for {pre.kv.seq_len} tokens; "
-                  f"prefill {pre.seconds:.2f} s, transfer {sent.seconds:.2f} s, decode {reply.decode_seconds:.2f} s")
-
-
-def _ask_in_segments(loaded, text: str, question: str, target: str, segment_tokens: int, deadline: float,
-                     bandwidth: Optional[str], calibration: Optional[Path], max_new_tokens: int, zstd_level: int) -> None:
-    import grpc
-    from rich.table import Table
-
-    from common.link import parse_rate
-    from common.planner import load_table
-    from common.settings import get_settings
-    from sender.adaptive import SegmentPlanner, send_segments
-    from sender.client import Client
-    from sender.prefill import prefill_prompt
-
-    try:
-        initial_bps = parse_rate(bandwidth) if bandwidth else None
-        table = load_table(loaded.name, calibration)
+        bandwidth_bps = parse_rate(bandwidth) if bandwidth else None
+        table = load_table(loaded.name, calibration) if segments else None
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    pre = prefill_prompt(loaded, text, question)
-    planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
     try:
         with Client.from_settings(get_settings(), target) as client:
-            client.negotiate(loaded.fingerprint, planner.ladder)  # the receiver knows this model and these codecs
-            sent = send_segments(client, pre.kv, pre.cache_ids, loaded.fingerprint, planner, deadline,
-                                 segment_tokens, initial_bps, zstd_level=zstd_level)
-            reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+            sender = Sender(loaded, client, zstd_level)
+            if segments:
+                result = sender.ask_segments(text, question, None, deadline, segments, bandwidth_bps, max_new_tokens,
+                                             table)
+            else:
+                result = sender.ask(text, question, chosen, not query_agnostic, max_new_tokens, bandwidth_bps,
+                                    deadline if chosen == AUTO else None)
     except grpc.RpcError as error:
         console.print(f"[red]receiver at {target} refused: {error.code().name}: {error.details()}[/red]")
         raise typer.Exit(1) from None
-    table = Table(title=f"{len(sent.segments)} segments, deadline {deadline:g} s")
+    if result.segments:
+        _print_segments(result, deadline)
+    elif result.plan:
+        console.print(f"plan: {result.plan}")
+    console.print(f"[bold]{result.answer}[/bold]")
+    console.print(f"{result.bytes_sent:,} bytes in {result.frames} frames for {result.seq_len} tokens as "
+                  f"{result.profile}; prefill "
+                  f"{result.prefill_s:.2f} s, transfer {result.transfer_s:.2f} s"
+                  + (f" ({'met' if result.transfer_s <= deadline else 'missed'} the deadline)" if segments else "")
+                  + f", decode {result.decode_s:.2f} s")
+
+
+def _print_segments(result, deadline: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(result.segments)} segments, deadline {deadline:g} s")
     for column in ("tokens", "profile", "bytes", "planned at Mbit/s", "budget s", "sent s", "in place s"):
         table.add_column(column, justify="right")
-    for s in sent.segments:
+    for s in result.segments:
         planned_at = "probe" if s.estimate_bps is None else f"{s.estimate_bps / 1e6:.1f}"
         table.add_row(f"{s.start}-{s.end}", s.profile, f"{s.bytes:,}", planned_at, f"{s.budget_s:.2f}",
                       f"{s.sent_s:.2f}", f"{s.acked_s:.2f}")
     console.print(table)
-    console.print(f"[bold]{reply.text}[/bold]")
-    console.print(f"{sent.bytes_sent:,} bytes for {pre.kv.seq_len} tokens in {sent.seconds:.2f} s "
-                  f"({'met' if sent.seconds <= deadline else 'missed'} the deadline); prefill {pre.seconds:.2f} s, "
-                  f"decode {reply.decode_seconds:.2f} s")
 
 
 @app.command()
@@ -256,15 +237,17 @@ def loadtest(
     from rich.progress import Progress
 
     from common.link import link_from_options
-    from channel.relay import BackgroundRelay
     from channel import loadtest as lt
+    from channel.relay import BackgroundRelay
+    from common.models import load_model
 
     names = _parse_profiles(profile)
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
     match = re.fullmatch(r"(\d+)(kib|mib|gib)", budget.lower())
     if not match:
         raise typer.BadParameter("budget like 512mib or 1gib", param_hint="--budget")
-    _, prepared = lt.prepare(model, names[0], samples, max_new_tokens)
+    loaded = load_model(model)
+    prepared = lt.prepare(loaded, names[0], samples, max_new_tokens)
     process = None
     if target is None:
         process, target = lt.start_receiver(model, int(match.group(1)) * units[match.group(2)])
@@ -272,8 +255,8 @@ def loadtest(
         relay = BackgroundRelay(target, lambda: link_from_options(rate)) if rate else None
         with Progress(console=console) as progress:
             task = progress.add_task("transfers", total=transfers)
-            report = lt.run_load(relay.target if relay else target, prepared, concurrency, transfers, max_new_tokens,
-                                 progress=lambda: progress.advance(task))
+            report = lt.run_load(relay.target if relay else target, loaded, names[0], prepared, concurrency,
+                                 transfers, max_new_tokens, progress=lambda: progress.advance(task))
         if relay:
             relay.close()
         if process:
@@ -290,6 +273,6 @@ def loadtest(
         f"p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s, p99 {summary['p99_s']:.3f} s; receiver peak RSS "
         f"{summary['receiver_peak_rss_mib'] or float('nan'):.0f} MiB")
     if json_path:
-        json_path.write_text(json.dumps({"profile": names[0], "concurrency": concurrency, "rate": rate, **summary}, indent=2))
+        json_path.write_text(json.dumps({"profile": str(names[0]), "concurrency": concurrency, "rate": rate, **summary}, indent=2))
     if summary["wrong_answers"] or summary["lost"]:
         raise typer.Exit(1)

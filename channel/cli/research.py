@@ -72,7 +72,8 @@ def sweep(
 
     if runner not in ("local", "ray"):
         raise typer.BadParameter("runner is local or ray", param_hint="--runner")
-    names = _parse_profiles(profiles)
+    parsed = _parse_profiles(profiles)
+    names = [str(p) for p in parsed]
     links = sweep_module.link_specs([b for b in bandwidths.split(",") if b], [t for t in traces.split(",") if t], delay)
     try:
         for spec in links:
@@ -94,7 +95,7 @@ def sweep(
         already = sum(1 for s in dataset for p in names
                       if {sweep_module.link_key(l) for l in links} <= done.get((s.id, p), set()))
         progress.advance(task, already)
-        computed = sweep_module.run_sweep(model, dataset, names, links, out, max_new_tokens, workers, runner,
+        computed = sweep_module.run_sweep(model, dataset, parsed, links, out, max_new_tokens, workers, runner,
                                           progress=lambda n: progress.advance(task, n))
     console.print(f"{computed} (sample, profile) pairs computed, {already} already in {out}")
     ids = {s.id for s in dataset}
@@ -131,7 +132,7 @@ def sweep(
         from channel.evaluation.deadlines import replay
         from common.planner import load_table
 
-        static_names = _parse_profiles(statics)
+        static_names = [str(p) for p in _parse_profiles(statics)]
         varying = [spec for spec in links if spec["trace"] != "constant"]
         if not varying:
             raise typer.BadParameter("--deadlines replays transfers along the varying links of --traces", param_hint="--traces")
@@ -288,7 +289,7 @@ def study_layers(
     dataset = load_squad(data, limit=samples)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("samples", total=len(dataset))
-        kl = layer_sensitivity(loaded, dataset, compress, progress=lambda: progress.advance(task))
+        kl = layer_sensitivity(loaded, dataset, _parse_profiles(compress)[0], progress=lambda: progress.advance(task))
     table = Table(title=f"{model}: KL(full || layer l alone compressed with {compress}), {len(dataset)} questions")
     table.add_column("layer", justify="right")
     table.add_column("KL (nats)", justify="right")

@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
-from common import wire
-from channel.evaluation.metrics import best_em, best_f1, f1, mean_ci95
+from channel.evaluation.metrics import best_em, best_f1, f1, summarize_groups
 from channel.evaluation.squad import Sample
+from common import wire
 from common.kvstate import greedy_decode
 from common.models import LoadedModel
-from common.profile import parse_profile
+from common.profile import Profile
 from sender.prefill import prefill_prompt, select_tokens
 
 
@@ -65,9 +65,8 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((p.exp() * (p - q)).sum())
 
 
-def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], max_new_tokens: int = 24,
+def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile], max_new_tokens: int = 24,
              query_aware: bool = True, progress: Callable[[], None] | None = None) -> list[EvalRow]:
-    profiles = [str(parse_profile(p)) for p in profiles]
     prefill_prompt(loaded, "warm up", "?")  # first-call overheads stay out of the timings
     rows = []
     for sample in samples:
@@ -94,7 +93,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
             decoded = time.perf_counter()
             answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
             rows.append(EvalRow(
-                sample_id=sample.id, profile=profile, answer=answer, full_answer=full_answer,
+                sample_id=sample.id, profile=str(profile), answer=answer, full_answer=full_answer,
                 f1_gold=best_f1(answer, sample.answers), em_gold=best_em(answer, sample.answers),
                 fidelity_f1=f1(answer, full_answer), token_match=tokens == full,
                 kl_first=kl_divergence(reference_logits[0], logits[0]),
@@ -111,24 +110,19 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[str], ma
     return rows
 
 
+SUMMARY_STATS = (
+    *((key, "mean_ci", key) for key in ("f1_gold", "em_gold", "fidelity_f1", "kl_first")),
+    ("top1_agree", "mean", "top1_agree"), ("token_match_rate", "mean", "token_match"), ("bytes_mean", "mean", "bytes"),
+    ("ratio_vs_fp16", "ratio", ("bytes", "fp16_bytes")), ("kept_fraction", "ratio", ("kept_tokens", "seq_len")),
+    ("seq_len_mean", "mean", "seq_len"),
+    *((key, "mean", key) for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "inject_s", "first_token_s",
+                                     "decode_s")),
+)
+
+
 def aggregate(rows: list[EvalRow]) -> list[dict]:
     """Per profile, in first-seen order: means with 95% confidence half-widths."""
-    summaries = []
-    for profile in dict.fromkeys(r.profile for r in rows):
-        group = [r for r in rows if r.profile == profile]
-        summary = {"profile": profile, "n": len(group)}
-        for key in ("f1_gold", "em_gold", "fidelity_f1", "kl_first"):
-            summary[key], summary[f"{key}_ci95"] = mean_ci95([getattr(r, key) for r in group])
-        summary["top1_agree"] = sum(r.top1_agree for r in group) / len(group)
-        summary["token_match_rate"] = sum(r.token_match for r in group) / len(group)
-        summary["bytes_mean"] = sum(r.bytes for r in group) / len(group)
-        summary["ratio_vs_fp16"] = sum(r.bytes for r in group) / sum(r.fp16_bytes for r in group)
-        summary["kept_fraction"] = sum(r.kept_tokens for r in group) / sum(r.seq_len for r in group)
-        summary["seq_len_mean"] = sum(r.seq_len for r in group) / len(group)
-        for key in ("prefill_s", "select_s", "encode_s", "assemble_s", "inject_s", "first_token_s", "decode_s"):
-            summary[key] = sum(getattr(r, key) for r in group) / len(group)
-        summaries.append(summary)
-    return summaries
+    return summarize_groups(rows, ["profile"], SUMMARY_STATS)
 
 
 def rows_as_dicts(rows: list[EvalRow]) -> list[dict]:

@@ -51,3 +51,39 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
         return mean, math.nan
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, 1.96 * math.sqrt(var / n)
+
+
+def _field(row, name: str):
+    return row[name] if isinstance(row, dict) else getattr(row, name)
+
+
+def summarize_groups(rows: Sequence, by: Sequence[str], stats: Sequence[tuple]) -> list[dict]:
+    """Group rows (dicts or dataclasses) by the fields `by`, in first-seen order, and summarize each group.
+
+    Each stat is (output key, how, field): how is "mean_ci" (the mean under the key, and the
+    half-width of its 95% interval under key_ci95, or under the second of a pair of keys), "mean",
+    "first" (the group's first value),
+    or "ratio" (field is a pair: the sum of one over the sum of the other). Every summary
+    starts with the `by` fields and n, then the stats in the order given.
+    """
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault(tuple(_field(row, name) for name in by), []).append(row)
+    summaries = []
+    for key, group in groups.items():
+        summary = {**dict(zip(by, key)), "n": len(group)}
+        for out, how, name in stats:
+            if how == "ratio":
+                numerator, denominator = name
+                summary[out] = sum(_field(r, numerator) for r in group) / sum(_field(r, denominator) for r in group)
+            elif how == "first":
+                summary[out] = _field(group[0], name)
+            elif how == "mean_ci":
+                mean_key, ci_key = out if isinstance(out, tuple) else (out, f"{out}_ci95")
+                summary[mean_key], summary[ci_key] = mean_ci95([_field(r, name) for r in group])
+            elif how == "mean":
+                summary[out] = sum(_field(r, name) for r in group) / len(group)
+            else:
+                raise ValueError(f"unknown statistic {how!r}")
+        summaries.append(summary)
+    return summaries

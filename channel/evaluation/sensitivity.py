@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from common import wire
 from channel.evaluation.harness import kl_divergence
 from channel.evaluation.squad import Sample
+from common import wire
 from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel
-from common.profile import parse_profile
+from common.profile import Profile
 from sender.prefill import prefill_prompt, select_tokens
 
 
@@ -21,10 +21,9 @@ def first_token_logits(loaded: LoadedModel, kv: KVState, tail_ids: list[int]) ->
     return logits[0]
 
 
-def layer_sensitivity(loaded: LoadedModel, samples: list[Sample], profile: str = "q2c:0.25:layer",
+def layer_sensitivity(loaded: LoadedModel, samples: list[Sample], profile: Profile,
                       progress: Callable[[], None] | None = None) -> list[float]:
     """Mean over samples of KL(full || only layer l compressed with `profile`), for each layer l."""
-    profile = parse_profile(profile)
     totals = torch.zeros(loaded.fingerprint.num_layers, dtype=torch.float64)
     for sample in samples:
         pre = prefill_prompt(loaded, sample.context, sample.question, True, [profile])

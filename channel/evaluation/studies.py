@@ -14,6 +14,7 @@ import torch
 from channel.evaluation.harness import aggregate, evaluate, kl_divergence
 from channel.evaluation.squad import Sample
 from common.models import LoadedModel
+from common.profile import Profile, parse_profile
 
 QUANT_CLIFF = ["fp16", "int8", "int4:g32", "int3", "int2", "int1"]
 SVD_CLIFF = ["fp16", "svd:r32", "svd:r16", "svd:r8", "svd:r4"]
@@ -25,10 +26,12 @@ def _by_profile(summaries: list[dict]) -> dict[str, dict]:
     return {s["profile"]: s for s in summaries}
 
 
+def _parsed(specs: list[str]) -> list[Profile]:
+    return [parse_profile(spec) for spec in specs]
+
+
 def _cliff(summaries: list[dict], order: list[str], label: str) -> dict:
     """Where does fidelity fall most between neighbouring steps, and is everything above it near-lossless?"""
-    from common.profile import parse_profile
-
     by = _by_profile(summaries)
     names = [str(parse_profile(p)) for p in order]
     drops = [(by[a]["fidelity_f1"] - by[b]["fidelity_f1"], a, b) for a, b in zip(names, names[1:])]
@@ -44,20 +47,20 @@ def _cliff(summaries: list[dict], order: list[str], label: str) -> dict:
 
 def quant_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: INT8 and INT4 are lossless for the task; accuracy falls off a cliff below."""
-    rows = evaluate(loaded, samples, QUANT_CLIFF, max_new_tokens, progress=progress)
+    rows = evaluate(loaded, samples, _parsed(QUANT_CLIFF), max_new_tokens, progress=progress)
     return _cliff(aggregate(rows), QUANT_CLIFF, "quantization")
 
 
 def svd_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: low rank degrades sharply below some rank."""
-    rows = evaluate(loaded, samples, SVD_CLIFF, max_new_tokens, progress=progress)
+    rows = evaluate(loaded, samples, _parsed(SVD_CLIFF), max_new_tokens, progress=progress)
     return _cliff(aggregate(rows), SVD_CLIFF, "low rank")
 
 
 def selection(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: at 50% kept, Q2C > SnapKV > H2O > random."""
     profiles = [f"{m}:{k}+fp16" for k in (0.25, 0.5, 0.75) for m in SELECTION_METHODS]
-    summaries = aggregate(evaluate(loaded, samples, profiles, max_new_tokens, progress=progress))
+    summaries = aggregate(evaluate(loaded, samples, _parsed(profiles), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
     at_half = [by[f"{m}:0.5+fp16"] for m in SELECTION_METHODS]
     order = sorted(SELECTION_METHODS, key=lambda m: -by[f"{m}:0.5+fp16"]["fidelity_f1"])
@@ -70,7 +73,7 @@ def selection(loaded, samples, max_new_tokens=24, progress=None) -> dict:
 
 def hybrid(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: selection + INT4 beats either alone at matched bytes."""
-    summaries = aggregate(evaluate(loaded, samples, HYBRID, max_new_tokens, progress=progress))
+    summaries = aggregate(evaluate(loaded, samples, _parsed(HYBRID), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
     mixed, quant_only, select_only = by["q2c:0.5+int4:g32"], by["int2:g32"], by["q2c:0.15+fp16"]
     holds = mixed["fidelity_f1"] > max(quant_only["fidelity_f1"], select_only["fidelity_f1"])

@@ -14,11 +14,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from common.link import link_from_options
 from channel.evaluation.harness import EvalRow, evaluate
-from channel.evaluation.metrics import mean_ci95
+from channel.evaluation.metrics import summarize_groups
 from channel.evaluation.squad import Sample
-from common.profile import parse_profile
+from common.link import link_from_options
+from common.profile import Profile
 
 
 def link_key(spec: dict) -> str:
@@ -70,16 +70,15 @@ def _evaluate_one(args) -> list[EvalRow]:
     return evaluate(load_model(model), [sample], profiles, max_new_tokens)
 
 
-def run_sweep(model: str, samples: list[Sample], profiles: list[str], links: list[dict], out: Path,
+def run_sweep(model: str, samples: list[Sample], profiles: list[Profile], links: list[dict], out: Path,
               max_new_tokens: int = 24, workers: int = 1, runner: str = "local",
               progress: Callable[[int], None] | None = None) -> int:
     """Append missing points to `out`; returns how many (sample, profile) pairs were computed."""
-    profiles = [str(parse_profile(p)) for p in profiles]  # points are keyed by canonical names
     done = load_done(out)
     wanted = {link_key(s) for s in links}
     jobs = []
     for sample in samples:
-        todo = [p for p in profiles if not wanted <= done.get((sample.id, p), set())]
+        todo = [p for p in profiles if not wanted <= done.get((sample.id, str(p)), set())]  # keyed by canonical names
         if todo:
             jobs.append((model, sample, todo, max_new_tokens))
     if runner == "ray":
@@ -114,19 +113,12 @@ def _ray_map(jobs):
 
 def summarize(points: list[dict]) -> list[dict]:
     """Per (profile, link): means and 95% CIs of quality and time."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for p in points:
-        groups.setdefault((p["profile"], p["link"]), []).append(p)
-    rows = []
-    for (profile, link), group in groups.items():
-        row = {"profile": profile, "link": link, "rate": group[0]["rate"], "trace": group[0]["trace"], "n": len(group)}
-        for key in ("f1_gold", "fidelity_f1", "kl_first", "ttft_s", "ttft_cached_s", "text_ttft_s", "link_s"):
-            row[key], row[f"{key}_ci95"] = mean_ci95([p[key] for p in group])
-        row["bytes_mean"] = sum(p["bytes"] for p in group) / len(group)
-        row["ratio_vs_fp16"] = sum(p["bytes"] for p in group) / sum(p["fp16_bytes"] for p in group)
-        row["top1_agree"] = sum(p["top1_agree"] for p in group) / len(group)
-        rows.append(row)
-    return rows
+    return summarize_groups(points, ["profile", "link"], [
+        ("rate", "first", "rate"), ("trace", "first", "trace"),
+        *((key, "mean_ci", key) for key in ("f1_gold", "fidelity_f1", "kl_first", "ttft_s", "ttft_cached_s",
+                                             "text_ttft_s", "link_s")),
+        ("bytes_mean", "mean", "bytes"), ("ratio_vs_fp16", "ratio", ("bytes", "fp16_bytes")),
+        ("top1_agree", "mean", "top1_agree")])
 
 
 def pareto_front(summaries: list[dict]) -> list[str]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from common import wire
-from common.link import link_from_options
 from channel.evaluation.squad import Sample
-from common.models import load_model
-from channel.relay import BackgroundRelay
-from sender.client import Client
 from channel.nodes import local_receiver
-from sender.prefill import prefill_prompt, select_tokens
+from channel.relay import BackgroundRelay
+from common.link import link_from_options
+from common.models import load_model
+from common.profile import parse_profile
+from sender.client import Client
+from sender.pipeline import Sender
 
 
 def validate(model: str, samples: dict[str, Sample], points: list[dict]) -> list[dict]:
@@ -19,13 +19,12 @@ def validate(model: str, samples: dict[str, Sample], points: list[dict]) -> list
     with local_receiver(model) as receiver:
         for point in points:
             sample = samples[point["sample_id"]]
-            pre = prefill_prompt(loaded, sample.context, sample.question, True, [point["profile"]])
-            frames = list(wire.encode(select_tokens(loaded, pre, point["profile"]), point["profile"], loaded.fingerprint))
+            profile = parse_profile(point["profile"])  # a point read back from the sweep's JSONL
             make_link = lambda: link_from_options(point["rate"], "constant", "0")  # noqa: E731
             with BackgroundRelay(receiver, make_link) as relay, Client(relay.target) as client:
-                sent = client.send_frames(frames)
+                asked = Sender(loaded, client).ask(sample.context, sample.question, profile, max_new_tokens=1)
             modeled = point["link_s"]  # the receiver assembles while the stream arrives
             results.append({"sample_id": point["sample_id"], "profile": point["profile"], "rate": point["rate"],
-                            "bytes": sent.bytes_sent, "modeled_s": modeled, "measured_s": sent.seconds,
-                            "ratio": sent.seconds / modeled})
+                            "bytes": asked.bytes_sent, "modeled_s": modeled, "measured_s": asked.transfer_s,
+                            "ratio": asked.transfer_s / modeled})
     return results

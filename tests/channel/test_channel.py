@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from common.link import Link, Trace, link_from_options, pace, parse_duration, parse_rate
 from channel.netns import NetnsUnavailable, tbf_transfer_seconds
 from channel.relay import measure_goodput
+from common.link import Link, Trace, link_from_options, pace, parse_duration, parse_rate
 
 
 def test_parsing():

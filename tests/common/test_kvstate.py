@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from common.kvstate import KVState, greedy_decode, prefill, prefill_on_top, reference_generate
+from common.kvstate import (
+    KVState,
+    greedy_decode,
+    prefill,
+    prefill_on_top,
+    reference_generate,
+)
 
 PROMPT = [int(x) for x in torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(1))]
 

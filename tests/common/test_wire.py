@@ -17,7 +17,7 @@ IDS = list(range(200, 260))
 @pytest.fixture(scope="module")
 def llama_frames(tiny_llama):
     kv = prefill(tiny_llama.model, IDS)
-    return kv, list(wire.encode(kv, "raw", tiny_llama.fingerprint))
+    return kv, list(wire.encode(kv, parse_profile("raw"), tiny_llama.fingerprint))
 
 
 def assert_wire_error(code, frames, fingerprint, limits=wire.Limits(), match=None):
@@ -30,7 +30,7 @@ def assert_wire_error(code, frames, fingerprint, limits=wire.Limits(), match=Non
 def test_raw_round_trip_is_bit_exact(model, request):
     loaded = request.getfixturevalue(model)
     kv = prefill(loaded.model, IDS)
-    frames = list(wire.encode(kv, "raw", loaded.fingerprint))
+    frames = list(wire.encode(kv, parse_profile("raw"), loaded.fingerprint))
     assert frames[0].WhichOneof("kind") == "header" and frames[-1].WhichOneof("kind") == "trailer"
     back = wire.decode(frames, loaded.fingerprint)
     assert back.seq_len == kv.seq_len
@@ -40,7 +40,7 @@ def test_raw_round_trip_is_bit_exact(model, request):
 
 def test_chunks_are_at_most_one_mebibyte(smollm2):
     kv = prefill(smollm2.model, list(range(1000, 1900)))  # 900 tokens: 5.5 MB of fp32 K/V per 30 layers
-    frames = list(wire.encode(kv, "raw", smollm2.fingerprint))
+    frames = list(wire.encode(kv, parse_profile("raw"), smollm2.fingerprint))
     chunks = [f.chunk for f in frames if f.WhichOneof("kind") == "chunk"]
     assert len(chunks) > smollm2.fingerprint.num_layers  # some layers needed more than one chunk
     assert max(len(c.payload) for c in chunks) <= wire.MAX_CHUNK_BYTES
@@ -129,7 +129,7 @@ def with_payload(frame: pb.Frame, payload: bytes) -> pb.Frame:
 @pytest.mark.parametrize("profile", ["int4:g32", "nf4", "svd:r8+int8"])
 def test_corrupted_or_truncated_compressed_chunk_is_never_decoded(profile, tiny_llama):
     kv = prefill(tiny_llama.model, IDS)
-    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint))
+    frames = list(wire.encode(kv, parse_profile(profile), tiny_llama.fingerprint))
     chunk = frames[1].chunk
     truncated = with_payload(frames[1], chunk.payload[: len(chunk.payload) // 2])
     assert_wire_error(grpc.StatusCode.DATA_LOSS, [frames[0], truncated] + frames[2:], tiny_llama.fingerprint,
@@ -149,7 +149,7 @@ def test_corrupted_or_truncated_compressed_chunk_is_never_decoded(profile, tiny_
 def test_compressed_round_trip_matches_codec(profile, tiny_llama):
     """The wire adds framing and zstd only: decoding frames equals decoding the codec payload directly."""
     kv = prefill(tiny_llama.model, IDS)
-    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint))
+    frames = list(wire.encode(kv, parse_profile(profile), tiny_llama.fingerprint))
     back = wire.decode(frames, tiny_llama.fingerprint)
     codecs = [parse_profile(profile).codec(i) for i in range(kv.num_layers)]
     for layer, codec in enumerate(codecs):
@@ -165,7 +165,7 @@ def segmented_frames(kv, fingerprint, plan):
     frames = [encoder.header(kv.seq_len)]
     for start, end, profile in plan:
         frames += [encoder.text_segment(IDS[start:end], start)] if profile is None else list(
-            encoder.kv_segment(kv, start, end, profile))
+            encoder.kv_segment(kv, start, end, parse_profile(profile)))
     return frames + [encoder.trailer()]
 
 
@@ -184,7 +184,7 @@ def test_segments_round_trip(llama_frames, tiny_llama):
     assert segments[1].kv is None and segments[1].token_ids == IDS[20:35]
     assert torch.equal(segments[0].kv.keys[1], kv.keys[1][:, :, :20])
     assert torch.equal(segments[2].kv.positions[0], kv.positions[0][:, 35:])
-    close = wire.decode(wire.encode(kv.token_range(35, 60), "int4:g32", tiny_llama.fingerprint), tiny_llama.fingerprint)
+    close = wire.decode(wire.encode(kv.token_range(35, 60), parse_profile("int4:g32"), tiny_llama.fingerprint), tiny_llama.fingerprint)
     assert torch.equal(segments[2].kv.values[0], close.values[0])  # same codec as a whole-cache transfer
 
 
@@ -215,4 +215,4 @@ def test_bad_segments_are_refused(llama_frames, tiny_llama):
     refused(whole, grpc.StatusCode.INVALID_ARGUMENT, "TransferSegments needs a segmented header")
     assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, good, fp, match="goes through TransferSegments")
     with pytest.raises(ValueError, match="precision stages only"):
-        list(wire.Encoder(fp).kv_segment(kv, 0, 30, "snapkv:0.5"))
+        list(wire.Encoder(fp).kv_segment(kv, 0, 30, parse_profile("snapkv:0.5")))

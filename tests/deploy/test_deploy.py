@@ -17,9 +17,9 @@ import yaml
 from typer.main import get_command
 
 from channel.cli import app
+from channel.nodes import free_port
 from common.settings import Settings
 from sender.client import Client
-from channel.nodes import free_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())

@@ -9,12 +9,14 @@ import time
 import grpc
 import pytest
 
-from common import wire
-from common.link import Link, Trace, link_from_options
-from common.kvstate import reference_generate
-from channel.relay import BackgroundRelay, flip_byte_at
-from sender.client import Client
 from channel.nodes import free_port
+from channel.relay import BackgroundRelay, flip_byte_at
+from common import wire
+from common.kvstate import reference_generate
+from common.link import Link, Trace, link_from_options
+from common.profile import parse_profile
+from sender.client import Client
+from sender.pipeline import Sender
 from sender.prefill import prefill_prompt
 
 CONTEXT = " ".join(f"Fact {i}: the Normans built castle number {i} in Normandy." for i in range(30))
@@ -45,14 +47,14 @@ def test_receiver_killed_mid_transfer_then_restarted(tiny_llama, prepared):
         time.sleep(0.5)
         replacement["process"] = start_receiver_process(port)
 
-    nbytes = sum(map(wire.wire_bytes, wire.encode(prepared.kv, "raw", tiny_llama.fingerprint)))
+    nbytes = sum(map(wire.wire_bytes, wire.encode(prepared.kv, parse_profile("raw"), tiny_llama.fingerprint)))
     rate = nbytes * 8 / 2.0
     try:
         with BackgroundRelay(f"127.0.0.1:{port}", lambda: Link(Trace.constant(rate))) as relay, \
                 Client(relay.target, timeout_s=60) as client:
             killer = threading.Thread(target=kill_and_restart)
             killer.start()
-            result = client.transfer(prepared.kv, "raw", tiny_llama.fingerprint, attempts=30)
+            result = Sender(tiny_llama, client, attempts=30).transfer(prepared.kv, parse_profile("raw"))
             killer.join()
             reply = client.generate(result.session_id, token_ids=prepared.tail_ids, max_new_tokens=8)
         assert result.attempts > 1
@@ -69,7 +71,7 @@ def test_chunk_corrupted_in_flight_is_rejected_then_retransmitted(start_receiver
     sessions_before = len(receiver.servicer.sessions)
     with BackgroundRelay(receiver.target, lambda: link_from_options("1gbit"), corrupt=flip_byte_at(120_000)) as relay, \
             Client(relay.target) as client:
-        result = client.transfer(prepared.kv, "raw", tiny_llama.fingerprint, attempts=3)
+        result = Sender(tiny_llama, client, attempts=3).transfer(prepared.kv, parse_profile("raw"))
         reply = client.generate(result.session_id, token_ids=prepared.tail_ids, max_new_tokens=8)
     assert result.attempts == 2
     rejected = receiver.servicer.metrics.rejected_frames.labels("DATA_LOSS")._value.get()
@@ -80,7 +82,7 @@ def test_chunk_corrupted_in_flight_is_rejected_then_retransmitted(start_receiver
 
 def test_retry_of_a_finished_transfer_is_idempotent(start_receiver, tiny_llama, prepared):
     receiver = start_receiver("tiny-llama")
-    frames = list(wire.encode(prepared.kv, "int8", tiny_llama.fingerprint, transfer_id="same-id"))
+    frames = list(wire.encode(prepared.kv, parse_profile("int8"), tiny_llama.fingerprint, transfer_id="same-id"))
     with Client(receiver.target) as client:
         first = client.send_frames(frames)
         again = client.send_frames(frames)
@@ -96,7 +98,7 @@ def test_stall_longer_than_the_deadline(start_receiver, tiny_llama, prepared):
     with BackgroundRelay(receiver.target, stalling) as relay, Client(relay.target, timeout_s=1.0) as client:
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            client.transfer(prepared.kv, "raw", tiny_llama.fingerprint, attempts=3)
+            Sender(tiny_llama, client, attempts=3).transfer(prepared.kv, parse_profile("raw"))
         assert time.monotonic() - start < 3
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not retried: the deadline is the caller's
         deadline = time.monotonic() + 10

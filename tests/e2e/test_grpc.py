@@ -11,9 +11,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common import wire
 from common.kvstate import reference_generate
+from common.profile import parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from sender.client import Client
+from sender.pipeline import Sender
 from sender.prefill import prefill_prompt, select_tokens
 
 CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
@@ -22,13 +24,8 @@ QUESTION = "Where is Normandy?"
 
 
 def ask(client, loaded, query_aware, profile="raw", max_new_tokens=12):
-    pre = prefill_prompt(loaded, CONTEXT, QUESTION, query_aware, [profile])
-    sent = client.transfer(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)
-    if query_aware:
-        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
-    else:
-        reply = client.generate(sent.session_id, question=QUESTION, max_new_tokens=max_new_tokens)
-    return pre, sent, list(reply.token_ids)
+    asked = Sender(loaded, client).ask(CONTEXT, QUESTION, parse_profile(profile), query_aware, max_new_tokens)
+    return asked.prefilled, asked, asked.token_ids
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
@@ -56,9 +53,9 @@ def test_health_and_reflection(llama_receiver):
 
 def test_not_serving_until_model_loaded(monkeypatch):
     """While the model loads, health says NOT_SERVING and KVWire calls get UNAVAILABLE."""
+    from channel.nodes import free_port
     from common.settings import Settings
     from receiver import server as server_module
-    from channel.nodes import free_port
 
     port = free_port()
     loading = threading.Event()
@@ -99,7 +96,7 @@ def send_and_expect(receiver, frames, code, match):
 @pytest.fixture(scope="module")
 def frames(tiny_llama):
     pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION)
-    return list(wire.encode(pre.kv, "raw", tiny_llama.fingerprint))
+    return list(wire.encode(pre.kv, parse_profile("raw"), tiny_llama.fingerprint))
 
 
 def test_corrupted_chunk_over_grpc(llama_receiver, frames):
@@ -123,7 +120,7 @@ def test_mismatched_fingerprint_over_grpc(llama_receiver, tiny_gemma3, tiny_llam
         client.negotiate(tiny_gemma3.fingerprint, ["raw"])
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     pre = prefill_prompt(tiny_gemma3, CONTEXT, QUESTION)
-    send_and_expect(llama_receiver, list(wire.encode(pre.kv, "raw", tiny_gemma3.fingerprint)),
+    send_and_expect(llama_receiver, list(wire.encode(pre.kv, parse_profile("raw"), tiny_gemma3.fingerprint)),
                     grpc.StatusCode.FAILED_PRECONDITION, "fingerprint mismatch")
 
 
@@ -148,7 +145,7 @@ def test_session_answers_many_questions(llama_receiver, tiny_llama):
     """One transferred context serves several questions, each decoded from a fresh copy of the cache."""
     with Client(llama_receiver.target) as client:
         pre = prefill_prompt(tiny_llama, CONTEXT, QUESTION, query_aware=False)
-        sent = client.transfer(pre.kv, "raw", tiny_llama.fingerprint)
+        sent = Sender(tiny_llama, client).transfer(pre.kv, parse_profile("raw"))
         first = list(client.generate(sent.session_id, question=QUESTION, max_new_tokens=8).token_ids)
         client.generate(sent.session_id, question="Who were the Normans?", max_new_tokens=8)
         again = list(client.generate(sent.session_id, question=QUESTION, max_new_tokens=8).token_ids)
@@ -190,7 +187,7 @@ def test_selected_cache_decodes_from_original_positions(llama_receiver, tiny_lla
     stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
     assert stored.seq_len == pre.kv.seq_len
     assert stored.kept_tokens(0) < pre.kv.seq_len
-    assert torch.equal(stored.positions[0], select_tokens(tiny_llama, pre, "q2c:0.5").positions[0])
+    assert torch.equal(stored.positions[0], select_tokens(tiny_llama, pre, parse_profile("q2c:0.5")).positions[0])
 
 
 def test_sender_ask_cli(llama_receiver, tmp_path):

@@ -3,11 +3,13 @@
 import grpc
 import pytest
 
-from common.link import link_from_options
 from channel.relay import BackgroundRelay
+from common.link import link_from_options
+from common.profile import parse_profile
 from receiver import server as server_module
 from sender.bandwidth import BandwidthEstimator
 from sender.client import Client
+from sender.pipeline import Sender
 from sender.prefill import prefill_prompt
 
 TABLE = {"version": 1, "model": "tiny-llama", "samples": 1, "prefill_s_per_token": 0.0, "profiles": {
@@ -56,6 +58,6 @@ def test_auto_without_a_calibration_is_a_clear_error(llama_receiver, tiny_llama)
 def test_bandwidth_estimate_from_the_stream(llama_receiver, tiny_llama):
     pre = prefill_prompt(tiny_llama, "The Normans built castles. " * 400, "Who?")  # ~2,400 tokens: ~2.5 MB raw
     with BackgroundRelay(llama_receiver.target, lambda: link_from_options("20mbit")) as relay, Client(relay.target) as client:
-        client.transfer(pre.kv, "raw", tiny_llama.fingerprint)
+        Sender(tiny_llama, client, attempts=1).transfer(pre.kv, parse_profile("raw"))
         estimate = client.bandwidth.estimate() / client.bandwidth.safety
     assert estimate == pytest.approx(20e6, rel=0.35)

@@ -11,8 +11,9 @@ import pytest
 from channel.evaluation.squad import load_squad
 from common.kvstate import reference_generate
 from common.models import load_model
+from common.profile import parse_profile
 from sender.client import Client
-from sender.prefill import prefill_prompt, select_tokens
+from sender.pipeline import Sender
 
 MAX_NEW = 24
 
@@ -22,13 +23,9 @@ def matches(receiver, loaded, samples, profile="raw", query_aware=True) -> list[
     results = []
     with Client(receiver.target) as client:
         for sample in samples:
-            pre = prefill_prompt(loaded, sample.context, sample.question, query_aware, [profile])
-            sent = client.transfer(select_tokens(loaded, pre, profile), profile, loaded.fingerprint)
-            if query_aware:
-                reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=MAX_NEW)
-            else:
-                reply = client.generate(sent.session_id, question=sample.question, max_new_tokens=MAX_NEW)
-            results.append(list(reply.token_ids) == reference_generate(loaded.model, pre.prompt.ids, MAX_NEW))
+            asked = Sender(loaded, client).ask(sample.context, sample.question, parse_profile(profile), query_aware,
+                                               MAX_NEW)
+            results.append(asked.token_ids == reference_generate(loaded.model, asked.prefilled.prompt.ids, MAX_NEW))
     return results
 
 

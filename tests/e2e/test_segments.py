@@ -3,10 +3,10 @@
 import grpc
 import pytest
 
-from common.link import link_from_options
-from common.kvstate import reference_generate
-from common.planner import load_table
 from channel.relay import BackgroundRelay
+from common.kvstate import reference_generate
+from common.link import link_from_options
+from common.planner import load_table
 from sender.adaptive import TEXT, SegmentPlanner, send_segments
 from sender.client import Client
 from sender.prefill import prefill_prompt

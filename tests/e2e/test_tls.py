@@ -10,8 +10,10 @@ import grpc
 import httpx
 import pytest
 
-from sender.client import Client
 from channel.nodes import free_port
+from common.profile import parse_profile
+from sender.client import Client
+from sender.pipeline import Sender
 from sender.prefill import prefill_prompt
 from tests.tls import make_certificate
 
@@ -42,7 +44,7 @@ def test_grpc_over_tls(tls_receiver, tiny_llama):
     cert, grpc_port, _, _ = tls_receiver
     with Client(f"localhost:{grpc_port}", token="t0ken", tls_ca=cert) as client:
         pre = prefill_prompt(tiny_llama, "Paris is in France.", "Where is Paris?")
-        sent = client.transfer(pre.kv, "int8", tiny_llama.fingerprint)
+        sent = Sender(tiny_llama, client, attempts=1).transfer(pre.kv, parse_profile("int8"))
         assert client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=3).token_ids
     with Client(f"localhost:{grpc_port}", token="t0ken", timeout_s=5) as plaintext, pytest.raises(grpc.RpcError) as info:
         plaintext.negotiate(tiny_llama.fingerprint, ["raw"])

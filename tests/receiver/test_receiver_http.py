@@ -7,11 +7,13 @@ import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from channel.nodes import free_port
+from common.profile import parse_profile
 from common.settings import Settings
 from receiver.http import create_app
 from sender.client import Client
-from channel.nodes import free_port
-from sender.prefill import prefill_prompt, select_tokens
+from sender.pipeline import Sender
+from sender.prefill import prefill_prompt
 
 TOKEN = "s3cret"
 CONTEXT = "The Normans gave their name to Normandy, a region in France."
@@ -40,10 +42,9 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 def send(target, tiny_llama, token=TOKEN, profile="int8"):
     with Client(target, token=token) as client:
-        pre = prefill_prompt(tiny_llama, CONTEXT, "Where is Normandy?", True, [profile])
-        sent = client.transfer(select_tokens(tiny_llama, pre, profile), profile, tiny_llama.fingerprint)
-        reply = client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=4)
-    return sent, reply
+        asked = Sender(tiny_llama, client, attempts=1).ask(CONTEXT, "Where is Normandy?", parse_profile(profile),
+                                                           max_new_tokens=4)
+    return asked
 
 
 def test_health_and_readiness_are_open(receiver):
@@ -76,7 +77,7 @@ def test_grpc_calls_need_the_token_but_health_does_not(receiver, tiny_llama):
 
 def test_sessions_list_inspect_delete(receiver, tiny_llama):
     http, target, _ = receiver
-    sent, _ = send(target, tiny_llama)
+    sent = send(target, tiny_llama)
     listed = http.get("/v1/sessions", headers=AUTH).json()
     assert sent.session_id in [s["id"] for s in listed["sessions"]]
     one = http.get(f"/v1/sessions/{sent.session_id}", headers=AUTH).json()
@@ -92,7 +93,7 @@ def test_sessions_list_inspect_delete(receiver, tiny_llama):
 def test_metrics_count_transfers_and_rejections(receiver, tiny_llama):
     http, target, _ = receiver
     before = http.get("/metrics", headers=AUTH).text
-    sent, _ = send(target, tiny_llama)
+    sent = send(target, tiny_llama)
     with Client(target, token=TOKEN) as client, pytest.raises(grpc.RpcError):
         client.send_frames([])  # no header, no trailer: rejected
     text = http.get("/metrics", headers=AUTH).text
@@ -109,7 +110,7 @@ def test_metrics_count_transfers_and_rejections(receiver, tiny_llama):
 
 def test_dashboard_shows_recent_transfers(receiver, tiny_llama):
     http, target, app = receiver
-    _, reply = send(target, tiny_llama, profile="q2c:0.5+int4")
+    send(target, tiny_llama, profile="q2c:0.5+int4")
     page = http.get("/", headers=AUTH)
     assert page.status_code == 200
     assert "recent transfers" in page.text and "q2c:0.5+int4:g32" in page.text
@@ -126,6 +127,6 @@ def test_budget_overflow_is_resource_exhausted(receiver, tiny_llama):
     with Client(target, token=TOKEN) as client:
         pre = prefill_prompt(tiny_llama, CONTEXT * 80, "Where?", True)  # ~1,100 tokens at 1 KB each: over 0.5 MB
         with pytest.raises(grpc.RpcError) as info:
-            client.transfer(pre.kv, "raw", tiny_llama.fingerprint)
+            Sender(tiny_llama, client, attempts=1).transfer(pre.kv, parse_profile("raw"))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "session budget" in info.value.details()

@@ -1,7 +1,7 @@
 import pytest
 
-from common.link import Trace
 from channel.evaluation.deadlines import replay, shifted
+from common.link import Trace
 
 
 def test_shifted_trace():

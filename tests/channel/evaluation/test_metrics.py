@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from channel.evaluation.harness import kl_divergence
-from channel.evaluation.metrics import best_em, best_f1, exact_match, f1, mean_ci95, normalize
+from channel.evaluation.metrics import (
+    best_em,
+    best_f1,
+    exact_match,
+    f1,
+    mean_ci95,
+    normalize,
+)
 
 
 def test_normalization_follows_squad():

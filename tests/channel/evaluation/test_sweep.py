@@ -2,8 +2,13 @@ import json
 
 import pytest
 
+from common.profile import parse_profile
 from channel.evaluation import sweep
 from channel.evaluation.squad import load_squad
+
+
+def profiles(*specs):
+    return [parse_profile(spec) for spec in specs]
 
 
 def test_points_use_the_link_model():
@@ -30,15 +35,15 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     real = sweep._evaluate_one
 
     def counting(args):
-        calls.append((args[1].id, tuple(args[2])))
+        calls.append((args[1].id, tuple(map(str, args[2]))))
         return real(args)
 
     monkeypatch.setattr(sweep, "_evaluate_one", counting)
-    assert sweep.run_sweep("tiny-llama", samples[:1], ["fp16", "int4"], links, out, max_new_tokens=4) == 2
+    assert sweep.run_sweep("tiny-llama", samples[:1], profiles("fp16", "int4"), links, out, max_new_tokens=4) == 2
     assert len(out.read_text().splitlines()) == 2 * 3
     # Rerun with one more sample and profile: only the missing pairs are computed.
     calls.clear()
-    assert sweep.run_sweep("tiny-llama", samples, ["fp16", "int4", "int8"], links, out, max_new_tokens=4) == 4
+    assert sweep.run_sweep("tiny-llama", samples, profiles("fp16", "int4", "int8"), links, out, max_new_tokens=4) == 4
     assert sorted(calls) == sorted([(samples[0].id, ("int8:g32",)), (samples[1].id, ("fp16", "int4:g32", "int8:g32"))])
     points = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(points) == 6 * 3

@@ -1,0 +1,168 @@
+"""The one ask pipeline: negotiate, prefill, select, encode, stream with retries, generate.
+
+Every entry point that asks a receiver about a context goes through `Sender`: the CLI, the
+sender's HTTP API, the demo, the load test, the sweep's validation and the segment trials.
+Frames leave the sender from one place, `Sender.transfer` (whole caches, retried under a
+stable transfer id) or `Sender.transfer_segments` (segmented streams), both through the
+client. Profiles arrive here parsed (`Profile`); a profile the receiver picks is parsed once,
+where its reply enters.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from common import wire
+from common.kvstate import KVState
+from common.link import Link, pace
+from common.models import LoadedModel
+from common.profile import Profile, parse_profile
+from common.prompts import build_prompt
+from common.proto import kvwire_pb2 as pb
+from sender.adaptive import DEFAULT_SEGMENT_TOKENS, AdaptiveResult, SegmentPlanner, SegmentRecord, send_segments
+from sender.client import Client, TransferResult
+from sender.prefill import Prefilled, needs_question, prefill_prompt, select_tokens
+
+AUTO = "auto"  # let the receiver's planner pick the profile for the link and deadline
+
+
+@dataclass
+class AskResult:
+    answer: str
+    token_ids: list[int]
+    profile: str  # the canonical profile the receiver agreed to, or "segments"
+    session_id: str
+    seq_len: int
+    kept_tokens: int  # mean over layers
+    bytes_sent: int  # serialized frames plus gRPC prefixes, of the attempt that got through
+    frames: int
+    attempts: int
+    fp16_bytes: int  # the full cache at fp16: the reference for ratios
+    prefill_s: float
+    encode_s: float  # selection and encoding
+    transfer_s: float
+    inject_s: float
+    decode_s: float
+    plan: str | None = None  # the receiver's reason, when it chose the profile
+    segments: list[SegmentRecord] | None = None
+    prefilled: Prefilled | None = field(default=None, repr=False)  # the sender's prefill, for comparisons
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return self.bytes_sent / self.fp16_bytes
+
+
+class Sender:
+    """Asks one receiver (through `client`) about contexts prefilled with `loaded`."""
+
+    def __init__(self, loaded: LoadedModel, client: Client, zstd_level: int = 3, attempts: int = 6):
+        self.loaded = loaded
+        self.client = client
+        self.zstd_level = zstd_level
+        self.attempts = attempts
+
+    def negotiate(self, profile: Profile | str, context_tokens: int = 0, query_aware: bool = True,
+                  bandwidth_bps: float | None = None, deadline_s: float | None = None,
+                  quality_floor: float = 0.0) -> tuple[Profile, str | None]:
+        """The profile both sides use, and the receiver's reason when it planned one (`AUTO`).
+
+        For `AUTO` the receiver plans among its calibrated profiles, at `bandwidth_bps` or this
+        client's estimate of the link; query-agnostic asks offer only profiles that work
+        without the question in the cache.
+        """
+        if profile != AUTO:
+            agreed = self.client.negotiate(self.loaded.fingerprint, [str(profile)]).profile
+            return (profile if agreed == str(profile) else parse_profile(agreed)), None
+        offered = [] if query_aware else self._query_agnostic_profiles()
+        reply = self.client.negotiate(self.loaded.fingerprint, offered, "auto", context_tokens, bandwidth_bps,
+                                      deadline_s or 0.0, quality_floor)
+        return parse_profile(reply.profile), reply.reason
+
+    def _query_agnostic_profiles(self) -> list[str]:
+        from common.planner import load_table
+
+        table = load_table(self.loaded.name)
+        return [name for name in table["profiles"] if not needs_question(parse_profile(name))]
+
+    def prefill(self, context: str, question: str, query_aware: bool = True,
+                profiles: list[Profile] = ()) -> Prefilled:
+        return prefill_prompt(self.loaded, context, question, query_aware, profiles)
+
+    def transfer(self, kv: KVState, profile: Profile, link: Link | None = None,
+                 attempts: int | None = None) -> TransferResult:
+        """Encode `kv` and stream it, retrying retryable failures under one transfer id."""
+        frames = list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level))
+        return self.send(frames, link, attempts)
+
+    def send(self, frames: list[pb.Frame], link: Link | None = None, attempts: int | None = None) -> TransferResult:
+        """Stream encoded frames (one transfer id), retrying retryable failures; `link` paces them in process."""
+        make = (lambda: pace(frames, link, wire.wire_bytes)) if link else (lambda: iter(frames))
+        return self.client.send_with_retry(make, attempts or self.attempts)
+
+    def transfer_segments(self, pre: Prefilled, planner: SegmentPlanner | None, deadline_s: float,
+                          segment_tokens: int = DEFAULT_SEGMENT_TOKENS, initial_bps: float | None = None,
+                          schedule: list[str] | None = None, started: float | None = None,
+                          records: list[SegmentRecord] | None = None) -> AdaptiveResult:
+        """Stream the prefilled cache in segments, each planned for the deadline (see sender.adaptive)."""
+        return send_segments(self.client, pre.kv, pre.cache_ids, self.loaded.fingerprint, planner, deadline_s,
+                             segment_tokens, initial_bps, schedule, self.zstd_level, started, records)
+
+    def generate(self, session_id: str, pre: Prefilled, question: str, query_aware: bool,
+                 max_new_tokens: int) -> pb.GenerateReply:
+        """Decode from a session: the prompt's tail tokens (query-aware) or the question as text follow the cache."""
+        if query_aware:
+            return self.client.generate(session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+        return self.client.generate(session_id, question=question, max_new_tokens=max_new_tokens)
+
+    def ask(self, context: str, question: str, profile: Profile | str = AUTO, query_aware: bool = True,
+            max_new_tokens: int = 64, bandwidth_bps: float | None = None, deadline_s: float | None = None,
+            quality_floor: float = 0.0, link: Link | None = None, prefilled: Prefilled | None = None) -> AskResult:
+        """Answer `question` about `context` at the receiver, sending the context's cache under `profile`.
+
+        `prefilled`: a prefill of this context and question made earlier (its attention
+        statistics must cover the profile's selection). `link`: emulate a link in process.
+        """
+        tokens = 0
+        if profile == AUTO:
+            tokens = prefilled.kv.seq_len if prefilled else len(build_prompt(self.loaded.tokenizer, context, question).ids)
+        agreed, reason = self.negotiate(profile, tokens, query_aware, bandwidth_bps, deadline_s, quality_floor)
+        pre = prefilled or self.prefill(context, question, query_aware, [agreed])
+        start = time.perf_counter()
+        kv = select_tokens(self.loaded, pre, agreed)
+        frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level))
+        encode_s = time.perf_counter() - start
+        sent = self.send(frames, link)
+        reply = self.generate(sent.session_id, pre, question, query_aware, max_new_tokens)
+        return AskResult(
+            answer=reply.text, token_ids=list(reply.token_ids), profile=str(agreed), session_id=sent.session_id,
+            seq_len=pre.kv.seq_len, kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
+            bytes_sent=sent.bytes_sent, frames=sent.frames, attempts=sent.attempts, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds,
+            encode_s=encode_s, transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+            plan=reason, prefilled=pre)
+
+    def ask_segments(self, context: str, question: str, planner: SegmentPlanner | None = None,
+                     deadline_s: float = 2.0, segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
+                     initial_bps: float | None = None, max_new_tokens: int = 64,
+                     table: dict | None = None) -> AskResult:
+        """Answer `question`, the cache travelling in segments planned for `deadline_s` (query-aware).
+
+        Without a planner, one is made from `table` (default: the model's calibration table),
+        pricing text segments at this sender's own prefill rate.
+        """
+        pre = self.prefill(context, question)
+        if planner is None:
+            from common.planner import load_table
+
+            planner = SegmentPlanner(table or load_table(self.loaded.name), text_s_per_token=pre.seconds_per_token)
+        # The receiver must know this model and these codecs before anything streams.
+        self.client.negotiate(self.loaded.fingerprint, planner.ladder)
+        sent = self.transfer_segments(pre, planner, deadline_s, segment_tokens, initial_bps)
+        reply = self.generate(sent.session_id, pre, question, True, max_new_tokens)
+        return AskResult(
+            answer=reply.text, token_ids=list(reply.token_ids), profile="segments", session_id=sent.session_id,
+            seq_len=pre.kv.seq_len, kept_tokens=pre.kv.seq_len, bytes_sent=sent.bytes_sent,
+            frames=sent.frames, attempts=1, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds, encode_s=0.0,  # segments encode as they stream
+            transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+            segments=sent.segments, prefilled=pre)

@@ -95,3 +95,34 @@ def test_auto_uses_the_planner(start_receiver, tmp_path, monkeypatch):
     # A tiny model's segments are far below the 64 KB a goodput sample needs: each one is a probe.
     assert {p["profile"] for p in parts} == {"int4:g32"} and all(p["planned_bps"] is None for p in parts)
     assert segmented["answer"] is not None and segmented["profile"] == "segments"
+
+
+def test_auto_learns_the_link_and_plans_query_agnostic_asks_without_q2c(start_receiver, tmp_path, monkeypatch):
+    """One client per app: its bandwidth estimate from earlier asks plans later ones; a query-agnostic
+    ask is never planned onto a profile that needs the question."""
+    import json
+
+    from common import planner
+
+    row = {"encode_s_per_token": 0, "receiver_s_per_token": 0, "first_token_s": 0.0}
+    table = {"version": 1, "model": "tiny-llama", "samples": 1, "prefill_s_per_token": 0.0, "profiles": {
+        "q2c:0.5+fp16": {"fidelity": 1.0, "bytes_per_token": 300, **row},
+        "fp16": {"fidelity": 0.9, "bytes_per_token": 600, **row}}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(planner, "calibration_path", lambda model: path)
+    receiver = start_receiver("tiny-llama")
+    with TestClient(create_app(Settings(receiver_target=receiver.target), "tiny-llama")) as http:
+        assert http.app.state.sender.client.bandwidth.estimate() is None
+        warm = http.post("/v1/ask", json={"context": CONTEXT * 80, "question": "q", "profile": "raw",
+                                          "max_new_tokens": 1})  # over 64 KB: a goodput sample
+        assert warm.status_code == 200, warm.text
+        learned = http.app.state.sender.client.bandwidth.estimate()
+        aware = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "auto",
+                                           "max_new_tokens": 1}).json()
+        agnostic = http.post("/v1/ask", json={"context": CONTEXT, "question": "q", "profile": "auto",
+                                              "query_aware": False, "max_new_tokens": 1}).json()
+    assert learned is not None
+    assert f"at {learned / 1e6:g} Mbit/s" in aware["plan"]  # not the 100 Mbit/s default
+    assert aware["profile"] == "q2c:0.5+fp16"
+    assert agnostic["profile"] == "fp16"

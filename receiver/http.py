@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.settings import Settings
-from common.auth import require_token
+from common.auth import docs_options, protect_openapi, require_token
 from receiver.server import start_server
 from receiver.sessions import SessionError
 
@@ -34,7 +34,8 @@ def create_app(settings: Settings, grpc_host: str = "127.0.0.1", grpc_port: int 
         finally:
             await server.stop(grace=5)
 
-    app = FastAPI(title="kvwire receiver", lifespan=lifespan)
+    app = FastAPI(title="kvwire receiver", lifespan=lifespan, **docs_options(settings.token))
+    protect_openapi(app)
     app.state.settings = settings
     authed = [Depends(require_token)]
 

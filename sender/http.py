@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from common.auth import require_token
+from common.auth import docs_options, protect_openapi, require_token
 from common.link import link_from_options, parse_rate
 from common.models import load_model
 from common.planner import load_table
@@ -85,7 +85,8 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
             app.state.sender = Sender(loaded, client)
             yield
 
-    app = FastAPI(title="kvwire sender", lifespan=lifespan)
+    app = FastAPI(title="kvwire sender", lifespan=lifespan, **docs_options(settings.token))
+    protect_openapi(app)
     app.state.settings = settings
     app.state.lock = asyncio.Lock()
 

@@ -93,11 +93,25 @@ def localize(args: list[str], ports: dict[str, int]) -> list[str]:
                       .replace("0.0.0.0", "127.0.0.1"))
 
 
+TEST_TOKEN = "compose-test-token"
+
+
 def environment(service: dict) -> dict:
     env = dict(os.environ)
     for key, value in service.get("environment", {}).items():
-        env[key] = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))  # compose's ${VAR:-default}
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))  # compose's ${VAR:-default}
+        env[key] = re.sub(r"\$\{KVWIRE_TOKEN:\?[^}]*\}", TEST_TOKEN, value)  # required: the caller's secret
     return env
+
+
+def test_compose_ships_no_secret_and_publishes_on_loopback_only():
+    services = COMPOSE["services"]
+    for name in ("receiver", "sender"):
+        token = services[name]["environment"]["KVWIRE_TOKEN"]
+        assert token.startswith("${KVWIRE_TOKEN:?"), f"{name}: the token must come from the environment"
+    assert all(str(port).startswith("127.0.0.1:") for s in services.values() for port in s.get("ports", []))
+    assert "./demo-output:/out" in services["sender"]["volumes"]
+    assert "/out/kvwire-demo.png" in services["sender"]["command"]
 
 
 @pytest.mark.slow
@@ -127,14 +141,16 @@ def test_three_process_topology(tmp_path):
         healthy("receiver")
         start("channel")
         healthy("channel")
-        sender_args = localize(services["sender"]["command"], ports)
+        out = tmp_path / "demo-output"  # the bind mount: the host's side of /out
+        out.mkdir()
+        sender_args = [arg.replace("/out/", f"{out}/") for arg in localize(services["sender"]["command"], ports)]
         sender_args[sender_args.index("--samples") + 1] = "2"
         sender = subprocess.run(kvwire + sender_args, env=environment(services["sender"]), cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
         assert sender.returncode == 0, sender.stdout + sender.stderr
         assert "accuracy against bytes" in sender.stdout
         assert "q2c:0.5+int4:g32" in sender.stdout
-        assert (tmp_path / "/tmp/kvwire-demo.png").exists()
+        assert (out / "kvwire-demo.png").exists() and (out / "kvwire-demo.json").exists()
         # The receiver saw the transfers through the relay, and counts them.
         token = environment(services["receiver"])["KVWIRE_TOKEN"]
         with Client(f"127.0.0.1:{ports['50052']}", token=token) as client:

@@ -54,12 +54,20 @@ def test_health_and_readiness_are_open(receiver):
     assert body["status"] == "ready" and body["model"] == "tiny-llama"
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/v1/sessions", "/v1/sessions/x", "/", "/dashboard/sweep.png"])
+@pytest.mark.parametrize("path", ["/metrics", "/v1/sessions", "/v1/sessions/x", "/", "/dashboard/sweep.png",
+                                  "/openapi.json"])
 def test_every_api_call_needs_the_token(receiver, path):
     http, _, _ = receiver
     assert http.get(path).status_code == 401
     assert http.get(path, headers={"authorization": "Bearer wrong"}).status_code == 401
     assert http.delete("/v1/sessions/x").status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_browsable_docs_are_off_when_a_token_is_set(receiver, path):
+    http, _, _ = receiver
+    assert http.get(path).status_code == 404 and http.get(path, headers=AUTH).status_code == 404
+    assert "/v1/sessions" in http.get("/openapi.json", headers=AUTH).json()["paths"]
 
 
 def test_grpc_calls_need_the_token_but_health_does_not(receiver, tiny_llama):

@@ -52,9 +52,15 @@ def test_auth_docs_and_metrics(sender):
     assert sender.post("/v1/ask", json={"context": CONTEXT, "question": "q"}).status_code == 401
     assert sender.get("/metrics").status_code == 401
     assert "kvwire_sender_asks_total" in sender.get("/metrics", headers=AUTH).text
-    assert sender.get("/docs").status_code == 200
-    assert "/v1/ask" in sender.get("/openapi.json").json()["paths"]
+    # With a token set, the schema is behind it and the browsable pages are off.
+    assert sender.get("/openapi.json").status_code == 401 and sender.get("/docs").status_code == 404
+    assert "/v1/ask" in sender.get("/openapi.json", headers=AUTH).json()["paths"]
     assert sender.get("/healthz").status_code == 200
+
+
+def test_docs_are_open_without_a_token(start_receiver):
+    with TestClient(create_app(Settings(receiver_target="127.0.0.1:1"), "tiny-llama")) as http:
+        assert http.get("/docs").status_code == 200 and "/v1/ask" in http.get("/openapi.json").json()["paths"]
 
 
 def test_receiver_down_is_a_502(start_receiver):

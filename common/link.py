@@ -43,10 +43,15 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class Trace:
-    """Piecewise-constant rate: `rates[i]` holds from `times[i]` until `times[i+1]` (the last holds forever)."""
+    """Piecewise-constant rate: `rates[i]` holds from `times[i]` until `times[i+1]`.
+
+    The last rate holds forever, unless `duration_s` says where the recorded or generated trace
+    ends (a replay must not read past it: the rest would be the last rate, constant).
+    """
 
     times: list[float]
     rates: list[float]
+    duration_s: float | None = None
 
     def __post_init__(self):
         if not self.times or len(self.times) != len(self.rates) or self.times[0] != 0:
@@ -75,7 +80,7 @@ class Trace:
             times.append(i * dwell_s)
             rates.append(rates_mbit[state] * 1e6)
             state = min(max(state + rng.choice((-1, 0, 1)), 0), len(rates_mbit) - 1)
-        return cls(times, rates)
+        return cls(times, rates, duration_s)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Trace:

@@ -128,18 +128,21 @@ def sweep(
                           f"measured {v['measured_s']:.3f} s through the relay (x{v['ratio']:.3f})")
     deadline_rows = []
     if deadlines:
-        from common.link import link_from_options, parse_duration
-        from channel.evaluation.deadlines import replay
+        from channel.evaluation.deadlines import replay, replay_span
+        from common.link import Trace, link_from_options, parse_duration
         from common.planner import load_table
 
         static_names = [str(p) for p in _parse_profiles(statics)]
         varying = [spec for spec in links if spec["trace"] != "constant"]
         if not varying:
             raise typer.BadParameter("--deadlines replays transfers along the varying links of --traces", param_hint="--traces")
+        limits = [float(d) for d in deadlines.split(",")]
         for spec in varying:
             trace = link_from_options(None, spec["trace"], spec["delay"]).trace
+            if spec["trace"] == "markov":  # as long as the replay reads it: every start plus the longest deadline
+                trace = Trace.markov(duration_s=replay_span(limits))
             rows = replay(sweep_module.model_points(points), [s.id for s in dataset], static_names, load_table(model),
-                          trace, parse_duration(delay), [float(d) for d in deadlines.split(",")],
+                          trace, parse_duration(delay), limits,
                           enter_at_random=not spec["trace"].startswith("step:"))
             deadline_rows += [{"trace": spec["trace"], **row} for row in rows]
             table = Table(title=f"static profiles against the planners, trace {spec['trace']}: deadline hit rate, quality")

@@ -26,24 +26,36 @@ from sender.adaptive import TEXT, SegmentPlanner
 from sender.bandwidth import BandwidthEstimator
 
 INITIAL_BPS = 20e6  # what `auto` assumes before its first acknowledged transfer
+TRANSFERS, GAP_S = 400, 2.0  # transfers replayed, and the mean gap between their starts
+
+
+def replay_span(deadlines: list[float], transfers: int = TRANSFERS, gap_s: float = GAP_S) -> float:
+    """Seconds of trace a replay reads: every transfer's start, plus the longest deadline."""
+    return transfers * gap_s + max(deadlines)
 
 
 def shifted(trace: Trace, offset: float) -> Trace:
     """The trace as seen by a transfer that starts `offset` seconds in."""
     index = max(i for i, t in enumerate(trace.times) if t <= offset)
-    return Trace([0.0] + [t - offset for t in trace.times[index + 1:]], trace.rates[index:])
+    duration = None if trace.duration_s is None else trace.duration_s - offset
+    return Trace([0.0] + [t - offset for t in trace.times[index + 1:]], trace.rates[index:], duration)
 
 
 def replay(points: dict[tuple[str, str], dict], samples: list[str], statics: list[str], table: dict,
-           trace: Trace, delay_s: float, deadlines: list[float], transfers: int = 400, gap_s: float = 2.0,
+           trace: Trace, delay_s: float, deadlines: list[float], transfers: int = TRANSFERS, gap_s: float = GAP_S,
            seed: int = 0, enter_at_random: bool = True) -> list[dict]:
     """points[(sample_id, profile)] -> one sweep point (compute times, bytes, fidelity, text baseline).
 
     Transfers start every `gap_s` seconds (plus jitter) along the trace, each on a random sample;
-    with enter_at_random=False every transfer sees the trace from its start.
+    with enter_at_random=False every transfer sees the trace from its start. A trace that ends
+    (`duration_s`) must cover every start plus the longest deadline (see `replay_span`).
     """
     rng = random.Random(seed)
     starts = [i * gap_s + rng.uniform(0, gap_s) for i in range(transfers)]
+    span = max(starts) + max(deadlines) if enter_at_random else max(deadlines)
+    if trace.duration_s is not None and span > trace.duration_s:
+        raise ValueError(f"the trace ends at {trace.duration_s:g} s, but the replay reads it until {span:.0f} s: "
+                         f"make it at least replay_span() long")
     chosen_samples = [rng.choice(samples) for _ in starts]
     segments = SegmentPlanner(table)
     results = []

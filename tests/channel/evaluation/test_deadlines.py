@@ -1,6 +1,6 @@
 import pytest
 
-from channel.evaluation.deadlines import replay, shifted
+from channel.evaluation.deadlines import replay, replay_span, shifted
 from common.link import Trace
 
 
@@ -44,3 +44,12 @@ def test_segments_fall_back_to_text_when_no_cache_fits():
     # Misses only where the estimate is unknown or stale (first transfer, a probe every 30 s): 4 of 50.
     assert by["auto-segments"]["hit_rate"] == pytest.approx(0.92)
     assert by["auto-segments"]["mean_quality"] == by["auto-segments"]["hit_rate"]  # text is the full-prompt answer
+
+
+def test_the_replay_never_reads_past_the_end_of_its_trace():
+    short = Trace.markov(duration_s=600.0)  # 400 transfers about 2 s apart start until about 800 s
+    with pytest.raises(ValueError, match="ends at 600 s"):
+        replay(POINTS, ["s"], ["fp16"], TABLE, short, 0.0, [1.0])
+    long_enough = Trace.markov(duration_s=replay_span([1.0]))
+    assert long_enough.times[:1200] == short.times and long_enough.rates[:1200] == short.rates  # same walk, longer
+    assert {r["transfers"] for r in replay(POINTS, ["s"], ["fp16"], TABLE, long_enough, 0.0, [1.0])} == {400}

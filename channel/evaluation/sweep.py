@@ -9,6 +9,7 @@ points are all there.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -81,15 +82,9 @@ def run_sweep(model: str, samples: list[Sample], profiles: list[Profile], links:
         todo = [p for p in profiles if not wanted <= done.get((sample.id, str(p)), set())]  # keyed by canonical names
         if todo:
             jobs.append((model, sample, todo, max_new_tokens))
-    if runner == "ray":
-        results = _ray_map(jobs)
-    elif workers > 1:
-        results = ProcessPoolExecutor(workers).map(_evaluate_one, jobs)
-    else:
-        results = map(_evaluate_one, jobs)
     computed = 0
     with out.open("a") as handle:
-        for rows in results:
+        for rows in _run_jobs(jobs, workers, runner):
             for row in rows:
                 missing = [s for s in links if link_key(s) not in done.get((row.sample_id, row.profile), set())]
                 for point in points_for(row, missing):
@@ -101,14 +96,41 @@ def run_sweep(model: str, samples: list[Sample], profiles: list[Profile], links:
     return computed
 
 
-def _ray_map(jobs):
+def _run_jobs(jobs: list, workers: int, runner: str):
+    """Each job's rows as soon as it is done (any order), so points are written as they come."""
+    if runner == "ray":
+        yield from _ray_results(jobs, workers)
+    elif workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            yield from pool.map(_evaluate_one, jobs)
+    else:
+        yield from map(_evaluate_one, jobs)
+
+
+def _ray_results(jobs: list, workers: int):
+    """Jobs as Ray tasks: on the cluster at RAY_ADDRESS if set, else on a local one of `workers` CPUs."""
     try:
         import ray
     except ImportError:
         raise RuntimeError("--runner ray needs the optional extra: pip install 'kvwire[ray]'") from None
-    ray.init(ignore_reinit_error=True)
-    remote = ray.remote(_evaluate_one)
-    return ray.get([remote.remote(job) for job in jobs])
+    if not jobs:
+        return
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # "local": a fresh cluster, never one some other process started on this machine
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        evaluate_one = ray.remote(_evaluate_one)
+        pending = [evaluate_one.remote(job) for job in jobs]
+        while pending:
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def summarize(points: list[dict]) -> list[dict]:

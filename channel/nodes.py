@@ -18,9 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_receiver_process(model: str, env: dict | None = None, quiet: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start `kvwire receiver serve` on a free loopback port; return it and its address once SERVING."""
-    port = free_port()
+def start_receiver_process(model: str, env: dict | None = None, quiet: bool = False,
+                           port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `kvwire receiver serve` on `port` (default: a free loopback port); return it and its
+    address once SERVING."""
+    port = port or free_port()
     output = subprocess.DEVNULL if quiet else None
     process = subprocess.Popen([sys.executable, "-m", "channel.cli", "receiver", "serve", "--port", str(port),
                                 "--http-port", "0", "--model", model], env={**os.environ, **(env or {})},

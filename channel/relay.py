@@ -79,6 +79,8 @@ class Relay:
         self.stats: list[ConnectionStats] = []
         self.server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.resets = 0
 
     @property
     def port(self) -> int:
@@ -96,6 +98,14 @@ class Relay:
         await asyncio.gather(*self._connections, return_exceptions=True)
         if self.server:
             await self.server.wait_closed()
+
+    async def reset(self) -> int:
+        """Fault injection: abort every open connection at once (a TCP reset mid-stream); returns how many."""
+        aborted = [writer for writer in self._writers if not writer.is_closing()]
+        for writer in aborted:
+            writer.transport.abort()
+        self.resets += len(aborted)
+        return len(aborted)
 
     async def _handle(self, client_reader, client_writer) -> None:
         task = asyncio.current_task()
@@ -117,9 +127,13 @@ class Relay:
             log.warning("upstream %s:%d unreachable: %s", *self.upstream, exc)
             client_writer.close()
             return
+        self._writers |= {client_writer, upstream_writer}
         up = self._pipe(client_reader, upstream_writer, self.make_link(), stats, "bytes_up", self.corrupt)
         down = self._pipe(upstream_reader, client_writer, self.make_link(), stats, "bytes_down", None)
-        await asyncio.gather(up, down, return_exceptions=True)
+        try:
+            await asyncio.gather(up, down, return_exceptions=True)
+        finally:
+            self._writers -= {client_writer, upstream_writer}
         log.info("connection %s: %d bytes up, %d down, %.3f s", peer, stats.bytes_up, stats.bytes_down, stats.seconds)
 
     async def _pipe(self, reader, writer, link: Link, stats: ConnectionStats, counter: str, corrupt) -> None:
@@ -217,6 +231,10 @@ class BackgroundRelay:
         self.relay = Relay("127.0.0.1", 0, host, int(port), make_link, corrupt)
         asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(timeout=10)
         self.target = f"127.0.0.1:{self.relay.port}"
+
+    def reset(self) -> int:
+        """Abort every connection through the relay now (see Relay.reset)."""
+        return asyncio.run_coroutine_threadsafe(self.relay.reset(), self.loop).result(timeout=10)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.relay.stop(), self.loop).result(timeout=10)

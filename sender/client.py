@@ -58,6 +58,7 @@ class Client:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
         self.bandwidth = BandwidthEstimator()
+        self.retries = 0  # calls sent again after a retryable failure, over this client's life
 
     @classmethod
     def from_settings(cls, settings, target: str | None = None, timeout_s: float = 120.0) -> Client:
@@ -124,15 +125,24 @@ class Client:
     def send_with_retry(self, make_frames, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep) -> TransferResult:
         """`make_frames()` yields the same transfer (same transfer id) each time it is called."""
+        def send(attempt: int) -> TransferResult:
+            result = self.send_frames(make_frames())
+            result.attempts = attempt
+            return result
+
+        return self.call_with_retry(send, attempts, backoff_s, max_backoff_s, sleep)
+
+    def call_with_retry(self, call, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+                        sleep=time.sleep):
+        """`call(attempt)`, again after a retryable failure, with exponential backoff and jitter."""
         for attempt in range(1, attempts + 1):
             try:
-                result = self.send_frames(make_frames())
-                result.attempts = attempt
-                return result
+                return call(attempt)
             except grpc.RpcError as error:
                 if attempt == attempts or not retryable(error):
                     raise
-                log.warning("transfer attempt %d failed (%s: %s); retrying", attempt, error.code().name, error.details())
+                log.warning("attempt %d failed (%s: %s); retrying", attempt, error.code().name, error.details())
+                self.retries += 1
                 sleep(min(max_backoff_s, backoff_s * 2 ** (attempt - 1)) * random.uniform(1.0, 1.2))
         raise AssertionError("unreachable")
 

@@ -10,9 +10,12 @@ where its reply enters.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+
+import grpc
 
 from common import wire
 from common.kvstate import KVState
@@ -21,11 +24,26 @@ from common.models import LoadedModel
 from common.profile import Profile, parse_profile
 from common.prompts import build_prompt
 from common.proto import kvwire_pb2 as pb
-from sender.adaptive import DEFAULT_SEGMENT_TOKENS, AdaptiveResult, SegmentPlanner, SegmentRecord, send_segments
+from sender.adaptive import (
+    DEFAULT_SEGMENT_TOKENS,
+    AdaptiveResult,
+    SegmentPlanner,
+    SegmentRecord,
+    send_segments,
+)
 from sender.client import Client, TransferResult
 from sender.prefill import Prefilled, needs_question, prefill_prompt, select_tokens
 
 AUTO = "auto"  # let the receiver's planner pick the profile for the link and deadline
+log = logging.getLogger("kvwire.sender")
+
+
+def with_transfer_id(header: pb.Frame, transfer_id: str) -> pb.Frame:
+    """A copy of a header frame under another transfer id."""
+    copy = pb.Frame()
+    copy.CopyFrom(header)
+    copy.header.transfer_id = transfer_id
+    return copy
 
 
 @dataclass
@@ -38,13 +56,14 @@ class AskResult:
     kept_tokens: int  # mean over layers
     bytes_sent: int  # serialized frames plus gRPC prefixes, of the attempt that got through
     frames: int
-    attempts: int
+    attempts: int  # transfer attempts (1: no retry), the cache sent again after a lost session included
     fp16_bytes: int  # the full cache at fp16: the reference for ratios
     prefill_s: float
     encode_s: float  # selection and encoding
     transfer_s: float
     inject_s: float
     decode_s: float
+    resends: int = 0  # times the cache was sent again because the receiver lost the session
     plan: str | None = None  # the receiver's reason, when it chose the profile
     segments: list[SegmentRecord] | None = None
     prefilled: Prefilled | None = field(default=None, repr=False)  # the sender's prefill, for comparisons
@@ -73,12 +92,16 @@ class Sender:
         without the question in the cache.
         """
         if profile != AUTO:
-            agreed = self.client.negotiate(self.loaded.fingerprint, [str(profile)]).profile
+            agreed = self._retrying(lambda: self.client.negotiate(self.loaded.fingerprint, [str(profile)])).profile
             return (profile if agreed == str(profile) else parse_profile(agreed)), None
         offered = [] if query_aware else self._query_agnostic_profiles()
-        reply = self.client.negotiate(self.loaded.fingerprint, offered, "auto", context_tokens, bandwidth_bps,
-                                      deadline_s or 0.0, quality_floor)
+        reply = self._retrying(lambda: self.client.negotiate(self.loaded.fingerprint, offered, "auto", context_tokens,
+                                                             bandwidth_bps, deadline_s or 0.0, quality_floor))
         return parse_profile(reply.profile), reply.reason
+
+    def _retrying(self, call):
+        """A unary call, again while the receiver is away or busy (see client.retryable)."""
+        return self.client.call_with_retry(lambda attempt: call(), self.attempts)
 
     def _query_agnostic_profiles(self) -> list[str]:
         from common.planner import load_table
@@ -133,14 +156,27 @@ class Sender:
         kv = select_tokens(self.loaded, pre, agreed)
         frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level))
         encode_s = time.perf_counter() - start
-        sent = self.send(frames, link)
-        reply = self.generate(sent.session_id, pre, question, query_aware, max_new_tokens)
+        attempts = 0  # transfer attempts, over every time the cache was sent
+        for attempt in range(1, self.attempts + 1):
+            sent = self.send(frames, link)
+            attempts += sent.attempts
+            try:
+                reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, query_aware,
+                                                             max_new_tokens))
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND or attempt == self.attempts:
+                    raise
+                # The receiver lost the session (it restarted, or the session expired): send the
+                # cache again, as a new transfer.
+                log.warning("session %s is gone (%s); sending the cache again", sent.session_id, error.details())
+                frames = [with_transfer_id(frames[0], uuid.uuid4().hex)] + frames[1:]
         return AskResult(
             answer=reply.text, token_ids=list(reply.token_ids), profile=str(agreed), session_id=sent.session_id,
             seq_len=pre.kv.seq_len, kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
-            bytes_sent=sent.bytes_sent, frames=sent.frames, attempts=sent.attempts, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds,
+            bytes_sent=sent.bytes_sent, frames=sent.frames, attempts=attempts, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds,
             encode_s=encode_s, transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
-            plan=reason, prefilled=pre)
+            resends=attempt - 1, plan=reason, prefilled=pre)
 
     def ask_segments(self, context: str, question: str, planner: SegmentPlanner | None = None,
                      deadline_s: float = 2.0, segment_tokens: int = DEFAULT_SEGMENT_TOKENS,

@@ -10,7 +10,15 @@ from typing import Optional
 
 import typer
 
-from channel.cli.app import LinkOptions, ModelOption, _parse_profiles, app, console, receiver_app, sender_app
+from channel.cli.app import (
+    LinkOptions,
+    ModelOption,
+    _parse_profiles,
+    app,
+    console,
+    receiver_app,
+    sender_app,
+)
 
 
 @receiver_app.command("serve")
@@ -167,9 +175,9 @@ def demo(
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
     """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
-    from common.link import link_from_options
-    from channel.evaluation.squad import load_squad
     from channel.demo import report, run_demo
+    from channel.evaluation.squad import load_squad
+    from common.link import link_from_options
 
     names = _parse_profiles(profiles)
     link_factory, link = None, "plain loopback"
@@ -196,8 +204,8 @@ def channel(
     corrupt_per_mb: float = typer.Option(0.0, help="Fault injection: flip a random bit this often per MB sent upstream."),
 ) -> None:
     """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
-    from common.link import link_from_options
     from channel.relay import run_relay
+    from common.link import link_from_options
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -227,6 +235,9 @@ def loadtest(
     max_new_tokens: int = typer.Option(4, min=1, max=512),
     budget: str = typer.Option("1gib", help="The receiver's session byte budget (e.g. 512mib, 1gib)."),
     target: Optional[str] = typer.Option(None, help="Load this running receiver instead of starting one."),
+    chaos: bool = typer.Option(False, help="Kill the receiver (SIGKILL) and restart it twice, and reset every "
+                                           "connection through the relay three times, during the load; then "
+                                           "compare the receiver's memory with its baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     model: str = typer.Option("smollm2-135m", "--model"),
 ) -> None:
@@ -236,9 +247,7 @@ def loadtest(
 
     from rich.progress import Progress
 
-    from common.link import link_from_options
     from channel import loadtest as lt
-    from channel.relay import BackgroundRelay
     from common.models import load_model
 
     names = _parse_profiles(profile)
@@ -246,33 +255,37 @@ def loadtest(
     match = re.fullmatch(r"(\d+)(kib|mib|gib)", budget.lower())
     if not match:
         raise typer.BadParameter("budget like 512mib or 1gib", param_hint="--budget")
+    if chaos and target:
+        raise typer.BadParameter("--chaos kills and restarts its own receiver: leave out --target")
+    env = {"KVWIRE_SESSION_BUDGET_BYTES": str(int(match.group(1)) * units[match.group(2)])}
     loaded = load_model(model)
     prepared = lt.prepare(loaded, names[0], samples, max_new_tokens)
-    process = None
-    if target is None:
-        process, target = lt.start_receiver(model, int(match.group(1)) * units[match.group(2)])
-    try:
-        relay = BackgroundRelay(target, lambda: link_from_options(rate)) if rate else None
-        with Progress(console=console) as progress:
-            task = progress.add_task("transfers", total=transfers)
-            report = lt.run_load(relay.target if relay else target, loaded, names[0], prepared, concurrency,
-                                 transfers, max_new_tokens, progress=lambda: progress.advance(task))
-        if relay:
-            relay.close()
-        if process:
-            report.receiver_peak_rss = lt.peak_rss(process.pid)
-    finally:
-        if process:
-            process.terminate()
-            process.wait(timeout=30)
+    with Progress(console=console) as progress:
+        task = progress.add_task("transfers", total=transfers)
+        advance = lambda: progress.advance(task)  # noqa: E731
+        if chaos:
+            report = lt.run_chaos(model, loaded, names[0], prepared, concurrency, transfers, max_new_tokens, env,
+                                  rate, progress=advance)
+        else:
+            report = lt.run_plain(model, loaded, names[0], prepared, concurrency, transfers, max_new_tokens, env,
+                                  rate, target, progress=advance)
     summary = report.summary()
     console.print(
-        f"{summary['transfers']} transfers of {names[0]} at concurrency {concurrency}{f' over {rate}' if rate else ''}: "
-        f"{summary['ok']} answers right, {summary['wrong_answers']} wrong, {summary['lost']} lost; errors {summary['errors']}; "
-        f"retries {summary['retries']}\n{summary['transfers_per_s']:.2f} transfers/s, {summary['mb_per_s']:.1f} MB/s; latency "
-        f"p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s, p99 {summary['p99_s']:.3f} s; receiver peak RSS "
-        f"{summary['receiver_peak_rss_mib'] or float('nan'):.0f} MiB")
+        f"{summary['transfers']} transfers of {names[0]} at concurrency {concurrency}{f' over {rate}' if rate else ''}"
+        f"{' with chaos' if chaos else ''}: {summary['ok']} answers right ({summary['completion']:.1%}), "
+        f"{summary['wrong_answers']} wrong, {summary['lost']} lost; errors {summary['errors']}; retries "
+        f"{summary['retries']}, caches sent again {summary['resends']}\n{summary['transfers_per_s']:.2f} transfers/s, "
+        f"{summary['mb_per_s']:.1f} MB/s; latency p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s, "
+        f"p99 {summary['p99_s']:.3f} s; receiver peak RSS {summary['receiver_peak_rss_mib'] or float('nan'):.0f} MiB")
+    for fault in report.faults:
+        console.print(f"  {fault['fault']} after {fault['after_transfers']} transfers ({fault['seconds']:.1f} s): "
+                      f"{fault['detail']}")
+    if report.receiver_rss:
+        console.print(f"receiver memory: baseline {summary['receiver_rss_baseline_mib']:.0f} MiB, after the load "
+                      f"{summary['receiver_rss_after_mib']:.0f} MiB")
     if json_path:
-        json_path.write_text(json.dumps({"profile": str(names[0]), "concurrency": concurrency, "rate": rate, **summary}, indent=2))
+        json_path.write_text(json.dumps({"profile": str(names[0]), "concurrency": concurrency, "rate": rate,
+                                         "chaos": chaos, **summary}, indent=2))
     if summary["wrong_answers"] or summary["lost"]:
         raise typer.Exit(1)
+

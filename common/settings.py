@@ -14,11 +14,17 @@ class Settings(BaseSettings):
 
     cache_dir: Path = Path.home() / ".cache" / "kvwire"
     model: str = "smollm2-135m"
+    # Where the model, prefill, selection and codecs run (auto: cuda when there is one), and in
+    # which dtype it computes (auto: bfloat16 on CUDA, float32 on the CPU).
+    device: str = "auto"
+    dtype: str = "auto"
 
     # Receiver limits, checked against each header before anything is allocated.
     max_frame_bytes: int = 8 << 20
     max_transfer_bytes: int = 1 << 30
     max_tokens: int = 32768
+    # The most tokens one Generate call decodes: it holds the model lock, so it bounds everyone's wait.
+    max_new_tokens: int = 512
     session_ttl_s: float = 600.0
     session_budget_bytes: int = 4 << 30
 

@@ -24,6 +24,28 @@ app.add_typer(study_app, name="study")
 console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and CI
 
 
+DeviceOption = typer.Option(None, "--device", help="auto (cuda when there is one), cpu, cuda or cuda:N "
+                                                  "(KVWIRE_DEVICE).")
+DtypeOption = typer.Option(None, "--dtype", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 "
+                                                "or float16 (KVWIRE_DTYPE).")
+
+
+def use_device(device: Optional[str], dtype: Optional[str]) -> None:
+    """Check --device/--dtype here and export them, so that every model this process loads, and
+    every receiver it starts, uses them; a device this machine does not have is a clear error."""
+    from common.models import DeviceError, resolve_device, resolve_dtype
+
+    if device:
+        os.environ["KVWIRE_DEVICE"] = device
+    if dtype:
+        os.environ["KVWIRE_DTYPE"] = dtype
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except DeviceError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
 ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
 
 

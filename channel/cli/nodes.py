@@ -11,6 +11,8 @@ from typing import Optional
 import typer
 
 from channel.cli.app import (
+    DeviceOption,
+    DtypeOption,
     LinkOptions,
     ModelOption,
     _parse_profiles,
@@ -18,6 +20,7 @@ from channel.cli.app import (
     console,
     receiver_app,
     sender_app,
+    use_device,
 )
 
 
@@ -27,8 +30,11 @@ def receiver_serve(
     port: int = typer.Option(50051, help="gRPC port."),
     http_port: int = typer.Option(8080, help="HTTP port (health, metrics, sessions, dashboard); 0 for none."),
     model: Optional[str] = ModelOption,
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Serve the KVWire gRPC service (health, reflection) and its HTTP side in one process."""
+    use_device(device, dtype)
     from common.settings import get_settings
     from receiver.server import serve
 
@@ -68,8 +74,11 @@ def sender_serve(
     port: int = typer.Option(8081, help="HTTP port."),
     target: Optional[str] = typer.Option(None, help="Receiver host:port (default: KVWIRE_RECEIVER_TARGET)."),
     model: Optional[str] = ModelOption,
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
-    """The sender's HTTP API: POST /v1/ask, /metrics, OpenAPI docs at /docs."""
+    """The sender's HTTP API: POST /v1/ask, /metrics, the OpenAPI schema at /openapi.json."""
+    use_device(device, dtype)
     import uvicorn
 
     from common.settings import get_settings
@@ -101,8 +110,11 @@ def sender_ask(
     calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                help="With --segments: the table to plan with (default: the model's)."),
     model: Optional[str] = ModelOption,
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    use_device(device, dtype)
     import grpc
 
     from common.link import parse_rate
@@ -173,8 +185,11 @@ def demo(
     plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
     target: Optional[str] = typer.Option(None, help="Use this running receiver (or relay) instead of starting one."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Run a receiver on loopback behind an emulated link; send SQuAD questions under several profiles."""
+    use_device(device, dtype)
     from channel.demo import report, run_demo
     from channel.evaluation.squad import load_squad
     from common.link import link_from_options
@@ -217,8 +232,10 @@ def channel(
 
 
 @app.command("prepare")
-def prepare(model: str = typer.Option("smollm2-135m", "--model")) -> None:
+def prepare(model: str = typer.Option("smollm2-135m", "--model"), device: Optional[str] = DeviceOption,
+            dtype: Optional[str] = DtypeOption) -> None:
     """Convert and cache a model's weights now (a Docker build step), and print its fingerprint."""
+    use_device(device, dtype)
     from common.models import load_model
 
     loaded = load_model(model)
@@ -240,9 +257,12 @@ def loadtest(
                                            "compare the receiver's memory with its baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """N concurrent senders against one receiver: throughput, latency percentiles, errors, peak memory;
     every answer is checked against the one the same profile gives in process."""
+    use_device(device, dtype)
     import json
 
     from rich.progress import Progress

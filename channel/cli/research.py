@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from channel.cli.app import _evaluate, _parse_profiles, app, console, study_app
+from channel.cli.app import (
+    DeviceOption,
+    DtypeOption,
+    _evaluate,
+    _parse_profiles,
+    app,
+    console,
+    study_app,
+    use_device,
+)
 
 
 @app.command("eval")
@@ -18,8 +27,11 @@ def eval_command(
     max_new_tokens: int = typer.Option(24, min=1, max=512),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Accuracy against bytes: F1 vs gold, fidelity vs full KV, first-token KL, bytes per profile."""
+    use_device(device, dtype)
     import json
 
     from channel.evaluation.harness import aggregate, rows_as_dicts
@@ -59,8 +71,11 @@ def sweep(
     statics: str = typer.Option("int8,int4:g32,q2c:0.5+int4:g32", help="Static profiles for --deadlines."),
     haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Grid of profiles x links x samples: accuracy vs bytes, time to first token vs bandwidth, Pareto front."""
+    use_device(device, dtype)
     import json
 
     from rich.progress import Progress
@@ -174,8 +189,11 @@ def calibrate(
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     out: Optional[Path] = typer.Option(None, help="Where to write the table (default: the model's shipped table)."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Measure the rate-distortion table the planner (profile 'auto') chooses from."""
+    use_device(device, dtype)
     import json
 
     from channel.evaluation.harness import aggregate
@@ -228,7 +246,10 @@ SQUAD_STUDIES = {
 def _register_squad_study(name: str, doc: str) -> None:
     def command(samples: int = StudySamples, data: Optional[Path] = StudyData,
                 model: str = typer.Option("smollm2-135m", "--model"),
+                device: Optional[str] = DeviceOption,
+                dtype: Optional[str] = DtypeOption,
                 json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+        use_device(device, dtype)
         _run_study(name.replace("-", "_"), samples, data, model, json_path)
 
     command.__doc__ = doc
@@ -246,9 +267,12 @@ def study_truncation(
     sinks: int = typer.Option(0, help="Also keep this many first tokens (sink + recent)."),
     fit_up_to: int = typer.Option(128, help="Fit on windows up to this; judge the extrapolation beyond."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Next-token KL against window size: power law or exponential? Fitted exponent and extrapolation error."""
+    use_device(device, dtype)
     import json
 
     from rich.progress import Progress
@@ -274,10 +298,13 @@ def study_layers(
     compress: str = typer.Option("q2c:0.25:layer", help="What compressing one layer means: a profile."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
     write: bool = typer.Option(False, help="Save as the model's shipped sensitivities (used by the adaptive budget)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Per-layer sensitivity: next-token KL when only that layer is compressed. Is there a layer-0 bottleneck?"""
+    use_device(device, dtype)
     import json
     from importlib import resources
 

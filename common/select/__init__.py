@@ -106,7 +106,7 @@ def apply_selection(
         summed = [layers[-1]] if selector.global_layers == "last" else layers
         total = sum(scores[layer].sum(dim=0) for layer in summed)
         scores = {layer: total.unsqueeze(0) for layer in layers}
-    tail = torch.arange(context_len, kv.seq_len)
+    tail = torch.arange(context_len, kv.seq_len, device=kv.keys[0].device)
     keys, values, positions = list(kv.keys), list(kv.values), list(kv.positions)
     for layer, k in zip(layers, counts):
         heads = kv.keys[layer].shape[1]

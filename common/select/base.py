@@ -66,4 +66,4 @@ class Selector:
 
 def recency(inputs: ScoreInput, heads: int) -> torch.Tensor:
     """Scores that rank later context tokens higher: (heads, context_len)."""
-    return torch.arange(inputs.context_len, dtype=torch.float32).expand(heads, -1)
+    return torch.arange(inputs.context_len, dtype=torch.float32, device=inputs.kv.keys[0].device).expand(heads, -1)

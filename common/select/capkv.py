@@ -18,7 +18,7 @@ def leverage_scores(keys: torch.Tensor, ridge: float) -> torch.Tensor:
     """keys: (heads, T, d) -> (heads, T) ridge leverage scores."""
     gram = keys.transpose(1, 2) @ keys  # (heads, d, d)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-    eye = torch.eye(keys.shape[-1]).expand_as(gram)
+    eye = torch.eye(keys.shape[-1], device=keys.device).expand_as(gram)
     solved = torch.linalg.solve(gram + ridge * scale[:, None, None] * eye, keys.transpose(1, 2))  # (heads, d, T)
     return (keys * solved.transpose(1, 2)).sum(dim=-1)
 

@@ -16,4 +16,6 @@ class Random(Selector):
 
     def score(self, inputs: ScoreInput, layer: int):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        return torch.rand(inputs.kv.keys[layer].shape[1], inputs.context_len, generator=generator)
+        # Drawn on the CPU so that a seed keeps the same tokens on every device.
+        keys = inputs.kv.keys[layer]
+        return torch.rand(keys.shape[1], inputs.context_len, generator=generator).to(keys.device)

@@ -38,5 +38,5 @@ class SnapKV(Selector):
         pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
         pooled = pool(mass, self.kernel, stride=1, padding=self.kernel // 2)[0]
         # The observation window itself is always kept (it usually lies after the context).
-        in_window = torch.arange(inputs.context_len) >= inputs.kv.seq_len - self.window
+        in_window = torch.arange(inputs.context_len, device=pooled.device) >= inputs.kv.seq_len - self.window
         return pooled.masked_fill(in_window, float("inf"))

@@ -34,14 +34,14 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, rows: range, scaling:
     kv_heads, seq_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     keys = key[0].float().repeat_interleave(group, dim=0)  # (q_heads, T, d)
-    mass = torch.zeros(q_heads, seq_len)
-    key_positions = torch.arange(seq_len)
+    mass = torch.zeros(q_heads, seq_len, device=key.device)
+    key_positions = torch.arange(seq_len, device=key.device)
     for start in range(rows.start, rows.stop, chunk):
         stop = min(start + chunk, rows.stop)
         logits = query[0, :, start:stop].float() @ keys.transpose(1, 2) * scaling  # (q_heads, rows, T)
-        future = key_positions.unsqueeze(0) > torch.arange(start, stop).unsqueeze(1)
+        future = key_positions.unsqueeze(0) > torch.arange(start, stop, device=key.device).unsqueeze(1)
         probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
-        mass += probs.sum(dim=1).cpu()
+        mass += probs.sum(dim=1)
     return mass.view(kv_heads, group, seq_len).sum(dim=1)
 
 

@@ -120,8 +120,9 @@ def run_load(target: str, loaded: LoadedModel, profile: Profile, prepared: list[
             while True:
                 with lock:
                     index = next(counter, None)
-                if index is None:
-                    return
+                    if index is None:
+                        report.retries += client.retries
+                        return
                 job = prepared[index % len(prepared)]
                 start = time.perf_counter()
                 try:
@@ -148,8 +149,6 @@ def run_load(target: str, loaded: LoadedModel, profile: Profile, prepared: list[
                     progress()
                 if chaos:
                     chaos.progress(done)
-            with lock:
-                report.retries += client.retries
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -219,7 +218,7 @@ class RestartableReceiver:
 
 
 def run_chaos(model: str, loaded: LoadedModel, profile: Profile, prepared: list[Prepared], concurrency: int,
-              transfers: int, max_new_tokens: int, env: dict, rate: str | None = None, ttl_s: float = 5.0,
+              transfers: int, max_new_tokens: int, env: dict, rate: str | None = None, ttl_s: float = 30.0,
               progress=None) -> LoadReport:
     """The load through the relay while the receiver is killed and restarted twice and the relay resets
     every connection three times; then the receiver's memory against its baseline.

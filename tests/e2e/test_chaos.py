@@ -14,6 +14,6 @@ def test_load_survives_receiver_kills_and_relay_resets(tiny_llama):
     assert summary["completion"] == 1.0
     faults = sorted(f["fault"] for f in report.faults)
     assert faults == ["kill", "kill", "reset", "reset", "reset"]
-    assert summary["retries"] + summary["resends"] > 0  # the faults were felt, and got through
+    assert summary["retries"] > 0  # the faults were felt, and got through
     baseline, after = report.receiver_rss["baseline"], report.receiver_rss["after"]
     assert after < 1.25 * baseline, (baseline, after)

@@ -1,9 +1,17 @@
-"""Chat prompts split at the boundary between context and question.
+"""Prompts split at the boundary between context and question.
 
 The prompt is tokenized as two pieces, `context_ids + question_ids`, so that the
 sender can prefill the context alone (query-agnostic) and the receiver can add the
-question on top of the received cache and get exactly the same token ids as a
-prefill of the whole prompt.
+question on top of the received cache (`question_ids`, from the question's text) and
+get exactly the same token ids as a prefill of the whole prompt.
+
+Two kinds, chosen by the tokenizer:
+- chat: a tokenizer with a chat template (an instruction-tuned model such as
+  SmolLM2-135M-Instruct) gets one user turn with an instruction, through that template;
+- completion: a tokenizer without one (a base model such as Gemma-3-270m, which would
+  only continue a chat turn, instruction included) gets a plain completion prompt,
+  `Context: …\\nQuestion: …\\nAnswer:`, and its answer ends at the end of that line
+  (`newline_ids`: common.models adds them to the model's stop tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ class Prompt:
         return self.context_ids + self.question_ids
 
 
+def is_chat(tokenizer) -> bool:
+    """Whether prompts for this tokenizer go through its chat template (else: a completion prompt)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
 def _render(tokenizer, context: str, question: str) -> tuple[str, str]:
+    if not is_chat(tokenizer):
+        return f"Context: {context}\n", f"Question: {question}\nAnswer:"
     content = f"{INSTRUCTION}\n\nContext: {context}\n\n{_SPLIT}Question: {question}"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -39,9 +54,19 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def build_prompt(tokenizer, context: str, question: str) -> Prompt:
     head, tail = _render(tokenizer, context, question)
-    return Prompt(_encode(tokenizer, head), _encode(tokenizer, tail))
+    context_ids = _encode(tokenizer, head)
+    if not is_chat(tokenizer) and tokenizer.bos_token_id is not None:
+        context_ids = [tokenizer.bos_token_id] + context_ids  # a chat template writes its own
+    return Prompt(context_ids, _encode(tokenizer, tail))
 
 
 def question_ids(tokenizer, question: str) -> list[int]:
     """The question part of the prompt alone, as the receiver builds it from text."""
     return _encode(tokenizer, _render(tokenizer, "", question)[1])
+
+
+def newline_ids(tokenizer) -> list[int]:
+    """Token ids whose text holds a line break: a completion prompt's answer ends at the first."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+    return [i for i, text in enumerate(texts) if "\n" in text and i not in special]

@@ -1,40 +1,94 @@
-"""Fuzzing the receiver's input path: frames built from arbitrary bytes and from mutated valid transfers.
+"""Fuzzing the receiver's input path: what a client sees for malformed, hostile or extreme transfers.
 
-Each input goes through `wire.Assembler` exactly as the receiver's Transfer handler uses it.
-The only acceptable outcomes are a finished KVState or a `WireError` with a status code;
-anything else (another exception, a hang, an allocation beyond the limits) is a crash.
+Three kinds of input:
+- mutated valid transfers (bytes flipped, frames dropped or repeated, fields set to extremes,
+  profiles replaced by ones drawn from the grammar);
+- grammar transfers: a profile drawn from the grammar, extreme options included (groups up to
+  2^28, bits 0..9, huge ranks, per-layer overrides, selection stages, garbled text), with chunks
+  whose random payloads have exactly the size that profile implies, so that they reach the decoders;
+- frames of arbitrary bytes.
+
+Each input's outcome is what a client would get: "OK", or a status name. In process, the frames
+go through `wire.Assembler` as the receiver's handlers use it, and an exception gets the status
+the handlers give it (`wire.status_for`). Failures are UNKNOWN and INTERNAL statuses, and crashes:
+exceptions the Assembler lets through instead of a WireError (the handlers would still map them,
+but each is a check missing from the wire format). A `send` callable replaces the in-process path
+with real RPCs (see `kvwire bench fuzz --grpc`).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+import torch
+import zstandard
 from google.protobuf.message import DecodeError
 
 from common import wire
+from common.kvstate import KVState
+from common.profile import DTYPES, parse_profile
 from common.proto import kvwire_pb2 as pb
+from common.select import GRANULARITIES, METHODS
+from common.select.budgets import BUDGETS
 
 FUZZ_LIMITS = wire.Limits(max_frame_bytes=1 << 20, max_transfer_bytes=8 << 20, max_tokens=4096)
+FAILURE_STATUSES = ("UNKNOWN", "INTERNAL")
+MAX_RANDOM_PAYLOAD = 1 << 18  # a grammar transfer's chunk bigger than this gets a short payload instead
+Send = Callable[[list[pb.Frame]], str]  # frames -> "OK" or the status name a client got
 
 
 @dataclass
 class FuzzReport:
     inputs: int = 0
     accepted: int = 0
-    rejected: dict = None
-    crashes: list = None
+    rejected: Counter = field(default_factory=Counter)  # status name -> inputs
+    crashes: list[str] = field(default_factory=list)  # exceptions the Assembler let through, with where
+    slowest_s: float = 0.0
 
-    def __post_init__(self):
-        self.rejected = self.rejected or {}
-        self.crashes = self.crashes or []
+    @property
+    def unknown(self) -> int:
+        return self.rejected["UNKNOWN"]
+
+    @property
+    def internal(self) -> int:
+        return self.rejected["INTERNAL"]
+
+    @property
+    def failures(self) -> int:
+        return len(self.crashes) + self.unknown + self.internal
+
+    def record(self, outcome: str, crash: str | None = None, seconds: float = 0.0) -> None:
+        self.inputs += 1
+        if outcome == "OK":
+            self.accepted += 1
+        else:
+            self.rejected[outcome] += 1
+        if crash is not None:
+            self.crashes.append(crash)
+        self.slowest_s = max(self.slowest_s, seconds)
+
+    def summary(self) -> str:
+        return (f"{self.inputs:,} inputs: {self.accepted:,} accepted, rejected {dict(sorted(self.rejected.items()))}; "
+                f"crashes {len(self.crashes)}, UNKNOWN {self.unknown}, INTERNAL {self.internal}; "
+                f"slowest input {self.slowest_s:.3f} s")
 
 
-def feed(frames: list[pb.Frame], fingerprint: pb.Fingerprint, report: FuzzReport) -> None:
-    report.inputs += 1
-    # The receiver's two handlers: Transfer (whole cache) and TransferSegments.
-    segmented = bool(frames) and frames[0].WhichOneof("kind") == "header" and frames[0].header.segmented
-    assembler = wire.Assembler(fingerprint, FUZZ_LIMITS, segmented)
+def is_segmented(frames: list[pb.Frame]) -> bool:
+    """Which handler a client would call: TransferSegments for a segmented first header, else Transfer."""
+    return bool(frames) and frames[0].WhichOneof("kind") == "header" and frames[0].header.segmented
+
+
+def assemble(frames: list[pb.Frame], fingerprint: pb.Fingerprint,
+             sliding_windows: Mapping[int, int] | None = None) -> tuple[str, str | None]:
+    """One input in process, as the receiver's handlers assemble it -> (outcome, crash or None)."""
+    segmented = is_segmented(frames)
+    assembler = wire.Assembler(fingerprint, FUZZ_LIMITS, segmented, sliding_windows)
     try:
         for frame in frames:
             assembler.add(frame)
@@ -43,21 +97,31 @@ def feed(frames: list[pb.Frame], fingerprint: pb.Fingerprint, report: FuzzReport
             raise wire.WireError(wire.grpc.StatusCode.DATA_LOSS, "stream ended before the trailer")
         if not segmented:
             assembler.result()
-        report.accepted += 1
+        return "OK", None
     except wire.WireError as exc:
-        report.rejected[exc.code.name] = report.rejected.get(exc.code.name, 0) + 1
+        return exc.code.name, None
     except Exception as exc:  # noqa: BLE001 - any other exception is exactly what fuzzing looks for
-        report.crashes.append(f"{type(exc).__name__}: {exc}")
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return wire.status_for(exc)[0].name, f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
 
 
-def seed_transfers(kv, fingerprint: pb.Fingerprint) -> list[list[pb.Frame]]:
+def feed(frames: list[pb.Frame], fingerprint: pb.Fingerprint, report: FuzzReport, send: Send | None = None,
+         sliding_windows: Mapping[int, int] | None = None) -> None:
+    """Record one input's outcome: in process, or through `send`."""
+    start = time.perf_counter()
+    outcome, crash = assemble(frames, fingerprint, sliding_windows) if send is None else (send(frames), None)
+    report.record(outcome, crash, time.perf_counter() - start)
+
+
+def seed_transfers(kv: KVState, fingerprint: pb.Fingerprint) -> list[list[pb.Frame]]:
     """Valid transfers to mutate: whole caches under several profiles, and a segmented one."""
-    seeds = [list(wire.encode(kv, p, fingerprint)) for p in ("raw", "int4:g32", "nf4", "svd:r4+int8", "int2+int8@0")]
+    seeds = [list(wire.encode(kv, parse_profile(p), fingerprint))
+             for p in ("raw", "int4:g32", "nf4", "svd:r4+int8", "int2+int8@0")]
     encoder = wire.Encoder(fingerprint)
     third = kv.seq_len // 3
-    seeds.append([encoder.header(kv.seq_len), *encoder.kv_segment(kv, 0, third, "int8"),
+    seeds.append([encoder.header(kv.seq_len), *encoder.kv_segment(kv, 0, third, parse_profile("int8")),
                   encoder.text_segment(list(range(100, 100 + third)), third),
-                  *encoder.kv_segment(kv, 2 * third, kv.seq_len, "raw"), encoder.trailer()])
+                  *encoder.kv_segment(kv, 2 * third, kv.seq_len, parse_profile("raw")), encoder.trailer()])
     return seeds
 
 
@@ -69,8 +133,143 @@ def parse_frames(blobs: list[bytes]) -> list[pb.Frame] | None:
         return None
 
 
-def mutate(frames: list[pb.Frame], rng: random.Random) -> list[pb.Frame]:
-    """One structural or byte-level mutation of a valid transfer."""
+# --- profiles drawn from the grammar (common/profile.py), extremes included -------------------------
+
+def random_number(rng: random.Random) -> int:
+    """A group size, rank or count: small ones (1..256), the edges of the caps (4096), anything in
+    1..2^28 (log-uniform), or an extreme: 0, around 2^32, 2^64, 40 digits."""
+    draw = rng.random()
+    if draw < 0.4:
+        return int(2 ** rng.uniform(0, 8))
+    if draw < 0.55:
+        return rng.choice([4095, 4096, 4097, 8192])
+    if draw < 0.9:
+        return int(2 ** rng.uniform(0, 28))
+    return rng.choice([0, 2**31, 2**32 - 1, 2**32, 2**64, 10**40])
+
+
+def garbage(rng: random.Random) -> str:
+    """Text the grammar does not expect: punctuation, digits of other scripts, long runs."""
+    alphabet = "abcdefgkrstvxz0123456789:+@-=.,_ \t\u0663\u00e9\u2212\U0001f600"
+    return rng.choice(["", "x" * rng.choice([1, 300, 3000]), "9" * rng.choice([20, 5000])] +
+                      ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))])
+
+
+def random_precision(rng: random.Random) -> str:
+    """A precision stage: a cast, intN (N in 0..9) or nf4 with groups, sym/asym, axes; or a near miss."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        name = rng.choice(["raw", "lossless", "fp16", "bf16"])
+    elif kind < 5:
+        name = f"int{rng.randrange(10)}"
+    elif kind < 7:
+        name = "nf4"
+    else:
+        name = rng.choice(["int", "int10", "int01", "nf3", "fp8", "svd", "float"])
+    options = [f"g{random_number(rng)}", "sym", "asym", "k=channel", "k=token", "v=channel", "v=token", "g0", "g1"]
+    chosen = rng.sample(options, rng.choice([0, 1, 1, 2, 3]))
+    if rng.random() < 0.05:
+        chosen.append(garbage(rng))
+    return ":".join([name, *chosen])
+
+
+def random_selection(rng: random.Random) -> str:
+    """A selection stage: a method, what to keep, granularity, budget and the method's own options."""
+    method = rng.choice([*METHODS, "q2x"])
+    keep = rng.choice([f"{rng.random():.3g}", "1.0", "1", "0", "1.5", "nan", "inf", "-1", "1e-9",
+                       f"{random_number(rng)}t", "0t", "t"])
+    known = METHODS[method].grammar_options if method in METHODS else {}
+    options = [*GRANULARITIES, *BUDGETS, *(f"{name}{random_number(rng)}" for name in known),
+               *(f"{name}{rng.random():.2f}" for name in known), *known]
+    chosen = rng.sample(options, min(len(options), rng.choice([0, 1, 2, 3])))
+    return ":".join([method, keep, *chosen])
+
+
+def random_layers(rng: random.Random, num_layers: int) -> str:
+    """A per-layer override's range: @A or @A-B, inside the model, past it, reversed or huge."""
+    first = rng.choice([0, rng.randrange(num_layers + 2), random_number(rng)])
+    if rng.random() < 0.3:
+        return f"@{first}"
+    return f"@{first}-{rng.choice([first, first + 1, rng.randrange(num_layers + 2), random_number(rng)])}"
+
+
+def random_profile(rng: random.Random, num_layers: int = 4) -> str:
+    """A profile drawn from the grammar: selection, svd, precision and override stages, sometimes garbled."""
+    stages = []
+    if rng.random() < 0.3:
+        stages.append(random_selection(rng))
+    if rng.random() < 0.3:
+        stages.append(f"svd:r{random_number(rng)}")
+    if rng.random() < 0.8:
+        stages.append(random_precision(rng))
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        stages.append(random_precision(rng) + random_layers(rng, num_layers))
+    rng.shuffle(stages)
+    text = "+".join(stages) or "raw"
+    if rng.random() < 0.1:
+        cut = rng.randrange(len(text) + 1)
+        text = text[:cut] + garbage(rng) + text[cut + rng.randrange(3):]
+    return text
+
+
+# --- grammar transfers -------------------------------------------------------------------------------
+
+def random_chunks(kv: KVState, profile: str, fingerprint: pb.Fingerprint, encoder: wire.Encoder,
+                  rng: random.Random) -> list[pb.Frame]:
+    """Chunks for every kept token of `kv`, one or two per layer, whose payloads are random bytes of
+    exactly the size `profile` implies (when it parses; a short random payload when it does not)."""
+    try:
+        parsed = parse_profile(profile)
+        codecs = [parsed.codec(layer) for layer in range(kv.num_layers)]
+    except ValueError:
+        codecs = None
+    compressor = zstandard.ZstdCompressor()
+    frames = []
+    for layer in range(kv.num_layers):
+        kept = kv.kept_tokens(layer)
+        cut = rng.randrange(1, kept) if kept > 1 and rng.random() < 0.5 else kept
+        for start, end in ((0, cut), (cut, kept)):
+            if start == end:
+                continue
+            shape = (1, fingerprint.kv_heads, end - start, fingerprint.head_dim)
+            size = codecs[layer].payload_size(shape, DTYPES[fingerprint.dtype]) if codecs else rng.randrange(1024)
+            if size > MAX_RANDOM_PAYLOAD:
+                size = rng.randrange(1024)
+            raw = rng.randbytes(size) if rng.random() < 0.8 else bytes(size)
+            payload = compressor.compress(raw)
+            encoder.num_chunks += 1
+            encoder.payload_bytes += len(payload)
+            frames.append(pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
+                                                  crc32=wire.zlib.crc32(payload), payload=payload)))
+    return frames
+
+
+def grammar_transfer(kv: KVState, fingerprint: pb.Fingerprint, rng: random.Random) -> list[pb.Frame]:
+    """A whole-cache or segmented transfer of `kv` under profiles drawn from the grammar."""
+    encoder = wire.Encoder(fingerprint)
+    if rng.random() < 0.7:
+        header = encoder.header(kv.seq_len, kv.positions)
+        header.header.profile = random_profile(rng, kv.num_layers)
+        chunks = random_chunks(kv, header.header.profile, fingerprint, encoder, rng)
+        return [header, *chunks, encoder.trailer()]
+    frames = [encoder.header(kv.seq_len)]
+    cuts = sorted({0, kv.seq_len, *(rng.randrange(1, kv.seq_len) for _ in range(rng.randrange(3)))})
+    for start, end in itertools.pairwise(cuts):
+        if rng.random() < 0.2:
+            frames.append(encoder.text_segment([rng.randrange(1000) for _ in range(end - start)], start))
+            continue
+        part = kv.token_range(start, end)
+        profile = random_profile(rng, kv.num_layers)
+        frames.append(pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=profile,
+                                                  layers=wire.layer_headers(part.positions))))
+        frames += random_chunks(part, profile, fingerprint, encoder, rng)
+    return frames + [encoder.trailer()]
+
+
+# --- mutations of valid transfers ----------------------------------------------------------------------
+
+def mutate(frames: list[pb.Frame], rng: random.Random, kv_heads: int = 1) -> list[pb.Frame]:
+    """One structural or byte-level mutation of a valid transfer (of a model with `kv_heads`)."""
     frames = [pb.Frame.FromString(f.SerializeToString()) for f in frames]
     choice = rng.randrange(10)
     index = rng.randrange(len(frames))
@@ -102,46 +301,60 @@ def mutate(frames: list[pb.Frame], rng: random.Random) -> list[pb.Frame]:
         frame.chunk.crc32 = rng.choice([frame.chunk.crc32, wire.zlib.crc32(bytes(payload))])
     elif choice == 6 and kind == "header":
         frame.header.seq_len = rng.choice([0, 1, 2**32 - 1, rng.randrange(1 << 20)])
-    elif choice == 7 and kind == "header" and frame.header.layers:
-        layer = frame.header.layers[rng.randrange(len(frame.header.layers))]
-        layer.kept_tokens = rng.choice([0, 2**32 - 1, rng.randrange(1 << 16)])
-        layer.positions = rng.randbytes(rng.randrange(64)) if rng.random() < 0.5 else layer.positions
+    elif choice == 7 and kind in ("header", "segment") and getattr(frame, kind).layers:
+        layers = getattr(frame, kind).layers
+        mutate_layer(layers[rng.randrange(len(layers))], rng, kv_heads)
     elif choice == 8 and kind == "header":
-        frame.header.profile = rng.choice(["", "int0", "int4:g0", "svd:r0", "q2c:2", "x" * 300, "int4:g32+int8@0-999",
-                                           "nf4", "int2", "svd:r4+int8"])
+        frame.header.profile = random_profile(rng)
     elif choice == 9 and kind == "segment":
         segment = frame.segment
-        field = rng.randrange(4)
-        if field == 0:
+        field_ = rng.randrange(3)
+        if field_ == 0:
             segment.token_start, segment.token_end = rng.randrange(1 << 16), rng.randrange(1 << 16)
-        elif field == 1:
-            segment.profile = rng.choice(["", "raw", "q2c:0.5+int8", "int3", "bogus"])
-        elif field == 2:
+        elif field_ == 1:
+            segment.profile = rng.choice(["", random_profile(rng)])
+        else:
             segment.token_ids[:] = [rng.randrange(1 << 32) for _ in range(rng.randrange(8))]
-        elif segment.layers:
-            segment.layers[rng.randrange(len(segment.layers))].kept_tokens = rng.randrange(1 << 16)
     elif kind == "trailer":
         frame.trailer.num_chunks = rng.randrange(1 << 20)
         frame.trailer.payload_bytes = rng.randrange(1 << 40)
     return frames
 
 
+def mutate_layer(layer: pb.LayerHeader, rng: random.Random, kv_heads: int) -> None:
+    """Extreme kept counts, random position bytes, or well-formed positions that break a rule
+    (a repeated position, a range shifted before or past the segment)."""
+    choice = rng.randrange(3)
+    kept = layer.kept_tokens
+    if choice == 0:
+        layer.kept_tokens = rng.choice([0, 1, 2**32 - 1, rng.randrange(1 << 16)])
+    elif choice == 1:
+        layer.positions = rng.randbytes(rng.randrange(64))
+    elif 0 < kept < 1 << 16:
+        positions = (torch.arange(kept) + rng.choice([-1, 0, 1, 1 << 20])).clamp_min(0).expand(kv_heads, kept).clone()
+        if kept > 1 and rng.random() < 0.5:
+            positions[:, rng.randrange(1, kept)] = positions[:, 0]
+        layer.positions = wire.encode_positions(positions)
+
+
 def run(fingerprint: pb.Fingerprint, seeds: list[list[pb.Frame]], structured: int, random_bytes: int,
-        seed: int = 0) -> FuzzReport:
-    """`structured` mutated valid transfers, plus `random_bytes` transfers of arbitrary bytes."""
+        seed: int = 0, *, grammar: int = 0, kv: KVState | None = None, send: Send | None = None,
+        sliding_windows: Mapping[int, int] | None = None) -> FuzzReport:
+    """`structured` mutated valid transfers, `grammar` grammar transfers of `kv`, then `random_bytes`
+    transfers of arbitrary bytes; in process, or through `send`."""
     rng = random.Random(seed)
     report = FuzzReport()
     for _ in range(structured):
         frames = rng.choice(seeds)
         for _ in range(rng.randint(1, 3)):
-            frames = mutate(frames, rng) if frames else frames
-        feed(frames, fingerprint, report)
+            frames = mutate(frames, rng, fingerprint.kv_heads) if frames else frames
+        feed(frames, fingerprint, report, send, sliding_windows)
+    for _ in range(grammar):
+        feed(grammar_transfer(kv, fingerprint, rng), fingerprint, report, send, sliding_windows)
     for _ in range(random_bytes):
-        blobs = [rng.randbytes(rng.randrange(200)) for _ in range(rng.randint(1, 4))]
-        frames = parse_frames(blobs)
-        if frames is not None:
-            feed(frames, fingerprint, report)
+        frames = parse_frames([rng.randbytes(rng.randrange(200)) for _ in range(rng.randint(1, 4))])
+        if frames is None:
+            report.record("PROTOBUF_PARSE")  # refused by gRPC's protobuf parsing, before kvwire sees it
         else:
-            report.inputs += 1  # rejected by protobuf parsing, before kvwire sees it
-            report.rejected["PROTOBUF_PARSE"] = report.rejected.get("PROTOBUF_PARSE", 0) + 1
+            feed(frames, fingerprint, report, send, sliding_windows)
     return report

@@ -2,8 +2,9 @@
 
     python -m common.fuzz_atheris -runs=100000
 
-The input bytes are split into length-prefixed protobuf Frames and fed to a wire.Assembler;
-anything but acceptance or a WireError is reported by atheris as a crash.
+The input bytes are split into length-prefixed protobuf Frames and assembled as the receiver's
+handlers do (`common.fuzz.assemble`); an exception other than a WireError, or an UNKNOWN or INTERNAL
+status, is reported by atheris as a crash.
 """
 
 import os
@@ -14,8 +15,7 @@ import atheris
 with atheris.instrument_imports(include=["common", "google.protobuf"]):
     from google.protobuf.message import DecodeError
 
-    from common import wire
-    from common.fuzz import FUZZ_LIMITS
+    from common.fuzz import FAILURE_STATUSES, assemble
     from common.proto import kvwire_pb2 as pb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,13 +33,9 @@ def test_one_input(data: bytes) -> None:
             frames.append(pb.Frame.FromString(blob))
         except DecodeError:
             return
-    assembler = wire.Assembler(FINGERPRINT, FUZZ_LIMITS)
-    try:
-        for frame in frames:
-            assembler.add(frame)
-        assembler.result()
-    except wire.WireError:
-        pass
+    outcome, crash = assemble(frames, FINGERPRINT)
+    if crash is not None or outcome in FAILURE_STATUSES:
+        raise RuntimeError(crash or outcome)
 
 
 if __name__ == "__main__":

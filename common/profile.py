@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.quant import STAGE_NAMES, quantizer_for
-from common.quant.base import QuantError, StageQuantizer
+from common.quant.base import MAX_GROUP, QuantError, StageQuantizer
 from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
@@ -45,6 +45,12 @@ from common.select import GRANULARITIES, METHODS, Selection
 from common.select.budgets import BUDGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A header's profile is untrusted text. Long enough for a per-layer override on each of 80
+# layers, and short enough that no number in it reaches Python's int() digit limit (4300).
+MAX_PROFILE_CHARS = 2048
+# The rank of a head's (tokens, head_dim) matrix is at most head_dim; a larger rank is
+# min(rank, tokens, head_dim) anyway, so one bound (the group cap's) serves both.
+MAX_RANK = MAX_GROUP
 _AXIS_OPTION = re.compile(r"(?P<tensor>[kv])=(?P<axis>channel|token)")
 
 
@@ -177,6 +183,8 @@ def parse_profile(spec: str | Profile) -> Profile:
     text = spec.strip().lower()
     if not text:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
+    if len(text) > MAX_PROFILE_CHARS:
+        raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
     precision, rank, overrides, selection = None, None, [], None
     for stage in text.split("+"):
         match = _STAGE.match(stage)
@@ -194,8 +202,10 @@ def parse_profile(spec: str | Profile) -> Profile:
         if name == "svd":
             if rank is not None:
                 raise ProfileError(f"{spec!r}: two svd stages")
-            if match["first"] is not None or len(options) != 1 or not re.fullmatch(r"r\d+", options[0]) or int(options[0][1:]) < 1:
+            if match["first"] is not None or len(options) != 1 or not re.fullmatch(r"r\d+", options[0]):
                 raise ProfileError(f"{stage!r}: svd takes exactly one option, a positive rank such as svd:r32")
+            if not 1 <= int(options[0][1:]) <= MAX_RANK:
+                raise ProfileError(f"{stage!r}: svd takes a positive rank of at most {MAX_RANK}, such as svd:r32")
             rank = int(options[0][1:])
             continue
         parsed = _parse_precision(name, options, stage)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import torch
 import zstandard
+from transformers import DynamicCache
 
+from common.fingerprints import refusal
 from common.kvstate import KVState
 from common.profile import DTYPES, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
+from common.quant.kv import KVCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
@@ -31,6 +34,31 @@ class WireError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: MemoryError, CUDA OOM, or torch's CPU allocator refusing."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in ("out of memory", "can't allocate memory"))
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The specific gRPC status (and message) a handler answers an exception with: never UNKNOWN.
+
+    WireError carries its own; a payload that does not decompress is DATA_LOSS; an allocation
+    failure RESOURCE_EXHAUSTED; a ValueError (ProfileError, QuantError, the checks of KVState and
+    prefill) INVALID_ARGUMENT; anything else is a bug of ours, INTERNAL.
+    """
+    if isinstance(exc, WireError):
+        return exc.code, str(exc)
+    if isinstance(exc, zstandard.ZstdError):
+        return grpc.StatusCode.DATA_LOSS, f"payload does not decompress: {exc}"
+    if out_of_memory(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) if isinstance(exc, MemoryError) else f"out of memory: {exc}"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
 
 
 @dataclass(frozen=True)
@@ -51,7 +79,7 @@ def wire_bytes(frame: pb.Frame) -> int:
 
 def encode_positions(positions: torch.Tensor) -> bytes:
     """(kv_heads, kept) int positions, sorted per head -> zstd(uint32 deltas)."""
-    array = positions.to(torch.int64).numpy()
+    array = positions.to(torch.int64).cpu().numpy()
     deltas = np.diff(array, axis=1, prepend=0).astype("<u4")
     return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
 
@@ -73,11 +101,32 @@ def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
     return torch.from_numpy(np.cumsum(deltas, axis=1))
 
 
-def layer_headers(kv: KVState) -> list[pb.LayerHeader]:
-    for layer, positions in enumerate(kv.positions):
-        if (positions.diff(dim=1) <= 0).any():
+def sliding_windows(config) -> dict[int, int]:
+    """layer -> how many tokens its sliding-window cache keeps, for a model `config`; other layers are absent.
+
+    A sender sends such a layer as its cache holds it after prefill: transformers' sliding layer
+    keeps the last sliding_window - 1 tokens (tests/common/test_wire.py checks this against a prefill).
+    """
+    layers = DynamicCache(config=config).layers
+    return {i: layer.sliding_window - 1 for i, layer in enumerate(layers) if layer.is_sliding}
+
+
+def layer_headers(positions: list[torch.Tensor]) -> list[pb.LayerHeader]:
+    """positions: per layer, (kv_heads, kept) original positions of the kept tokens."""
+    for layer, kept in enumerate(positions):
+        if (kept.diff(dim=1) <= 0).any():
             raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
-    return [pb.LayerHeader(kept_tokens=kv.kept_tokens(i), positions=encode_positions(p)) for i, p in enumerate(kv.positions)]
+    return [pb.LayerHeader(kept_tokens=p.shape[1], positions=encode_positions(p)) for p in positions]
+
+
+def prefill_positions(config, seq_len: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """What each layer's cache holds right after a prefill of `seq_len` tokens, known before it runs:
+    every position, or for a sliding-window layer the last ones its window keeps."""
+    text = config.get_text_config()
+    heads = text.num_key_value_heads
+    windows = sliding_windows(config)
+    return [torch.arange(max(0, seq_len - windows.get(layer, seq_len)), seq_len, device=device).expand(heads, -1)
+            for layer in range(text.num_hidden_layers)]
 
 
 class Encoder:
@@ -89,29 +138,36 @@ class Encoder:
         self.compressor = zstandard.ZstdCompressor(level=zstd_level)
         self.num_chunks = self.payload_bytes = 0
 
-    def header(self, seq_len: int, kv: KVState | None = None, profile: Profile | None = None) -> pb.Frame:
-        """The header of a whole-cache transfer (kv and profile), or of a segmented one (neither)."""
+    def header(self, seq_len: int, positions: list[torch.Tensor] | None = None,
+               profile: Profile | None = None) -> pb.Frame:
+        """The header of a whole-cache transfer (each layer's kept positions, and the profile), or of a
+        segmented one (neither)."""
         return pb.Frame(header=pb.Header(
             transfer_id=self.transfer_id, fingerprint=self.fingerprint, profile=str(profile) if profile else "",
-            seq_len=seq_len, batch=1, layers=layer_headers(kv) if kv is not None else [], segmented=kv is None))
+            seq_len=seq_len, batch=1, layers=layer_headers(positions) if positions is not None else [],
+            segmented=positions is None))
 
     def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
         """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
         for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
-            codec = profile.codec(layer)
-            _, heads, kept, head_dim = keys.shape
-            # Every codec's payload is at most the model-dtype size of its tokens.
-            step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * kv.dtype.itemsize))
-            for start in range(0, kept, step):
-                end = min(start + step, kept)
-                raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
-                payload = self.compressor.compress(raw)
-                if len(payload) > MAX_CHUNK_BYTES:
-                    raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
-                self.num_chunks += 1
-                self.payload_bytes += len(payload)
-                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
-                                              crc32=zlib.crc32(payload), payload=payload))
+            yield from self.layer_chunks(layer, keys, values, profile.codec(layer))
+
+    def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, codec: KVCodec) -> Iterator[pb.Frame]:
+        """One layer's keys and values (1, kv_heads, kept, head_dim), encoded where they are (CPU or
+        GPU); only the packed bytes come to the host."""
+        _, heads, kept, head_dim = keys.shape
+        # Every codec's payload is at most the model-dtype size of its tokens.
+        step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * keys.dtype.itemsize))
+        for start in range(0, kept, step):
+            end = min(start + step, kept)
+            raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
+            payload = self.compressor.compress(raw)
+            if len(payload) > MAX_CHUNK_BYTES:
+                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+            self.num_chunks += 1
+            self.payload_bytes += len(payload)
+            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
+                                          crc32=zlib.crc32(payload), payload=payload))
 
     def kv_segment(self, kv: KVState, start: int, end: int, profile: Profile) -> Iterator[pb.Frame]:
         """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""
@@ -119,7 +175,7 @@ class Encoder:
             raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
         part = kv.token_range(start, end)
         yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=str(profile),
-                                          layers=layer_headers(part)))
+                                          layers=layer_headers(part.positions)))
         yield from self.chunks(part, profile)
 
     def text_segment(self, token_ids: list[int], start: int) -> pb.Frame:
@@ -139,7 +195,7 @@ def encode(
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
     encoder = Encoder(fingerprint, transfer_id, zstd_level)
-    yield encoder.header(kv.seq_len, kv, profile)
+    yield encoder.header(kv.seq_len, kv.positions, profile)
     yield from encoder.chunks(kv, profile)
     yield encoder.trailer()
 
@@ -175,12 +231,19 @@ class Assembler:
     A whole-cache transfer is one segment, [0, seq_len), declared by its header. A segmented
     transfer declares each segment in a Segment frame. Completed segments are collected by
     `take_segments()`, in order.
+
+    `sliding_windows` (see `sliding_windows()`) names the model's sliding-window layers: each must
+    carry exactly the last tokens of the sequence its cache keeps. Without it, every layer of a
+    segment must keep all of its segment's tokens.
     """
 
-    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool = False):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool = False,
+                 sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu"):
+        self.fingerprint = fingerprint  # the receiver's: its weights, and the dtype it decodes into
+        self.device = torch.device(device)  # where chunks are decoded and the cache is assembled
         self.limits = limits
         self.segmented = segmented
+        self.sliding_windows = dict(sliding_windows or {})
         self.header: pb.Header | None = None
         self.done = False
         self.bytes_received = 0
@@ -214,10 +277,9 @@ class Assembler:
 
     def _add_header(self, header: pb.Header) -> None:
         fp = self.fingerprint
-        if header.fingerprint != fp:
-            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"model fingerprint mismatch: receiver runs {fp.architecture} ({fp.weights_sha256[:12]}), "
-                            f"sender has {header.fingerprint.architecture} ({header.fingerprint.weights_sha256[:12]})")
+        reason = refusal(header.fingerprint, fp, None)
+        if reason:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, reason)
         if header.segmented != self.segmented:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a segmented transfer goes through TransferSegments"
                             if header.segmented else "TransferSegments needs a segmented header")
@@ -270,29 +332,68 @@ class Assembler:
             self._profile.check_layers(fp.num_layers)
         except ProfileError as exc:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        reason = refusal(self.header.fingerprint, fp, self._profile)  # raw between different dtypes
+        if reason:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, reason)
         if len(layers) != fp.num_layers:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"header has {len(layers)} layers, model has {fp.num_layers}")
-        positions = []
-        for i, layer in enumerate(layers):
-            if layer.kept_tokens > end - start:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i} keeps {layer.kept_tokens} tokens of {end - start}")
-            try:
-                kept_positions = decode_positions(layer.positions, fp.kv_heads, layer.kept_tokens)
-            except (ValueError, zstandard.ZstdError) as exc:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
-            if layer.kept_tokens and (kept_positions[:, -1] >= end).any():
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond "
-                                + (f"seq_len {end}" if start == 0 else f"its segment [{start}, {end})"))
-            if layer.kept_tokens and (kept_positions[:, 0] < start).any():
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies before its segment [{start}, {end})")
-            positions.append(kept_positions)
-        codecs = [self._profile.codec(i) for i in range(fp.num_layers)]
         kept = [layer.kept_tokens for layer in layers]
+        for i, count in enumerate(kept):
+            self._check_kept(i, count, start, end)
+        codecs = [self._profile.codec(i) for i in range(fp.num_layers)]
         expected = sum(codec.payload_size((1, fp.kv_heads, n, fp.head_dim), self.dtype) for codec, n in zip(codecs, kept))
         if expected > self.limits.max_transfer_bytes:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cache of {expected} bytes exceeds the limit of {self.limits.max_transfer_bytes}")
+        positions = [self._positions(i, layer, start, end) for i, layer in enumerate(layers)]
         self._pending = _Pending(start, end, codecs, positions, kept, [0] * fp.num_layers,
                                  [[] for _ in kept], [[] for _ in kept])
+
+    def _required_positions(self, layer: int, start: int, end: int) -> range | None:
+        """The positions `layer` must keep of tokens [start, end); None where a selection chooses them.
+
+        A sliding-window layer keeps the last `window` tokens of the sequence, whatever the profile.
+        A segment's other layers keep every token of it: segments carry no selection.
+        """
+        window = self.sliding_windows.get(layer)
+        if window is not None:
+            return range(max(start, self.header.seq_len - window), end)
+        return range(start, end) if self.segmented else None
+
+    def _check_kept(self, layer: int, kept: int, start: int, end: int) -> None:
+        """A layer's kept-token count against its range, from the header numbers alone."""
+        if kept > end - start:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {layer} keeps {kept} tokens of {end - start}")
+        required = self._required_positions(layer, start, end)
+        if required is None or kept == len(required):
+            return
+        if layer in self.sliding_windows:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"layer {layer} is a sliding-window layer of {self.sliding_windows[layer]} tokens: it keeps "
+                            f"positions [{required.start}, {required.stop}) of [{start}, {end}), not {kept} tokens")
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {layer} keeps {kept} tokens of its segment "
+                        f"[{start}, {end}); segments carry no selection, so every token")
+
+    def _positions(self, i: int, layer: pb.LayerHeader, start: int, end: int) -> torch.Tensor:
+        """A layer's kept positions, (kv_heads, kept): strictly increasing per head, inside [start, end),
+        and exactly the required ones where the layer has no choice."""
+        try:
+            positions = decode_positions(layer.positions, self.fingerprint.kv_heads, layer.kept_tokens)
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
+        if not layer.kept_tokens:
+            return positions
+        if (positions[:, 1:] <= positions[:, :-1]).any():
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: kept positions must increase strictly per head")
+        if (positions[:, -1] >= end).any():
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond "
+                            + (f"its segment [{start}, {end})" if self.segmented else f"seq_len {end}"))
+        if (positions[:, 0] < start).any():
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies before its segment [{start}, {end})")
+        required = self._required_positions(i, start, end)
+        if required is not None and not torch.equal(positions, torch.arange(required.start, required.stop).expand_as(positions)):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"layer {i}: positions must be [{required.start}, {required.stop}), every one of them")
+        return positions
 
     def _add_chunk(self, chunk: pb.Chunk) -> None:
         fp = self.fingerprint
@@ -318,7 +419,8 @@ class Assembler:
             raw = bounded_decompress(chunk.payload, expected)
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-        keys, values = codec.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), shape, self.dtype)
+        payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+        keys, values = codec.decode(payload, shape, self.dtype)
         pending.keys[chunk.layer].append(keys)
         pending.values[chunk.layer].append(values)
         pending.filled[chunk.layer] = chunk.token_end
@@ -330,10 +432,11 @@ class Assembler:
         pending = self._pending
         if pending.filled != pending.kept:
             return
-        empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype)
+        empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype,
+                            device=self.device)
         kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],
                      values=[torch.cat(parts, dim=2) if parts else empty for parts in pending.values],
-                     positions=pending.positions, seq_len=pending.end)
+                     positions=[p.to(self.device) for p in pending.positions], seq_len=pending.end)
         self.segments.append(Segment(pending.start, pending.end, str(self._profile), kv=kv))
         self._whole = kv
         self._covered = pending.end
@@ -361,8 +464,9 @@ class Assembler:
         return self._whole
 
 
-def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits()) -> KVState:
-    assembler = Assembler(fingerprint, limits)
+def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits(),
+           sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu") -> KVState:
+    assembler = Assembler(fingerprint, limits, sliding_windows=sliding_windows, device=device)
     for frame in frames:
         assembler.add(frame)
     return assembler.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 
@@ -12,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import wire
+from common.fingerprints import refusal
 from common.kvstate import KVState, greedy_decode, prefill_on_top
 from common.models import LoadedModel, load_model
 from common.planner import load_table, plan
@@ -26,12 +28,36 @@ from receiver.sessions import SessionError, SessionStore
 
 log = logging.getLogger("kvwire.receiver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
-MAX_NEW_TOKENS = 512
+DEFAULT_NEW_TOKENS = 64
 RECENT = 50
 
 
 class AbortNegotiation(Exception):
     pass
+
+
+def log_rejection(rpc: str, code: grpc.StatusCode, message: str, exc: Exception) -> None:
+    if code == grpc.StatusCode.INTERNAL:  # a bug of ours: keep the traceback
+        log.error("%s failed (INTERNAL): %s", rpc, message, exc_info=exc)
+    else:
+        log.warning("%s rejected (%s): %s", rpc, code.name, message)
+
+
+def answers_with_status(handler):
+    """A unary handler whose every exception becomes a specific status (wire.status_for), never UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:  # the handler chose its status already
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, INTERNAL for the unexpected
+            code, message = wire.status_for(exc)
+            log_rejection(handler.__name__, code, message, exc)
+            await context.abort(code, message)
+
+    return wrapper
 
 
 class KVWireServicer(pb_grpc.KVWireServicer):
@@ -52,6 +78,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the receiver is still loading its model")
         return self.loaded
 
+    @answers_with_status
     async def Negotiate(self, request: pb.NegotiateRequest, context) -> pb.NegotiateReply:
         try:
             return await self._negotiate(request, context)
@@ -60,23 +87,24 @@ class KVWireServicer(pb_grpc.KVWireServicer):
 
     async def _negotiate(self, request: pb.NegotiateRequest, context) -> pb.NegotiateReply:
         loaded = await self._model(context)
-        if request.fingerprint != loaded.fingerprint:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"model fingerprint mismatch: receiver runs {loaded.name} "
-                                f"({loaded.fingerprint.weights_sha256[:12]}), sender offered "
-                                f"{request.fingerprint.architecture} ({request.fingerprint.weights_sha256[:12]})")
-        offered = []
+        reason = refusal(request.fingerprint, loaded.fingerprint, None)
+        if reason:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{reason} (receiver model {loaded.name})")
+        offered, refused = [], []
         for spec in request.profiles:
             try:
                 profile = parse_profile(spec)
                 profile.check_layers(loaded.fingerprint.num_layers)
-                offered.append(str(profile))
             except ProfileError:
                 continue
+            reason = refusal(request.fingerprint, loaded.fingerprint, profile)  # raw between different dtypes
+            (refused if reason else offered).append(reason or str(profile))
         if request.policy == "auto":
             return self._plan(loaded, request, offered)
         if request.policy not in ("", "fixed"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {request.policy!r}; use fixed or auto")
+        if not offered and refused:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused[0])
         if not offered:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"none of the offered profiles is supported: {list(request.profiles)}")
@@ -87,9 +115,11 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         """Policy auto: the planner's pick among the offered (or all calibrated) profiles."""
         try:
             table = load_table(loaded.name)
+            # Only what this sender can send here: raw cannot cross between different dtypes.
+            allowed = [p for p in (offered or table["profiles"]) if p in table["profiles"]
+                       and not refusal(request.fingerprint, loaded.fingerprint, parse_profile(p))]
             chosen = plan(table, max(1, request.context_tokens), request.bandwidth_bps or 100e6,
-                          request.deadline_s or 2.0, request.quality_floor,
-                          [p for p in offered if p in table["profiles"]] if offered else None)
+                          request.deadline_s or 2.0, request.quality_floor, allowed)
         except (FileNotFoundError, ValueError) as exc:
             raise AbortNegotiation(str(exc)) from None
         log.info("negotiated %s for %d tokens at %.1f Mbit/s, deadline %.2f s: %s", chosen.profile,
@@ -111,7 +141,8 @@ class KVWireServicer(pb_grpc.KVWireServicer):
     async def _receive(self, request_iterator, context, segmented: bool):
         """Assemble one transfer; yield an ack per segment in place, then one carrying the reply."""
         loaded = await self._model(context)
-        assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented)
+        assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented, wire.sliding_windows(loaded.config),
+                                   loaded.device)
         start = time.perf_counter()
         reserved = 0
         kv = None
@@ -148,13 +179,18 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             # A segmented transfer's profile, for the dashboard: tokens per segment profile.
             profile = assembler.header.profile or ", ".join(f"{name} ({tokens} tokens)" for name, tokens in sent_as.items())
             session = self.sessions.put(kv, profile, assembler.bytes_received)
-        except (wire.WireError, MemoryError) as exc:
-            code = exc.code if isinstance(exc, wire.WireError) else grpc.StatusCode.RESOURCE_EXHAUSTED
-            log.warning("transfer rejected (%s): %s", code.name, exc)
+        except grpc.aio.AbortError:  # a status chosen above (deadline passed)
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure gets a specific status (wire.status_for)
+            # Free the reservation before the client hears: a retry must not find the receiver busy with it.
+            self.inflight_bytes -= reserved
+            reserved = 0
+            code, message = wire.status_for(exc)
+            log_rejection("transfer", code, message, exc)
             self.metrics.rejected_frames.labels(code.name).inc()
             self.metrics.transfers.labels("rejected").inc()
             self.metrics.bytes_received.inc(assembler.bytes_received)
-            await context.abort(code, str(exc))
+            await context.abort(code, message)
         except asyncio.CancelledError:
             # Client gone or deadline passed: the partial cache is dropped, never injected.
             remaining = context.time_remaining()
@@ -208,25 +244,21 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.inflight_bytes += nbytes
         return nbytes
 
+    @answers_with_status
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         loaded = await self._model(context)
         try:
             session = self.sessions.get(request.session_id)
         except SessionError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        if request.token_ids:
-            tail = list(request.token_ids)
-            vocab = loaded.model.get_input_embeddings().num_embeddings
-            if max(tail) >= vocab:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token id {max(tail)} is outside the vocabulary of {vocab}")
-        elif request.question:
-            tail = question_ids(loaded.tokenizer, request.question)
-        else:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a question or token_ids")
-        max_new = request.max_new_tokens or 64
-        if max_new > MAX_NEW_TOKENS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens is at most {MAX_NEW_TOKENS}")
+        limit = self.settings.max_new_tokens
+        max_new = request.max_new_tokens or min(DEFAULT_NEW_TOKENS, limit)
+        if max_new > limit:
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"max_new_tokens {max_new} exceeds the limit of {limit} (KVWIRE_MAX_NEW_TOKENS)")
+        tail = self._tail(loaded, request)
         kv = session.kv
+        self._check_context(loaded, kv.seq_len, len(tail), max_new)  # before the lock: a refusal never waits
         session.generations += 1
         async with self._model_lock:
             start = time.perf_counter()
@@ -241,6 +273,29 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                 entry.update(answer=text, decode_s=done - start)
                 break
         return pb.GenerateReply(text=text, token_ids=tokens, inject_seconds=injected - start, decode_seconds=done - injected)
+
+    def _tail(self, loaded: LoadedModel, request: pb.GenerateRequest) -> list[int]:
+        """The tokens to prefill on top of the cache: the request's ids, or its question in the chat template."""
+        if request.token_ids:
+            tail = list(request.token_ids)
+            vocab = loaded.model.get_input_embeddings().num_embeddings
+            if max(tail) >= vocab:
+                raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"token id {max(tail)} is outside the vocabulary of {vocab}")
+            return tail
+        if request.question:
+            return question_ids(loaded.tokenizer, request.question)
+        raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, "give a question or token_ids")
+
+    def _check_context(self, loaded: LoadedModel, seq_len: int, tail: int, max_new: int) -> None:
+        """Refuse a generation that would run past the model's context or the receiver's max_tokens."""
+        limit, name = self.settings.max_tokens, "the receiver's max_tokens (KVWIRE_MAX_TOKENS)"
+        positions = getattr(loaded.config.get_text_config(), "max_position_embeddings", None)
+        if positions and positions < limit:
+            limit, name = positions, f"the context of {loaded.name} (max_position_embeddings)"
+        if seq_len + tail + max_new > limit:
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"{seq_len} cached + {tail} prompt + {max_new} new tokens exceed {name}, {limit} tokens")
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -275,7 +330,7 @@ async def start_server(
     log.info("receiver listening on %s:%d (%s), loading model", host, bound, "TLS" if settings.tls_cert else "plaintext")
 
     async def load() -> None:
-        servicer.loaded = await asyncio.to_thread(load_model, model or settings.model)
+        servicer.loaded = await asyncio.to_thread(load_model, model or settings.model, settings.device, settings.dtype)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("model %s loaded in %.1f s; SERVING", servicer.loaded.name, servicer.loaded.load_seconds)

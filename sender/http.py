@@ -9,7 +9,13 @@ import time
 import grpc
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field
 
 from common.auth import docs_options, protect_openapi, require_token
@@ -21,7 +27,6 @@ from common.select import SelectionError
 from common.settings import Settings
 from sender.client import Client
 from sender.pipeline import AUTO, AskResult, Sender
-
 
 # What the receiver's refusals become: the request itself cannot be served (e.g. auto for a model
 # without calibration), the deadline passed, or else the receiver failed (502).
@@ -79,7 +84,7 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = await asyncio.to_thread(load_model, model or settings.model)
+        loaded = await asyncio.to_thread(load_model, model or settings.model, settings.device, settings.dtype)
         # One client for the app's life: its bandwidth estimate learns the link across asks.
         with Client.from_settings(settings) as client:
             app.state.sender = Sender(loaded, client)

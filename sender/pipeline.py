@@ -10,15 +10,19 @@ where its reply enters.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
+import queue
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from common import wire
-from common.kvstate import KVState
+from common.kvstate import KVState, prefill
 from common.link import Link, pace
 from common.models import LoadedModel
 from common.profile import Profile, parse_profile
@@ -31,7 +35,7 @@ from sender.adaptive import (
     SegmentRecord,
     send_segments,
 )
-from sender.client import Client, TransferResult
+from sender.client import Client, TransferResult, retryable
 from sender.prefill import Prefilled, needs_question, prefill_prompt, select_tokens
 
 AUTO = "auto"  # let the receiver's planner pick the profile for the link and deadline
@@ -177,6 +181,61 @@ class Sender:
             bytes_sent=sent.bytes_sent, frames=sent.frames, attempts=attempts, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds,
             encode_s=encode_s, transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
             resends=attempt - 1, plan=reason, prefilled=pre)
+
+    def ask_pipelined(self, context: str, question: str, profile: Profile, max_new_tokens: int = 64) -> AskResult:
+        """Like `ask`, but layer l streams while later layers are still being prefilled (query-aware).
+
+        Every token travels, so the profile has precision stages only. The receiver assembles each
+        layer as its chunks arrive and injects once all are in. If the stream fails, the finished
+        cache is sent again the ordinary way, with retries.
+        """
+        agreed, _ = self.negotiate(profile)
+        if agreed.selection is not None:
+            raise ValueError(f"{agreed}: pipelined streaming sends every token, so no selection stage")
+        prompt = build_prompt(self.loaded.tokenizer, context, question)
+        ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
+        encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level)
+        positions = wire.prefill_positions(self.loaded.config, len(ids), self.loaded.device)
+        ready: queue.Queue = queue.Queue()
+        side = torch.cuda.Stream(self.loaded.device) if self.loaded.device.type == "cuda" else None
+
+        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            event = None
+            if side is not None:  # encode on a side stream once the layer is computed
+                event = torch.cuda.Event()
+                event.record()
+            ready.put((layer, keys, values, event))
+
+        def frames():
+            yield encoder.header(len(ids), positions, agreed)
+            for _ in range(len(positions)):
+                layer, keys, values, event = ready.get()
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    if event is not None:
+                        side.wait_event(event)
+                    yield from encoder.layer_chunks(layer, keys, values, agreed.codec(layer))
+            yield encoder.trailer()
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            streaming = pool.submit(self.client.send_frames, frames())
+            kv = prefill(self.loaded.model, ids, on_layer)
+            prefill_s = time.perf_counter() - start
+            try:
+                sent = streaming.result()
+            except grpc.RpcError as error:
+                if not retryable(error):
+                    raise
+                log.warning("pipelined stream failed (%s); sending the cache again", error.code().name)
+                sent = self.transfer(kv, agreed)
+        pre = Prefilled(prompt, kv, prompt.ids[len(ids):], len(prompt.context_ids), None, prefill_s)
+        reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, True, max_new_tokens))
+        return AskResult(
+            answer=reply.text, token_ids=list(reply.token_ids), profile=str(agreed), session_id=sent.session_id,
+            seq_len=kv.seq_len, kept_tokens=kv.seq_len, bytes_sent=sent.bytes_sent, frames=sent.frames,
+            attempts=sent.attempts, fp16_bytes=kv.fp16_nbytes, prefill_s=prefill_s, encode_s=0.0,  # inside the stream
+            transfer_s=time.perf_counter() - start, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
+            prefilled=pre)
 
     def ask_segments(self, context: str, question: str, planner: SegmentPlanner | None = None,
                      deadline_s: float = 2.0, segment_tokens: int = DEFAULT_SEGMENT_TOKENS,

@@ -64,9 +64,9 @@ def bench_channel(
 
     from rich.table import Table
 
-    from common.link import link_from_options, parse_rate
     from channel.netns import NetnsUnavailable, tbf_transfer_seconds
     from channel.relay import measure_goodput
+    from common.link import link_from_options, parse_rate
 
     table = Table(title="kvwire channel relay: goodput at the receiver vs configured rate (loopback)")
     for column in ("rate", "bytes", "relay s", "relay goodput / rate", "tc tbf s", "tbf goodput / rate", "relay s / tbf s"):
@@ -97,23 +97,93 @@ def bench_fuzz(
     inputs: int = typer.Option(100_000, min=1, help="How many fuzz inputs."),
     seed: int = typer.Option(0),
     model: str = typer.Option("tiny-llama", "--model"),
+    over_grpc: bool = typer.Option(False, "--grpc", help="Stream every input to an in-process receiver over real "
+                                   "gRPC and count the status codes its client gets (slower)."),
+    memory_gb: float = typer.Option(8.0, help="Address-space limit of this process: an allocation past it fails "
+                                    "(and is counted) instead of swapping the machine."),
 ) -> None:
-    """Fuzz the frame decoder and header validator; print inputs tried, outcomes and crashes."""
-    from common import fuzz
+    """Fuzz the receiver's frame path with mutated transfers, transfers under profiles drawn from the grammar,
+    and arbitrary bytes; print the outcomes by status, crashes, UNKNOWN and INTERNAL (any of those three exits 1)."""
+    import contextlib
+    import resource
+
+    import torch
+
+    from common import fuzz, wire
     from common.kvstate import prefill
     from common.models import load_model
 
+    resource.setrlimit(resource.RLIMIT_AS, (int(memory_gb * 2**30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+    torch.set_num_threads(1)  # tensors of a few kilobytes: more threads only contend on a shared machine
     loaded = load_model(model)
     kv = prefill(loaded.model, list(range(300, 340)))
     seeds = fuzz.seed_transfers(kv, loaded.fingerprint)
-    start = time.perf_counter()
-    report = fuzz.run(loaded.fingerprint, seeds, structured=inputs * 3 // 4, random_bytes=inputs - inputs * 3 // 4, seed=seed)
-    console.print(f"{report.inputs:,} fuzz inputs in {time.perf_counter() - start:.0f} s: {report.accepted:,} accepted, "
-                  f"rejected {dict(sorted(report.rejected.items()))}, crashes {len(report.crashes)}")
+    structured, grammar = inputs * 45 // 100, inputs * 35 // 100
+    with _grpc_fuzz_target(model) if over_grpc else contextlib.nullcontext() as send:
+        start = time.perf_counter()
+        report = fuzz.run(loaded.fingerprint, seeds, structured, inputs - structured - grammar, seed, grammar=grammar,
+                          kv=kv, send=send, sliding_windows=wire.sliding_windows(loaded.config))
+    console.print(f"{'over gRPC' if over_grpc else 'in process'} ({model}, seed {seed}), "
+                  f"{time.perf_counter() - start:.0f} s: {structured:,} mutated, {grammar:,} grammar, "
+                  f"{inputs - structured - grammar:,} random-byte inputs")
+    console.print(report.summary(), markup=False, soft_wrap=True)
     for crash in report.crashes[:20]:
-        console.print(f"  crash: {crash}")
-    if report.crashes:
+        console.print(f"  crash: {crash}", markup=False, soft_wrap=True)
+    if report.failures:
         raise typer.Exit(1)
+
+
+def _grpc_fuzz_target(model: str):
+    """A receiver in this process with the fuzzer's limits, and send(frames) -> "OK" or the status name its client got."""
+    import contextlib
+    import logging
+    import threading
+    import uuid
+
+    import grpc
+
+    from common import fuzz
+    from common.proto import kvwire_pb2 as pb
+    from common.proto import kvwire_pb2_grpc as pb_grpc
+    from common.settings import Settings
+    from receiver.server import grpc_options, start_server
+
+    limits = fuzz.FUZZ_LIMITS
+    # Short-lived sessions: accepted inputs would otherwise pile up for the default ten minutes.
+    settings = Settings(max_frame_bytes=limits.max_frame_bytes, max_transfer_bytes=limits.max_transfer_bytes,
+                        max_tokens=limits.max_tokens, session_ttl_s=5, token=None, tls_cert=None)
+    logging.getLogger("kvwire.receiver").setLevel(logging.ERROR)  # a warning per rejected input otherwise
+
+    def send(stub, frames: list[pb.Frame]) -> str:
+        frames = [pb.Frame.FromString(frame.SerializeToString()) for frame in frames]
+        for frame in frames:  # a fresh id: a repeated one would be answered from the finished transfer
+            if frame.WhichOneof("kind") == "header":
+                frame.header.transfer_id = uuid.uuid4().hex
+        try:
+            if fuzz.is_segmented(frames):
+                list(stub.TransferSegments(iter(frames), timeout=60))
+            else:
+                stub.Transfer(iter(frames), timeout=60)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    @contextlib.contextmanager
+    def target():
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        server, _, port = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, model, settings), loop).result()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(settings))
+        try:
+            stub = pb_grpc.KVWireStub(channel)
+            yield lambda frames: send(stub, frames)
+        finally:
+            channel.close()
+            asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+
+    return target()
 
 
 @bench_app.command("codec")
@@ -181,12 +251,12 @@ def bench_segments(
     from rich.progress import Progress
     from rich.table import Table
 
-    from common.link import parse_rate
     from channel.cli.app import _parse_profiles
     from channel.evaluation.haystack import needle_samples
     from channel.evaluation.segment_trials import run_trials, summarize
-    from common.models import load_model
     from channel.nodes import local_receiver
+    from common.link import parse_rate
+    from common.models import load_model
 
     names = _parse_profiles(statics)
     limits = [float(d) for d in deadlines.split(",")]
@@ -208,3 +278,73 @@ def bench_segments(
     if json_path:
         json_path.write_text(json.dumps({"tokens": tokens, "segment_tokens": segment_tokens, "trace": trace,
                                          "delay": delay, "summary": summary, "trials": rows}, indent=2))
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    tokens: str = typer.Option("4096,32768", help="Context lengths for the codec and selection figures."),
+    ask_tokens: int = typer.Option(4096, help="Context length of the asks over gRPC."),
+    rates: str = typer.Option("1gbit,10gbit,100gbit", help="Relay rates for the asks."),
+    profile: str = typer.Option("int8", help="Profile of the asks."),
+    long_tokens: str = typer.Option("32768,131072", help="Prefill + selection lengths (peak memory); "
+                                                         "one that does not fit is reported as such."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Codec GB/s against a device copy, ask stages and TTFT pipelined against not, and long-context
+    prefill memory, on CUDA, at Llama-3.1-8B's KV shape (random weights)."""
+    import json
+
+    import torch
+    from rich.table import Table
+
+    from channel import bench_gpu as gpu
+    from channel.nodes import start_receiver_process
+    from common.models import load_model
+
+    if not torch.cuda.is_available():
+        console.print("[red]kvwire bench gpu needs a CUDA device; this machine has none[/red]")
+        raise typer.Exit(2)
+    report = {"environment": gpu.environment(), "codec": [], "asks": [], "selection": []}
+    console.print(report["environment"])
+    table = Table(title="codec at Llama-3.1-8B's KV shape (bf16 input): GB/s and ratio to a device copy")
+    for column in ("tokens", "profile", "kernels", "copy GB/s", "encode GB/s", "x copy", "decode GB/s", "x copy"):
+        table.add_column(column, justify="right")
+    for n in [int(t) for t in tokens.split(",")]:
+        for row in gpu.codec_throughput(n):
+            report["codec"].append(row)
+            table.add_row(str(n), row["profile"], row["kernels"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
+                          f"{row['encode_vs_copy']:.2f}", f"{row['decode_gbps']:.0f}", f"{row['decode_vs_copy']:.2f}")
+    console.print(table)
+    report["relay_ceiling_bps"] = gpu.relay_ceiling()
+    console.print(f"relay ceiling: {report['relay_ceiling_bps'] / 1e9:.2f} Gbit/s")
+    loaded = load_model(gpu.RANDOM_MODEL, "cuda", "bfloat16")
+    question = "Who gave their name to Normandy?"
+    big = str(64 << 30)
+    process, target = start_receiver_process(gpu.RANDOM_MODEL, {
+        "KVWIRE_DEVICE": "cuda", "KVWIRE_DTYPE": "bfloat16", "KVWIRE_MAX_TOKENS": "262144",
+        "KVWIRE_MAX_TRANSFER_BYTES": big, "KVWIRE_SESSION_BUDGET_BYTES": big, "KVWIRE_MAX_FRAME_BYTES": str(16 << 20)})
+    try:
+        context = gpu.synthetic_context(loaded.tokenizer, ask_tokens)
+        report["asks"] = gpu.ask_stages(loaded, context, question, profile, rates.split(","), target)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    table = Table(title=f"ask stages over gRPC through the relay, {profile}, seconds")
+    for column in ("rate", "tokens", "MB", "prefill", "encode", "send", "inject", "1st token", "TTFT", "TTFT piped"):
+        table.add_column(column, justify="right")
+    for row in report["asks"]:
+        table.add_row(row["rate"], str(row["tokens"]), f"{row['bytes'] / 1e6:.0f}", f"{row['prefill_s']:.3f}",
+                      f"{row['encode_s']:.3f}", f"{row['send_s']:.3f}", f"{row['inject_s']:.3f}",
+                      f"{row['first_token_s']:.3f}", f"{row['ttft_unpipelined_s']:.3f}", f"{row['ttft_pipelined_s']:.3f}")
+    console.print(table)
+    for n in [int(t) for t in long_tokens.split(",")]:
+        try:
+            row = gpu.selection_memory(loaded, gpu.synthetic_context(loaded.tokenizer, n), question)
+        except torch.OutOfMemoryError as exc:
+            row = {"tokens": n, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        report["selection"].append(row)
+        console.print(row)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {json_path}")

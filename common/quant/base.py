@@ -20,6 +20,12 @@ import torch
 
 FP16_MAX = 65504.0
 FP16_EPS = 2.0**-10  # relative spacing of fp16 values: the rounding of fp16 group parameters
+# The largest group the grammar accepts. A group spans one row of one chunk's matrix: head_dim
+# channels (at most 256 in current models), or the chunk's tokens (a chunk is at most 1 MiB, a few
+# thousand tokens for the smallest models). A group longer than its row is one group per row, so
+# nothing above 4096 is useful, and a larger one only costs the encoder padding (group_view pads
+# every row to a whole group): `int4:g268435456` would pad each row to 2^28 columns.
+MAX_GROUP = 4096
 
 
 class QuantError(ValueError):
@@ -76,6 +82,11 @@ def group_options(options: list[str], group: int) -> tuple[int, bool | None]:
     return group, symmetric
 
 
+def check_group(group: int) -> None:
+    if not 1 <= group <= MAX_GROUP:
+        raise QuantError(f"group size must be positive and at most {MAX_GROUP}, got {group}")
+
+
 def check_finite(x: torch.Tensor, limit: float | None = FP16_MAX) -> None:
     if not torch.isfinite(x).all():
         raise QuantError("input contains NaN or Inf; refusing to quantize it")
@@ -94,6 +105,20 @@ def group_view(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def num_groups(cols: int, group: int) -> int:
     return -(-cols // group)
+
+
+def per_column(params: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """(rows, num_groups(cols, group)) per-group values -> (rows, cols): each column gets its group's value.
+
+    Allocates only the (rows, cols) result, whatever the group size: `repeat_interleave(group)`
+    would allocate rows * groups * group elements, 2^28 per row for a header's `g268435456`.
+    """
+    rows, groups = params.shape
+    whole = cols // group  # groups that lie entirely inside the row
+    parts = [params[:, :whole].unsqueeze(-1).expand(rows, whole, group).reshape(rows, whole * group)]
+    if whole < groups:  # the last group, cut short by the end of the row
+        parts.append(params[:, whole:whole + 1].expand(rows, cols - whole * group))
+    return torch.cat(parts, dim=1)
 
 
 def to_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.quant import kernels
 from common.quant.base import MatrixQuantizer, QuantError
 from common.quant.lowrank import LowRank
 
@@ -60,6 +61,8 @@ class KVCodec:
         """keys, values: (1, kv_heads, tokens, head_dim) -> flat uint8 payload."""
         if keys.shape[0] != 1:
             raise QuantError("codecs take batch 1")
+        if kernels.use_kernels(self.quantizer, keys):  # reads per-channel keys in place, no transposed copy
+            return kernels.encode_kv(self.quantizer, keys, values, self.key_axis, self.value_axis)[0]
         pieces = []
         for tensor, (axis, _, _) in zip((keys, values), self._parts(tuple(keys.shape))):
             if axis == "head":
@@ -71,6 +74,8 @@ class KVCodec:
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):
             raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
+        if kernels.use_kernels(self.quantizer, payload, dtype):
+            return kernels.decode_kv(self.quantizer, payload.contiguous().reshape(1, -1), shape, dtype, self.key_axis, self.value_axis)
         out, offset = [], 0
         for axis, rows, cols in self._parts(shape):
             size = self.quantizer.size(rows, cols, dtype)

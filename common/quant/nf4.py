@@ -15,12 +15,15 @@ from common.quant.base import (
     FP16_EPS,
     QuantError,
     check_finite,
+    check_group,
     from_bytes,
     group_options,
     group_view,
     num_groups,
+    per_column,
     to_bytes,
 )
+from common.quant import kernels
 from common.quant.packing import pack, packed_size, unpack
 
 DEFAULT_GROUP = 64
@@ -44,8 +47,7 @@ class NF4:
     grouped: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.group < 1:
-            raise QuantError(f"group size must be positive, got {self.group}")
+        check_group(self.group)
 
     @classmethod
     def from_stage(cls, name: str, options: list[str]) -> NF4 | None:
@@ -63,6 +65,8 @@ class NF4:
         return packed_size(rows * cols, 4) + 2 * rows * num_groups(cols, self.group)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_kernels(self, x):
+            return kernels.encode_matrix(self, x)
         check_finite(x)
         rows, cols = x.shape
         groups = group_view(x.float(), self.group)
@@ -76,10 +80,12 @@ class NF4:
     def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if blob.numel() != self.size(rows, cols):
             raise QuantError(f"payload of {blob.numel()} bytes; nf4 ({rows}x{cols}) needs {self.size(rows, cols)}")
+        if kernels.use_kernels(self, blob, dtype):
+            return kernels.decode_matrix(self, blob, rows, cols, dtype)
         code_bytes = packed_size(rows * cols, 4)
         codes = unpack(blob[:code_bytes], 4, rows * cols).view(rows, cols).long()
         absmax = from_bytes(blob[code_bytes:], torch.float16, (rows, num_groups(cols, self.group))).float()
-        scale = absmax.repeat_interleave(self.group, dim=1)[:, :cols]
+        scale = per_column(absmax, self.group, cols)
         return (NF4_CODE_BOOK.to(blob.device)[codes] * scale).to(dtype)
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,4 +94,4 @@ class NF4:
         absmax = group_view(x.float(), self.group).abs().amax(dim=-1)
         half_gap = float((NF4_CODE_BOOK[1:] - NF4_CODE_BOOK[:-1]).max()) / 2
         bound = absmax * (half_gap + 2 * FP16_EPS) + 1e-6
-        return bound.repeat_interleave(self.group, dim=1)[:, : x.shape[1]]
+        return per_column(bound, self.group, x.shape[1])

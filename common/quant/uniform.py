@@ -20,12 +20,15 @@ from common.quant.base import (
     FP16_EPS,
     QuantError,
     check_finite,
+    check_group,
     from_bytes,
     group_options,
     group_view,
     num_groups,
+    per_column,
     to_bytes,
 )
+from common.quant import kernels
 from common.quant.packing import pack, packed_size, unpack
 
 FP16_MIN_NORMAL = 2.0**-14
@@ -46,8 +49,7 @@ class Uniform:
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise QuantError(f"uniform quantization takes 1 to 8 bits, got {self.bits}")
-        if self.group < 1:
-            raise QuantError(f"group size must be positive, got {self.group}")
+        check_group(self.group)
 
     @classmethod
     def from_stage(cls, name: str, options: list[str]) -> Uniform | None:
@@ -97,6 +99,8 @@ class Uniform:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (rows, cols) float -> packed codes + fp16 parameters, as uint8."""
+        if kernels.use_kernels(self, x):
+            return kernels.encode_matrix(self, x)
         check_finite(x)
         rows, cols = x.shape
         groups = group_view(x.float(), self.group)
@@ -116,15 +120,17 @@ class Uniform:
     def decode(self, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if blob.numel() != self.size(rows, cols):
             raise QuantError(f"payload of {blob.numel()} bytes; int{self.bits} ({rows}x{cols}) needs {self.size(rows, cols)}")
+        if kernels.use_kernels(self, blob, dtype):
+            return kernels.decode_matrix(self, blob, rows, cols, dtype)
         code_bytes = packed_size(rows * cols, self.bits)
         codes = unpack(blob[:code_bytes], self.bits, rows * cols).view(rows, cols).float()
         params = from_bytes(blob[code_bytes:], torch.float16, (rows, num_groups(cols, self.group), self.params)).float()
-        scale = params[..., 0].repeat_interleave(self.group, dim=1)[:, :cols]
+        scale = per_column(params[..., 0], self.group, cols)
         if self.symmetric and self.bits == 1:
             return ((2 * codes - 1) * scale).to(dtype)
         if self.symmetric:
             return ((codes - (2 ** (self.bits - 1) - 1)) * scale).to(dtype)
-        low = params[..., 1].repeat_interleave(self.group, dim=1)[:, :cols]
+        low = per_column(params[..., 1], self.group, cols)
         return (codes * scale + low).to(dtype)
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,4 +145,4 @@ class Uniform:
         else:
             error = (groups.amax(dim=-1) - groups.amin(dim=-1)) / (2 * (2**self.bits - 1))
         bound = error * (1 + 4 * FP16_EPS) + 4 * FP16_EPS * magnitude + 1e-6
-        return bound.repeat_interleave(self.group, dim=1)[:, : x.shape[1]]
+        return per_column(bound, self.group, x.shape[1])

@@ -91,3 +91,20 @@ def test_payload_sizes_are_exact():
     assert parse_profile("int4:g32").codec(0).payload_size(shape, torch.float32) == keys + values
     assert parse_profile("raw").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 4
     assert parse_profile("fp16").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 2
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("int4:g268435456", "at most 4096"), ("nf4:g4097", "at most 4096"), ("int4:g" + "9" * 2000, "at most 4096"),
+    ("svd:r4097", "at most 4096"), ("svd:r18446744073709551616", "at most 4096"),
+    ("int4+int8@" + "9" * 2000, "beyond|characters"), ("int4:" + "x" * 3000, "characters"),
+    ("q2c:" + "9" * 4400 + "t", "characters"),  # past int()'s 4300-digit limit: refused before int() sees it
+])
+def test_extreme_numbers_are_profile_errors(spec, message):
+    """Header profiles are untrusted: huge groups, ranks and digit strings are refused as ProfileErrors."""
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(spec).check_layers(30)
+
+
+def test_the_largest_group_and_rank_parse():
+    assert str(parse_profile("svd:r4096+int4:g4096")) == "svd:r4096+int4:g4096"
+    assert parse_profile("nf4:g4096").precision.quantizer == NF4(4096)

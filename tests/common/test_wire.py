@@ -3,13 +3,15 @@ import zlib
 import grpc
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import wire
 from common.kvstate import prefill
-from common.profile import parse_profile
+from common.profile import ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
+from common.quant.base import QuantError
 
 IDS = list(range(200, 260))
 
@@ -20,9 +22,9 @@ def llama_frames(tiny_llama):
     return kv, list(wire.encode(kv, parse_profile("raw"), tiny_llama.fingerprint))
 
 
-def assert_wire_error(code, frames, fingerprint, limits=wire.Limits(), match=None):
+def assert_wire_error(code, frames, fingerprint, limits=None, match=None, sliding_windows=None):
     with pytest.raises(wire.WireError, match=match) as info:
-        wire.decode(frames, fingerprint, limits)
+        wire.decode(frames, fingerprint, limits or wire.Limits(), sliding_windows)
     assert info.value.code == code
 
 
@@ -145,7 +147,7 @@ def test_corrupted_or_truncated_compressed_chunk_is_never_decoded(profile, tiny_
 
 
 @pytest.mark.parametrize("profile", ["fp16", "int8", "int4:g32", "int3", "int2", "int1", "nf4", "svd:r8", "svd:r8+int8",
-                                     "int2+int8@0-1"])
+                                     "int2+int8@0-1", "int4:g4096", "int1:g4096", "nf4:g4096", "svd:r4096+int8:g4096"])
 def test_compressed_round_trip_matches_codec(profile, tiny_llama):
     """The wire adds framing and zstd only: decoding frames equals decoding the codec payload directly."""
     kv = prefill(tiny_llama.model, IDS)
@@ -216,3 +218,130 @@ def test_bad_segments_are_refused(llama_frames, tiny_llama):
     assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, good, fp, match="goes through TransferSegments")
     with pytest.raises(ValueError, match="precision stages only"):
         list(wire.Encoder(fp).kv_segment(kv, 0, 30, parse_profile("snapkv:0.5")))
+
+
+def test_a_group_past_the_cap_is_refused_from_the_header(llama_frames, tiny_llama):
+    """int4:g268435456 used to reach the decoder, which tried to allocate 206 GB: now the header is refused."""
+    _, frames = llama_frames
+    for profile in ("int4:g268435456", "nf4:g4194304", "svd:r4294967296", "int2+int8:g100000@1"):
+        header = pb.Frame.FromString(frames[0].SerializeToString())
+        header.header.profile = profile
+        assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [header], tiny_llama.fingerprint, match="at most 4096")
+
+
+def with_positions(frame: pb.Frame, layer: int, positions: torch.Tensor) -> pb.Frame:
+    """A copy of a header or segment frame whose `layer` keeps `positions`, (kv_heads, kept)."""
+    frame = pb.Frame.FromString(frame.SerializeToString())
+    header = getattr(frame, frame.WhichOneof("kind"))
+    header.layers[layer].kept_tokens = positions.shape[1]
+    header.layers[layer].positions = wire.encode_positions(positions)
+    return frame
+
+
+def heads(fingerprint, positions) -> torch.Tensor:
+    return torch.as_tensor(positions).expand(fingerprint.kv_heads, -1)
+
+
+def test_kept_positions_must_increase_strictly(llama_frames, tiny_llama):
+    _, frames = llama_frames
+    fp = tiny_llama.fingerprint
+    repeated = with_positions(frames[0], 1, heads(fp, [0, 5, 5, 9]))
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [repeated], fp, match="increase strictly")
+    selected = with_positions(frames[0], 1, heads(fp, [0, 5, 6, 9]))  # a selection: any increasing subset
+    assert wire.Assembler(fp, wire.Limits()).add(selected) is None
+
+
+@pytest.fixture(scope="module")
+def gemma_cache(tiny_gemma3):
+    kv = prefill(tiny_gemma3.model, IDS)  # 60 tokens: its sliding layers keep the last 15
+    return kv, list(wire.encode(kv, parse_profile("raw"), tiny_gemma3.fingerprint)), wire.sliding_windows(tiny_gemma3.config)
+
+
+def test_sliding_windows_are_what_prefill_keeps(tiny_gemma3, tiny_llama, gemma_cache):
+    kv, _, windows = gemma_cache
+    assert set(windows) == tiny_gemma3.sliding_layers == {0, 1, 3}
+    assert {layer: kv.kept_tokens(layer) for layer in windows} == windows == {0: 15, 1: 15, 3: 15}
+    assert wire.sliding_windows(tiny_llama.config) == {}
+
+
+@pytest.mark.parametrize("tokens", [10, 15, 60], ids=lambda n: f"{n}-tokens")
+def test_sliding_layers_as_prefilled_are_accepted(tiny_gemma3, gemma_cache, tokens):
+    windows = gemma_cache[2]
+    kv = prefill(tiny_gemma3.model, IDS[:tokens])
+    back = wire.decode(wire.encode(kv, parse_profile("int8"), tiny_gemma3.fingerprint), tiny_gemma3.fingerprint,
+                       sliding_windows=windows)
+    assert all(torch.equal(a, b) for a, b in zip(back.positions, kv.positions))
+
+
+def test_a_sliding_layer_must_carry_exactly_the_tail(tiny_gemma3, gemma_cache):
+    """Positions seq_len - w .. seq_len - 1 (w = what its cache keeps), no more, no fewer, nowhere else."""
+    _, frames, windows = gemma_cache
+    fp = tiny_gemma3.fingerprint
+
+    def refused(layer, positions, match):
+        header = with_positions(frames[0], layer, heads(fp, positions))
+        assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [header] + frames[1:], fp, match=match,
+                          sliding_windows=windows)
+
+    refused(0, torch.arange(60), r"sliding-window layer of 15 tokens: it keeps positions \[45, 60\)")
+    refused(3, torch.arange(50, 60), r"keeps positions \[45, 60\) of \[0, 60\), not 10 tokens")
+    refused(1, torch.arange(15), r"positions must be \[45, 60\)")
+    refused(0, torch.cat([torch.arange(44, 45), torch.arange(46, 60)]), r"positions must be \[45, 60\)")
+    selected = with_positions(frames[0], 2, heads(fp, torch.arange(0, 60, 2)))  # a full layer may be selected
+    assert wire.Assembler(fp, wire.Limits(), sliding_windows=windows).add(selected) is None
+
+
+def test_segments_of_a_sliding_window_model(tiny_gemma3, gemma_cache):
+    """Each segment's sliding layers carry the part of the sequence's tail inside the segment."""
+    kv, _, windows = gemma_cache
+    fp = tiny_gemma3.fingerprint
+    frames = segmented_frames(kv, fp, [(0, 30, "raw"), (30, 50, "int8"), (50, 60, "raw")])
+    assembler = wire.Assembler(fp, wire.Limits(), segmented=True, sliding_windows=windows)
+    for frame in frames:
+        assembler.add(frame)
+    segments = assembler.take_segments()
+    assert assembler.done and [s.kv.kept_tokens(0) for s in segments] == [0, 5, 10]
+    assert [s.kv.kept_tokens(2) for s in segments] == [30, 20, 10]
+    second = frames.index(next(f for f in frames if f.WhichOneof("kind") == "segment" and f.segment.token_start == 30))
+    for layer, positions, match in [(0, torch.arange(30, 50), "sliding-window layer"),
+                                    (2, torch.arange(30, 49), "segments carry no selection")]:
+        bad = frames[:second] + [with_positions(frames[second], layer, heads(fp, positions))] + frames[second + 1:]
+        with pytest.raises(wire.WireError, match=match) as info:
+            assembler = wire.Assembler(fp, wire.Limits(), segmented=True, sliding_windows=windows)
+            for frame in bad:
+                assembler.add(frame)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_segment_keeps_every_token_of_its_range(llama_frames, tiny_llama):
+    kv, _ = llama_frames
+    fp = tiny_llama.fingerprint
+    good = segmented_frames(kv, fp, [(0, 30, "raw"), (30, 60, None)])
+    for positions, match in [(torch.arange(29), "keeps 29 tokens of its segment"),
+                             (torch.arange(1, 31), "beyond its segment"),
+                             (torch.tensor([0, *range(29)]), "increase strictly")]:
+        bad = [good[0], with_positions(good[1], 2, heads(fp, positions))]
+        with pytest.raises(wire.WireError, match=match) as info:
+            assemble_segments(bad, fp)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("exc,code", [
+    (wire.WireError(grpc.StatusCode.DATA_LOSS, "checksum"), grpc.StatusCode.DATA_LOSS),
+    (zstandard.ZstdError("corrupt"), grpc.StatusCode.DATA_LOSS),
+    (MemoryError("receiver busy"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 206158430208 bytes"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError("layers hold different numbers of tokens"), grpc.StatusCode.INVALID_ARGUMENT),
+    (ProfileError("int17"), grpc.StatusCode.INVALID_ARGUMENT),
+    (QuantError("payload"), grpc.StatusCode.INVALID_ARGUMENT),
+    (RuntimeError("shape mismatch"), grpc.StatusCode.INTERNAL),
+    (KeyError("layer"), grpc.StatusCode.INTERNAL),
+], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.name)
+def test_every_exception_has_a_specific_status(exc, code):
+    got, message = wire.status_for(exc)
+    assert got == code and got != grpc.StatusCode.UNKNOWN
+    assert str(exc).strip("'") in message
+    if code == grpc.StatusCode.INTERNAL:
+        assert type(exc).__name__ in message

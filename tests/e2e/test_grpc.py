@@ -61,9 +61,9 @@ def test_not_serving_until_model_loaded(monkeypatch):
     loading = threading.Event()
     original = server_module.load_model
 
-    def slow_load(name):
+    def slow_load(*args):
         loading.wait(timeout=60)
-        return original(name)
+        return original(*args)
 
     monkeypatch.setattr(server_module, "load_model", slow_load)
 
@@ -183,7 +183,7 @@ def test_every_method_at_keep_one_is_lossless(llama_receiver, tiny_llama, method
 def test_selected_cache_decodes_from_original_positions(llama_receiver, tiny_llama):
     """A q2c-selected, int4-quantized cache travels with its positions; decoding continues at seq_len."""
     with Client(llama_receiver.target) as client:
-        pre, sent, tokens = ask(client, tiny_llama, True, profile="q2c:0.5+int4:g32")
+        pre, sent, _ = ask(client, tiny_llama, True, profile="q2c:0.5+int4:g32")
     stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
     assert stored.seq_len == pre.kv.seq_len
     assert stored.kept_tokens(0) < pre.kv.seq_len
@@ -201,10 +201,22 @@ def test_sender_ask_cli(llama_receiver, tmp_path):
         [sys.executable, "-m", "channel.cli", "sender", "ask", "--question", QUESTION, "--context-file", str(context),
          "--target", llama_receiver.target, "--profile", "q2c:0.5+int4", "--model", "tiny-llama",
          "--max-new-tokens", "4", "--zstd-level", "9"],
-        capture_output=True, text=True, timeout=300, env={**os.environ})
+        capture_output=True, text=True, timeout=300, env={**os.environ}, check=False)
     assert result.returncode == 0, result.stderr
     assert "bytes in" in result.stdout and "frames for" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "channel.cli", "sender", "ask", "--question", "q", "--context", "c",
                           "--profile", "int17", "--target", llama_receiver.target, "--model", "tiny-llama"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "int17" in (bad.stdout + bad.stderr)
+
+
+def test_a_sliding_layer_off_the_tail_is_refused_over_grpc(gemma3_receiver, tiny_gemma3):
+    """The receiver checks Gemma-3's sliding layers against its own cache: the last tokens, nowhere else."""
+    pre = prefill_prompt(tiny_gemma3, CONTEXT, QUESTION)
+    frames = list(wire.encode(pre.kv, parse_profile("raw"), tiny_gemma3.fingerprint))
+    header = pb.Frame.FromString(frames[0].SerializeToString())
+    window = pre.kv.kept_tokens(0)
+    assert 0 in tiny_gemma3.sliding_layers and window < pre.kv.seq_len
+    header.header.layers[0].positions = wire.encode_positions(torch.arange(window).expand(tiny_gemma3.fingerprint.kv_heads, -1))
+    send_and_expect(gemma3_receiver, [header] + frames[1:], grpc.StatusCode.INVALID_ARGUMENT,
+                    f"positions must be [{pre.kv.seq_len - window}, {pre.kv.seq_len})")

@@ -1,5 +1,6 @@
 """Round-trip bounds, exact byte counts and edge cases for every quantizer."""
 
+import dataclasses
 import math
 
 import pytest
@@ -230,3 +231,36 @@ def test_a_step_below_fp16_normal_range_keeps_codes_in_range(values, bits, symme
     q = Uniform(bits, 4, symmetric=symmetric)
     step = max(abs(v) for v in values) / (2 ** (bits - 1) - 1 if symmetric else 2**bits - 1)
     assert (q.decode(q.encode(x), 1, 2) - x).abs().max() <= step / 2 + 2.0**-25
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(0, 4), cols=st.integers(0, 300), group=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_per_column_matches_repeat_interleave(rows, cols, group, seed):
+    """The bounded expansion gives exactly what repeat_interleave gave: decoders' results are unchanged."""
+    from common.quant.base import num_groups, per_column
+
+    params = torch.randn(rows, num_groups(cols, group), generator=torch.Generator().manual_seed(seed))
+    expected = params.repeat_interleave(group, dim=1)[:, :cols]
+    assert torch.equal(per_column(params, group, cols), expected)
+
+
+@pytest.mark.parametrize("quantizer", [Uniform(1, 32), Uniform(4, 32), Uniform(4, 32, symmetric=True), Uniform(8, 32),
+                                       NF4(64)], ids=lambda q: q.spec())
+def test_decoders_allocate_by_the_matrix_not_the_group(quantizer):
+    """A group of 2^40 (past the grammar's cap, as a header once could declare) costs a 3x5 decode no more
+    than a group of 5: the old repeat_interleave(group) tried to allocate 3 * 2^40 floats."""
+    object.__setattr__(quantizer, "group", 2**40)  # bypass the cap of __post_init__
+    blob = torch.randint(0, 256, (quantizer.size(3, 5),), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    decoded = quantizer.decode(blob, 3, 5, torch.float32)
+    reference = dataclasses.replace(quantizer, group=5).decode(blob, 3, 5, torch.float32)  # one group per row too
+    assert torch.equal(decoded.view(torch.int32), reference.view(torch.int32))
+
+
+@pytest.mark.parametrize("make", [lambda g: Uniform(4, g), lambda g: NF4(g)])
+def test_group_sizes_are_capped(make):
+    from common.quant.base import MAX_GROUP
+
+    assert make(MAX_GROUP).group == MAX_GROUP
+    for group in (0, MAX_GROUP + 1, 2**28):
+        with pytest.raises(QuantError, match=f"at most {MAX_GROUP}"):
+            make(group)

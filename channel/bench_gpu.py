@@ -1,0 +1,169 @@
+"""`kvwire bench gpu`: the codec and the ask pipeline on a GPU at a real model's KV shape.
+
+Three measurements, each printed as figures and returned as dicts (nothing here is a test):
+
+- codec throughput: encode and decode GB/s of bf16 input at Llama-3.1-8B's KV shape (32
+  layers, 8 KV heads, head_dim 128), divided by a device copy of the same tensors timed in
+  the same run, for each kernel path (plain torch, Triton);
+- the stages of an ask over real gRPC on this machine's loopback, through the shaping relay
+  at several rates, and the time to first token with and without layer pipelining;
+- prefill and selection at long contexts, with peak GPU memory.
+
+The model is `llama-3.1-8b-random`: Llama-3.1-8B's architecture with RANDOM weights (no real
+weights of that size can be carried to the GPU machine), so its answers mean nothing; its
+speed and memory are those of the real shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from common.profile import parse_profile
+
+RANDOM_MODEL = "llama-3.1-8b-random"
+CODEC_PROFILES = ("int8", "int4", "int2", "nf4")
+KERNEL_PATHS = ("torch", "triton")
+
+
+@contextlib.contextmanager
+def kernels(path: str):
+    """Force one codec path (common.quant.kernels reads KVWIRE_KERNELS at each call)."""
+    before = os.environ.get("KVWIRE_KERNELS")
+    os.environ["KVWIRE_KERNELS"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("KVWIRE_KERNELS", None)
+        else:
+            os.environ["KVWIRE_KERNELS"] = before
+
+
+def cuda_seconds(fn, repeat: int = 10, warmup: int = 3) -> float:
+    """Median wall time of `fn()` on the GPU, between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: int = 128,
+                     dtype: torch.dtype = torch.bfloat16, profiles=CODEC_PROFILES, paths=KERNEL_PATHS) -> list[dict]:
+    """Encode and decode of a whole cache (every layer's keys and values), against a device copy."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, heads, tokens, head_dim)
+    keys = [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)]
+    values = [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)]
+    nbytes = 2 * layers * heads * tokens * head_dim * dtype.itemsize
+    copy_s = cuda_seconds(lambda: [(k.clone(), v.clone()) for k, v in zip(keys, values)])
+    rows = []
+    for spec in profiles:
+        codec = parse_profile(spec).codec(0)
+        for path in paths:
+            with kernels(path):
+                payloads = [codec.encode(k, v) for k, v in zip(keys, values)]
+                encode_s = cuda_seconds(lambda: [codec.encode(k, v) for k, v in zip(keys, values)])
+                decode_s = cuda_seconds(lambda: [codec.decode(p, shape, dtype) for p in payloads])
+            rows.append({
+                "tokens": tokens, "profile": str(parse_profile(spec)), "kernels": path, "input_bytes": nbytes,
+                "payload_bytes": sum(p.numel() for p in payloads), "copy_gbps": nbytes / copy_s / 1e9,
+                "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
+                "encode_vs_copy": copy_s / encode_s, "decode_vs_copy": copy_s / decode_s,
+            })
+    keys.clear()
+    values.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def synthetic_context(tokenizer, tokens: int) -> str:
+    """About `tokens` tokens of plain text (the random model's answers mean nothing anyway)."""
+    paragraph = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+                 "a region in France. They were descended from Norse raiders and pirates. ")
+    per = len(tokenizer(paragraph).input_ids)
+    return paragraph * max(1, tokens // per)
+
+
+def ask_stages(sender, context: str, question: str, profile: str, rates: list[str], receiver_target: str,
+               max_new_tokens: int = 1) -> list[dict]:
+    """Per link rate: each stage of an ask, and the time to first token with and without pipelining."""
+    from channel.relay import BackgroundRelay
+    from common.link import link_from_options
+    from sender.client import Client
+    from sender.pipeline import Sender
+
+    parsed = parse_profile(profile)
+    rows = []
+    for rate in rates:
+        with BackgroundRelay(receiver_target, lambda: link_from_options(rate)) as relay, \
+                Client(relay.target, timeout_s=600) as client:
+            asker = Sender(sender, client, zstd_level=1)
+            asker.ask(context, question, parsed, max_new_tokens=max_new_tokens)  # warm up both sides
+            plain = asker.ask(context, question, parsed, max_new_tokens=max_new_tokens)
+            piped = asker.ask_pipelined(context, question, parsed, max_new_tokens=max_new_tokens)
+        stages = {"prefill_s": plain.prefill_s, "encode_s": plain.encode_s, "send_s": plain.transfer_s,
+                  "inject_s": plain.inject_s, "first_token_s": plain.decode_s}
+        rows.append({"rate": rate, "profile": str(parsed), "tokens": plain.seq_len, "bytes": plain.bytes_sent, **stages,
+                     "ttft_unpipelined_s": sum(stages.values()),
+                     "ttft_pipelined_s": piped.transfer_s + piped.inject_s + piped.decode_s,
+                     "answers_equal": plain.token_ids == piped.token_ids})
+    return rows
+
+
+def selection_memory(loaded, context: str, question: str, methods=("q2c:0.5", "snapkv:0.5")) -> dict:
+    """Prefill with the attention statistics the methods need, then select: times and peak GPU memory."""
+    from sender.prefill import prefill_prompt, select_tokens
+
+    profiles = [parse_profile(m) for m in methods]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    pre = prefill_prompt(loaded, context, question, True, profiles)
+    torch.cuda.synchronize()
+    result = {"tokens": pre.kv.seq_len, "prefill_s": time.perf_counter() - start,
+              "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    for profile in profiles:
+        start = time.perf_counter()
+        select_tokens(loaded, pre, profile)
+        torch.cuda.synchronize()
+        result[f"select_{profile.selection.method}_s"] = time.perf_counter() - start
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del pre
+    torch.cuda.empty_cache()
+    return result
+
+
+def relay_ceiling(nbytes: int = 1 << 30) -> float:
+    """The most the shaping relay forwards, bit/s, with an unconstrained link."""
+    import asyncio
+
+    from channel.relay import measure_goodput
+    from common.link import link_from_options
+
+    return asyncio.run(measure_goodput(link_from_options("1000gbit"), nbytes))
+
+
+def environment() -> dict:
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "triton": triton_version, "model": RANDOM_MODEL,
+            "weights": "random (seeded): Llama-3.1-8B's architecture and shape, not its weights"}

@@ -1,0 +1,259 @@
+"""Fused codec kernels for the group-wise code quantizers (Uniform int1..int8, NF4), and the one
+place that decides when they run.
+
+The torch implementations in `uniform.py` and `nf4.py` are the CPU path and the reference: the
+kernels (`common.quant.triton_kernels`) produce the same bytes and the same decoded values, bit
+for bit (DESIGN invariant 9; tests/common/quant/test_kernels.py checks it on the CPU through
+Triton's interpreter).
+
+Dispatch: `use_kernels(quantizer, tensor)` is the only decision. KVWIRE_KERNELS picks the path:
+- auto (default): the kernels for tensors on CUDA when triton imports, torch otherwise;
+- torch: always torch;
+- triton: always the kernels; on a CPU tensor that needs TRITON_INTERPRET=1 (set before triton
+  is first imported), else it is an error.
+
+Entry points, for a matrix or a whole KV tensor (`encode`/`decode` take a 4-D view of any strides,
+so per-channel keys are read and written in place, with no transposed copy):
+- encode(quantizer, x, check=True): x (payloads, heads, rows, cols) -> (payloads, size) uint8, each
+  row the payload `quantizer.encode` gives for the (heads * rows, cols) matrix;
+- decode(quantizer, payload, out): the inverse, written into `out` (payloads, heads, rows, cols);
+- encode_kv / decode_kv: KVCodec's payload of one layer's keys and values, or of stacked layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from common.quant.base import QuantError, check_finite, group_view, num_groups
+
+ENV = "KVWIRE_KERNELS"
+MODES = ("auto", "torch", "triton")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ASYM, SYM, SIGN, NF4_KIND = range(4)  # the KIND of a launch (triton_kernels.ASYM, ...)
+TILE = 8192  # elements a program takes (about): large enough to stream, small enough for registers
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r}; expected one of {', '.join(MODES)}")
+    return value
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(quantizer, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether `quantizer` should encode `tensor`, or decode the payload `tensor` into `dtype`, with the kernels."""
+    chosen = mode()
+    if chosen == "torch" or _spec(quantizer) is None or tensor.numel() == 0:
+        return False
+    if tensor.dtype not in FLOATS + (torch.uint8,) or (dtype is not None and dtype not in FLOATS):
+        return False
+    if chosen == "auto":
+        return tensor.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"{ENV}=triton, but triton does not import")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{ENV}=triton on a {tensor.device} tensor needs TRITON_INTERPRET=1, set before triton is imported")
+    return True
+
+
+def _spec(quantizer) -> tuple[int, int, int] | None:
+    """(kind, bits, group) of a quantizer the kernels implement; None for the others."""
+    from common.quant.nf4 import NF4
+    from common.quant.uniform import Uniform
+
+    if type(quantizer) is NF4:
+        return NF4_KIND, 4, quantizer.group
+    if type(quantizer) is Uniform:
+        kind = (SIGN if quantizer.bits == 1 else SYM) if quantizer.symmetric else ASYM
+        return kind, quantizer.bits, quantizer.group
+    return None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _geometry(bits: int, group: int, rows: int, cols: int) -> dict:
+    """Tile shape: BR rows of NG whole groups; the groups of a tile start on a packing unit."""
+    unit_codes = 8 // math.gcd(bits, 8)  # UC codes fill UB whole bytes
+    unit_bytes = bits // math.gcd(bits, 8)
+    gp = _pow2(group)
+    want = max(8, min(256, _pow2(cols)))  # columns a tile should span
+    if gp == group:
+        ng = max(1, want // gp)
+        bcw = ng * gp
+    else:
+        ng = unit_codes // math.gcd(group, unit_codes)
+        while ng * group * 2 <= want:
+            ng *= 2
+        bcw = _pow2(ng * group)
+    br = max(1, min(_pow2(rows), TILE // max(bcw, ng * gp)))
+    meta = dict(GROUP=group, GP=gp, NG=ng, BR=br, BCW=bcw, UC=unit_codes, UB=unit_bytes, UBP=_pow2(unit_bytes))
+    meta["num_warps"] = 8 if br * max(bcw, ng * gp) >= 4096 else 4
+    return meta
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _grid(meta: dict, payloads: int, heads: int, rows: int, cols: int) -> tuple[int, int, int]:
+    return (_cdiv(rows, meta["BR"]), _cdiv(cols, meta["NG"] * meta["GROUP"]), payloads * heads)
+
+
+@functools.cache
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4's code book and bucketize midpoints, computed as nf4.py computes them."""
+    from common.quant.nf4 import NF4_CODE_BOOK
+
+    book = NF4_CODE_BOOK.to(device)
+    return book, ((book[1:] + book[:-1]) / 2).contiguous()
+
+
+def _group_means(x: torch.Tensor, group: int) -> torch.Tensor:
+    """int1 sym's scale, mean |x| per group, by torch itself: the kernels cannot reproduce the order
+    of torch's sum. x (payloads, heads, rows, cols) -> (payloads, heads * rows, groups) fp32."""
+    payloads, heads, rows, cols = x.shape
+    return torch.stack([group_view(x[p].reshape(heads * rows, cols).float(), group).abs().mean(dim=-1)
+                        for p in range(payloads)])
+
+
+def encode(quantizer, x: torch.Tensor, *, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """x: (payloads, heads, rows, cols), float, any strides -> (payloads, size) uint8: payload p is
+    `quantizer.encode(x[p].reshape(heads * rows, cols))`, byte for byte.
+
+    out: a uint8 (payloads, size) tensor (rows may be strided) to write into. check: refuse NaN, Inf
+    and magnitudes past fp16 with check_finite's QuantError (one device sync); False skips it."""
+    payloads, heads, rows, cols = x.shape
+    if out is None:
+        out = torch.empty(payloads, quantizer.size(heads * rows, cols), dtype=torch.uint8, device=x.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check else None
+    _encode(quantizer, x, out, flag)
+    if check:
+        _refuse_flagged(flag, [x])
+    return out
+
+
+def _refuse_flagged(flag: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    if flag.item():
+        for x in inputs:
+            for matrix in x:
+                check_finite(matrix)  # raises the torch path's error
+        raise QuantError("input contains NaN or Inf, or a magnitude past fp16's range")
+
+
+def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | None) -> None:
+    from common.quant import triton_kernels as tk
+
+    kind, bits, group = _spec(quantizer)
+    payloads, heads, rows, cols = x.shape
+    matrix_rows = heads * rows
+    size = quantizer.size(matrix_rows, cols)
+    if out.shape != (payloads, size) or out.dtype != torch.uint8 or out.stride(1) != 1:
+        raise ValueError(f"out must be uint8 ({payloads}, {size}) with contiguous rows")
+    code_bytes = (matrix_rows * cols * bits + 7) // 8
+    row_bytes = (cols * bits + 7) // 8
+    aligned = cols * bits % 8 == 0
+    if aligned:  # rows start on a byte: pack straight into the payload
+        codes = out
+    else:  # pack byte-padded rows, then shift them together
+        codes = torch.empty(payloads, matrix_rows * row_bytes, dtype=torch.uint8, device=x.device)
+    dummy = out
+    mean = _group_means(x, group) if kind == SIGN else dummy
+    mids = _constants(x.device)[1] if kind == NF4_KIND else dummy
+    meta = _geometry(bits, group, rows, cols)
+    tk.encode_kernel[_grid(meta, payloads, heads, rows, cols)](
+        x, *x.stride(), heads, rows, cols,
+        codes, codes.stride(0), row_bytes,
+        out[:, code_bytes:], out.stride(0), num_groups(cols, group),
+        mean, mids, dummy if flag is None else flag,
+        KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **meta)
+    if not aligned:
+        block = 1024
+        tk.compact_kernel[(_cdiv(code_bytes, block), payloads)](
+            codes, codes.stride(0), out, out.stride(0), row_bytes, cols * bits, code_bytes, matrix_rows * cols * bits,
+            BLOCK=block, SHORT_ROWS=cols * bits < 8)
+
+
+def decode(quantizer, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """payload: (payloads, size) uint8 -> out: (payloads, heads, rows, cols), any float dtype and strides,
+    written as `quantizer.decode(payload[p], heads * rows, cols, out.dtype)` reshaped."""
+    from common.quant import triton_kernels as tk
+
+    kind, bits, group = _spec(quantizer)
+    payloads, heads, rows, cols = out.shape
+    matrix_rows = heads * rows
+    size = quantizer.size(matrix_rows, cols)
+    if payload.shape != (payloads, size) or payload.dtype != torch.uint8 or payload.stride(1) != 1:
+        raise QuantError(f"payload must be uint8 ({payloads}, {size}) with contiguous rows, got {tuple(payload.shape)}")
+    code_bytes = (matrix_rows * cols * bits + 7) // 8
+    book = _constants(payload.device)[0] if kind == NF4_KIND else payload
+    meta = _geometry(bits, group, rows, cols)
+    tk.decode_kernel[_grid(meta, payloads, heads, rows, cols)](
+        payload, payload.stride(0), code_bytes, (cols * bits + 7) // 8, num_groups(cols, group),
+        out, *out.stride(), heads, rows, cols,
+        book,
+        KIND=kind, BITS=bits, ALIGNED=cols * bits % 8 == 0, enable_fp_fusion=False, **meta)
+    return out
+
+
+def encode_matrix(quantizer, x: torch.Tensor) -> torch.Tensor:
+    """quantizer.encode(x) for x (rows, cols): a flat uint8 payload."""
+    return encode(quantizer, x[None, None])[0]
+
+
+def decode_matrix(quantizer, blob: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """quantizer.decode(blob, rows, cols, dtype)."""
+    out = torch.empty(rows, cols, dtype=dtype, device=blob.device)
+    decode(quantizer, blob.contiguous().reshape(1, -1), out[None, None])
+    return out
+
+
+def kv_view(t: torch.Tensor, axis: str) -> torch.Tensor:
+    """(layers, heads, tokens, head_dim) -> the (payloads, heads, rows, cols) view a KVCodec matrix
+    is made of: per channel, rows are channels and cols tokens; per token, the reverse."""
+    from common.quant.kv import CHANNEL
+
+    return t.transpose(2, 3) if axis == CHANNEL else t
+
+
+def encode_kv(quantizer, keys: torch.Tensor, values: torch.Tensor, key_axis: str, value_axis: str,
+              *, check: bool = True) -> torch.Tensor:
+    """keys, values: (layers, heads, tokens, head_dim) -> (layers, bytes) uint8: row l is
+    KVCodec(quantizer, key_axis, value_axis).encode(keys[l:l+1], values[l:l+1]). Two launches (four
+    where rows do not start on a byte), and one sync for the check."""
+    k_view, v_view = kv_view(keys, key_axis), kv_view(values, value_axis)
+    k_size = quantizer.size(k_view.shape[1] * k_view.shape[2], k_view.shape[3])
+    v_size = quantizer.size(v_view.shape[1] * v_view.shape[2], v_view.shape[3])
+    out = torch.empty(keys.shape[0], k_size + v_size, dtype=torch.uint8, device=keys.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=keys.device) if check else None
+    _encode(quantizer, k_view, out[:, :k_size], flag)
+    _encode(quantizer, v_view, out[:, k_size:], flag)
+    if check:
+        _refuse_flagged(flag, [keys, values])
+    return out
+
+
+def decode_kv(quantizer, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, key_axis: str,
+              value_axis: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of encode_kv: payload (layers, bytes) -> keys, values of `shape` (layers, heads, tokens, head_dim)."""
+    keys = torch.empty(shape, dtype=dtype, device=payload.device)
+    values = torch.empty(shape, dtype=dtype, device=payload.device)
+    k_view, v_view = kv_view(keys, key_axis), kv_view(values, value_axis)
+    k_size = quantizer.size(k_view.shape[1] * k_view.shape[2], k_view.shape[3])
+    decode(quantizer, payload[:, :k_size], k_view)
+    decode(quantizer, payload[:, k_size:], v_view)
+    return keys, values

@@ -1,0 +1,310 @@
+"""The Triton codec kernels against their torch twins: the same payload bytes and the same decoded
+values, bit for bit (DESIGN invariant 9).
+
+CI has no GPU, so the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET must be
+set before triton is imported, so the comparisons run in one subprocess (this file run as a
+script), which no other test shares; each case reports back under its own name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+from common.quant import kernels  # noqa: E402
+from common.quant.base import QuantError  # noqa: E402
+from common.quant.cast import Cast  # noqa: E402
+from common.quant.kv import CHANNEL, TOKEN, KVCodec  # noqa: E402
+from common.quant.lowrank import LowRank  # noqa: E402
+from common.quant.nf4 import NF4  # noqa: E402
+from common.quant.uniform import Uniform  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- the comparisons, run in the subprocess ----
+
+@contextlib.contextmanager
+def path(name: str):
+    """Run the quantizers' public methods on one path: "torch" or "triton"."""
+    old = os.environ.get(kernels.ENV)
+    os.environ[kernels.ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[kernels.ENV]
+        else:
+            os.environ[kernels.ENV] = old
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits; NaNs (only a decoded garbage payload has them) match any NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    both_nan = a.isnan() & b.isnan()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool(((a.view(bits) == b.view(bits)) | both_nan).all())
+
+
+def compare_matrix(q, x: torch.Tensor, out_dtypes=None) -> None:
+    with path("torch"):
+        expected = q.encode(x)
+    with path("triton"):
+        payload = q.encode(x)
+    assert torch.equal(expected, payload), f"{q} on {tuple(x.shape)} {x.dtype}: bytes differ at " \
+        f"{(expected != payload).nonzero().flatten()[:8].tolist()} of {expected.numel()}"
+    for dtype in out_dtypes or (x.dtype,):
+        with path("torch"):
+            want = q.decode(expected, *x.shape, dtype)
+        with path("triton"):
+            got = q.decode(expected, *x.shape, dtype)
+        assert same(want, got), f"{q} on {tuple(x.shape)}: decoded {dtype} differs"
+
+
+def random_quantizer(gen: torch.Generator, bits: int | None = None):
+    group = [1, 2, 3, 4, 5, 7, 8, 16, 24, 32, 33, 64, 100, 128][int(torch.randint(14, (), generator=gen))]
+    if bits is None:
+        return NF4(group)
+    return Uniform(bits, group, bool(torch.randint(2, (), generator=gen)))
+
+
+def random_matrix(gen: torch.Generator, dtype: torch.dtype, scale: float = 3.0) -> torch.Tensor:
+    rows, cols = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 150, (), generator=gen))
+    return (torch.randn(rows, cols, generator=gen) * scale).to(dtype)
+
+
+def case_uniform_random():
+    gen = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):
+        for i in range(4):
+            compare_matrix(random_quantizer(gen, bits), random_matrix(gen, DTYPES[(bits + i) % 3]))
+
+
+def case_nf4_random():
+    gen = torch.Generator().manual_seed(2)
+    for i in range(8):
+        compare_matrix(random_quantizer(gen), random_matrix(gen, DTYPES[i % 3]))
+
+
+def case_every_bit_width_and_mode():
+    """int1..int8, sym and asym, plus nf4, on rows that start mid-byte (37 columns) and on whole bytes."""
+    gen = torch.Generator().manual_seed(3)
+    for cols in (37, 64):
+        x = torch.randn(3, cols, generator=gen)
+        for bits in range(1, 9):
+            for symmetric in (False, True):
+                compare_matrix(Uniform(bits, 16, symmetric), x)
+        compare_matrix(NF4(16), x)
+
+
+def case_subnormal_steps():
+    """Steps below fp16's normal range: the scale's fix-up (rounded up one fp16 step) must match."""
+    gen = torch.Generator().manual_seed(4)
+    fixed_up = 0
+    for magnitude in (1e-4, 3e-6, 1e-7, 2e-8, 1e-10):
+        x = torch.randn(4, 40, generator=gen) * magnitude
+        for q in (Uniform(8, 8), Uniform(4, 16, True), Uniform(2, 8), Uniform(1, 8, True), Uniform(3, 5), NF4(8)):
+            compare_matrix(q, x, (torch.float32, torch.float16))
+        groups = x.reshape(4, 5, 8)
+        scale = (groups.amax(-1) - groups.amin(-1)) / 255
+        fixed_up += int(((scale.half().float() < scale) & (scale < 2**-14)).sum())
+    assert fixed_up > 0, "no group exercised the subnormal fix-up"
+
+
+def case_constant_groups():
+    rows = [torch.zeros(50), torch.full((50,), 0.1), torch.full((50,), -3.0), torch.full((50,), 1000.3),
+            torch.cat([torch.full((25,), 2.0), torch.full((25,), -2.0)])]
+    x = torch.stack(rows)
+    for q in (Uniform(4, 25), Uniform(4, 32, True), Uniform(1, 32, True), Uniform(1, 10), Uniform(8, 7), NF4(25)):
+        compare_matrix(q, x)
+        compare_matrix(q, x.to(torch.bfloat16))
+
+
+def case_rounding_ties():
+    """Quotients exactly halfway between levels: torch.round goes to even."""
+    levels = torch.arange(0, 16, dtype=torch.float32)
+    x = torch.stack([torch.cat([levels, levels + 0.5]), torch.cat([levels - 7.5, levels - 7])])
+    for q in (Uniform(4, 32), Uniform(4, 32, True), Uniform(5, 16, True), Uniform(3, 32)):
+        compare_matrix(q, x)
+
+
+def case_extremes():
+    """Magnitudes up to fp16's largest: int1 asym's step (max - min) overflows fp16 to inf."""
+    x = torch.tensor([[65504.0, -65504.0, 1.0, -1.0, 0.0, 3e-8, -65000.0, 12.5]] * 3)
+    x[1] *= 0.5
+    for q in (Uniform(1, 8, False), Uniform(8, 8), Uniform(2, 4, True), NF4(8), Uniform(1, 3, True)):
+        compare_matrix(q, x, (torch.float32, torch.bfloat16, torch.float16))
+
+
+def case_dtypes():
+    """fp16, bf16, fp32 and fp64 inputs, widened as x.float() does; every decode dtype."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 45, generator=gen, dtype=torch.float64) * 5
+    for dtype in DTYPES + (torch.float64,):
+        for q in (Uniform(4, 16), Uniform(6, 9, True), NF4(32)):
+            compare_matrix(q, x.to(dtype), DTYPES + (torch.float64,))
+
+
+def case_refuses_non_finite():
+    for bad in (float("nan"), float("inf"), -65505.0):
+        x = torch.ones(2, 40)
+        x[1, 33] = bad
+        for q in (Uniform(4, 32), NF4(16)):
+            errors = []
+            for name in ("torch", "triton"):
+                with path(name):
+                    try:
+                        q.encode(x)
+                    except QuantError as error:
+                        errors.append(str(error))
+            assert len(errors) == 2 and errors[0] == errors[1], errors
+
+
+def case_random_payloads():
+    """Any bytes decode alike, fp16 parameters that are subnormal, inf or NaN included."""
+    gen = torch.Generator().manual_seed(6)
+    for q in (Uniform(4, 8), Uniform(3, 5, True), Uniform(1, 4, True), Uniform(8, 16), NF4(8)):
+        rows, cols = 3, 29
+        blob = torch.randint(0, 256, (q.size(rows, cols),), dtype=torch.uint8, generator=gen)
+        for dtype in DTYPES:
+            with path("torch"):
+                want = q.decode(blob, rows, cols, dtype)
+            with path("triton"):
+                got = q.decode(blob, rows, cols, dtype)
+            assert same(want, got), f"{q}: decoded {dtype} differs"
+
+
+def compare_codec(codec: KVCodec, keys: torch.Tensor, values: torch.Tensor) -> None:
+    with path("torch"):
+        expected = codec.encode(keys, values)
+        want = codec.decode(expected, tuple(keys.shape), keys.dtype)
+    with path("triton"):
+        payload = codec.encode(keys, values)
+        got = codec.decode(expected, tuple(keys.shape), keys.dtype)
+    assert torch.equal(expected, payload), f"{codec}: payload bytes differ"
+    assert same(want[0], got[0]) and same(want[1], got[1]), f"{codec}: decoded keys or values differ"
+    assert got[0].is_contiguous() and got[1].is_contiguous()
+
+
+def case_kv_codec_strided():
+    """Keys and values as the wire encodes them: a token range of a layer, a strided view; keys per
+    channel are read in place through strides."""
+    gen = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        cache_k = torch.randn(1, 2, 40, 16, generator=gen).to(dtype)
+        cache_v = torch.randn(1, 2, 40, 16, generator=gen).to(dtype)
+        keys, values = cache_k[:, :, 3:26], cache_v[:, :, 3:26]  # 23 tokens: rows start mid-byte
+        for q in (Uniform(4, 8), Uniform(2, 32, True), Uniform(3, 5), Uniform(1, 16, True), Uniform(8, 4), NF4(16)):
+            for key_axis, value_axis in ((CHANNEL, TOKEN), (TOKEN, CHANNEL), (CHANNEL, CHANNEL)):
+                compare_codec(KVCodec(q, key_axis, value_axis), keys, values)
+
+
+def case_kv_layers_in_one_launch():
+    """encode_kv / decode_kv over stacked layers: each row is that layer's KVCodec payload."""
+    gen = torch.Generator().manual_seed(8)
+    keys = torch.randn(3, 2, 24, 16, generator=gen).to(torch.bfloat16)
+    values = torch.randn(3, 2, 24, 16, generator=gen).to(torch.bfloat16)
+    for q in (Uniform(4, 32), Uniform(8, 16, True), NF4(64)):
+        codec = KVCodec(q)
+        with path("torch"):
+            expected = torch.stack([codec.encode(keys[i:i + 1], values[i:i + 1]) for i in range(3)])
+            want = [codec.decode(expected[i], (1, 2, 24, 16), torch.bfloat16) for i in range(3)]
+        payload = kernels.encode_kv(q, keys, values, CHANNEL, TOKEN)
+        assert torch.equal(payload, expected), f"{q}: stacked payloads differ"
+        got_k, got_v = kernels.decode_kv(q, payload, tuple(keys.shape), torch.bfloat16, CHANNEL, TOKEN)
+        assert torch.equal(got_k, torch.cat([k for k, _ in want])) and torch.equal(got_v, torch.cat([v for _, v in want]))
+
+
+def case_property():
+    """Hypothesis: any quantizer, shape, scale and dtype."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    quantizers = st.one_of(
+        st.builds(Uniform, st.integers(1, 8), st.sampled_from([1, 2, 3, 6, 8, 11, 16, 32, 48, 64, 128]), st.booleans()),
+        st.builds(NF4, st.sampled_from([1, 5, 16, 64, 96])))
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(q=quantizers, rows=st.integers(1, 5), cols=st.integers(1, 90), exponent=st.integers(-30, 14),
+           dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+    def check(q, rows, cols, exponent, dtype, seed):
+        x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 2.0**exponent
+        compare_matrix(q, x.clamp(-65504, 65504).to(dtype))
+
+    check()
+
+
+CASES = [name[len("case_"):] for name in list(globals()) if name.startswith("case_")]
+
+
+def main(report: str) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    results = {}
+    for name in CASES:
+        try:
+            globals()["case_" + name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test, which fails on it
+            results[name] = traceback.format_exc()
+    Path(report).write_text(json.dumps(results))
+
+
+# ---- the tests ----
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict[str, str]:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    report = tmp_path_factory.mktemp("kernels") / "report.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop(kernels.ENV, None)
+    done = subprocess.run([sys.executable, __file__, str(report)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and report.exists(), done.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_torch(interpreted, case):
+    assert interpreted[case] == "ok", interpreted[case]
+
+
+def test_dispatch(monkeypatch):
+    cpu = torch.ones(2, 8)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert not kernels.use_kernels(Uniform(4), cpu)  # auto: CPU tensors stay on torch
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert not kernels.use_kernels(Uniform(4), cpu)
+    monkeypatch.setenv(kernels.ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_kernels(Uniform(4), cpu) and kernels.use_kernels(NF4(), cpu.to(torch.uint8), torch.bfloat16)
+    for other in (Cast(), LowRank(4, Uniform(4))):
+        assert not kernels.use_kernels(other, cpu)
+    assert not kernels.use_kernels(Uniform(4), torch.ones(0, 8))  # empty: torch raises its own errors
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.use_kernels(Uniform(4), cpu)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="KVWIRE_KERNELS"):
+        kernels.use_kernels(Uniform(4), cpu)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

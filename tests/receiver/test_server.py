@@ -1,0 +1,205 @@
+"""The receiver's handlers over real gRPC: bounded generation, and a specific status for every failure."""
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from common import wire
+from common.kvstate import prefill
+from common.profile import parse_profile
+from common.proto import kvwire_pb2 as pb
+from receiver import server as server_module
+from sender.client import Client
+
+CONTEXT_IDS = list(range(300, 340))  # a 40-token cache
+CONTEXT = 4096  # tiny-llama's max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_llama):
+    return list(wire.encode(prefill(tiny_llama.model, CONTEXT_IDS), parse_profile("raw"), tiny_llama.fingerprint))
+
+
+@pytest.fixture
+def session(llama_receiver, frames):
+    with Client(llama_receiver.target) as client:
+        return client.send_frames(frames).session_id
+
+
+def generate_error(receiver, session_id, **request) -> grpc.RpcError:
+    with Client(receiver.target, timeout_s=30) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate(session_id, **request)
+    return info.value
+
+
+def test_max_new_tokens_is_bounded_by_the_setting(llama_receiver, session):
+    error = generate_error(llama_receiver, session, token_ids=[1], max_new_tokens=513)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_new_tokens 513 exceeds the limit of 512 (KVWIRE_MAX_NEW_TOKENS)" in error.details()
+
+
+def test_the_setting_changes_the_bound(start_receiver, frames):
+    receiver = start_receiver("tiny-llama", max_new_tokens=8)
+    with Client(receiver.target) as client:
+        session_id = client.send_frames(frames).session_id
+        assert len(client.generate(session_id, token_ids=[1], max_new_tokens=8).token_ids) <= 8
+    error = generate_error(receiver, session_id, token_ids=[1], max_new_tokens=9)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit of 8" in error.details()
+
+
+def test_three_hundred_thousand_ids_are_refused(llama_receiver, session):
+    error = generate_error(llama_receiver, session, token_ids=[5] * 300_000)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == ("40 cached + 300000 prompt + 64 new tokens exceed the context of tiny-llama "
+                               "(max_position_embeddings), 4096 tokens")
+
+
+def test_the_context_bound_is_exact(llama_receiver, session):
+    """seq_len + prompt + new tokens may reach the model's context, never pass it."""
+    fits = CONTEXT - len(CONTEXT_IDS) - 1
+    with Client(llama_receiver.target) as client:
+        assert len(client.generate(session, token_ids=[5] * fits, max_new_tokens=1).token_ids) == 1
+    error = generate_error(llama_receiver, session, token_ids=[5] * (fits + 1), max_new_tokens=1)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "4096 tokens" in error.details()
+
+
+def test_the_receiver_token_limit_bounds_the_context_too(start_receiver, frames):
+    receiver = start_receiver("tiny-llama", max_tokens=100)
+    with Client(receiver.target) as client:
+        session_id = client.send_frames(frames).session_id
+    error = generate_error(receiver, session_id, token_ids=[5] * 50, max_new_tokens=11)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceed the receiver's max_tokens (KVWIRE_MAX_TOKENS), 100 tokens" in error.details()
+
+
+def test_refusals_do_not_wait_for_the_model_lock(llama_receiver, session):
+    """The bounds are checked before the lock: a refused request is answered while another decode holds it."""
+    lock = llama_receiver.servicer._model_lock
+    llama_receiver.call(lock.acquire())
+    try:
+        start = time.perf_counter()
+        for request in ({"token_ids": [5] * 300_000}, {"token_ids": [1], "max_new_tokens": 100_000}):
+            assert generate_error(llama_receiver, session, **request).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert time.perf_counter() - start < 10
+    finally:
+        llama_receiver.loop.call_soon_threadsafe(lock.release)
+
+
+@pytest.mark.parametrize("exc,code", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError("decoding needs at least one token"), grpc.StatusCode.INVALID_ARGUMENT),
+    (KeyError("surprise"), grpc.StatusCode.INTERNAL),
+], ids=["cuda-oom", "cpu-oom", "value-error", "bug"])
+def test_generate_failures_get_a_specific_status(llama_receiver, session, monkeypatch, exc, code):
+    def failing_decode(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(server_module, "greedy_decode", failing_decode)
+    error = generate_error(llama_receiver, session, token_ids=[1], max_new_tokens=4)
+    assert error.code() == code != grpc.StatusCode.UNKNOWN
+    assert str(exc).strip("'") in error.details()
+    if code == grpc.StatusCode.INTERNAL:
+        assert "internal error (KeyError)" in error.details()
+    assert not llama_receiver.servicer._model_lock.locked()
+
+
+def with_fresh_id(frames: list[pb.Frame]) -> list[pb.Frame]:
+    """A copy under a new transfer id: a repeated id is answered from the finished transfer."""
+    frames = [pb.Frame.FromString(f.SerializeToString()) for f in frames]
+    for frame in frames:
+        if frame.WhichOneof("kind") == "header":
+            frame.header.transfer_id = f"test-{time.perf_counter_ns()}"
+    return frames
+
+
+def send_error(receiver, frames) -> grpc.RpcError:
+    with Client(receiver.target, timeout_s=30) as client, pytest.raises(grpc.RpcError) as info:
+        client.send_frames(with_fresh_id(frames))
+    return info.value
+
+
+@pytest.mark.parametrize("exc,code", [
+    (torch.OutOfMemoryError("CUDA out of memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (MemoryError("cache exceeds the session budget"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError("keys and values differ"), grpc.StatusCode.INVALID_ARGUMENT),
+    (AttributeError("surprise"), grpc.StatusCode.INTERNAL),
+], ids=["cuda-oom", "memory-error", "value-error", "bug"])
+def test_transfer_failures_get_a_specific_status_and_free_the_reservation(llama_receiver, frames, monkeypatch, exc, code):
+    servicer = llama_receiver.servicer
+    sessions_before = len(servicer.sessions)
+
+    def failing_put(*args):
+        raise exc
+
+    monkeypatch.setattr(servicer.sessions, "put", failing_put)
+    error = send_error(llama_receiver, frames)
+    assert error.code() == code != grpc.StatusCode.UNKNOWN and str(exc) in error.details()
+    assert servicer.inflight_bytes == 0  # the header's reservation is given back
+    assert len(servicer.sessions) == sessions_before  # nothing injected
+
+
+def test_a_text_segment_that_cannot_be_prefilled_is_invalid_argument(llama_receiver, tiny_llama, monkeypatch):
+    def refusing_prefill(model, kv, token_ids):
+        raise ValueError("layers hold different numbers of tokens; prefill on top needs them equal")
+
+    monkeypatch.setattr(server_module, "prefill_on_top", refusing_prefill)
+    encoder = wire.Encoder(tiny_llama.fingerprint)
+    frames = [encoder.header(4), encoder.text_segment([5, 6, 7, 8], 0), encoder.trailer()]
+    with Client(llama_receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+        list(client.stream_segments(iter(frames)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layers hold different" in info.value.details()
+
+
+def test_an_unexpected_negotiation_failure_is_internal(llama_receiver, tiny_llama, monkeypatch):
+    def broken_parse(spec):
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(server_module, "parse_profile", broken_parse)
+    with Client(llama_receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.negotiate(tiny_llama.fingerprint, ["int8"])
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "internal error (TypeError): unexpected" in info.value.details()
+
+
+def test_a_group_past_the_cap_is_refused_before_allocating(llama_receiver, frames):
+    """int4:g268435456 and a payload of the size it implies: INVALID_ARGUMENT from the header, not UNKNOWN."""
+    import zlib
+
+    import zstandard
+
+    header = pb.Frame.FromString(frames[0].SerializeToString())
+    header.header.profile = "int4:g268435456"
+    payload = zstandard.ZstdCompressor().compress(bytes(1728))  # 40 tokens, 2 heads x 16: int4 with one group a row
+    chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=40, raw_size=1728, crc32=zlib.crc32(payload),
+                                    payload=payload))
+    error = send_error(llama_receiver, [header, chunk])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4096" in error.details()
+    assert llama_receiver.servicer.inflight_bytes == 0
+
+
+def test_no_status_is_unknown_for_fuzzed_inputs_over_grpc(llama_receiver, tiny_llama):
+    """A few hundred fuzz inputs through the real handlers: every outcome is OK or a specific status."""
+    from common import fuzz
+
+    kv = prefill(tiny_llama.model, CONTEXT_IDS)
+    seeds = fuzz.seed_transfers(kv, tiny_llama.fingerprint)
+
+    def send(client, frames):
+        frames = with_fresh_id(frames)
+        try:
+            if fuzz.is_segmented(frames):
+                list(client.stream_segments(iter(frames)))
+            else:
+                client.send_frames(frames)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        report = fuzz.run(tiny_llama.fingerprint, seeds, structured=150, random_bytes=50, seed=7, grammar=150, kv=kv,
+                          send=lambda frames: send(client, frames))
+    assert report.unknown == report.internal == 0
+    assert report.accepted > 10 and report.rejected["INVALID_ARGUMENT"] > 50
+

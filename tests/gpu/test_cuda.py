@@ -1,0 +1,70 @@
+"""On a CUDA machine only. CI has no GPU, so these are skipped there; their runs on the GPU machine
+are recorded in results/gpu_tests.txt (device, versions, output)."""
+
+import pytest
+import torch
+
+from channel.bench_gpu import kernels
+from channel.evaluation.metrics import f1
+from channel.evaluation.squad import load_squad
+from common.kvstate import reference_generate
+from common.models import load_model
+from common.profile import parse_profile
+from sender.client import Client
+from sender.pipeline import Sender
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+           "a region in France. They were descended from Norse raiders from Denmark, Iceland and Norway.")
+QUESTION = "Where is Normandy?"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "smollm2-135m"])
+def test_lossless_over_grpc_on_cuda_reproduces_generate(start_receiver, name):
+    loaded = load_model(name, "cuda", "float32")
+    receiver = start_receiver(name, device="cuda", dtype="float32")
+    with Client(receiver.target) as client:
+        sender = Sender(loaded, client, attempts=1)
+        asked = sender.ask(CONTEXT, QUESTION, parse_profile("raw"), max_new_tokens=16)
+        piped = sender.ask_pipelined(CONTEXT, QUESTION, parse_profile("raw"), max_new_tokens=16)
+    assert asked.token_ids == reference_generate(loaded.model, asked.prefilled.prompt.ids, 16)
+    assert piped.token_ids == asked.token_ids
+    assert receiver.servicer.sessions.get(asked.session_id).kv.keys[0].is_cuda
+
+
+def test_cpu_sender_to_gpu_receiver_int8_keeps_the_answers(start_receiver):
+    """A CPU float32 sender and a CUDA bfloat16 receiver of the same weights, int8: the answers match
+    CPU to CPU within int8's usual fidelity."""
+    cpu = load_model("smollm2-135m", "cpu", "float32")
+    gpu_receiver = start_receiver("smollm2-135m", device="cuda", dtype="bfloat16")
+    cpu_receiver = start_receiver("smollm2-135m", device="cpu", dtype="float32")
+    int8 = parse_profile("int8")
+    scores, same = [], 0
+    with Client(gpu_receiver.target) as to_gpu, Client(cpu_receiver.target) as to_cpu:
+        for sample in load_squad(limit=10):
+            pre = Sender(cpu, to_cpu).prefill(sample.context, sample.question, True, [int8])
+            on_cpu = Sender(cpu, to_cpu).ask(sample.context, sample.question, int8, max_new_tokens=24, prefilled=pre)
+            on_gpu = Sender(cpu, to_gpu).ask(sample.context, sample.question, int8, max_new_tokens=24, prefilled=pre)
+            scores.append(f1(on_gpu.answer, on_cpu.answer))
+            same += on_gpu.token_ids == on_cpu.token_ids
+    print(f"CPU->GPU(bf16) vs CPU->CPU, int8, 10 questions: {same}/10 identical, mean F1 {sum(scores) / 10:.3f}")
+    assert sum(scores) / len(scores) >= 0.8
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4:g64:sym", "int3", "int2", "int1", "nf4", "int8:k=token:v=channel"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_kernels_are_bit_identical_to_torch_on_cuda(spec, dtype):
+    codec = parse_profile(spec).codec(0)
+    generator = torch.Generator("cuda").manual_seed(0)
+    for tokens in (1, 77, 1000):
+        keys = torch.randn(1, 8, tokens, 128, device="cuda", dtype=dtype, generator=generator)
+        values = torch.randn(1, 8, tokens, 128, device="cuda", dtype=dtype, generator=generator)
+        with kernels("torch"):
+            reference = codec.encode(keys, values)
+            back = codec.decode(reference, tuple(keys.shape), dtype)
+        with kernels("triton"):
+            fused = codec.encode(keys, values)
+            fused_back = codec.decode(reference, tuple(keys.shape), dtype)
+        assert torch.equal(fused, reference), (spec, dtype, tokens)
+        assert all(torch.equal(a, b) for a, b in zip(fused_back, back)), (spec, dtype, tokens)

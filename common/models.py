@@ -166,10 +166,19 @@ RANDOM_CONFIGS = {
 }
 
 
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, which the tiny and random models borrow: from the converted model's folder
+    (its tokenizer files alone are enough, as on a GPU machine without the weights), or by converting."""
+    folder = get_settings().cache_dir / "models" / "smollm2-135m"
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    return load_model("smollm2-135m", "cpu", "float32").tokenizer
+
+
 def _random_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, object, str]:
     """A seeded random model of a real architecture, initialized on `device`; its identity is the
     hash of its config and seed (hashing 16 GB of weights would take minutes), marked as random."""
-    tokenizer = load_model("smollm2-135m", "cpu", "float32").tokenizer  # its ids fit any larger vocabulary
+    tokenizer = smollm2_tokenizer()
     spec = dict(RANDOM_CONFIGS[name])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
@@ -181,7 +190,7 @@ def _random_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[
 
 
 def _tiny_model(name: str) -> tuple[PreTrainedModel, object]:
-    tokenizer = load_model("smollm2-135m", "cpu", "float32").tokenizer  # only its tokenizer
+    tokenizer = smollm2_tokenizer()
     spec = dict(TINY_CONFIGS[name])
     init_std = spec.pop("init_std")
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), **spec)

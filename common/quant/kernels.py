@@ -60,6 +60,11 @@ def use_kernels(quantizer, tensor: torch.Tensor, dtype: torch.dtype | None = Non
         return False
     if tensor.dtype not in FLOATS + (torch.uint8,) or (dtype is not None and dtype not in FLOATS):
         return False
+    if tensor.is_cuda and torch.float32 in (tensor.dtype, dtype):
+        # On the H200, float32 input did not match torch's bytes for the uniform quantizers (torch's
+        # CUDA division and the kernel's round differently there; bf16/fp16 match bit for bit), so
+        # float32 caches on CUDA take the torch path until that is resolved.
+        return False
     if chosen == "auto":
         return tensor.is_cuda and triton_available()
     if not triton_available():
@@ -87,7 +92,8 @@ def _pow2(n: int) -> int:
 
 
 def _geometry(bits: int, group: int, rows: int, cols: int) -> dict:
-    """Tile shape: BR rows of NG whole groups; the groups of a tile start on a packing unit."""
+    """Tile shape of encode_kernel and decode_kernel: NG whole groups of columns, of BR rows; the
+    groups of a tile start on a packing unit."""
     unit_codes = 8 // math.gcd(bits, 8)  # UC codes fill UB whole bytes
     unit_bytes = bits // math.gcd(bits, 8)
     gp = _pow2(group)
@@ -100,10 +106,23 @@ def _geometry(bits: int, group: int, rows: int, cols: int) -> dict:
         while ng * group * 2 <= want:
             ng *= 2
         bcw = _pow2(ng * group)
-    br = max(1, min(_pow2(rows), TILE // max(bcw, ng * gp)))
-    meta = dict(GROUP=group, GP=gp, NG=ng, BR=br, BCW=bcw, UC=unit_codes, UB=unit_bytes, UBP=_pow2(unit_bytes))
-    meta["num_warps"] = 8 if br * max(bcw, ng * gp) >= 4096 else 4
-    return meta
+    span = max(bcw, ng * gp)
+    br = max(1, min(_pow2(rows), TILE // span))
+    return dict(GROUP=group, GP=gp, NG=ng, BR=br, BCW=bcw, UC=unit_codes, UB=unit_bytes, UBP=_pow2(unit_bytes),
+                num_warps=8 if br * span >= 4096 else 4)
+
+
+def _rows_geometry(x: torch.Tensor, kind: int, bits: int, group: int, codes: torch.Tensor, row_stride: int) -> dict | None:
+    """Tile shape of encode_rows_kernel, or None where it does not apply: it takes views whose rows
+    are contiguous and columns strided (keys per channel), and unrolls a group (at most 128)."""
+    if not (x.stride(2) == 1 and x.stride(3) != 1 and kind in (ASYM, SYM) and group <= 128 and group % 8 == 0):
+        return None
+    word = 0  # 3, 5, 6, 7 bits: units of 8 codes, stored byte by byte
+    if 8 % bits == 0:
+        word = next(w for w in (8, 4, 2, 1) if group % (w * 8 // bits) == 0 and row_stride % w == 0
+                    and (codes.shape[0] == 1 or codes.stride(0) % w == 0) and codes.data_ptr() % w == 0)
+    br = min(_pow2(x.shape[2]), 128)
+    return dict(GROUP=group, NG=max(1, 32 // group), BR=br, WORD=word, num_warps=max(1, min(4, br // 32)))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -168,24 +187,36 @@ def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | 
     row_bytes = (cols * bits + 7) // 8
     aligned = cols * bits % 8 == 0
     if aligned:  # rows start on a byte: pack straight into the payload
-        codes = out
-    else:  # pack byte-padded rows, then shift them together
-        codes = torch.empty(payloads, matrix_rows * row_bytes, dtype=torch.uint8, device=x.device)
-    dummy = out
-    mean = _group_means(x, group) if kind == SIGN else dummy
-    mids = _constants(x.device)[1] if kind == NF4_KIND else dummy
-    meta = _geometry(bits, group, rows, cols)
-    tk.encode_kernel[_grid(meta, payloads, heads, rows, cols)](
-        x, *x.stride(), heads, rows, cols,
-        codes, codes.stride(0), row_bytes,
-        out[:, code_bytes:], out.stride(0), num_groups(cols, group),
-        mean, mids, dummy if flag is None else flag,
-        KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **meta)
+        codes, row_stride = out, row_bytes
+    else:  # pack rows into a scratch buffer, rows 16 bytes aligned, then shift them together
+        row_stride = -(-row_bytes // 16) * 16
+        codes = torch.empty(payloads, matrix_rows * row_stride, dtype=torch.uint8, device=x.device)
+    one = payloads == 1  # a zero payload stride keeps the compiler's alignment facts
+    groups = num_groups(cols, group)
+    flag_or_any = out if flag is None else flag
+    rows_meta = _rows_geometry(x, kind, bits, group, codes, row_stride)
+    if rows_meta is not None:
+        tk.encode_rows_kernel[(_cdiv(rows, rows_meta["BR"]), _cdiv(groups, rows_meta["NG"]), payloads * heads)](
+            x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
+            codes, 0 if one else codes.stride(0), row_stride, row_bytes,
+            out[:, code_bytes:], 0 if one else out.stride(0), groups,
+            flag_or_any,
+            KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **rows_meta)
+    else:
+        mean = _group_means(x, group) if kind == SIGN else out
+        mids = _constants(x.device)[1] if kind == NF4_KIND else out
+        meta = _geometry(bits, group, rows, cols)
+        tk.encode_kernel[_grid(meta, payloads, heads, rows, cols)](
+            x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
+            codes, 0 if one else codes.stride(0), row_stride, row_bytes,
+            out[:, code_bytes:], 0 if one else out.stride(0), groups,
+            mean, mids, flag_or_any,
+            KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **meta)
     if not aligned:
         block = 1024
         tk.compact_kernel[(_cdiv(code_bytes, block), payloads)](
-            codes, codes.stride(0), out, out.stride(0), row_bytes, cols * bits, code_bytes, matrix_rows * cols * bits,
-            BLOCK=block, SHORT_ROWS=cols * bits < 8)
+            codes, codes.stride(0), row_stride, out, out.stride(0), row_bytes, cols * bits, code_bytes,
+            matrix_rows * cols * bits, BLOCK=block, SHORT_ROWS=cols * bits < 8)
 
 
 def decode(quantizer, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -202,9 +233,10 @@ def decode(quantizer, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     code_bytes = (matrix_rows * cols * bits + 7) // 8
     book = _constants(payload.device)[0] if kind == NF4_KIND else payload
     meta = _geometry(bits, group, rows, cols)
+    one = payloads == 1
     tk.decode_kernel[_grid(meta, payloads, heads, rows, cols)](
-        payload, payload.stride(0), code_bytes, (cols * bits + 7) // 8, num_groups(cols, group),
-        out, *out.stride(), heads, rows, cols,
+        payload, 0 if one else payload.stride(0), code_bytes, (cols * bits + 7) // 8, num_groups(cols, group),
+        out, 0 if one else out.stride(0), *out.stride()[1:], heads, rows, cols,
         book,
         KIND=kind, BITS=bits, ALIGNED=cols * bits % 8 == 0, enable_fp_fusion=False, **meta)
     return out

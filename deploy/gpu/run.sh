@@ -5,6 +5,8 @@
 #   deploy/gpu/run.sh install     # the wheels, into /tmp/site
 #   deploy/gpu/run.sh kernels OUT # Triton kernels against torch, and codec throughput
 #   deploy/gpu/run.sh all OUT     # SmolLM2 converted, every GPU test, kvwire bench gpu
+#   deploy/gpu/run.sh tiny OUT    # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
+#                                 # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 KVWIRE_CACHE_DIR=/tmp/kvwire-cache
 case "$1" in
@@ -24,6 +26,12 @@ for r in rows[1:]:
     print(r['tokens'], r['profile'], r['kernels'], 'copy %.0f GB/s  encode %.0f (x%.2f)  decode %.0f (x%.2f)' % (
         r['copy_gbps'], r['encode_gbps'], r['encode_vs_copy'], r['decode_gbps'], r['decode_vs_copy']))
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
+  ;;
+tiny)
+  mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/
+  python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "not smollm2 and not cpu_sender and not triton" 2>&1 \
+    | tee "$2/gpu_tests.txt"
+  python3 -m channel.cli bench gpu --rates 1gbit,10gbit --json "$2/bench_gpu.json" 2>&1 | tee "$2/bench_gpu.txt"
   ;;
 all)
   mkdir -p /tmp/smollm2

@@ -5,6 +5,7 @@
 #   deploy/gpu/run.sh install     # the wheels, into /tmp/site
 #   deploy/gpu/run.sh kernels OUT # Triton kernels against torch, and codec throughput
 #   deploy/gpu/run.sh all OUT     # SmolLM2 converted, every GPU test, kvwire bench gpu
+#   deploy/gpu/run.sh smollm2 OUT # SmolLM2 from its GGUF parts: lossless on CUDA, CPU sender -> GPU receiver
 #   deploy/gpu/run.sh tiny OUT    # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                 # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -26,6 +27,18 @@ for r in rows[1:]:
     print(r['tokens'], r['profile'], r['kernels'], 'copy %.0f GB/s  encode %.0f (x%.2f)  decode %.0f (x%.2f)' % (
         r['copy_gbps'], r['encode_gbps'], r['encode_vs_copy'], r['decode_gbps'], r['decode_vs_copy']))
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
+  ;;
+smollm2)
+  mkdir -p /tmp/smollm2
+  cat .gguf1/a .gguf2/b .gguf3/c > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -rf /tmp/kvwire-cache/models/smollm2-135m
+  python3 -c "
+from pathlib import Path
+import common.models as models
+models.GGUF_MODELS['smollm2-135m'] = lambda: Path('/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
+print(models.load_model('smollm2-135m', 'cpu', 'float32').fingerprint)
+"
+  python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "smollm2 or cpu_sender" 2>&1 | tee "$2/gpu_tests_smollm2.txt"
   ;;
 tiny)
   mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/

@@ -4,7 +4,9 @@ place that decides when they run.
 The torch implementations in `uniform.py` and `nf4.py` are the CPU path and the reference: the
 kernels (`common.quant.triton_kernels`) produce the same bytes and the same decoded values, bit
 for bit (DESIGN invariant 9; tests/common/quant/test_kernels.py checks it on the CPU through
-Triton's interpreter).
+Triton's interpreter, and the GPU run checked CUDA kernels against torch on the CPU). One
+exception: int1 sym's scale is mean |x|, whose float sum torch orders differently on each device;
+the kernels take that mean from torch on the tensor's device, so they match torch there.
 
 Dispatch: `use_kernels(quantizer, tensor)` is the only decision. KVWIRE_KERNELS picks the path:
 - auto (default): the kernels for tensors on CUDA when triton imports, torch otherwise;
@@ -17,7 +19,8 @@ so per-channel keys are read and written in place, with no transposed copy):
 - encode(quantizer, x, check=True): x (payloads, heads, rows, cols) -> (payloads, size) uint8, each
   row the payload `quantizer.encode` gives for the (heads * rows, cols) matrix;
 - decode(quantizer, payload, out): the inverse, written into `out` (payloads, heads, rows, cols);
-- encode_kv / decode_kv: KVCodec's payload of one layer's keys and values, or of stacked layers.
+- encode_kv / decode_kv: KVCodec's payload of one layer's keys and values, or of stacked layers
+  (layers, heads, tokens, head_dim), one launch per tensor.
 """
 
 from __future__ import annotations
@@ -59,11 +62,6 @@ def use_kernels(quantizer, tensor: torch.Tensor, dtype: torch.dtype | None = Non
     if chosen == "torch" or _spec(quantizer) is None or tensor.numel() == 0:
         return False
     if tensor.dtype not in FLOATS + (torch.uint8,) or (dtype is not None and dtype not in FLOATS):
-        return False
-    if tensor.is_cuda and torch.float32 in (tensor.dtype, dtype):
-        # On the H200, float32 input did not match torch's bytes for the uniform quantizers (torch's
-        # CUDA division and the kernel's round differently there; bf16/fp16 match bit for bit), so
-        # float32 caches on CUDA take the torch path until that is resolved.
         return False
     if chosen == "auto":
         return tensor.is_cuda and triton_available()

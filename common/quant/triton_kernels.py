@@ -17,7 +17,9 @@ A launch covers a 4-D view (payloads, heads, rows, cols), of any strides: each p
 matrix (heads * rows, cols), groups run along cols. Keys per channel are the view
 keys.transpose(2, 3) of (1, heads, tokens, head_dim), read in place. One program takes a tile of
 BR rows of one head and NG whole groups of columns: its statistics, parameters and codes need no
-other program's data.
+other program's data. `encode_kernel` and `decode_kernel` take any view; `encode_rows_kernel`
+takes the views whose rows are contiguous (keys per channel) for the uniform quantizers, one row
+per thread, so that a group never has to be reduced across threads.
 
 Codes are packed as `common.quant.packing` lays them out: n codes of b bits in ceil(n * b / 8)
 bytes, least significant bit first. UC codes (8 / gcd(b, 8)) fill UB whole bytes (b / gcd(b, 8)),
@@ -45,32 +47,75 @@ def _round_even(q):
 
 
 @triton.jit
-def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr):
-    """x3: (BR, NG, GP) fp32, ok3 its mask -> the fp16 (scale, low) of each group, (BR, NG) each.
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _group_max(x, axis: tl.constexpr, CHECK: tl.constexpr):
+    if CHECK:  # a NaN must reach the check, which a plain max drops
+        return tl.reduce(x, axis, _max_nan)
+    else:
+        return tl.max(x, axis=axis)
+
+
+@triton.jit
+def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr, CHECK: tl.constexpr):
+    """x3: (NG, GP, BR) fp32, ok3 its mask -> the fp16 (scale, low) of each group, (NG, BR) each, and
+    whether the group holds a value check_finite refuses.
 
     Masked lanes are the group's padding: repeating the last column (base.group_view) changes no
     minimum or maximum, so leaving them out gives the same statistics."""
     if KIND == ASYM:
-        any_ok = tl.max(ok3.to(tl.int32), axis=2) > 0
-        high = tl.where(any_ok, tl.max(tl.where(ok3, x3, float("-inf")), axis=2), 0.0)
-        low = tl.where(any_ok, tl.min(tl.where(ok3, x3, float("inf")), axis=2), 0.0)
-        scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
-    elif KIND == SIGN:
-        scale = mean
-        low = scale
-    else:
-        absmax = tl.max(tl.where(ok3, tl.abs(x3), 0.0), axis=2)
-        if KIND == SYM:
-            scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
+        high = _group_max(tl.where(ok3, x3, float("-inf")), 1, CHECK)
+        if CHECK:
+            low = tl.reduce(tl.where(ok3, x3, float("inf")), 1, _min_nan)
         else:
-            scale = absmax
+            low = tl.min(tl.where(ok3, x3, float("inf")), axis=1)
+        bad = (high != high) | (high > FP16_MAX) | (low < -FP16_MAX)
+        empty = high < low  # a tile's groups past the end of the row
+        high = tl.where(empty, 0.0, high)
+        low = tl.where(empty, 0.0, low)
+        scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
+    else:
+        if KIND == SIGN:
+            scale = mean
+            if CHECK:
+                absmax = _group_max(tl.where(ok3, tl.abs(x3), 0.0), 1, CHECK)
+            else:
+                absmax = mean
+        else:
+            absmax = _group_max(tl.where(ok3, tl.abs(x3), 0.0), 1, CHECK)
+            if KIND == SYM:
+                scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
+            else:
+                scale = absmax
         low = scale
+        bad = (absmax != absmax) | (absmax > FP16_MAX)
+    return _fp16_scale(scale, KIND), low.to(tl.float16), bad
+
+
+@triton.jit
+def _fp16_scale(scale, KIND: tl.constexpr):
     stored = scale.to(tl.float16)
     if KIND != NF4:
         # Uniform._levels: a step below fp16's normal range, rounded down, goes up one fp16 step.
         rounded_down = (stored.to(tl.float32) < scale) & (scale < FP16_MIN_NORMAL)
         stored = tl.where(rounded_down, (stored.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True), stored)
-    return stored, low.to(tl.float16)
+    return stored
+
+
+@triton.jit
+def _divide(num, den):
+    """num / den, IEEE round to nearest, for den > 0. A zero numerator (every asymmetric group's
+    minimum) would send the GPU's division to its slow path; 0 / den is 0 anyway."""
+    zero = num == 0
+    return tl.where(zero, 0.0, tl.math.div_rn(tl.where(zero, 1.0, num), den))
 
 
 @triton.jit
@@ -79,17 +124,17 @@ def _codes(x, stored, low, mid_ptr, KIND: tl.constexpr, BITS: tl.constexpr):
     scale = stored.to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)
     if KIND == ASYM:
-        q = tl.math.div_rn(x - low.to(tl.float32), safe)
+        q = _divide(x - low.to(tl.float32), safe)
         code = _round_even(tl.minimum(tl.maximum(q, 0.0), (2**BITS - 1) * 1.0)).to(tl.int32)
     elif KIND == SYM:
         half: tl.constexpr = 2 ** (BITS - 1) - 1
-        q = tl.math.div_rn(x, safe)
+        q = _divide(x, safe)
         code = (_round_even(tl.minimum(tl.maximum(q, -half * 1.0), half * 1.0)) + half).to(tl.int32)
     elif KIND == SIGN:
         code = (x >= 0).to(tl.int32)
     else:
         # torch.bucketize(v, midpoints, right=False): how many midpoints lie strictly below v.
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, safe), -1.0), 1.0)
+        v = tl.minimum(tl.maximum(_divide(x, safe), -1.0), 1.0)
         code = tl.zeros(v.shape, tl.int32)
         for i in tl.static_range(15):
             code += (v > tl.load(mid_ptr + i)).to(tl.int32)
@@ -124,17 +169,19 @@ def _narrow(value, dtype: tl.constexpr):
 @triton.jit
 def encode_kernel(
     x_ptr, x_sp, x_sh, x_sr, x_sc, heads, rows, cols,
-    codes_ptr, codes_sp, row_bytes,
+    codes_ptr, codes_sp, row_stride, row_bytes,
     params_ptr, params_sp, groups,
     mean_ptr, mid_ptr, flag_ptr,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, NG: tl.constexpr,
     BR: tl.constexpr, BCW: tl.constexpr, UC: tl.constexpr, UB: tl.constexpr, UBP: tl.constexpr,
     CHECK: tl.constexpr,
 ):
-    """One tile: rows [r0, r0 + BR) of head h of payload p, groups [NG * pid1, NG * pid1 + NG).
+    """One tile: groups [NG * pid1, NG * pid1 + NG) of rows [r0, r0 + BR) of head h of payload p,
+    laid out (group, position in group, row).
 
-    Codes go to codes_ptr + p * codes_sp + m * row_bytes (m = h * rows + r, the matrix row), the
-    fp16 parameters to params_ptr + p * params_sp, (m, group, param) in row-major order."""
+    Codes go to codes_ptr + p * codes_sp + m * row_stride (m = h * rows + r, the matrix row; row_bytes
+    of them are the row's), the fp16 parameters to params_ptr + p * params_sp, (m, group, param)
+    in row-major order."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
     h = pid_ph % heads
@@ -147,67 +194,156 @@ def encode_kernel(
     j = tl.arange(0, NG)
     e = tl.arange(0, GP)
     col3 = c0 + j[:, None] * GROUP + e[None, :]
-    ok3 = row_ok[:, None, None] & ((e[None, :] < GROUP) & (col3 < cols))[None, :, :]
-    x3 = tl.load(x_base + r[:, None, None] * x_sr + col3[None, :, :] * x_sc, mask=ok3, other=0.0).to(tl.float32)
-    if CHECK:  # check_finite's conditions; the host raises its error
-        bad = (ok3 & ((x3 != x3) | (tl.abs(x3) > FP16_MAX))).to(tl.int32)
-        found = tl.max(tl.max(tl.max(bad, axis=2), axis=1), axis=0)
-        tl.atomic_max(flag_ptr, found, mask=found > 0)
+    ok3 = ((e[None, :] < GROUP) & (col3 < cols))[:, :, None] & row_ok[None, None, :]
+    x3 = tl.load(x_base + col3[:, :, None] * x_sc + r[None, None, :] * x_sr, mask=ok3, other=0.0).to(tl.float32)
 
     gj = tl.program_id(1) * NG + j
+    g_ok = (gj < groups)[:, None] & row_ok[None, :]
     if KIND == SIGN:
-        mean = tl.load(mean_ptr + p.to(tl.int64) * rows * heads * groups + m[:, None] * groups + gj[None, :],
-                       mask=row_ok[:, None] & (gj < groups)[None, :], other=0.0)
+        mean = tl.load(mean_ptr + p.to(tl.int64) * rows * heads * groups + m[None, :] * groups + gj[:, None],
+                       mask=g_ok, other=0.0)
     else:
         mean = 0.0
-    stored, low = _group_scale(x3, ok3, mean, KIND, BITS)
+    stored, low, bad = _group_scale(x3, ok3, mean, KIND, BITS, CHECK)
+    if CHECK:  # check_finite's conditions; the host raises its error. No atomics unless some group is bad.
+        tl.atomic_max(flag_ptr + tl.zeros([NG, BR], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
 
     NP: tl.constexpr = 2 if KIND == ASYM else 1
-    p_ok = row_ok[:, None] & (gj < groups)[None, :]
-    p_ptr = params_ptr + p.to(tl.int64) * params_sp + (m[:, None] * groups + gj[None, :]) * (2 * NP)
-    _store_half(p_ptr, stored, p_ok)
+    p_ptr = params_ptr + p.to(tl.int64) * params_sp + (m[None, :] * groups + gj[:, None]) * (2 * NP)
+    _store_half(p_ptr, stored, g_ok)
     if KIND == ASYM:
-        _store_half(p_ptr + 2, low, p_ok)
+        _store_half(p_ptr + 2, low, g_ok)
 
     if GP == GROUP:  # the tile's columns are contiguous: reuse the statistics tile
-        code = tl.reshape(tl.where(ok3, _codes(x3, stored[:, :, None], low[:, :, None], mid_ptr, KIND, BITS), 0),
-                          (BR, BCW))
+        code = tl.where(ok3, _codes(x3, stored[:, None, :], low[:, None, :], mid_ptr, KIND, BITS), 0)
+        code = tl.reshape(code, (BCW, BR))
     else:  # a group of odd size: read the columns again, as one row segment, and gather parameters
         k = tl.arange(0, BCW)
         col = c0 + k
-        ok = row_ok[:, None] & ((k < NG * GROUP) & (col < cols))[None, :]
-        x = tl.load(x_base + r[:, None] * x_sr + col[None, :] * x_sc, mask=ok, other=0.0).to(tl.float32)
-        which = tl.broadcast_to(tl.minimum(k // GROUP, NG - 1)[None, :], (BR, BCW))
-        code = tl.where(ok, _codes(x, tl.gather(stored, which, 1), tl.gather(low, which, 1), mid_ptr, KIND, BITS), 0)
+        ok = ((k < NG * GROUP) & (col < cols))[:, None] & row_ok[None, :]
+        x = tl.load(x_base + col[:, None] * x_sc + r[None, :] * x_sr, mask=ok, other=0.0).to(tl.float32)
+        which = tl.broadcast_to(tl.minimum(k // GROUP, NG - 1)[:, None], (BCW, BR))
+        code = tl.where(ok, _codes(x, tl.gather(stored, which, 0), tl.gather(low, which, 0), mid_ptr, KIND, BITS), 0)
 
     # Pack UC codes into UB bytes; the tile starts on a unit (NG * GROUP % UC == 0).
-    c_base = codes_ptr + p.to(tl.int64) * codes_sp + m * row_bytes
+    c_base = codes_ptr + p.to(tl.int64) * codes_sp + m * row_stride
     limit = tl.minimum(row_bytes, (c0 + NG * GROUP) * BITS // 8)
     NU: tl.constexpr = BCW // UC
     u = tl.arange(0, NU)
     if BITS == 8:
         byte_at = c0 + u
-        tl.store(c_base[:, None] + byte_at[None, :], code.to(tl.uint8), mask=row_ok[:, None] & (byte_at < limit)[None, :])
+        tl.store(c_base[None, :] + byte_at[:, None], code.to(tl.uint8), mask=(byte_at < limit)[:, None] & row_ok[None, :])
     elif UB == 1:
-        units = tl.reshape(code, (BR, NU, UC))
-        byte = tl.sum(units << (tl.arange(0, UC) * BITS)[None, None, :], axis=2)
+        units = tl.reshape(code, (NU, UC, BR))
+        byte = tl.sum(units << (tl.arange(0, UC) * BITS)[None, :, None], axis=1)
         byte_at = c0 * BITS // 8 + u
-        tl.store(c_base[:, None] + byte_at[None, :], byte.to(tl.uint8), mask=row_ok[:, None] & (byte_at < limit)[None, :])
+        tl.store(c_base[None, :] + byte_at[:, None], byte.to(tl.uint8), mask=(byte_at < limit)[:, None] & row_ok[None, :])
     else:
-        units = tl.reshape(code, (BR, NU, UC)).to(tl.int64)
-        word = tl.sum(units << (tl.arange(0, UC) * BITS).to(tl.int64)[None, None, :], axis=2)
+        units = tl.reshape(code, (NU, UC, BR)).to(tl.int64)
+        word = tl.sum(units << (tl.arange(0, UC) * BITS).to(tl.int64)[None, :, None], axis=1)
         kb = tl.arange(0, UBP)
-        byte = (word[:, :, None] >> (kb * 8).to(tl.int64)[None, None, :]) & 0xFF
+        byte = (word[:, None, :] >> (kb * 8).to(tl.int64)[None, :, None]) & 0xFF
         byte_at = c0 * BITS // 8 + u[:, None] * UB + kb[None, :]
-        ok = row_ok[:, None, None] & ((kb < UB)[None, :] & (byte_at < limit))[None, :, :]
-        tl.store(c_base[:, None, None] + byte_at[None, :, :], byte.to(tl.uint8), mask=ok)
+        ok = ((kb < UB)[None, :] & (byte_at < limit))[:, :, None] & row_ok[None, None, :]
+        tl.store(c_base[None, None, :] + byte_at[:, :, None], byte.to(tl.uint8), mask=ok)
+
 
 
 @triton.jit
-def compact_kernel(scratch_ptr, scratch_sp, out_ptr, out_sp, row_bytes, row_bits, code_bytes, total_bits,
+def encode_rows_kernel(
+    x_ptr, x_sp, x_sh, x_sr, x_sc, heads, rows, cols,
+    codes_ptr, codes_sp, row_stride, row_bytes,
+    params_ptr, params_sp, groups,
+    flag_ptr,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
+    WORD: tl.constexpr, CHECK: tl.constexpr,
+):
+    """The encoder for views whose rows are contiguous and columns strided (keys per channel), for
+    Uniform (not int1 sym) with GROUP * BITS % 8 == 0. A tile is one row per thread: loads of a
+    column are coalesced across the warp's rows, a group's statistics and codes stay in its thread
+    (a 2-D tile would vectorize along rows and reduce every group across warps), and codes leave in
+    words of WORD bytes (1, 2, 4, 8; 0 for BITS 3, 5, 6, 7: a unit of 8 codes, byte by byte).
+
+    Columns past the end of the row read the last column: that is base.group_view's padding."""
+    pid_ph = tl.program_id(2)
+    p = pid_ph // heads
+    h = pid_ph % heads
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = r < rows
+    m = h * rows + r
+    x_row = x_ptr + p.to(tl.int64) * x_sp + h.to(tl.int64) * x_sh + r * x_sr
+    c_row = codes_ptr + p.to(tl.int64) * codes_sp + m * row_stride
+    NP: tl.constexpr = 2 if KIND == ASYM else 1
+    CHUNK: tl.constexpr = WORD * 8 // BITS if WORD > 0 else 8
+    for gi in tl.static_range(NG):
+        gj = tl.program_id(1) * NG + gi
+        first = gj * GROUP
+        g_ok = row_ok & (gj < groups)
+        if KIND == ASYM:
+            high = tl.full([BR], float("-inf"), tl.float32)
+            low = tl.full([BR], float("inf"), tl.float32)
+        else:
+            absmax = tl.zeros([BR], tl.float32)
+        for t in tl.static_range(GROUP):
+            v = tl.load(x_row + tl.minimum(first + t, cols - 1) * x_sc, mask=g_ok, other=0.0).to(tl.float32)
+            if KIND == ASYM:
+                if CHECK:  # a NaN must reach the check, which a plain max drops
+                    high = tl.maximum(high, v, propagate_nan=tl.PropagateNan.ALL)
+                    low = tl.minimum(low, v, propagate_nan=tl.PropagateNan.ALL)
+                else:
+                    high = tl.maximum(high, v)
+                    low = tl.minimum(low, v)
+            else:
+                if CHECK:
+                    absmax = tl.maximum(absmax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+                else:
+                    absmax = tl.maximum(absmax, tl.abs(v))
+        if KIND == ASYM:
+            scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
+            bad = (high != high) | (high > FP16_MAX) | (low < -FP16_MAX)
+        else:
+            scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
+            low = scale
+            bad = (absmax != absmax) | (absmax > FP16_MAX)
+        if CHECK:
+            tl.atomic_max(flag_ptr + tl.zeros([BR], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
+        stored = _fp16_scale(scale, KIND)
+        low = low.to(tl.float16)
+        p_ptr = params_ptr + p.to(tl.int64) * params_sp + (m * groups + gj) * (2 * NP)
+        _store_half(p_ptr, stored, g_ok)
+        if KIND == ASYM:
+            _store_half(p_ptr + 2, low, g_ok)
+
+        for w in tl.static_range(GROUP // CHUNK):
+            if WORD == 8 or WORD == 0:
+                word = tl.zeros([BR], tl.int64)
+            else:
+                word = tl.zeros([BR], tl.int32)
+            for i in tl.static_range(CHUNK):
+                col = first + w * CHUNK + i
+                v = tl.load(x_row + tl.minimum(col, cols - 1) * x_sc, mask=g_ok, other=0.0).to(tl.float32)
+                code = tl.where(col < cols, _codes(v, stored, low, x_ptr, KIND, BITS), 0)
+                word |= code.to(word.dtype) << (i * BITS)
+            at = (first + w * CHUNK) * BITS // 8
+            w_ok = g_ok & (at < row_bytes)
+            if WORD == 0:
+                for k in tl.static_range(BITS):
+                    tl.store(c_row + at + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8), mask=w_ok)
+            elif WORD == 1:
+                tl.store(c_row + at, word.to(tl.uint8), mask=w_ok)
+            elif WORD == 2:
+                tl.store((c_row + at).to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=w_ok)
+            elif WORD == 4:
+                tl.store((c_row + at).to(tl.pointer_type(tl.int32)), word, mask=w_ok)
+            else:
+                tl.store((c_row + at).to(tl.pointer_type(tl.int64)), word, mask=w_ok)
+
+
+@triton.jit
+def compact_kernel(scratch_ptr, scratch_sp, row_stride, out_ptr, out_sp, row_bytes, row_bits, code_bytes, total_bits,
                    BLOCK: tl.constexpr, SHORT_ROWS: tl.constexpr):
-    """Byte-padded rows of row_bits bits each -> the dense stream: output byte i holds stream bits
-    [8i, 8i + 8), taken from the row(s) they lie in."""
+    """Rows of row_bits bits, row_stride bytes apart -> the dense stream: output byte i holds stream
+    bits [8i, 8i + 8), taken from the row(s) they lie in."""
     p = tl.program_id(1)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < code_bytes
@@ -219,18 +355,18 @@ def compact_kernel(scratch_ptr, scratch_sp, out_ptr, out_sp, row_bytes, row_bits
             bit = first + t
             row = bit // row_bits
             at = bit - row * row_bits
-            b = tl.load(src + row * row_bytes + (at >> 3), mask=ok & (bit < total_bits), other=0).to(tl.int32)
+            b = tl.load(src + row * row_stride + (at >> 3), mask=ok & (bit < total_bits), other=0).to(tl.int32)
             byte |= ((b >> (at & 7).to(tl.int32)) & 1) << t
     else:  # a byte spans at most two rows
         row = first // row_bits
         at = first - row * row_bits
-        here = src + row * row_bytes + (at >> 3)
+        here = src + row * row_stride + (at >> 3)
         b0 = tl.load(here, mask=ok, other=0).to(tl.int32)
         b1 = tl.load(here + 1, mask=ok & ((at >> 3) + 1 < row_bytes), other=0).to(tl.int32)
         bits = ((b0 | (b1 << 8)) >> (at & 7).to(tl.int32)) & 0xFF
         left = (row_bits - at).to(tl.int32)  # bits of this row from `at` on
         spill = ok & (left < 8) & (first + left < total_bits)
-        nxt = tl.load(src + (row + 1) * row_bytes, mask=spill, other=0).to(tl.int32)
+        nxt = tl.load(src + (row + 1) * row_stride, mask=spill, other=0).to(tl.int32)
         keep = tl.where(left < 8, (1 << tl.minimum(left, 8)) - 1, 0xFF)
         byte = (bits & keep) | tl.where(spill, (nxt << tl.minimum(left, 8)) & 0xFF, 0)
     tl.store(out_ptr + p.to(tl.int64) * out_sp + i, byte.to(tl.uint8), mask=ok)
@@ -245,7 +381,7 @@ def decode_kernel(
     BR: tl.constexpr, BCW: tl.constexpr, UC: tl.constexpr, UB: tl.constexpr, UBP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """The inverse of encode_kernel, on the same tiles, into y: (payloads, heads, rows, cols) of any strides."""
+    """The inverse of the encoder, on the same tiles, into y: (payloads, heads, rows, cols) of any strides."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
     h = pid_ph % heads
@@ -258,17 +394,17 @@ def decode_kernel(
     j = tl.arange(0, NG)
     gj = tl.program_id(1) * NG + j
     NP: tl.constexpr = 2 if KIND == ASYM else 1
-    p_ok = row_ok[:, None] & (gj < groups)[None, :]
-    p_ptr = blob + code_bytes + (m[:, None] * groups + gj[None, :]) * (2 * NP)
-    scale = _load_half(p_ptr, p_ok)
+    g_ok = (gj < groups)[:, None] & row_ok[None, :]
+    p_ptr = blob + code_bytes + (m[None, :] * groups + gj[:, None]) * (2 * NP)
+    scale = _load_half(p_ptr, g_ok)
     if KIND == ASYM:
-        low = _load_half(p_ptr + 2, p_ok)
+        low = _load_half(p_ptr + 2, g_ok)
     else:
         low = scale
 
     k = tl.arange(0, BCW)
     col = c0 + k
-    ok = row_ok[:, None] & ((k < NG * GROUP) & (col < cols))[None, :]
+    ok = ((k < NG * GROUP) & (col < cols))[:, None] & row_ok[None, :]
     MASK: tl.constexpr = (1 << BITS) - 1
     if ALIGNED:  # rows start on a byte: read whole units
         NU: tl.constexpr = BCW // UC
@@ -276,34 +412,34 @@ def decode_kernel(
         c_base = blob + m * row_bytes
         if UB == 1:
             byte_at = c0 * BITS // 8 + u
-            byte = tl.load(c_base[:, None] + byte_at[None, :], mask=row_ok[:, None] & (byte_at < row_bytes)[None, :],
+            byte = tl.load(c_base[None, :] + byte_at[:, None], mask=(byte_at < row_bytes)[:, None] & row_ok[None, :],
                            other=0).to(tl.int32)
             if BITS == 8:
                 code = byte
             else:
-                code = tl.reshape((byte[:, :, None] >> (tl.arange(0, UC) * BITS)[None, None, :]) & MASK, (BR, BCW))
+                code = tl.reshape((byte[:, None, :] >> (tl.arange(0, UC) * BITS)[None, :, None]) & MASK, (BCW, BR))
         else:
             kb = tl.arange(0, UBP)
             byte_at = c0 * BITS // 8 + u[:, None] * UB + kb[None, :]
-            b_ok = row_ok[:, None, None] & ((kb < UB)[None, :] & (byte_at < row_bytes))[None, :, :]
-            byte = tl.load(c_base[:, None, None] + byte_at[None, :, :], mask=b_ok, other=0).to(tl.int64)
-            word = tl.sum(byte << (kb * 8).to(tl.int64)[None, None, :], axis=2)
-            code = tl.reshape((word[:, :, None] >> (tl.arange(0, UC) * BITS).to(tl.int64)[None, None, :]) & MASK,
-                              (BR, BCW)).to(tl.int32)
+            b_ok = ((kb < UB)[None, :] & (byte_at < row_bytes))[:, :, None] & row_ok[None, None, :]
+            byte = tl.load(c_base[None, None, :] + byte_at[:, :, None], mask=b_ok, other=0).to(tl.int64)
+            word = tl.sum(byte << (kb * 8).to(tl.int64)[None, :, None], axis=1)
+            code = tl.reshape((word[:, None, :] >> (tl.arange(0, UC) * BITS).to(tl.int64)[None, :, None]) & MASK,
+                              (BCW, BR)).to(tl.int32)
     else:  # rows start mid-byte: each code from the two bytes it may straddle
-        bit = (m[:, None].to(tl.int64) * cols + col[None, :]) * BITS
+        bit = (m[None, :].to(tl.int64) * cols + col[:, None]) * BITS
         at = bit >> 3
         b0 = tl.load(blob + at, mask=ok, other=0).to(tl.int32)
         b1 = tl.load(blob + at + 1, mask=ok & (at + 1 < code_bytes), other=0).to(tl.int32)
         code = ((b0 | (b1 << 8)) >> (bit & 7).to(tl.int32)) & MASK
 
     if GP == GROUP:
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BR, NG, GROUP)), (BR, BCW))
-        low = tl.reshape(tl.broadcast_to(low[:, :, None], (BR, NG, GROUP)), (BR, BCW))
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NG, GROUP, BR)), (BCW, BR))
+        low = tl.reshape(tl.broadcast_to(low[:, None, :], (NG, GROUP, BR)), (BCW, BR))
     else:
-        which = tl.broadcast_to(tl.minimum(k // GROUP, NG - 1)[None, :], (BR, BCW))
-        scale = tl.gather(scale, which, 1)
-        low = tl.gather(low, which, 1)
+        which = tl.broadcast_to(tl.minimum(k // GROUP, NG - 1)[:, None], (BCW, BR))
+        scale = tl.gather(scale, which, 0)
+        low = tl.gather(low, which, 0)
 
     level = code.to(tl.float32)
     if KIND == ASYM:
@@ -315,4 +451,5 @@ def decode_kernel(
     else:
         value = tl.load(book_ptr + code, mask=ok, other=0.0) * scale
     y = y_ptr + p.to(tl.int64) * y_sp + h.to(tl.int64) * y_sh
-    tl.store(y + r[:, None] * y_sr + col[None, :] * y_sc, _narrow(value, y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y + col[:, None] * y_sc + r[None, :] * y_sr, _narrow(value, y_ptr.dtype.element_ty), mask=ok)
+

@@ -78,16 +78,20 @@ class Uniform:
         return packed_size(rows * cols, self.bits) + 2 * self.params * rows * num_groups(cols, self.group)
 
     def _levels(self, groups: torch.Tensor) -> torch.Tensor:
-        """fp16-representable parameters per group: (rows, groups, params)."""
+        """fp16-representable parameters per group: (rows, groups, params).
+
+        Steps divide by a tensor, not a Python number: CUDA divides by a host scalar as a multiply
+        by its reciprocal, which rounds differently; a tensor divisor is IEEE division on every
+        device, the CPU's result and the Triton kernels'."""
         if self.symmetric:
             if self.bits == 1:
                 scale = groups.abs().mean(dim=-1)
             else:
-                scale = groups.abs().amax(dim=-1) / (2 ** (self.bits - 1) - 1)
+                scale = groups.abs().amax(dim=-1) / groups.new_tensor(2 ** (self.bits - 1) - 1)
             params = scale.unsqueeze(-1).half()
         else:
             low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-            scale = (high - low) / (2**self.bits - 1)
+            scale = (high - low) / groups.new_tensor(2**self.bits - 1)
             params = torch.stack([scale, low], dim=-1).half()
         # Below fp16's normal range the step is coarse (multiples of 2**-24): rounded down, it
         # pushes codes past the last level (or collapses the group at 0). Round it up there, to

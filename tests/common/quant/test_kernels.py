@@ -173,6 +173,19 @@ def case_refuses_non_finite():
                     except QuantError as error:
                         errors.append(str(error))
             assert len(errors) == 2 and errors[0] == errors[1], errors
+    keys, values = torch.ones(1, 1, 16, 8), torch.ones(1, 1, 16, 8)
+    for tensor, bad in ((keys, float("nan")), (values, float("-inf"))):
+        tensor[0, 0, 9, 3] = bad
+        for q in (Uniform(8, 16), Uniform(4, 8, True)):  # keys per channel: the row-per-thread encoder
+            errors = []
+            for name in ("torch", "triton"):
+                with path(name):
+                    try:
+                        KVCodec(q).encode(keys, values)
+                    except QuantError as error:
+                        errors.append(str(error))
+            assert len(errors) == 2 and errors[0] == errors[1], errors
+        tensor[0, 0, 9, 3] = 1.0
 
 
 def case_random_payloads():
@@ -205,13 +218,27 @@ def case_kv_codec_strided():
     """Keys and values as the wire encodes them: a token range of a layer, a strided view; keys per
     channel are read in place through strides."""
     gen = torch.Generator().manual_seed(7)
-    for dtype in DTYPES:
+    axes = ((CHANNEL, TOKEN), (TOKEN, CHANNEL), (CHANNEL, CHANNEL))
+    quantizers = (Uniform(4, 8), Uniform(2, 32, True), Uniform(3, 5), Uniform(1, 16, True), Uniform(8, 4), NF4(16))
+    for i, q in enumerate(quantizers):
+        dtype = DTYPES[i % 3]
         cache_k = torch.randn(1, 2, 40, 16, generator=gen).to(dtype)
         cache_v = torch.randn(1, 2, 40, 16, generator=gen).to(dtype)
         keys, values = cache_k[:, :, 3:26], cache_v[:, :, 3:26]  # 23 tokens: rows start mid-byte
-        for q in (Uniform(4, 8), Uniform(2, 32, True), Uniform(3, 5), Uniform(1, 16, True), Uniform(8, 4), NF4(16)):
-            for key_axis, value_axis in ((CHANNEL, TOKEN), (TOKEN, CHANNEL), (CHANNEL, CHANNEL)):
-                compare_codec(KVCodec(q, key_axis, value_axis), keys, values)
+        for key_axis, value_axis in (axes[i % 3], axes[(i + 1) % 3]):
+            compare_codec(KVCodec(q, key_axis, value_axis), keys, values)
+
+
+def case_keys_per_channel_every_width():
+    """The row-per-thread encoder of keys per channel, at every width and both modes: 37 tokens
+    (rows start mid-byte), 32 (they do not) and a single token."""
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.randn(1, 1, 40, 8, generator=gen).to(torch.bfloat16)
+    for bits in range(1, 9):
+        for symmetric in (False, True) if bits > 1 else (False,):
+            codec = KVCodec(Uniform(bits, 16, symmetric), CHANNEL, TOKEN)
+            for start, end in ((1, 38),) + (((0, 32), (5, 6)) if bits in (3, 4) else ()):
+                compare_codec(codec, cache[:, :, start:end], cache[:, :, start:end])
 
 
 def case_kv_layers_in_one_launch():

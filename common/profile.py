@@ -23,7 +23,7 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            GRANULARITY: global, layer or head (default depends on the method).
                            BUDGET: uniform (default), pyramid or adaptive.
                            OPTIONS: the selector's grammar_options: snapkv wN kN max|avg; h2o rF;
-                           sink sN; random seedN; capkv ridgeF.
+                           sink sN; random seedN; capkv and capkv-q sN tauF; capkv-leverage ridgeF.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid.

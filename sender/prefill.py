@@ -9,7 +9,7 @@ from common.kvstate import KVState, prefill
 from common.models import LoadedModel
 from common.profile import Profile
 from common.prompts import Prompt, build_prompt
-from common.select import AttentionStats, SelectionError, apply_selection
+from common.select import METHODS, AttentionStats, SelectionError, apply_selection
 from common.select.budgets import shipped_sensitivities
 from common.select.stats import collecting
 
@@ -59,7 +59,7 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
 
 def needs_question(profile: Profile) -> bool:
     """Whether the profile's selection reads the question's attention (so the question must be in the cache)."""
-    return profile.selection is not None and profile.selection.method.startswith("q2c")
+    return profile.selection is not None and METHODS[profile.selection.method].needs_question
 
 
 def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:
@@ -68,6 +68,6 @@ def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVSt
     if selection is None:
         return pre.kv
     if needs_question(profile) and pre.context_len >= pre.kv.seq_len:
-        raise SelectionError("q2c needs the question inside the cache: send query-aware")
+        raise SelectionError(f"{selection.method} needs the question inside the cache: send query-aware")
     sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
     return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities)

@@ -48,6 +48,9 @@ class EvalRow:
     frame_bytes: list[int]  # each frame on the wire, for the link model
     text_bytes: int  # the text baseline: the prompt as UTF-8 in one gRPC message
     text_prefill_s: float  # the receiver's prefill of the whole prompt + first token
+    # Mean per-token KL(full || received) along the full-cache answer, teacher-forced (see
+    # teacher_forced_logits); last, with a default, so that positional constructions keep working.
+    kl_tf: float = float("nan")
 
 
 def text_baseline(loaded: LoadedModel, pre) -> tuple[int, float]:
@@ -65,6 +68,36 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((p.exp() * (p - q)).sum())
 
 
+@torch.inference_mode()
+def teacher_forced_logits(model, cache, tail_ids: list[int], start_position: int, answer: list[int]) -> torch.Tensor:
+    """Next-token logits at each step of `answer` fed after `tail_ids` on top of `cache`: (len(answer), vocab).
+
+    Row j is the distribution the receiver predicts after the tail and answer[:j], i.e. at
+    answer step j (row 0 is the first answer token's). Layers holding different numbers of
+    tokens (per-layer budgets) take the tokens one at a time, as greedy_decode does.
+    """
+    ids = tail_ids + answer[:-1]
+    device = model.device
+    if len({layer.get_seq_length() for layer in cache.layers if not layer.is_sliding}) > 1:
+        rows = []
+        for offset, token in enumerate(ids):
+            out = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                        position_ids=torch.tensor([[start_position + offset]], device=device), use_cache=True)
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows[len(tail_ids) - 1:])
+    position_ids = torch.arange(start_position, start_position + len(ids), device=device).unsqueeze(0)
+    logits = model(input_ids=torch.tensor([ids], device=device), cache=cache, position_ids=position_ids,
+                   use_cache=True).logits
+    return logits[0, len(tail_ids) - 1:].float()
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(reference || other), in nats: (steps, vocab) each."""
+    p = reference_logits.log_softmax(-1)
+    q = logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile], max_new_tokens: int = 24,
              query_aware: bool = True, progress: Callable[[], None] | None = None) -> list[EvalRow]:
     prefill_prompt(loaded, "warm up", "?")  # first-call overheads stay out of the timings
@@ -75,6 +108,8 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile]
         full = greedy_decode(loaded.model, pre.kv.to_cache(loaded.config), pre.tail_ids, pre.kv.seq_len,
                              max_new_tokens, reference_logits)
         full_answer = loaded.tokenizer.decode(full, skip_special_tokens=True)
+        reference_tf = teacher_forced_logits(loaded.model, pre.kv.to_cache(loaded.config), pre.tail_ids,
+                                             pre.kv.seq_len, full)
         text_bytes, text_prefill_s = text_baseline(loaded, pre)
         for profile in profiles:
             start = time.perf_counter()
@@ -92,11 +127,13 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile]
                                    timings=timings)
             decoded = time.perf_counter()
             answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+            forced = teacher_forced_logits(loaded.model, received.to_cache(loaded.config), pre.tail_ids,
+                                           received.seq_len, full)
             rows.append(EvalRow(
                 sample_id=sample.id, profile=str(profile), answer=answer, full_answer=full_answer,
                 f1_gold=best_f1(answer, sample.answers), em_gold=best_em(answer, sample.answers),
                 fidelity_f1=f1(answer, full_answer), token_match=tokens == full,
-                kl_first=kl_divergence(reference_logits[0], logits[0]),
+                kl_first=kl_divergence(reference_logits[0], logits[0]), kl_tf=mean_kl(reference_tf, forced),
                 top1_agree=int(logits[0].argmax()) == int(reference_logits[0].argmax()),
                 bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=pre.kv.fp16_nbytes, seq_len=pre.kv.seq_len,
                 kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
@@ -111,7 +148,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile]
 
 
 SUMMARY_STATS = (
-    *((key, "mean_ci", key) for key in ("f1_gold", "em_gold", "fidelity_f1", "kl_first")),
+    *((key, "mean_ci", key) for key in ("f1_gold", "em_gold", "fidelity_f1", "kl_first", "kl_tf")),
     ("top1_agree", "mean", "top1_agree"), ("token_match_rate", "mean", "token_match"), ("bytes_mean", "mean", "bytes"),
     ("ratio_vs_fp16", "ratio", ("bytes", "fp16_bytes")), ("kept_fraction", "ratio", ("kept_tokens", "seq_len")),
     ("seq_len_mean", "mean", "seq_len"),

@@ -14,7 +14,7 @@ import torch
 from common.kvstate import KVState
 from common.select import budgets
 from common.select.base import GRANULARITIES, ScoreInput, SelectionError, Selector
-from common.select.capkv import CapKV
+from common.select.capkv import CapKV, CapKVLeverage, CapKVQuery
 from common.select.h2o import H2O
 from common.select.knorm import KNorm
 from common.select.q2c import Q2C, Q2CLast
@@ -27,6 +27,7 @@ from common.select.window import Window
 METHODS: dict[str, type[Selector]] = {
     "q2c": Q2C, "q2c-last": Q2CLast, "snapkv": SnapKV, "h2o": H2O, "sink": Sink,
     "window": Window, "random": Random, "knorm": KNorm, "capkv": CapKV,
+    "capkv-q": CapKVQuery, "capkv-leverage": CapKVLeverage,
 }
 
 

@@ -37,6 +37,16 @@ class ScoreInput:
         """(kv_heads, context_len, head_dim) keys of the candidates."""
         return self.kv.keys[layer][0, :, : self.context_len].float()
 
+    def values(self, layer: int) -> torch.Tensor:
+        """(kv_heads, context_len, head_dim) values of the candidates."""
+        return self.kv.values[layer][0, :, : self.context_len].float()
+
+    def mean_query(self, name: str, layer: int) -> torch.Tensor:
+        """(kv_heads, group, head_dim) mean post-RoPE query of a `mean_query...` row set (see AttentionStats)."""
+        if self.stats is None:
+            raise SelectionError("this method needs query statistics captured during prefill")
+        return self.stats.layer(name, layer)
+
     def mass(self, name: str, layer: int) -> torch.Tensor:
         if self.stats is None:
             raise SelectionError("this method needs attention statistics captured during prefill")
@@ -50,6 +60,8 @@ class Selector:
     default_granularity: ClassVar[str] = "global"
     # Which layers' scores a global selection sums: all of them, or the last only.
     global_layers: ClassVar[str] = "all"
+    # Whether the score reads the question's rows, so the question must be inside the cache.
+    needs_question: ClassVar[bool] = False
     # A str option is a flag whose name is the value (snapkv's max); the others carry a number
     # (snapkv's w16 sets window = 16).
     grammar_options: ClassVar[GrammarOptions] = {}

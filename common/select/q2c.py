@@ -10,6 +10,7 @@ class Q2C(Selector):
     """Sum over question rows and heads of softmax attention; aggregated over all layers when global."""
 
     needs = ("question",)
+    needs_question = True
 
     def score(self, inputs: ScoreInput, layer: int):
         return inputs.mass("question", layer)

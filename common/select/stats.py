@@ -6,6 +6,11 @@ post-RoPE queries and keys the model itself uses and computes, for each requeste
 set of query rows, the attention mass every key receives from those rows: a
 `(kv_heads, seq_len)` tensor per layer. Rows are processed in chunks, so memory is
 O(chunk x T), never O(T x T). Query heads are grouped onto their KV head (GQA).
+
+A row set whose name starts with `mean_query` (e.g. "mean_query_context4") instead
+collects the mean post-RoPE query of those rows: a `(kv_heads, group, head_dim)` float32
+tensor per layer, query head `h` at `[h // group, h % group]` (the query heads of a KV
+head, in the order the model repeats keys for them). O(T x head_dim) work, O(head_dim) memory.
 """
 
 from __future__ import annotations
@@ -45,17 +50,36 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, rows: range, scaling:
     return mass.view(kv_heads, group, seq_len).sum(dim=1)
 
 
+MEAN_QUERY = "mean_query"
+
+
+def mean_query(query: torch.Tensor, kv_heads: int, rows: range) -> torch.Tensor:
+    """Mean over rows `rows` of the post-RoPE queries, grouped by KV head.
+
+    query: (1, q_heads, T, head_dim) -> (kv_heads, q_heads // kv_heads, head_dim), float32.
+    """
+    q_heads, head_dim = query.shape[1], query.shape[-1]
+    mean = query[0, :, rows.start:rows.stop].float().mean(dim=1)  # (q_heads, d)
+    return mean.view(kv_heads, q_heads // kv_heads, head_dim)
+
+
 @dataclass
 class AttentionStats:
     """Collects attention mass per layer for named row ranges, e.g. {"question": range(200, 230)}."""
 
     row_sets: dict[str, range]
+    # name -> layer -> (kv_heads, seq_len) attention mass, or (kv_heads, group, head_dim) mean query
+    # for names starting with MEAN_QUERY.
     mass: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
     def observe(self, module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         for name, rows in self.row_sets.items():
             if len(rows):
-                self.mass.setdefault(name, {})[module.layer_idx] = attention_mass(query, key, rows, scaling)
+                if name.startswith(MEAN_QUERY):
+                    value = mean_query(query, key.shape[1], rows)
+                else:
+                    value = attention_mass(query, key, rows, scaling)
+                self.mass.setdefault(name, {})[module.layer_idx] = value
 
     def layer(self, name: str, layer: int) -> torch.Tensor:
         try:

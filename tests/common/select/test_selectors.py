@@ -1,7 +1,10 @@
 """Each selector's scores against a brute-force reference from full eager attention."""
 
+import math
+
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from common.kvstate import greedy_decode, prefill
 from common.models import load_model
@@ -13,15 +16,35 @@ IDS = [int(x) for x in torch.randint(100, 40000, (48,), generator=torch.Generato
 CONTEXT = 36  # tokens [36, 48) play the question
 
 
+class EagerMaps(list):
+    """Attention maps per layer; `.queries[layer]`: the post-RoPE queries (q_heads, T, d), float64."""
+
+    queries: list
+
+
 def eager_attentions(loaded, ids):
-    """Full (1, q_heads, T, T) attention maps per layer, the brute-force way."""
+    """Full (1, q_heads, T, T) attention maps per layer, the brute-force way, and the post-RoPE
+    queries rebuilt from q_proj outputs and the model's rotary embedding."""
     model = loaded.model
+    projected = {}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda _m, _i, out, index=index: projected.__setitem__(index, out.detach()))
+        for index, layer in enumerate(model.model.layers)]
     model.set_attn_implementation("eager")
     try:
         out = model(input_ids=torch.tensor([ids]), output_attentions=True)
     finally:
         model.set_attn_implementation("kvwire")
-    return [a[0].double() for a in out.attentions]
+        for hook in hooks:
+            hook.remove()
+    maps = EagerMaps(a[0].double() for a in out.attentions)
+    d = loaded.config.head_dim
+    cos, sin = model.model.rotary_emb(torch.zeros(1, len(ids), d), torch.arange(len(ids)).unsqueeze(0))
+    maps.queries = []
+    for index in range(len(maps)):
+        q = projected[index].view(1, len(ids), -1, d).transpose(1, 2)
+        maps.queries.append(apply_rotary_pos_emb(q, q, cos, sin)[0][0].double())
+    return maps
 
 
 def grouped(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -33,7 +56,8 @@ def grouped(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-llama-mha"], ids=["gqa", "mha"])
 def setup(request):
     loaded = load_model(request.param)
-    rows = {"question": range(CONTEXT, len(IDS)), "window8": range(len(IDS) - 8, len(IDS)), "all": range(len(IDS))}
+    rows = {"question": range(CONTEXT, len(IDS)), "window8": range(len(IDS) - 8, len(IDS)), "all": range(len(IDS)),
+            "mean_query_context_s4": range(4, CONTEXT), "mean_query_question": range(CONTEXT, len(IDS))}
     stats = AttentionStats(rows)
     with collecting(stats):
         kv = prefill(loaded.model, IDS)
@@ -45,6 +69,8 @@ def test_attention_mass_matches_eager(setup):
     kv_heads = kv.keys[0].shape[1]
     for layer, attn in enumerate(attentions):
         for name, rows in stats.row_sets.items():
+            if name.startswith("mean_query"):
+                continue  # mean queries, not attention mass: tests/common/select/test_capkv.py
             expected = grouped(attn[:, rows.start:rows.stop], kv_heads)
             assert torch.allclose(stats.layer(name, layer).double(), expected, atol=1e-4), (name, layer)
 
@@ -126,7 +152,26 @@ def brute_force_scores(method: str, attentions, kv, layer: int, budget: int) -> 
     if method == "knorm":  # the lowest key norms
         return -torch.tensor([[sum(float(x) ** 2 for x in keys[h, t]) ** 0.5 for t in range(CONTEXT)]
                               for h in range(heads)], dtype=torch.float64)
-    if method == "capkv":  # diagonal of the ridge hat matrix K (K^T K + lambda I)^-1 K^T
+    if method in ("capkv", "capkv-q"):
+        # Per query head: anchor mu = mean query (context after the 4 sinks, or the question);
+        # w_i = exp(5 cos(k_i, mu) - max); s_i = w_i v_i^T (I + sum_j w_j v_j v_j^T)^-1 v_i over the
+        # non-sink context; averaged over the query heads of each KV head; the sinks are forced.
+        rows = range(4, CONTEXT) if method == "capkv" else range(CONTEXT, len(IDS))
+        queries, values = attentions.queries[layer], kv.values[layer][0, :, :CONTEXT].double()
+        group = queries.shape[0] // heads
+        result = torch.full((heads, CONTEXT), float("inf"), dtype=torch.float64)
+        for h in range(heads):
+            total = torch.zeros(CONTEXT - 4, dtype=torch.float64)
+            for g in range(group):
+                mu = queries[h * group + g, rows.start:rows.stop].mean(dim=0)
+                logits = [5 * float(keys[h, i] @ mu / (keys[h, i].norm() * mu.norm())) for i in range(4, CONTEXT)]
+                w = torch.tensor([math.exp(x - max(logits)) for x in logits], dtype=torch.float64)
+                v = values[h, 4:]
+                inverse = torch.linalg.inv(torch.eye(v.shape[1], dtype=torch.float64) + (v.T * w) @ v)
+                total += w * torch.stack([vi @ inverse @ vi for vi in v])
+            result[h, 4:] = total / group
+        return result
+    if method == "capkv-leverage":  # diagonal of the ridge hat matrix K (K^T K + lambda I)^-1 K^T
         leverage = []
         for head in keys:
             gram = head.T @ head

@@ -69,10 +69,12 @@ class StageQuantizer(MatrixQuantizer, Protocol):
 def group_options(options: list[str], group: int) -> tuple[int, bool | None]:
     """The options of a grouped stage: gN, the group size (default `group`), and sym or asym
     (None when neither is given) -> (group, symmetric)."""
-    symmetric = None
+    symmetric, sized = None, False
     for option in options:
         if re.fullmatch(r"g\d+", option):
-            group = int(option[1:])
+            if sized:
+                raise QuantError("give the group size gN once")
+            group, sized = int(option[1:]), True
         elif option in ("sym", "asym"):
             if symmetric is not None:
                 raise QuantError("give sym or asym once")

@@ -108,3 +108,9 @@ def test_extreme_numbers_are_profile_errors(spec, message):
 def test_the_largest_group_and_rank_parse():
     assert str(parse_profile("svd:r4096+int4:g4096")) == "svd:r4096+int4:g4096"
     assert parse_profile("nf4:g4096").precision.quantizer == NF4(4096)
+
+
+def test_an_option_given_twice_is_refused():
+    for spec in ("int4:g32:g64", "int2:g18446744073709551616:g1", "nf4:g64:g64"):
+        with pytest.raises(ProfileError, match="group size gN once"):
+            parse_profile(spec)

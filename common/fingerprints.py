@@ -10,7 +10,6 @@ another dtype cannot take as they are.
 from __future__ import annotations
 
 from common.profile import Profile
-from common.quant.cast import Cast
 from common.proto import kvwire_pb2 as pb
 
 IDENTITY = ("architecture", "num_layers", "kv_heads", "head_dim", "weights_sha256")
@@ -22,7 +21,7 @@ def same_weights(a: pb.Fingerprint, b: pb.Fingerprint) -> bool:
 
 def sends_raw(profile: Profile, num_layers: int) -> bool:
     """Whether any layer of `profile` travels in the sender's own dtype, bit for bit."""
-    return any(profile.precision_for(layer).quantizer == Cast() for layer in range(num_layers))
+    return any(profile.sends_raw(layer) for layer in range(num_layers))
 
 
 def refusal(sender: pb.Fingerprint, receiver: pb.Fingerprint, profile: Profile | None) -> str | None:

@@ -15,8 +15,10 @@ Names understood by `load_model`:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+from importlib import resources
 import json
 import time
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from transformers import (
 from common.profile import DTYPES
 from common.prompts import is_chat, newline_ids
 from common.proto import kvwire_pb2 as pb
+from common.quant.pca import Basis
+from common.quant.transform import CodecContext
 from common.select.stats import ATTN_IMPLEMENTATION
 from common.settings import get_settings
 
@@ -73,6 +77,20 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+def basis_path(model: str) -> Path:
+    """Where the PCA basis of `model` ships (`kvwire calibrate --basis` writes it)."""
+    return Path(str(resources.files("common") / "data" / f"basis-{model}.safetensors"))
+
+
+def load_basis(model: str, fingerprint: pb.Fingerprint) -> Basis | None:
+    """The shipped basis of `model`, if there is one and it was fitted on these weights."""
+    path = basis_path(model)
+    if not path.exists():
+        return None
+    basis = Basis.load(path)
+    return basis if basis.metadata.get("weights_sha256") == fingerprint.weights_sha256 else None
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -84,6 +102,11 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @functools.cached_property
+    def codec_context(self) -> CodecContext:
+        """What the stages that need the model use: its RoPE, and the PCA basis shipped for these weights."""
+        return CodecContext.for_model(self.model, load_basis(self.name, self.fingerprint))
 
     @property
     def device(self) -> torch.device:

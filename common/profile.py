@@ -25,14 +25,27 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            OPTIONS: the selector's grammar_options: snapkv wN kN max|avg; h2o rF;
                            sink sN; random seedN; capkv and capkv-q sN tauF; capkv-leverage ridgeF.
 
+    prerope                keys are coded with RoPE removed at their positions; the receiver
+                           re-applies it (KVQuant). A no-op where the layer is sent raw.
+    rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
+                           before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
+    pca:bB[:kK][:hHASH]    transform coding (KVTC): keys (RoPE removed) and values in the model's
+                           PCA basis, B bits per element on average allocated over the components
+                           (zero bits: dropped), K of them per key element (default B; the values
+                           get 2B - K); the basis is
+                           the one `kvwire calibrate --basis` shipped, named by its hash (the sender
+                           fills it in). Takes no other precision stage; per-layer overrides apply.
+    protect:sS:rR          the first S and last R kept tokens of each layer travel at fp16, untouched
+                           by the other stages (KVTC keeps sink and recent tokens uncompressed)
+
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
-q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid.
+q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,6 +54,9 @@ from common.quant.base import MAX_GROUP, QuantError, StageQuantizer
 from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
+from common.quant.pca import HASH_CHARS, MAX_BITS, PCACodec
+from common.quant.rotation import MAX_SEED
+from common.quant.transform import CodecContext, LayerCodec
 from common.select import GRANULARITIES, METHODS, Selection
 from common.select.budgets import BUDGETS
 
@@ -75,12 +91,39 @@ class Precision:
         return ":".join(parts)
 
 
+def _exact(number: float) -> str:
+    """Short text that parses back to exactly `number`."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(number)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The PCA transform-coding stage: bits per element, the keys' share of them, the basis's hash."""
+
+    bits: float
+    key_bits: float | None = None  # bits per key element; the values get 2 * bits - key_bits (default: bits each)
+    digest: str | None = None  # None until the sender binds its basis (Profile.bind)
+
+    def __str__(self) -> str:
+        parts = [f"pca:b{_exact(self.bits)}"]
+        if self.key_bits is not None:
+            parts.append(f"k{_exact(self.key_bits)}")
+        if self.digest:
+            parts.append(f"h{self.digest}")
+        return ":".join(parts)
+
+
 @dataclass(frozen=True)
 class Profile:
     precision: Precision | None = None  # None: raw, or fp16 factors under svd
     rank: int | None = None
     overrides: tuple[tuple[int, int, Precision], ...] = field(default=())
     selection: Selection | None = None
+    prerope: bool = False
+    rotation: int | None = None  # seed
+    pca: Transform | None = None
+    protect: tuple[int, int] | None = None  # (sink, recent) kept tokens sent at fp16
 
     def __str__(self) -> str:
         stages = [str(self.selection)] if self.selection else []
@@ -88,10 +131,81 @@ class Profile:
             stages.append(f"svd:r{self.rank}")
         if self.precision is not None:
             stages.append(str(self.precision))
+        if self.pca is not None:
+            stages.append(str(self.pca))
         if not stages:
             stages.append("raw")
+        if self.prerope:
+            stages.append("prerope")
+        if self.rotation is not None:
+            stages.append("rot" if self.rotation == 0 else f"rot:seed{self.rotation}")
+        if self.protect is not None:
+            stages.append(f"protect:s{self.protect[0]}:r{self.protect[1]}")
         stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.overrides]
         return "+".join(stages)
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether the codecs need the model's RoPE or basis (a `CodecContext`)."""
+        return self.prerope or self.pca is not None
+
+    def bind(self, context: CodecContext | None) -> Profile:
+        """The profile naming the basis `context` holds, for a pca profile given without its hash."""
+        if self.pca is None or self.pca.digest is not None:
+            return self
+        if context is None or context.basis is None:
+            raise ProfileError(f"{self}: no PCA basis for this model; fit one with `kvwire calibrate --basis`")
+        return replace(self, pca=replace(self.pca, digest=context.basis.digest))
+
+    def sends_raw(self, layer: int) -> bool:
+        """Whether `layer` (or its low-rank factors) travels in the sender's own dtype, bit for bit."""
+        return self._uses_precision(layer) and self.precision_for(layer).quantizer == Cast()
+
+    def _raw_layer(self, layer: int) -> bool:
+        return self.rank is None and self.sends_raw(layer)
+
+    def unsupported(self, context: CodecContext | None) -> str | None:
+        """Why a node with `context` cannot code this profile (None: it can)."""
+        if self.needs_context and (context is None or context.rope is None):
+            return f"{self}: codes keys without RoPE, which needs the model's rotary embedding"
+        if self.pca is not None:
+            basis = context.basis
+            if basis is None or basis.digest != self.pca.digest:
+                return (f"{self}: names PCA basis {self.pca.digest}, and this model's is "
+                        f"{basis.digest if basis else 'missing (fit one with kvwire calibrate --basis)'}")
+        return None
+
+    def _uses_precision(self, layer: int) -> bool:
+        """Whether `layer` goes through a precision stage (an override, or no pca)."""
+        return self.pca is None or any(first <= layer <= last for first, last, _ in self.overrides)
+
+    def layer_codec(self, layer: int, context: CodecContext | None = None) -> LayerCodec:
+        """The codec of `layer`'s unprotected tokens, with its transforms; ProfileError if the
+        profile needs what `context` lacks (the model's RoPE, or the basis it names)."""
+        if self._raw_layer(layer):
+            return LayerCodec(layer, self.codec(layer))  # raw is bit for bit: no transform
+        reason = self.unsupported(context)
+        if reason:
+            raise ProfileError(reason)
+        if self._uses_precision(layer):
+            codec = self.codec(layer)
+        else:
+            if layer >= context.basis.num_layers:
+                raise ProfileError(f"basis {context.basis.digest} has {context.basis.num_layers} layers, not layer {layer}")
+            codec = PCACodec.for_layer(context.basis, layer, self.pca.bits, self.pca.key_bits)
+        rope = context.rope if self.needs_context else None
+        return LayerCodec(layer, codec, rope, self.rotation)
+
+    def tiers(self, layer: int, kept: int, context: CodecContext | None = None) -> list[tuple[int, int, LayerCodec]]:
+        """How `layer`'s kept tokens [0, kept) are coded: (start, end, codec) ranges, in order."""
+        main = self.layer_codec(layer, context)
+        if self.protect is None:
+            return [(0, kept, main)] if kept else []
+        sink = min(self.protect[0], kept)
+        recent = max(sink, kept - self.protect[1])
+        plain = LayerCodec(layer, KVCodec(Cast(torch.float16)))
+        ranges = [(0, sink, plain), (sink, recent, main), (recent, kept, plain)]
+        return [r for r in ranges if r[0] < r[1]]
 
     @property
     def lossless(self) -> bool:
@@ -185,7 +299,7 @@ def parse_profile(spec: str | Profile) -> Profile:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
     if len(text) > MAX_PROFILE_CHARS:
         raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
-    precision, rank, overrides, selection = None, None, [], None
+    precision, rank, overrides, selection, transforms = None, None, [], None, {}
     for stage in text.split("+"):
         match = _STAGE.match(stage)
         if not match:
@@ -208,6 +322,13 @@ def parse_profile(spec: str | Profile) -> Profile:
                 raise ProfileError(f"{stage!r}: svd takes a positive rank of at most {MAX_RANK}, such as svd:r32")
             rank = int(options[0][1:])
             continue
+        if name in _TRANSFORM_STAGES:
+            if match["first"] is not None:
+                raise ProfileError(f"{stage!r}: {name} takes no layer range")
+            if name in transforms:
+                raise ProfileError(f"{spec!r}: two {name} stages")
+            transforms[name] = _TRANSFORM_STAGES[name](options, stage)
+            continue
         parsed = _parse_precision(name, options, stage)
         if match["first"] is not None:
             first = int(match["first"])
@@ -221,6 +342,76 @@ def parse_profile(spec: str | Profile) -> Profile:
             raise ProfileError(f"{spec!r}: two precision stages, {precision} and {parsed}; use @A-B for per-layer ones")
         else:
             precision = parsed
+    pca = transforms.get("pca")
+    if pca is not None and (precision is not None or rank is not None or "rot" in transforms or "prerope" in transforms):
+        raise ProfileError(f"{spec!r}: pca allocates its own bits over RoPE-free, decorrelated components; it takes "
+                           "no other precision, svd, rot or prerope stage (per-layer overrides @A-B apply)")
     if precision == Precision(Cast()) and rank is None:
         precision = None  # raw is the default: one spelling for one profile
-    return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection)
+    if ({"rot", "prerope"} & transforms.keys()) and precision is None and rank is None and not overrides:
+        raise ProfileError(f"{spec!r}: rot and prerope change nothing on a raw cache (sent bit for bit); add a "
+                           "precision stage, e.g. int4+rot")
+    return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection,
+                   prerope="prerope" in transforms, rotation=transforms.get("rot"), pca=pca,
+                   protect=transforms.get("protect"))
+
+
+def _options(options: list[str], stage: str, known: dict[str, str]) -> dict[str, str]:
+    """Options like b1.5 or s4 -> {"b": "1.5", "s": "4"}, each of `known` (letter -> what it takes) at most once."""
+    found = {}
+    for option in options:
+        key = next((k for k in known if option.startswith(k) and re.fullmatch(r"[0-9a-f.]+", option[len(k):])), None)
+        if key is None or key in found:
+            raise ProfileError(f"{stage!r}: unknown or repeated option {option!r}; options: "
+                               + ", ".join(f"{k}{v}" for k, v in known.items()))
+        found[key] = option[len(key):]
+    return found
+
+
+def _number(text: str, stage: str, what: str, low: float, high: float, integer: bool = False) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ProfileError(f"{stage!r}: {what} {text!r} is not a number") from None
+    if not low <= value <= high or value != value:
+        raise ProfileError(f"{stage!r}: {what} must lie in [{low:{'d' if integer else 'g'}}, {high:{'d' if integer else 'g'}}], got {text}")
+    return value
+
+
+def _parse_prerope(options: list[str], stage: str) -> bool:
+    if options:
+        raise ProfileError(f"{stage!r}: prerope takes no options")
+    return True
+
+
+def _parse_rotation(options: list[str], stage: str) -> int:
+    found = _options(options, stage, {"seed": "N (0 .. 2^32 - 1)"})
+    return int(_number(found.get("seed", "0"), stage, "rotation seed", 0, MAX_SEED, integer=True))
+
+
+def _parse_pca(options: list[str], stage: str) -> Transform:
+    found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
+                                      "h": "HASH of the basis"})
+    if "b" not in found:
+        raise ProfileError(f"{stage!r}: give the bits per element, e.g. pca:b2")
+    bits = _number(found["b"], stage, "bits per element", 0, MAX_BITS)
+    if bits == 0:
+        raise ProfileError(f"{stage!r}: bits per element must be positive")
+    key_bits = None
+    if "k" in found:
+        key_bits = _number(found["k"], stage, "bits per key element", max(0.0, 2 * bits - MAX_BITS), min(2 * bits, MAX_BITS))
+    digest = found.get("h")
+    if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
+        raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
+    return Transform(bits, key_bits, digest)
+
+
+def _parse_protect(options: list[str], stage: str) -> tuple[int, int]:
+    found = _options(options, stage, {"s": "N sink tokens", "r": "N recent tokens"})
+    counts = tuple(int(_number(found.get(k, "0"), stage, f"{k}-count", 0, 1 << 20, integer=True)) for k in "sr")
+    if not any(counts):
+        raise ProfileError(f"{stage!r}: protect at least one token, e.g. protect:s4:r32")
+    return counts
+
+
+_TRANSFORM_STAGES = {"prerope": _parse_prerope, "rot": _parse_rotation, "pca": _parse_pca, "protect": _parse_protect}

@@ -22,7 +22,7 @@ from common.fingerprints import refusal
 from common.kvstate import KVState
 from common.profile import DTYPES, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
-from common.quant.kv import KVCodec
+from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
@@ -132,8 +132,10 @@ def prefill_positions(config, seq_len: int, device: torch.device | None = None) 
 class Encoder:
     """Sender side: the frames of one transfer, counting what its trailer declares."""
 
-    def __init__(self, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3):
+    def __init__(self, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3,
+                 context: CodecContext | None = None):
         self.fingerprint = fingerprint
+        self.context = context  # the model's RoPE and basis, for the stages that need them
         self.transfer_id = transfer_id or uuid.uuid4().hex
         self.compressor = zstandard.ZstdCompressor(level=zstd_level)
         self.num_chunks = self.payload_bytes = 0
@@ -143,31 +145,36 @@ class Encoder:
         """The header of a whole-cache transfer (each layer's kept positions, and the profile), or of a
         segmented one (neither)."""
         return pb.Frame(header=pb.Header(
-            transfer_id=self.transfer_id, fingerprint=self.fingerprint, profile=str(profile) if profile else "",
+            transfer_id=self.transfer_id, fingerprint=self.fingerprint,
+            profile=str(profile.bind(self.context)) if profile else "",
             seq_len=seq_len, batch=1, layers=layer_headers(positions) if positions is not None else [],
             segmented=positions is None))
 
     def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
         """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
-        for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
-            yield from self.layer_chunks(layer, keys, values, profile.codec(layer))
+        profile = profile.bind(self.context)
+        for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+            yield from self.layer_chunks(layer, keys, values, positions, profile)
 
-    def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, codec: KVCodec) -> Iterator[pb.Frame]:
-        """One layer's keys and values (1, kv_heads, kept, head_dim), encoded where they are (CPU or
-        GPU); only the packed bytes come to the host."""
+    def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                     profile: Profile) -> Iterator[pb.Frame]:
+        """One layer's keys and values (1, kv_heads, kept, head_dim) at `positions` (kv_heads, kept),
+        encoded where they are (CPU or GPU); only the packed bytes come to the host."""
         _, heads, kept, head_dim = keys.shape
         # Every codec's payload is at most the model-dtype size of its tokens.
         step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * keys.dtype.itemsize))
-        for start in range(0, kept, step):
-            end = min(start + step, kept)
-            raw = codec.encode(keys[:, :, start:end], values[:, :, start:end]).cpu().numpy().tobytes()
-            payload = self.compressor.compress(raw)
-            if len(payload) > MAX_CHUNK_BYTES:
-                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
-            self.num_chunks += 1
-            self.payload_bytes += len(payload)
-            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
-                                          crc32=zlib.crc32(payload), payload=payload))
+        for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
+            for start in range(first, last, step):
+                end = min(start + step, last)
+                part = slice(start, end)
+                raw = codec.encode(keys[:, :, part], values[:, :, part], positions[:, part]).cpu().numpy().tobytes()
+                payload = self.compressor.compress(raw)
+                if len(payload) > MAX_CHUNK_BYTES:
+                    raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+                self.num_chunks += 1
+                self.payload_bytes += len(payload)
+                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
+                                              crc32=zlib.crc32(payload), payload=payload))
 
     def kv_segment(self, kv: KVState, start: int, end: int, profile: Profile) -> Iterator[pb.Frame]:
         """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""
@@ -188,13 +195,13 @@ class Encoder:
 
 def encode(
     kv: KVState, profile: Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
-    zstd_level: int = 3,
+    zstd_level: int = 3, context: CodecContext | None = None,
 ) -> Iterator[pb.Frame]:
     """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer."""
     profile.check_layers(kv.num_layers)
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
-    encoder = Encoder(fingerprint, transfer_id, zstd_level)
+    encoder = Encoder(fingerprint, transfer_id, zstd_level, context)
     yield encoder.header(kv.seq_len, kv.positions, profile)
     yield from encoder.chunks(kv, profile)
     yield encoder.trailer()
@@ -217,7 +224,7 @@ class _Pending:
 
     start: int
     end: int
-    codecs: list
+    tiers: list[list[tuple[int, int, LayerCodec]]]  # per layer: (first, last, codec) of its kept tokens
     positions: list[torch.Tensor]
     kept: list[int]
     filled: list[int]
@@ -238,8 +245,10 @@ class Assembler:
     """
 
     def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool = False,
-                 sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu"):
+                 sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu",
+                 context: CodecContext | None = None):
         self.fingerprint = fingerprint  # the receiver's: its weights, and the dtype it decodes into
+        self.context = context  # its model's RoPE and PCA basis, for the stages that need them
         self.device = torch.device(device)  # where chunks are decoded and the cache is assembled
         self.limits = limits
         self.segmented = segmented
@@ -340,12 +349,16 @@ class Assembler:
         kept = [layer.kept_tokens for layer in layers]
         for i, count in enumerate(kept):
             self._check_kept(i, count, start, end)
-        codecs = [self._profile.codec(i) for i in range(fp.num_layers)]
-        expected = sum(codec.payload_size((1, fp.kv_heads, n, fp.head_dim), self.dtype) for codec, n in zip(codecs, kept))
+        try:
+            tiers = [self._profile.tiers(i, n, self.context) for i, n in enumerate(kept)]
+        except (ProfileError, ValueError) as exc:  # a basis or RoPE this receiver lacks, a head_dim rot cannot take
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        expected = sum(codec.payload_size((1, fp.kv_heads, last - first, fp.head_dim), self.dtype)
+                       for layer in tiers for first, last, codec in layer)
         if expected > self.limits.max_transfer_bytes:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cache of {expected} bytes exceeds the limit of {self.limits.max_transfer_bytes}")
         positions = [self._positions(i, layer, start, end) for i, layer in enumerate(layers)]
-        self._pending = _Pending(start, end, codecs, positions, kept, [0] * fp.num_layers,
+        self._pending = _Pending(start, end, tiers, positions, kept, [0] * fp.num_layers,
                                  [[] for _ in kept], [[] for _ in kept])
 
     def _required_positions(self, layer: int, start: int, end: int) -> range | None:
@@ -411,7 +424,11 @@ class Assembler:
         if zlib.crc32(chunk.payload) != chunk.crc32:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer} tokens [{chunk.token_start}, {chunk.token_end}): checksum mismatch")
         shape = (1, fp.kv_heads, chunk.token_end - chunk.token_start, fp.head_dim)
-        codec = pending.codecs[chunk.layer]
+        tier = next((t for t in pending.tiers[chunk.layer] if t[0] <= chunk.token_start < t[1]), None)
+        if tier is None or chunk.token_end > tier[1]:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk [{chunk.token_start}, "
+                            f"{chunk.token_end}) spans tokens coded two ways ({self._profile})")
+        codec = tier[2]
         expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
@@ -420,7 +437,8 @@ class Assembler:
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
         payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
-        keys, values = codec.decode(payload, shape, self.dtype)
+        positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end].to(self.device)
+        keys, values = codec.decode(payload, shape, positions, self.dtype)
         pending.keys[chunk.layer].append(keys)
         pending.values[chunk.layer].append(values)
         pending.filled[chunk.layer] = chunk.token_end
@@ -465,8 +483,9 @@ class Assembler:
 
 
 def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits(),
-           sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu") -> KVState:
-    assembler = Assembler(fingerprint, limits, sliding_windows=sliding_windows, device=device)
+           sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu",
+           context: CodecContext | None = None) -> KVState:
+    assembler = Assembler(fingerprint, limits, sliding_windows=sliding_windows, device=device, context=context)
     for frame in frames:
         assembler.add(frame)
     return assembler.result()

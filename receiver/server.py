@@ -97,7 +97,8 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                 profile.check_layers(loaded.fingerprint.num_layers)
             except ProfileError:
                 continue
-            reason = refusal(request.fingerprint, loaded.fingerprint, profile)  # raw between different dtypes
+            # raw between different dtypes; a PCA basis this receiver does not hold
+            reason = refusal(request.fingerprint, loaded.fingerprint, profile) or profile.unsupported(loaded.codec_context)
             (refused if reason else offered).append(reason or str(profile))
         if request.policy == "auto":
             return self._plan(loaded, request, offered)
@@ -142,7 +143,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         """Assemble one transfer; yield an ack per segment in place, then one carrying the reply."""
         loaded = await self._model(context)
         assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented, wire.sliding_windows(loaded.config),
-                                   loaded.device)
+                                   loaded.device, loaded.codec_context)
         start = time.perf_counter()
         reserved = 0
         kv = None

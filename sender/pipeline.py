@@ -96,6 +96,7 @@ class Sender:
         without the question in the cache.
         """
         if profile != AUTO:
+            profile = profile.bind(self.loaded.codec_context)  # a pca profile names the basis it is coded in
             agreed = self._retrying(lambda: self.client.negotiate(self.loaded.fingerprint, [str(profile)])).profile
             return (profile if agreed == str(profile) else parse_profile(agreed)), None
         offered = [] if query_aware else self._query_agnostic_profiles()
@@ -120,7 +121,8 @@ class Sender:
     def transfer(self, kv: KVState, profile: Profile, link: Link | None = None,
                  attempts: int | None = None) -> TransferResult:
         """Encode `kv` and stream it, retrying retryable failures under one transfer id."""
-        frames = list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level))
+        frames = list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
+                                   self.loaded.codec_context))
         return self.send(frames, link, attempts)
 
     def send(self, frames: list[pb.Frame], link: Link | None = None, attempts: int | None = None) -> TransferResult:
@@ -158,7 +160,8 @@ class Sender:
         pre = prefilled or self.prefill(context, question, query_aware, [agreed])
         start = time.perf_counter()
         kv = select_tokens(self.loaded, pre, agreed)
-        frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level))
+        frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
+                                   self.loaded.codec_context))
         encode_s = time.perf_counter() - start
         attempts = 0  # transfer attempts, over every time the cache was sent
         for attempt in range(1, self.attempts + 1):
@@ -194,7 +197,7 @@ class Sender:
             raise ValueError(f"{agreed}: pipelined streaming sends every token, so no selection stage")
         prompt = build_prompt(self.loaded.tokenizer, context, question)
         ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
-        encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level)
+        encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)
         positions = wire.prefill_positions(self.loaded.config, len(ids), self.loaded.device)
         ready: queue.Queue = queue.Queue()
         side = torch.cuda.Stream(self.loaded.device) if self.loaded.device.type == "cuda" else None
@@ -213,7 +216,7 @@ class Sender:
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     if event is not None:
                         side.wait_event(event)
-                    yield from encoder.layer_chunks(layer, keys, values, agreed.codec(layer))
+                    yield from encoder.layer_chunks(layer, keys, values, positions[layer], agreed)
             yield encoder.trailer()
 
         start = time.perf_counter()

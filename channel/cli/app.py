@@ -60,7 +60,8 @@ LinkOptions = dict(
 )
 
 
-def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], max_new_tokens: int = 24):
+def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], max_new_tokens: int = 24,
+              skip: int = 0):
     """Run the eval harness with a progress bar; returns (rows, dataset)."""
     from rich.progress import Progress
 
@@ -69,7 +70,7 @@ def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], 
     from common.models import load_model
 
     loaded = load_model(model)
-    dataset = load_squad(data, limit=samples)
+    dataset = load_squad(data, limit=samples, skip=skip)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("samples x profiles", total=len(dataset) * len(names))
         rows = evaluate(loaded, dataset, names, max_new_tokens, progress=lambda: progress.advance(task))

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from channel.bench import CODEC_PROFILES
-from channel.cli.app import bench_app, console
+from channel.cli.app import _parse_profiles, bench_app, console
 
 
 @bench_app.command("select")
@@ -228,6 +228,45 @@ def bench_codec(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps({"source": source, "copy_mb_s": copy_mb_s, "rows": rows_as_dicts(rows)}, indent=2))
+
+
+@bench_app.command("entropy")
+def bench_entropy(
+    profiles: str = typer.Option("int4:g32,int2,nf4,pca:b2,pca:b1", help="Comma-separated profiles with code symbols."),
+    samples: int = typer.Option(40, min=2, help="Prompts: the first half fits the static model, the rest measure it."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    zstd_level: int = typer.Option(3, min=1, max=22),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = typer.Option("smollm2-135m", "--model"),
+) -> None:
+    """Bits per element of each profile's codes: packed, after zstd, the order-0 entropy, and a static
+    per-(layer, channel) model (what rANS with shipped tables reaches)."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from channel.bench_entropy import entropy_study, verdict
+    from channel.evaluation.squad import load_squad
+    from common.models import load_model
+
+    names = _parse_profiles(profiles)
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("prefilling", total=len(dataset))
+        rows = entropy_study(loaded, dataset, names, zstd_level, progress=lambda: progress.advance(task))
+    table = Table(title=f"entropy stage: {model}, static model fitted on {rows[0]['fit_prompts']} prompts, "
+                        f"measured on {rows[0]['test_prompts']} (bits per element)")
+    for column in ("profile", "packed", "zstd", "order-0 entropy", "static model", "static / zstd", "zstd / order-0"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for r in rows:
+        table.add_row(r["profile"], f"{r['packed_bits']:.3f}", f"{r['zstd_bits']:.3f}", f"{r['order0_bits']:.3f}",
+                      f"{r['static_bits']:.3f}", f"{r['static_vs_zstd']:.3f}", f"{r['zstd_vs_order0']:.3f}")
+    console.print(table)
+    console.print(verdict(rows))
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "rows": rows, "verdict": verdict(rows)}, indent=2))
 
 
 @bench_app.command("segments")

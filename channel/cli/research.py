@@ -25,6 +25,7 @@ def eval_command(
     samples: int = typer.Option(20, min=1, help="Answerable questions to use."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
+    skip: int = typer.Option(0, min=0, help="Leave out the first N answerable questions (a held-out split)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
     model: str = typer.Option("smollm2-135m", "--model"),
     device: Optional[str] = DeviceOption,
@@ -37,7 +38,7 @@ def eval_command(
     from channel.evaluation.harness import aggregate, rows_as_dicts
     from channel.evaluation.report import summary_table
 
-    rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles), max_new_tokens)
+    rows, dataset = _evaluate(model, data, samples, _parse_profiles(profiles), max_new_tokens, skip)
     summaries = aggregate(rows)
     console.print(summary_table(summaries, f"{model}: {len(dataset)} questions, fidelity against the full-KV answer"))
     if json_path:
@@ -187,14 +188,23 @@ def calibrate(
                                  "q2c:0.25+int4:g32,q2c:0.25+int2", help="Profiles the planner may choose from."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
-    out: Optional[Path] = typer.Option(None, help="Where to write the table (default: the model's shipped table)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the table or basis (default: the model's shipped one)."),
     model: str = typer.Option("smollm2-135m", "--model"),
+    basis: bool = typer.Option(False, "--basis", help="Fit the model's PCA basis (the pca stage) instead: one "
+                               "prompt per paragraph of --data, skipping the paragraphs of --exclude."),
+    exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                           help="--basis: a SQuAD file whose paragraphs are left out (default: the "
+                                                "embedded subset, which eval and demo use)."),
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
-    """Measure the rate-distortion table the planner (profile 'auto') chooses from."""
+    """Measure the rate-distortion table the planner (profile 'auto') chooses from, or fit the PCA basis."""
     use_device(device, dtype)
     import json
+
+    if basis:
+        _fit_basis(model, data, exclude, samples, out)
+        return
 
     from channel.evaluation.harness import aggregate
     from channel.evaluation.report import summary_table
@@ -206,6 +216,27 @@ def calibrate(
     target = out or calibration_path(model)
     target.write_text(json.dumps(table_from_summaries(model, summaries, len(dataset)), indent=2))
     console.print(f"wrote {target}")
+
+
+def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], samples: int, out: Optional[Path]) -> None:
+    from rich.progress import Progress
+
+    from channel.evaluation.basis import fit_basis
+    from channel.evaluation.squad import load_squad
+    from common.models import basis_path, load_model
+
+    loaded = load_model(model)
+    skipped = {s.context for s in load_squad(exclude, answerable_only=False)}
+    paragraphs = {s.context: s for s in load_squad(data, answerable_only=False) if s.context not in skipped}
+    dataset = list(paragraphs.values())[:samples]
+    if not dataset:
+        raise typer.BadParameter("no paragraph of --data is left once --exclude's are skipped", param_hint="--data")
+    target = out or basis_path(model)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("prefilling calibration prompts", total=len(dataset))
+        fitted = fit_basis(loaded, dataset, target, progress=lambda: progress.advance(task))
+    console.print(f"wrote {target}: basis {fitted.digest}, {fitted.num_layers} layers, "
+                  f"{fitted.metadata['tokens']} tokens from {len(dataset)} paragraphs")
 
 
 def _run_study(name: str, samples: int, data: Optional[Path], model: str, json_path: Optional[Path], **kwargs) -> None:

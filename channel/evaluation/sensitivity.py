@@ -28,8 +28,9 @@ def layer_sensitivity(loaded: LoadedModel, samples: list[Sample], profile: Profi
     for sample in samples:
         pre = prefill_prompt(loaded, sample.context, sample.question, True, [profile])
         reference = first_token_logits(loaded, pre.kv, pre.tail_ids)
-        compressed = wire.decode(wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint),
-                                 loaded.fingerprint)
+        frames = wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint,
+                             context=loaded.codec_context)
+        compressed = wire.decode(frames, loaded.fingerprint, context=loaded.codec_context)
         for layer in range(pre.kv.num_layers):
             mixed = KVState(
                 keys=[compressed.keys[i] if i == layer else k for i, k in enumerate(pre.kv.keys)],

@@ -20,7 +20,9 @@ def embedded_path() -> Path:
     return Path(str(resources.files("common") / "data" / "squad_v2_dev_subset.json"))
 
 
-def load_squad(path: str | Path | None = None, limit: int | None = None, answerable_only: bool = True) -> list[Sample]:
+def load_squad(path: str | Path | None = None, limit: int | None = None, answerable_only: bool = True,
+               skip: int = 0) -> list[Sample]:
+    """The file's questions in order (answerable ones only, by default), the first `skip` left out."""
     path = Path(path) if path else embedded_path()
     try:
         articles = json.loads(path.read_text())["data"]
@@ -32,6 +34,9 @@ def load_squad(path: str | Path | None = None, limit: int | None = None, answera
             for qa in paragraph["qas"]:
                 answers = tuple(a["text"] for a in qa.get("answers", []))
                 if answerable_only and not answers:
+                    continue
+                if skip:
+                    skip -= 1
                     continue
                 samples.append(Sample(qa["id"], paragraph["context"], qa["question"], answers))
                 if limit is not None and len(samples) >= limit:

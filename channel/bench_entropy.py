@@ -1,0 +1,122 @@
+"""`kvwire bench entropy`: does an entropy coder with a static per-(layer, channel) model beat zstd?
+
+For each profile, over real prompts' caches, the code symbols of every layer are grouped into
+streams: one per layer, tensor and channel (a uniform quantizer's) or component (pca's). Half the
+prompts fit a static model (symbol frequencies per stream, add-1/2 smoothed); on the other half
+we measure, in bits per element of the cache:
+- packed: the codec's payload as it is (codes, plus the scales of a uniform quantizer);
+- zstd: that payload through zstd, what kvwire sends;
+- order0: the empirical entropy of each prompt's codes under one table, the classic bound;
+- static: the cross-entropy of the codes under the fitted per-stream model, what an rANS or
+  arithmetic coder with shipped tables reaches (within a fraction of a percent), plus the
+  parameters a uniform quantizer sends beside its codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import zstandard
+
+from channel.evaluation.squad import Sample
+from common.models import LoadedModel
+from common.profile import Profile
+from common.quant.kv import CHANNEL, KVCodec, _matrix_shape
+from common.quant.packing import packed_size, unpack
+from common.quant.pca import PCACodec
+from sender.prefill import prefill_prompt
+
+
+def _streams(codec, payload: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """The payload's code symbols, each one's stream id (channel or component), their width in bits
+    (the widest, for pca) and the payload bytes that are not codes; None for a codec without codes."""
+    _, heads, tokens, dim = shape
+    if isinstance(codec, PCACodec):
+        symbols, ids, offset = [], [], 0
+        for b, idx in codec.widths():
+            count = tokens * idx.numel()
+            codes = unpack(payload[offset:offset + packed_size(count, b)], b, count).view(tokens, idx.numel())
+            symbols.append(codes.reshape(-1))
+            ids.append(idx.to(codes.device).expand(tokens, -1).reshape(-1))
+            offset += packed_size(count, b)
+        return torch.cat(symbols).long(), torch.cat(ids), int(codec.bits.max()), 0
+    if not isinstance(codec, KVCodec) or codec.quantizer.code_bits is None:
+        return None
+    bits = codec.quantizer.code_bits
+    symbols, ids, offset, code_bytes = [], [], 0, 0
+    for tensor, axis in enumerate((codec.key_axis, codec.value_axis)):
+        rows, cols = _matrix_shape(shape, axis)
+        codes = unpack(payload[offset:offset + packed_size(rows * cols, bits)], bits, rows * cols).view(rows, cols)
+        if axis == CHANNEL:  # rows are channels
+            channel = torch.arange(rows, device=codes.device).unsqueeze(1).expand(rows, cols)
+        else:  # rows are (head, token), columns the head's channels
+            head = torch.arange(rows, device=codes.device).unsqueeze(1) // tokens
+            channel = head * dim + torch.arange(cols, device=codes.device)
+        symbols.append(codes.reshape(-1).long())
+        ids.append(channel.reshape(-1) + tensor * heads * dim)
+        code_bytes += packed_size(rows * cols, bits)
+        offset += codec.quantizer.size(rows, cols, torch.float32)
+    return torch.cat(symbols), torch.cat(ids), bits, payload.numel() - code_bytes
+
+
+def _entropy(counts: torch.Tensor) -> float:
+    """Total bits of coding these counts with their own empirical distribution."""
+    counts = counts[counts > 0].double()
+    return float(-(counts * (counts / counts.sum()).log2()).sum())
+
+
+@torch.inference_mode()
+def entropy_study(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile], zstd_level: int = 3,
+                  progress: Callable[[], None] | None = None) -> list[dict]:
+    context = loaded.codec_context
+    compressor = zstandard.ZstdCompressor(level=zstd_level)
+    fit, test = samples[: len(samples) // 2], samples[len(samples) // 2:]
+    caches = []
+    for sample in samples:
+        caches.append(prefill_prompt(loaded, sample.context, sample.question).kv)
+        if progress:
+            progress()
+    rows = []
+    for profile in profiles:
+        profile = profile.bind(context)
+        tables: dict[int, torch.Tensor] = {}  # layer -> (streams, alphabet) counts from the fit half
+        totals = {"packed": 0.0, "zstd": 0.0, "order0": 0.0, "static": 0.0, "elements": 0}
+        for index, kv in enumerate(caches):
+            fitting = index < len(fit)
+            for layer, (k, v, p) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+                codec = profile.layer_codec(layer, context)
+                payload = codec.encode(k, v, p)
+                found = _streams(codec.codec, payload, tuple(k.shape))
+                if found is None:
+                    raise ValueError(f"{profile}: its codec has no code symbols to model")
+                symbols, ids, bits, other_bytes = found
+                streams = int(ids.max()) + 1
+                counts = torch.zeros(streams * 2**bits, dtype=torch.float64)
+                counts.index_add_(0, ids * 2**bits + symbols, torch.ones_like(symbols, dtype=torch.float64))
+                counts = counts.view(streams, 2**bits)
+                if fitting:
+                    tables[layer] = tables.get(layer, torch.zeros_like(counts)) + counts
+                    continue
+                model = tables[layer] + 0.5
+                log_p = (model / model.sum(1, keepdim=True)).log2()
+                totals["static"] += float(-(counts * log_p).sum()) + 8 * other_bytes
+                totals["order0"] += _entropy(counts.sum(0)) + 8 * other_bytes
+                totals["packed"] += 8 * payload.numel()
+                totals["zstd"] += 8 * len(compressor.compress(payload.cpu().numpy().tobytes()))
+                totals["elements"] += 2 * k.numel()
+        per = {key: totals[key] / totals["elements"] for key in ("packed", "zstd", "order0", "static")}
+        rows.append({"profile": str(profile), **{f"{key}_bits": value for key, value in per.items()},
+                     "static_vs_zstd": per["static"] / per["zstd"], "zstd_vs_order0": per["zstd"] / per["order0"],
+                     "fit_prompts": len(fit), "test_prompts": len(test)})
+    return rows
+
+
+def verdict(rows: list[dict], threshold: float = 0.10) -> str:
+    best = min(rows, key=lambda r: r["static_vs_zstd"])
+    saving = 1 - best["static_vs_zstd"]
+    if saving >= threshold:
+        return (f"a static per-(layer, channel) model saves {saving:.0%} over zstd on {best['profile']}: "
+                f"worth an entropy-coding stage")
+    return (f"a static per-(layer, channel) model saves at most {saving:.0%} over zstd ({best['profile']}), "
+            f"under the {threshold:.0%} bar: zstd stays")

@@ -1,0 +1,185 @@
+"""Transform coding (KVTC): a per-model PCA basis, bits per component under a budget, uniform codes.
+
+Each token's keys (RoPE removed) and values of one layer, all KV heads side by side, are a
+vector x of D = kv_heads * head_dim numbers. The basis, fitted once on calibration data
+(`kvwire calibrate --basis`), holds per layer and tensor the mean m, the principal directions
+U (D x D, strongest first) and each component's standard deviation s. A token is coded as
+
+    c = (x - m) U^-T         its coordinates in the basis (U^-T: the fp16-rounded U is not quite
+                             orthogonal, and this makes the reconstruction exact at full precision)
+    code_j = clamp(floor(c_j / step_j) + 2^(b_j - 1), 0, 2^b_j - 1)      for b_j > 0 bits
+    x^ = m + U c^,  c^_j = (code_j - 2^(b_j - 1) + 1/2) step_j           (0 where b_j = 0)
+
+with step_j = STEP[b_j] * s_j, the step of the optimal uniform quantizer of a Gaussian (Max,
+1960). The bits b_j of a layer's D key components, and apart of its D value components (the two
+have different scales), are allocated once, from the calibrated variances, to minimize the
+expected squared error for a budget of bits per element: greedy on the gain s_j^2 (d(b) - d(b + 1)),
+optimal because the gains fall with b.
+Components with zero bits are dropped. No parameters travel: both nodes derive the allocation
+from the same basis, which the profile names by hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from common.quant import packing
+from common.quant.base import QuantError, check_finite
+
+MAX_BITS = 8
+# The optimal uniform quantizer of a unit Gaussian with 2^b levels: its step and its mean squared error.
+STEP = (0.0, 1.596, 0.9957, 0.5860, 0.3352, 0.1881, 0.1041, 0.0569, 0.0308)
+DISTORTION = (1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.003490, 0.001035, 0.0003027, 0.0000876)
+HASH_CHARS = 16
+
+
+@dataclass(frozen=True)
+class TensorBasis:
+    """One layer's keys or values: mean (D,), directions (D, D) as columns, std (D,); float32."""
+
+    mean: torch.Tensor
+    directions: torch.Tensor
+    std: torch.Tensor
+
+    @functools.cached_property
+    def analysis(self) -> torch.Tensor:
+        """U^-T: coordinates of x - m in the basis are (x - m) @ analysis."""
+        return torch.linalg.inv(self.directions.double()).T.float()
+
+
+class Basis:
+    """A model's PCA basis, per layer, for keys (RoPE removed) and values."""
+
+    def __init__(self, keys: list[TensorBasis], values: list[TensorBasis], digest: str, metadata: dict):
+        self.keys, self.values, self.digest, self.metadata = keys, values, digest, metadata
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def fit(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per layer, (tokens, D) samples of keys and values -> the tensors `save` writes."""
+        tensors = {}
+        for name, samples in (("keys", keys), ("values", values)):
+            for layer, x in enumerate(samples):
+                x = x.double()
+                mean = x.mean(0)
+                centred = x - mean
+                covariance = centred.T @ centred / max(1, x.shape[0] - 1)
+                eigenvalues, vectors = torch.linalg.eigh(covariance)
+                order = eigenvalues.argsort(descending=True)
+                tensors[f"{name}.{layer}.mean"] = mean.float()
+                tensors[f"{name}.{layer}.directions"] = vectors[:, order].to(torch.float16)
+                tensors[f"{name}.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
+        return tensors
+
+    @staticmethod
+    def save(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> str:
+        Path(path).write_bytes(save({k: v.contiguous() for k, v in tensors.items()},
+                                    metadata={k: json.dumps(v) for k, v in metadata.items()}))
+        return Basis.load(path).digest
+
+    @classmethod
+    def load(cls, path: Path) -> Basis:
+        raw = Path(path).read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()[:HASH_CHARS]
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        layers = len({k.split(".")[1] for k in tensors if k.startswith("keys.")})
+
+        def part(name: str, layer: int) -> TensorBasis:
+            return TensorBasis(tensors[f"{name}.{layer}.mean"].float(), tensors[f"{name}.{layer}.directions"].float(),
+                               tensors[f"{name}.{layer}.std"].float())
+
+        return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
+                   metadata)
+
+
+def allocate(std: torch.Tensor, bits_per_element: float) -> torch.Tensor:
+    """Bits per component (int64, each 0..MAX_BITS) for components of standard deviation `std`,
+    `bits_per_element` on average, minimizing the expected squared error."""
+    std = std.double().cpu()
+    gains = torch.tensor([DISTORTION[b] - DISTORTION[b + 1] for b in range(MAX_BITS)], dtype=torch.float64)
+    table = std.square().unsqueeze(1) * gains  # (components, MAX_BITS): the gain of each next bit
+    total = min(int(bits_per_element * std.numel()), MAX_BITS * std.numel())
+    # Gains fall with b for every component, so the best `total` bits are the `total` largest gains;
+    # a stable sort breaks ties by index, the same on every machine.
+    order = torch.sort(-table.reshape(-1), stable=True).indices[:total]
+    return torch.bincount(order // MAX_BITS, minlength=std.numel())
+
+
+@dataclass(frozen=True)
+class PCACodec:
+    """One layer's keys and values (1, kv_heads, tokens, head_dim) <-> codes in the basis."""
+
+    keys: TensorBasis
+    values: TensorBasis
+    bits: torch.Tensor  # (2D,) bits per component: the keys' D, then the values'
+
+    @classmethod
+    def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, key_bits: float | None = None) -> PCACodec:
+        """`bits_per_element` on average over keys and values; the keys get `key_bits` of it
+        (default: the same), the values the rest. Keys and values have their own scales, so
+        each tensor's bits are allocated over its own components."""
+        keys, values = basis.keys[layer], basis.values[layer]
+        key_bits = bits_per_element if key_bits is None else key_bits
+        return cls(keys, values, torch.cat([allocate(keys.std, key_bits), allocate(values.std, 2 * bits_per_element - key_bits)]))
+
+    def widths(self) -> list[tuple[int, torch.Tensor]]:
+        """(bits, component indices) for each width in use, keys' and values' components together."""
+        return [(b, (self.bits == b).nonzero().flatten()) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
+
+    def payload_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        tokens = shape[2]
+        return sum(packing.packed_size(tokens * idx.numel(), b) for b, idx in self.widths())
+
+    def _steps(self, device) -> torch.Tensor:
+        std = torch.cat([self.keys.std, self.values.std]).to(device)
+        return torch.tensor(STEP, device=device)[self.bits.to(device)] * std
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        _, heads, tokens, dim = keys.shape
+        check_finite(keys, limit=None)
+        check_finite(values, limit=None)
+        device = keys.device
+        coords = torch.cat([
+            (part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - basis.mean.to(device)) @ basis.analysis.to(device)
+            for part, basis in ((keys, self.keys), (values, self.values))], dim=1)  # (tokens, 2D)
+        steps = self._steps(device)
+        pieces = []
+        for b, idx in self.widths():
+            idx = idx.to(device)
+            codes = torch.floor(coords[:, idx] / steps[idx]) + 2 ** (b - 1)
+            pieces.append(packing.pack(codes.clamp(0, 2**b - 1).to(torch.uint8), b))
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if payload.numel() != self.payload_size(shape, dtype):
+            raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
+        _, heads, tokens, dim = shape
+        device = payload.device
+        steps = self._steps(device)
+        coords = torch.zeros(tokens, self.bits.numel(), device=device)
+        offset = 0
+        for b, idx in self.widths():
+            size = packing.packed_size(tokens * idx.numel(), b)
+            codes = packing.unpack(payload[offset:offset + size], b, tokens * idx.numel()).view(tokens, idx.numel())
+            idx = idx.to(device)
+            coords[:, idx] = (codes.float() - 2 ** (b - 1) + 0.5) * steps[idx]
+            offset += size
+        width = heads * dim
+        out = []
+        for part, basis in ((coords[:, :width], self.keys), (coords[:, width:], self.values)):
+            x = basis.mean.to(device) + part @ basis.directions.to(device).T
+            out.append(x.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype))
+        return out[0], out[1]

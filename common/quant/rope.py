@@ -1,0 +1,50 @@
+"""Rotary position embedding, removed from keys on the sender and re-applied on the receiver.
+
+A cached key is R(p) k: the pre-RoPE key k rotated by angles proportional to its position p.
+Pre-RoPE keys share one distribution across positions (KVQuant, KVTC), so they quantize and
+project better. Positions travel with every kept token, so the receiver can rotate them back.
+
+The tables come from the model's own rotary module (its theta, scaling and, for Gemma-3, a
+separate base per layer type), so both nodes compute the same angles as the model did.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope:
+    """The key rotation of each layer of a loaded model."""
+
+    def __init__(self, model):
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.rotary = inner.rotary_emb
+        text = model.config.get_text_config()
+        self.layer_types = getattr(text, "layer_types", None)
+        self.takes_layer_type = "layer_type" in self.rotary.forward.__code__.co_varnames
+
+    def _cos_sin(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (kv_heads, tokens) -> cos, sin (1, kv_heads, tokens, head_dim), float32."""
+        probe = torch.empty(0, device=positions.device, dtype=torch.float32)
+        args = (self.layer_types[layer],) if self.takes_layer_type and self.layer_types else ()
+        with torch.no_grad():
+            cos, sin = self.rotary(probe, positions.to(torch.long), *args)
+        return cos.float().unsqueeze(0), sin.float().unsqueeze(0)
+
+    def remove(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cached keys (1, kv_heads, tokens, head_dim) at `positions` -> pre-RoPE keys, float32."""
+        cos, sin = self._cos_sin(layer, positions.to(keys.device))
+        scale = (cos.square() + sin.square())  # the module's attention scaling, squared (1 for plain RoPE)
+        x = keys.float()
+        return (x * cos - _rotate_half(x) * sin) / scale
+
+    def apply(self, layer: int, keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Pre-RoPE keys -> keys as the model caches them, in `dtype`."""
+        cos, sin = self._cos_sin(layer, positions.to(keys.device))
+        x = keys.float()
+        return (x * cos + _rotate_half(x) * sin).to(dtype)

@@ -1,0 +1,62 @@
+"""A layer's codec with the transforms that run before it: what `common.wire` encodes with.
+
+Sender: keys lose their RoPE (at their positions), then keys and values may be rotated, then
+the codec packs them. Receiver: the codec unpacks, the rotation is undone, RoPE re-applied.
+Both nodes build the same `LayerCodec` from the profile and their `CodecContext`: what a node
+knows of its model that some stages need (its RoPE, its PCA basis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.quant import rotation
+from common.quant.kv import KVCodec
+from common.quant.pca import Basis, PCACodec
+from common.quant.rope import Rope
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    rope: Rope | None = None
+    basis: Basis | None = None
+
+    @classmethod
+    def for_model(cls, model, basis: Basis | None = None) -> CodecContext:
+        return cls(Rope(model), basis)
+
+
+@dataclass(frozen=True)
+class LayerCodec:
+    layer: int
+    codec: KVCodec | PCACodec
+    rope: Rope | None = None  # remove RoPE from the keys first
+    rotation: int | None = None  # the seed of a Hadamard rotation of keys and values
+
+    @property
+    def transformed(self) -> bool:
+        return self.rope is not None or self.rotation is not None
+
+    def payload_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return self.codec.payload_size(shape, dtype)
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens)."""
+        if self.rope is not None:
+            keys = self.rope.remove(self.layer, keys, positions)
+        if self.rotation is not None:
+            keys, values = rotation.rotate(keys, self.rotation), rotation.rotate(values, self.rotation)
+        return self.codec.encode(keys, values)
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.transformed:
+            return self.codec.decode(payload, shape, dtype)
+        keys, values = self.codec.decode(payload, shape, torch.float32)
+        if self.rotation is not None:
+            keys, values = rotation.unrotate(keys, self.rotation), rotation.unrotate(values, self.rotation)
+        if self.rope is not None:
+            keys = self.rope.apply(self.layer, keys, positions, dtype)
+        return keys.to(dtype), values.to(dtype)

@@ -1,0 +1,180 @@
+"""The codec stages that need the model: pre-RoPE keys, Hadamard rotation, PCA transform coding, protected tokens."""
+
+import grpc
+import pytest
+import torch
+
+from common import wire
+from common.kvstate import prefill
+from common.profile import ProfileError, parse_profile
+from common.quant import rotation
+from common.quant.pca import MAX_BITS, Basis, PCACodec, allocate
+from common.quant.rope import Rope
+from common.quant.transform import CodecContext
+
+IDS = list(range(300, 372))
+
+
+def fitted_basis(loaded, path) -> Basis:
+    """A basis fitted on a few prefills of the model, other tokens than IDS."""
+    rope = Rope(loaded.model)
+    keys, values = [], []
+    for start in (500, 700, 900):
+        kv = prefill(loaded.model, list(range(start, start + 80)))
+        keys.append([rope.remove(i, k, p)[0].transpose(0, 1).flatten(1) for i, (k, p) in enumerate(zip(kv.keys, kv.positions))])
+        values.append([v[0].transpose(0, 1).flatten(1) for v in kv.values])
+    tensors = Basis.fit([torch.cat(x) for x in zip(*keys)], [torch.cat(x) for x in zip(*values)])
+    Basis.save(tensors, {"weights_sha256": loaded.fingerprint.weights_sha256}, path)
+    return Basis.load(path)
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gemma3"])
+def setup(request, tmp_path_factory):
+    loaded = request.getfixturevalue(request.param)
+    basis = fitted_basis(loaded, tmp_path_factory.mktemp("basis") / "basis.safetensors")
+    return loaded, CodecContext.for_model(loaded.model, basis), prefill(loaded.model, IDS)
+
+
+def round_trip(loaded, context, kv, spec):
+    profile = parse_profile(spec)
+    frames = list(wire.encode(kv, profile, loaded.fingerprint, context=context))
+    return frames, wire.decode(frames, loaded.fingerprint, context=context)
+
+
+def test_removed_rope_is_the_key_projection(setup):
+    """Pre-RoPE keys are what the attention's key projection (and Gemma's key norm) produced."""
+    loaded, context, _ = setup
+    captured = {}
+    hooks = []
+    for i, layer in enumerate(loaded.model.model.layers):
+        module = getattr(layer.self_attn, "k_norm", None) or layer.self_attn.k_proj
+        hooks.append(module.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out)))
+    try:
+        kv = prefill(loaded.model, IDS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    heads, dim = loaded.fingerprint.kv_heads, loaded.fingerprint.head_dim
+    for i, (keys, positions) in enumerate(zip(kv.keys, kv.positions)):
+        projected = captured[i].reshape(1, -1, heads, dim).transpose(1, 2)[:, :, -keys.shape[2]:]
+        torch.testing.assert_close(context.rope.remove(i, keys, positions), projected.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(context.rope.apply(i, projected, positions, keys.dtype), keys, atol=1e-5, rtol=1e-4)
+
+
+def test_rotation_is_orthonormal_and_seeded():
+    x = torch.randn(3, 5, 64)
+    y = rotation.rotate(x, 7)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotation.unrotate(y, 7), x, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rotation.rotate(x, 8), y)
+    outlier = torch.zeros(64)
+    outlier[3] = 10.0
+    assert rotation.rotate(outlier, 0).abs().max() == pytest.approx(10.0 / 8)  # spread evenly over 64 channels
+    with pytest.raises(ValueError, match="power-of-two"):
+        rotation.rotate(torch.randn(2, 48), 0)
+
+
+def test_allocation_spends_the_budget_on_the_strongest_components():
+    std = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])
+    for budget in (0.5, 1, 2, 3.5, 8):
+        bits = allocate(std, budget)
+        assert int(bits.sum()) == int(budget * 6) and int(bits.max()) <= MAX_BITS
+        assert (bits[:-1] >= bits[1:]).all()  # never more bits to a weaker component
+    assert allocate(std, 1).tolist() == [3, 2, 1, 0, 0, 0]  # each bit where it removes most error
+
+
+@pytest.mark.parametrize("spec", ["int4+prerope", "int4+rot", "int3:k=token+prerope+rot:seed9", "pca:b1", "pca:b2:k3",
+                                  "pca:b0.5", "pca:b3+protect:s4:r8", "int2+protect:s2:r16", "pca:b1+int8@0"])
+def test_round_trip_is_byte_exact_in_size(setup, spec):
+    loaded, context, kv = setup
+    frames, back = round_trip(loaded, context, kv, spec)
+    profile = parse_profile(frames[0].header.profile)
+    tiers = [profile.tiers(i, kv.kept_tokens(i), context) for i in range(kv.num_layers)]
+    declared = sum(c.payload_size((1, loaded.fingerprint.kv_heads, b - a, loaded.fingerprint.head_dim), kv.dtype)
+                   for layer in tiers for a, b, c in layer)
+    assert sum(f.chunk.raw_size for f in frames if f.WhichOneof("kind") == "chunk") == declared
+    for a, b in zip(kv.keys + kv.values, back.keys + back.values):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.isfinite(b).all()
+        if spec.startswith(("int4", "int3", "pca:b3")):  # a bit or less per element: random tiny models keep little
+            assert float((a - b).square().mean()) < 0.5 * float(a.square().mean())
+
+
+def test_more_bits_less_error(setup):
+    loaded, context, kv = setup
+    errors = []
+    for bits in (0.5, 1, 2, 4, 8):
+        _, back = round_trip(loaded, context, kv, f"pca:b{bits}")
+        errors.append(sum(float((a - b).square().mean()) for a, b in zip(kv.keys + kv.values, back.keys + back.values)))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1 * errors[0]
+
+
+def test_raw_layers_stay_bit_for_bit(setup):
+    """Pre-RoPE and rotation never touch a layer sent raw: it arrives bit for bit as post-RoPE keys."""
+    loaded, context, kv = setup
+    _, back = round_trip(loaded, context, kv, "int4+prerope+rot+raw@0")
+    assert torch.equal(back.keys[0], kv.keys[0]) and torch.equal(back.values[0], kv.values[0])
+    assert not torch.equal(back.keys[1], kv.keys[1])
+
+
+def test_protected_tokens_travel_at_fp16(setup):
+    loaded, context, kv = setup
+    _, back = round_trip(loaded, context, kv, "pca:b1+protect:s4:r8")
+    for a, b in zip(kv.keys + kv.values, back.keys + back.values):
+        for part in (slice(0, 4), slice(-8, None)):
+            assert torch.equal(b[:, :, part], a[:, :, part].half().to(a.dtype))
+
+
+def test_a_receiver_without_the_basis_refuses_at_the_header(setup):
+    loaded, context, kv = setup
+    frames, _ = round_trip(loaded, context, kv, "pca:b2")
+    for receiver in (CodecContext(context.rope), None):
+        with pytest.raises(wire.WireError, match="basis|RoPE") as info:
+            wire.decode(frames[:1], loaded.fingerprint, context=receiver)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    unbound = frames[0].__class__()
+    unbound.CopyFrom(frames[0])
+    unbound.header.profile = "pca:b2:h0123456789abcdef"
+    with pytest.raises(wire.WireError, match="0123456789abcdef") as info:
+        wire.decode([unbound], loaded.fingerprint, context=context)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_chunk_across_two_tiers_is_refused(setup):
+    loaded, context, kv = setup
+    frames, _ = round_trip(loaded, context, kv, "int4+protect:s4:r8")
+    first = frames[1].chunk
+    assert (first.token_start, first.token_end) == (0, 4)
+    frames[1].chunk.token_end = 5
+    with pytest.raises(wire.WireError, match="coded two ways") as info:
+        wire.decode(frames, loaded.fingerprint, context=context)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_sender_without_the_model_cannot_code_pre_rope(tiny_llama):
+    kv = prefill(tiny_llama.model, IDS)
+    with pytest.raises(ProfileError, match="RoPE"):
+        list(wire.encode(kv, parse_profile("int4+prerope"), tiny_llama.fingerprint))
+    with pytest.raises(ProfileError, match="basis"):
+        list(wire.encode(kv, parse_profile("pca:b2"), tiny_llama.fingerprint, context=CodecContext.for_model(tiny_llama.model)))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("pca:b2+int4", "no other precision"), ("rot:seed4294967296+int4", "seed"), ("pca:b9", "bits per element"),
+    ("pca:b2:h12", "hex digits"), ("rot+rot+int4", "two rot"), ("prerope", "change nothing"), ("protect:s0:r0", "at least one"),
+    ("pca:b2@1", "no layer range"), ("pca:b1:x3", "unknown"),
+])
+def test_bad_stages_are_refused(spec, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(spec)
+
+
+def test_pca_codec_never_reads_past_its_payload(setup):
+    loaded, context, kv = setup
+    codec = PCACodec.for_layer(context.basis, 0, 1.0, 0.5)
+    assert int(codec.bits.sum()) == 2 * loaded.fingerprint.kv_heads * loaded.fingerprint.head_dim
+    shape = tuple(kv.keys[0].shape)
+    payload = codec.encode(context.rope.remove(0, kv.keys[0], kv.positions[0]), kv.values[0])
+    assert payload.numel() == codec.payload_size(shape, kv.dtype)
+    with pytest.raises(ValueError, match="expected"):
+        codec.decode(payload[:-1], shape, kv.dtype)

@@ -62,6 +62,17 @@ class KVState:
             positions.append(p[:, lo:hi])
         return KVState(keys, values, positions, end)
 
+    def in_position_order(self) -> KVState:
+        """Each head's kept tokens sorted by position (importance tiers arrive most important first)."""
+        keys, values, positions = [], [], []
+        for k, v, p in zip(self.keys, self.values, self.positions):
+            p, order = p.sort(dim=1)
+            index = order[None, :, :, None].expand(1, -1, -1, k.shape[-1])
+            keys.append(k.gather(2, index))
+            values.append(v.gather(2, index))
+            positions.append(p)
+        return KVState(keys, values, positions, self.seq_len)
+
     def extend(self, other: KVState) -> KVState:
         """This state followed by `other`, whose positions come after this one's `seq_len`."""
         return KVState([torch.cat(pair, dim=2) for pair in zip(self.keys, other.keys)],

@@ -37,6 +37,11 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            fills it in). Takes no other precision stage; per-layer overrides apply.
     protect:sS:rR          the first S and last R kept tokens of each layer travel at fp16, untouched
                            by the other stages (KVTC keeps sink and recent tokens uncompressed)
+    tier:F:PRECISION       importance-aware precision (ZipCache): the selection's top F of each
+                           layer's kept tokens (the question and template first, then the context
+                           by score) travel at PRECISION; tiers stack in the order given, the
+                           rest take the profile's precision: q2c:1+int2+tier:0.1:int8+tier:0.2:int4.
+                           Needs a selection stage; not with protect.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32.
@@ -124,6 +129,7 @@ class Profile:
     rotation: int | None = None  # seed
     pca: Transform | None = None
     protect: tuple[int, int] | None = None  # (sink, recent) kept tokens sent at fp16
+    importance: tuple[tuple[float, Precision], ...] = ()  # tiers: (fraction of the kept tokens, precision)
 
     def __str__(self) -> str:
         stages = [str(self.selection)] if self.selection else []
@@ -141,6 +147,7 @@ class Profile:
             stages.append("rot" if self.rotation == 0 else f"rot:seed{self.rotation}")
         if self.protect is not None:
             stages.append(f"protect:s{self.protect[0]}:r{self.protect[1]}")
+        stages += [f"tier:{_exact(fraction)}:{precision}" for fraction, precision in self.importance]
         stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.overrides]
         return "+".join(stages)
 
@@ -196,9 +203,34 @@ class Profile:
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
 
+    def tier_sizes(self, kept: int) -> list[int]:
+        """How many of a layer's `kept` tokens each importance tier holds; the rest follow."""
+        sizes, left = [], kept
+        for fraction, _ in self.importance:
+            sizes.append(min(left, round(fraction * kept)))
+            left -= sizes[-1]
+        return sizes
+
+    def runs(self, kept: int) -> list[tuple[int, int]]:
+        """The ranges of a layer's kept tokens that are each in position order: the importance
+        tiers and the rest, or all of them."""
+        bounds = [0]
+        for size in self.tier_sizes(kept):
+            bounds.append(bounds[-1] + size)
+        return [(a, b) for a, b in zip(bounds, [*bounds[1:], kept]) if a < b]
+
     def tiers(self, layer: int, kept: int, context: CodecContext | None = None) -> list[tuple[int, int, LayerCodec]]:
         """How `layer`'s kept tokens [0, kept) are coded: (start, end, codec) ranges, in order."""
         main = self.layer_codec(layer, context)
+        if self.importance:
+            ranges, start = [], 0
+            for size, (_, precision) in zip(self.tier_sizes(kept), self.importance):
+                codec = main if self._raw_layer(layer) else replace(main, codec=KVCodec(
+                    precision.quantizer, precision.key_axis, precision.value_axis))
+                ranges.append((start, start + size, codec))
+                start += size
+            ranges.append((start, kept, main))
+            return [r for r in ranges if r[0] < r[1]]
         if self.protect is None:
             return [(0, kept, main)] if kept else []
         sink = min(self.protect[0], kept)
@@ -299,7 +331,7 @@ def parse_profile(spec: str | Profile) -> Profile:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
     if len(text) > MAX_PROFILE_CHARS:
         raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
-    precision, rank, overrides, selection, transforms = None, None, [], None, {}
+    precision, rank, overrides, selection, transforms, importance = None, None, [], None, {}, []
     for stage in text.split("+"):
         match = _STAGE.match(stage)
         if not match:
@@ -329,6 +361,12 @@ def parse_profile(spec: str | Profile) -> Profile:
                 raise ProfileError(f"{spec!r}: two {name} stages")
             transforms[name] = _TRANSFORM_STAGES[name](options, stage)
             continue
+        if name == "tier":
+            if match["first"] is not None or len(options) < 2:
+                raise ProfileError(f"{stage!r}: a tier is tier:FRACTION:PRECISION, e.g. tier:0.1:int8")
+            fraction = _number(options[0], stage, "tier fraction", 0, 1)
+            importance.append((fraction, _parse_precision(options[1], options[2:], stage)))
+            continue
         parsed = _parse_precision(name, options, stage)
         if match["first"] is not None:
             first = int(match["first"])
@@ -348,12 +386,17 @@ def parse_profile(spec: str | Profile) -> Profile:
                            "no other precision, svd, rot or prerope stage (per-layer overrides @A-B apply)")
     if precision == Precision(Cast()) and rank is None:
         precision = None  # raw is the default: one spelling for one profile
+    if importance and (selection is None or "protect" in transforms or rank is not None):
+        raise ProfileError(f"{spec!r}: tiers rank the tokens a selection stage scores (add one, e.g. q2c:1), "
+                           "and take no protect or svd stage")
+    if sum(fraction for fraction, _ in importance) > 1:
+        raise ProfileError(f"{spec!r}: the tiers hold more than all the kept tokens")
     if ({"rot", "prerope"} & transforms.keys()) and precision is None and rank is None and not overrides:
         raise ProfileError(f"{spec!r}: rot and prerope change nothing on a raw cache (sent bit for bit); add a "
                            "precision stage, e.g. int4+rot")
     return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection,
                    prerope="prerope" in transforms, rotation=transforms.get("rot"), pca=pca,
-                   protect=transforms.get("protect"))
+                   protect=transforms.get("protect"), importance=tuple(importance))
 
 
 def _options(options: list[str], stage: str, known: dict[str, str]) -> dict[str, str]:

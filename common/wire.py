@@ -78,7 +78,8 @@ def wire_bytes(frame: pb.Frame) -> int:
 
 
 def encode_positions(positions: torch.Tensor) -> bytes:
-    """(kv_heads, kept) int positions, sorted per head -> zstd(uint32 deltas)."""
+    """(kv_heads, kept) int positions -> zstd(uint32 deltas, modulo 2^32: a run of importance tiers
+    starts lower than the previous one ended)."""
     array = positions.to(torch.int64).cpu().numpy()
     deltas = np.diff(array, axis=1, prepend=0).astype("<u4")
     return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
@@ -98,7 +99,7 @@ def bounded_decompress(blob: bytes, size: int) -> bytes:
 def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
     raw = bounded_decompress(blob, 4 * heads * kept) if kept else b""
     deltas = np.frombuffer(raw, dtype="<u4").reshape(heads, kept).astype(np.int64)
-    return torch.from_numpy(np.cumsum(deltas, axis=1))
+    return torch.from_numpy(np.cumsum(deltas, axis=1) % (1 << 32))
 
 
 def sliding_windows(config) -> dict[int, int]:
@@ -111,10 +112,12 @@ def sliding_windows(config) -> dict[int, int]:
     return {i: layer.sliding_window - 1 for i, layer in enumerate(layers) if layer.is_sliding}
 
 
-def layer_headers(positions: list[torch.Tensor]) -> list[pb.LayerHeader]:
-    """positions: per layer, (kv_heads, kept) original positions of the kept tokens."""
+def layer_headers(positions: list[torch.Tensor], profile: Profile | None = None) -> list[pb.LayerHeader]:
+    """positions: per layer, (kv_heads, kept) original positions of the kept tokens, strictly increasing
+    per head within each of the profile's runs (see Profile.runs)."""
     for layer, kept in enumerate(positions):
-        if (kept.diff(dim=1) <= 0).any():
+        runs = profile.runs(kept.shape[1]) if profile else [(0, kept.shape[1])]
+        if any((kept[:, a:b].diff(dim=1) <= 0).any() for a, b in runs):
             raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
     return [pb.LayerHeader(kept_tokens=p.shape[1], positions=encode_positions(p)) for p in positions]
 
@@ -147,7 +150,7 @@ class Encoder:
         return pb.Frame(header=pb.Header(
             transfer_id=self.transfer_id, fingerprint=self.fingerprint,
             profile=str(profile.bind(self.context)) if profile else "",
-            seq_len=seq_len, batch=1, layers=layer_headers(positions) if positions is not None else [],
+            seq_len=seq_len, batch=1, layers=layer_headers(positions, profile) if positions is not None else [],
             segmented=positions is None))
 
     def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
@@ -395,12 +398,15 @@ class Assembler:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
         if not layer.kept_tokens:
             return positions
-        if (positions[:, 1:] <= positions[:, :-1]).any():
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: kept positions must increase strictly per head")
-        if (positions[:, -1] >= end).any():
+        runs = self._profile.runs(layer.kept_tokens)
+        if (any((positions[:, a + 1:b] <= positions[:, a:b - 1]).any() for a, b in runs)
+                or (positions.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: kept positions must increase strictly per head"
+                            + (" within each tier" if len(runs) > 1 else ""))
+        if (positions.max(dim=1).values >= end).any():
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies beyond "
                             + (f"its segment [{start}, {end})" if self.segmented else f"seq_len {end}"))
-        if (positions[:, 0] < start).any():
+        if (positions.min(dim=1).values < start).any():
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: a position lies before its segment [{start}, {end})")
         required = self._required_positions(i, start, end)
         if required is not None and not torch.equal(positions, torch.arange(required.start, required.stop).expand_as(positions)):
@@ -455,6 +461,8 @@ class Assembler:
         kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],
                      values=[torch.cat(parts, dim=2) if parts else empty for parts in pending.values],
                      positions=[p.to(self.device) for p in pending.positions], seq_len=pending.end)
+        if self._profile.importance:
+            kv = kv.in_position_order()
         self.segments.append(Segment(pending.start, pending.end, str(self._profile), kv=kv))
         self._whole = kv
         self._covered = pending.end

@@ -70,4 +70,5 @@ def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVSt
     if needs_question(profile) and pre.context_len >= pre.kv.seq_len:
         raise SelectionError(f"{selection.method} needs the question inside the cache: send query-aware")
     sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
-    return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities)
+    return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities,
+                           profile.tier_sizes if profile.importance else None)

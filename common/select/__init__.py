@@ -7,6 +7,7 @@ turns a selector's scores into a smaller KVState.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,14 +78,29 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, index[None, :, :, None].expand(1, -1, -1, tensor.shape[-1]))
 
 
+def _importance_order(ranked: torch.Tensor, tail: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Kept tokens ordered for importance tiers: the tail (question, template), then the context
+    tokens by falling score, cut into tiers of `sizes` and a rest; each part by position.
+    ranked: (heads, k) context indices by falling score -> (heads, k + len(tail))."""
+    ordered = torch.cat([tail.expand(ranked.shape[0], -1), ranked], dim=1)
+    parts, start = [], 0
+    for size in [*sizes, ordered.shape[1] - sum(sizes)]:
+        parts.append(ordered[:, start:start + size].sort(dim=-1).values)
+        start += size
+    return torch.cat(parts, dim=1)
+
+
 def apply_selection(
     kv: KVState, selection: Selection, stats: AttentionStats | None, context_len: int,
     sliding_layers: frozenset[int] = frozenset(), sensitivities: list[float] | None = None,
+    tier_sizes: Callable[[int], list[int]] | None = None,
 ) -> KVState:
     """Keep `selection.keep` of the context tokens [0, context_len) in every full-attention layer.
 
     Tokens after the context (question, chat template) are always kept; sliding-window
-    layers keep their own window untouched.
+    layers keep their own window untouched. Kept tokens are in position order, unless
+    `tier_sizes` (kept count -> sizes of the importance tiers) asks for tiers: then each layer's
+    tokens come most important first, tier by tier, each tier in position order.
     """
     if not 0 < context_len <= kv.seq_len:
         raise SelectionError(f"context length {context_len} outside 1..{kv.seq_len}")
@@ -114,8 +130,11 @@ def apply_selection(
         layer_scores = scores[layer]
         if granularity != "head":
             layer_scores = layer_scores.sum(dim=0, keepdim=True)
-        top = layer_scores.topk(k, dim=-1).indices.sort(dim=-1).values.expand(heads, -1)
-        index = torch.cat([top, tail.expand(heads, -1)], dim=1)
+        ranked = layer_scores.topk(k, dim=-1).indices.expand(heads, -1)
+        if tier_sizes is None:
+            index = torch.cat([ranked.sort(dim=-1).values, tail.expand(heads, -1)], dim=1)
+        else:
+            index = _importance_order(ranked, tail, tier_sizes(k + len(tail)))
         keys[layer] = _gather(kv.keys[layer], index)
         values[layer] = _gather(kv.values[layer], index)
         positions[layer] = kv.positions[layer].gather(1, index)

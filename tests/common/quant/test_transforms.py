@@ -178,3 +178,41 @@ def test_pca_codec_never_reads_past_its_payload(setup):
     assert payload.numel() == codec.payload_size(shape, kv.dtype)
     with pytest.raises(ValueError, match="expected"):
         codec.decode(payload[:-1], shape, kv.dtype)
+
+
+def test_importance_tiers_code_the_top_tokens_finer(tiny_llama):
+    """q2c:1+int2+tier:0.25:int8: the question and the best-scored context tokens travel at int8, the rest
+    at int2; the receiver puts every layer back in position order."""
+    from sender.prefill import prefill_prompt, select_tokens
+
+    profiles = [parse_profile(s) for s in ("q2c:1+int2", "q2c:1+int2+tier:0.25:int8", "q2c:1+int8")]
+    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, profiles)
+    errors = []
+    for profile in profiles:
+        kv = select_tokens(tiny_llama, pre, profile)
+        frames = list(wire.encode(kv, profile, tiny_llama.fingerprint))
+        back = wire.decode(frames, tiny_llama.fingerprint)
+        for p, q in zip(back.positions, pre.kv.positions):
+            assert torch.equal(p, q)  # every token, in position order again
+        errors.append(sum(float((a - b).square().mean()) for a, b in zip(back.values, pre.kv.values)))
+        if profile.importance:
+            sizes = profile.tier_sizes(pre.kv.seq_len)
+            top = kv.positions[0][0, :sizes[0]]
+            assert set(range(pre.context_len, pre.kv.seq_len)) <= set(top.tolist())  # the question is in the top tier
+            chunks = [f.chunk for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.layer == 0]
+            assert (chunks[0].token_start, chunks[0].token_end) == (0, sizes[0])
+    assert errors[2] < errors[1] < errors[0]
+
+
+def test_tiers_out_of_order_are_refused(tiny_llama):
+    from sender.prefill import prefill_prompt, select_tokens
+
+    profile = parse_profile("q2c:1+int2+tier:0.25:int8")
+    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
+    frames = list(wire.encode(select_tokens(tiny_llama, pre, profile), profile, tiny_llama.fingerprint))
+    for layer in frames[0].header.layers:
+        positions = wire.decode_positions(layer.positions, tiny_llama.fingerprint.kv_heads, layer.kept_tokens)
+        layer.positions = wire.encode_positions(positions.flip(1))
+    with pytest.raises(wire.WireError, match="within each tier") as info:
+        wire.decode(frames, tiny_llama.fingerprint)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -99,7 +99,7 @@ def prepare(loaded: LoadedModel, profile: Profile, samples: int, max_new_tokens:
     for sample in load_squad(limit=samples):
         pre = prefill_prompt(loaded, sample.context, sample.question, True, [profile])
         frames = wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint, context=loaded.codec_context)
-        received = wire.decode(frames, loaded.fingerprint, context=loaded.codec_context)
+        received = wire.decode(frames, loaded.fingerprint, device=loaded.device, context=loaded.codec_context)
         expected = greedy_decode(loaded.model, received.to_cache(loaded.config), pre.tail_ids, received.seq_len,
                                  max_new_tokens)
         prepared.append(Prepared(sample, pre, expected))

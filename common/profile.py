@@ -38,8 +38,8 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
     protect:sS:rR          the first S and last R kept tokens of each layer travel at fp16, untouched
                            by the other stages (KVTC keeps sink and recent tokens uncompressed)
     tier:F:PRECISION       importance-aware precision (ZipCache): the selection's top F of each
-                           layer's kept tokens (the question and template first, then the context
-                           by score) travel at PRECISION; tiers stack in the order given, the
+                           layer's kept tokens (the question and template first, the first 4
+                           (attention sinks) next, then the context by score) travel at PRECISION; tiers stack in the order given, the
                            rest take the profile's precision: q2c:1+int2+tier:0.1:int8+tier:0.2:int4.
                            Needs a selection stage; not with protect.
 

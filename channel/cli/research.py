@@ -182,6 +182,77 @@ def link_from_options_checked(spec: dict) -> None:
     link_from_options(spec["rate"] or None, spec["trace"], spec["delay"])
 
 
+DEFAULT_FRONTIER_PROFILES = (
+    "pca:b0.5+protect:s4,pca:b0.5:k0.25+protect:s4,q2c:1+pca:b0.25+tier:0.05:int4,q2c:0.5+pca:b0.75+tier:0.05:int4,"
+    "pca:b1+protect:s4,pca:b1:k0.75+protect:s4,q2c:1+pca:b0.75+tier:0.05:int8,q2c:1+pca:b0.5+tier:0.1:int4,"
+    "q2c:0.75+pca:b1+tier:0.05:int8,q2c:1+int1+tier:0.1:int4,"
+    "pca:b2+protect:s4,pca:b2:k1.5+protect:s4,q2c:1+pca:b1.5+tier:0.1:int8,q2c:1+pca:b1.5:k1+tier:0.1:int8,"
+    "q2c:1+pca:b1+tier:0.1:int8+tier:0.1:int4,q2c:1+int2+prerope+rot+tier:0.1:int8,"
+    "pca:b4:k3+protect:s4,q2c:1+pca:b3+tier:0.1:int8,q2c:1+pca:b3:k2.5+tier:0.15:int8,q2c:1+int3+prerope+rot+tier:0.1:int8,"
+    "int4:g32+prerope+rot,q2c:0.5+int4:g32")
+
+
+@app.command("frontier")
+def frontier_command(
+    profiles: str = typer.Option(DEFAULT_FRONTIER_PROFILES, help="Candidate profiles, comma-separated."),
+    budgets: str = typer.Option("0.03125,0.0625,0.125,0.25", help="Byte budgets, fractions of the fp16 bytes."),
+    baselines: str = typer.Option("int8,int4:g32,q2c:0.25+int4:g32", help="Measured on the held-out questions beside the picks."),
+    tune_data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Tuning questions (default: the embedded subset, after the held-out ones)."),
+    tune_skip: Optional[int] = typer.Option(None, min=0, help="Leave out the first N tuning questions (default: --samples when tuning on the embedded subset, else 0)."),
+    tune_samples: int = typer.Option(40, min=1),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Held-out questions (default: the embedded subset)."),
+    samples: int = typer.Option(100, min=1, help="Held-out questions."),
+    max_new_tokens: int = typer.Option(24, min=1, max=512),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results/frontier.json's format."),
+    model: str = typer.Option("smollm2-135m", "--model"),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = DtypeOption,
+) -> None:
+    """The compression frontier: per byte budget, the best candidate on tuning questions, measured on held-out ones."""
+    use_device(device, dtype)
+    import json
+
+    from rich.table import Table
+
+    from channel.evaluation.frontier import frontier_table, pick
+    from channel.evaluation.harness import aggregate
+    from channel.evaluation.report import summary_table
+
+    try:
+        limits = tuple(float(b) for b in budgets.split(",") if b.strip())
+    except ValueError:
+        raise typer.BadParameter(f"budgets {budgets!r} are not numbers", param_hint="--budgets") from None
+    candidates, references = _parse_profiles(profiles), _parse_profiles(baselines)
+    skip = tune_skip if tune_skip is not None else (0 if tune_data else samples)
+    rows, tuning_set = _evaluate(model, tune_data, tune_samples, candidates, max_new_tokens, skip)
+    tuned = aggregate(rows)
+    console.print(summary_table(tuned, f"tuning: {model}, {len(tuning_set)} questions"))
+    if json_path:  # the tuning alone, in case the held-out run is cut short
+        json_path.write_text(json.dumps({"model": model, "tuning": tuned}, indent=2))
+    chosen = pick(tuned, limits)
+    picked = list(dict.fromkeys(s["profile"] for s in chosen.values() if s is not None))
+    held_out = _parse_profiles(",".join(picked)) + [p for p in references if str(p) not in picked]
+    rows, dataset = _evaluate(model, data, samples, held_out, max_new_tokens)
+    measured = aggregate(rows)
+    console.print(summary_table(measured, f"held out: {model}, {len(dataset)} questions"))
+    result = frontier_table(model, chosen, measured, {"questions": len(tuning_set), "data": str(tune_data or "embedded"),
+                                                      "skip": skip, "summaries": tuned})
+    result["baselines"] = [s for s in measured if s["profile"] not in picked]
+    table = Table(title=f"frontier: {model}, picked on {len(tuning_set)} tuning questions, measured on {len(dataset)} others")
+    for column in ("budget", "profile", "fidelity", "KL tf", "vs fp16", "n"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for r in result["frontier"]:
+        if r["profile"] is None:
+            table.add_row(f"{r['budget']:.4g}", "(no candidate fits)", "", "", "", "")
+            continue
+        table.add_row(f"{r['budget']:.4g}", r["profile"], f"{r['fidelity']:.3f} ± {r['fidelity_ci95']:.3f}",
+                      f"{r['kl']:.4f}", f"{r['bytes_vs_fp16']:.4f}", str(r["n"]))
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")
+
+
 @app.command("calibrate")
 def calibrate(
     profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,q2c:0.75+int8,q2c:0.5+int8,q2c:0.5+int4:g32,"

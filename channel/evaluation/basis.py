@@ -10,6 +10,7 @@ import torch
 from channel.evaluation.squad import Sample
 from common.models import LoadedModel
 from common.quant.pca import Basis
+from common.select import SINK_TOKENS
 from sender.prefill import prefill_prompt
 
 
@@ -19,9 +20,9 @@ def token_rows(t: torch.Tensor) -> torch.Tensor:
     return t[0].float().transpose(0, 1).reshape(tokens, heads * dim)
 
 
-# The first tokens of a prompt are attention sinks: outliers by orders of magnitude, which would
-# bend the basis towards them. They are left out of the fit; `protect:s4` sends them apart.
-SINK_TOKENS = 4
+# The first tokens of a prompt are attention sinks (SINK_TOKENS): outliers by orders of magnitude,
+# which would bend the basis towards them. They are left out of the fit; `protect:s4` sends them
+# apart, and importance tiers rank them first.
 
 
 @torch.inference_mode()

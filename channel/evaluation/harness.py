@@ -117,7 +117,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile]
             selected = time.perf_counter()
             frames = list(wire.encode(kv, profile, loaded.fingerprint, context=loaded.codec_context))
             encoded = time.perf_counter()
-            received = wire.decode(frames, loaded.fingerprint, context=loaded.codec_context)
+            received = wire.decode(frames, loaded.fingerprint, device=loaded.device, context=loaded.codec_context)
             assembled = time.perf_counter()
             cache = received.to_cache(loaded.config)
             injected = time.perf_counter()

@@ -30,7 +30,7 @@ def layer_sensitivity(loaded: LoadedModel, samples: list[Sample], profile: Profi
         reference = first_token_logits(loaded, pre.kv, pre.tail_ids)
         frames = wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint,
                              context=loaded.codec_context)
-        compressed = wire.decode(frames, loaded.fingerprint, context=loaded.codec_context)
+        compressed = wire.decode(frames, loaded.fingerprint, device=loaded.device, context=loaded.codec_context)
         for layer in range(pre.kv.num_layers):
             mixed = KVState(
                 keys=[compressed.keys[i] if i == layer else k for i, k in enumerate(pre.kv.keys)],

@@ -78,10 +78,17 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, index[None, :, :, None].expand(1, -1, -1, tensor.shape[-1]))
 
 
+# Attention sinks: the first tokens of a prompt, outliers that every layer attends to. Importance
+# tiers rank the kept ones first after the question (KVTC never compresses them).
+SINK_TOKENS = 4
+
+
 def _importance_order(ranked: torch.Tensor, tail: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Kept tokens ordered for importance tiers: the tail (question, template), then the context
-    tokens by falling score, cut into tiers of `sizes` and a rest; each part by position.
-    ranked: (heads, k) context indices by falling score -> (heads, k + len(tail))."""
+    """Kept tokens ordered for importance tiers: the tail (question, template), the kept sink tokens,
+    then the other context tokens by falling score, cut into tiers of `sizes` and a rest; each part
+    by position. ranked: (heads, k) context indices by falling score -> (heads, k + len(tail))."""
+    sinks_first = (ranked >= SINK_TOKENS).to(torch.int8).sort(dim=1, stable=True).indices  # score order kept otherwise
+    ranked = ranked.gather(1, sinks_first)
     ordered = torch.cat([tail.expand(ranked.shape[0], -1), ranked], dim=1)
     parts, start = [], 0
     for size in [*sizes, ordered.shape[1] - sum(sizes)]:

@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# The GPU run recorded in results/gpu_*: on a CUDA machine without network, from the repository
-# root, with the Python wheels kvwire needs in .whl/ and SmolLM2's GGUF file in parts under
-# .gguf1/ .gguf2/ .gguf3/ (the file is larger than what one transfer to that machine carries).
-#   deploy/gpu/run.sh install     # the wheels, into /tmp/site
-#   deploy/gpu/run.sh kernels OUT # Triton kernels against torch, and codec throughput
-#   deploy/gpu/run.sh all OUT     # SmolLM2 converted, every GPU test, kvwire bench gpu
-#   deploy/gpu/run.sh smollm2 OUT # SmolLM2 from its GGUF parts: lossless on CUDA, CPU sender -> GPU receiver
-#   deploy/gpu/run.sh tiny OUT    # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
-#                                 # tests on the tiny models, codec throughput, kvwire bench gpu
+# The GPU runs recorded in results/gpu/: on a CUDA machine without network, from the repository
+# root, with the Python wheels kvwire needs in .whl/ and SmolLM2's GGUF file split in three parts
+# (.gguf1/a .gguf2/b .gguf3/c, `split -b 33000000`: one transfer to that machine carries 64 MiB
+# with the tree), brought over one per call while the machine stays warm:
+#   deploy/gpu/run.sh install       # the wheels, into /tmp/site (and .data/, a SQuAD file, into /tmp/data)
+#   deploy/gpu/run.sh part .gguf1   # keep a part in /tmp/parts (carried paths vanish on the next call)
+#   deploy/gpu/run.sh kernels OUT   # Triton kernels against torch, and codec throughput
+#   deploy/gpu/run.sh all OUT       # SmolLM2 from its parts, every GPU test, kvwire bench gpu
+#   deploy/gpu/run.sh smollm2 OUT   # SmolLM2 from its parts: lossless on CUDA, CPU sender -> GPU receiver
+#   deploy/gpu/run.sh frontier OUT  # SmolLM2 from its parts: kvwire frontier, tuned on /tmp/data, fp32 on CUDA
+#   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
+#                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 KVWIRE_CACHE_DIR=/tmp/kvwire-cache
+
+smollm2() {  # join the parts, convert once into the cache, print the fingerprint and the shipped basis's
+  mkdir -p /tmp/smollm2
+  cat /tmp/parts/a /tmp/parts/b /tmp/parts/c > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -rf /tmp/kvwire-cache/models/smollm2-135m
+  python3 -c "
+from pathlib import Path
+import common.models as models
+models.GGUF_MODELS['smollm2-135m'] = lambda: Path('/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
+loaded = models.load_model('smollm2-135m', 'cpu', 'float32')
+print(loaded.fingerprint)
+print('shipped basis:', loaded.codec_context.basis and loaded.codec_context.basis.digest)
+"
+}
 case "$1" in
+part)
+  mkdir -p /tmp/parts && cp "$2"/* /tmp/parts/
+  ;;
 install)
+  if [ -d .data ]; then mkdir -p /tmp/data && cp .data/* /tmp/data/; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -29,15 +50,7 @@ for r in rows[1:]:
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
   ;;
 smollm2)
-  mkdir -p /tmp/smollm2
-  cat .gguf1/a .gguf2/b .gguf3/c > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  rm -rf /tmp/kvwire-cache/models/smollm2-135m
-  python3 -c "
-from pathlib import Path
-import common.models as models
-models.GGUF_MODELS['smollm2-135m'] = lambda: Path('/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
-print(models.load_model('smollm2-135m', 'cpu', 'float32').fingerprint)
-"
+  smollm2
   python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "smollm2 or cpu_sender" 2>&1 | tee "$2/gpu_tests_smollm2.txt"
   ;;
 tiny)
@@ -47,15 +60,14 @@ tiny)
   python3 -m channel.cli bench gpu --rates 1gbit,10gbit --json "$2/bench_gpu.json" 2>&1 | tee "$2/bench_gpu.txt"
   ;;
 all)
-  mkdir -p /tmp/smollm2
-  cat .gguf1/a .gguf2/b .gguf3/c > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python3 -c "
-from pathlib import Path
-import common.models as models
-models.GGUF_MODELS['smollm2-135m'] = lambda: Path('/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
-print(models.load_model('smollm2-135m', 'cpu', 'float32').fingerprint)
-"
+  smollm2
   python3 -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tee "$2/gpu_tests.txt"
   python3 -m channel.cli bench gpu --json "$2/bench_gpu.json" 2>&1 | tee "$2/bench_gpu.txt"
+  ;;
+frontier)
+  smollm2
+  timeout 540 python3 -m channel.cli frontier --device cuda --dtype float32 --tune-data /tmp/data/squad-v2-dev-public.json \
+    --tune-skip 510 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-110}" --json "$2/frontier_smollm2.json" 2>&1 \
+    | tee "$2/frontier_smollm2.txt"
   ;;
 esac

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from channel.evaluation.metrics import best_f1
@@ -114,3 +115,30 @@ def test_demo_cli_writes_json(tmp_path):
     assert result["transfer_s_mean"] >= result["bytes_mean"] * 8 / 200e6 * 0.95
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert result["bytes_mean"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_codec_stages_over_grpc(start_receiver, smollm2):
+    """Pre-RoPE keys, rotation, PCA transform coding (the shipped basis, on both nodes), protected tokens
+    and importance tiers: the receiver answers exactly as the same frames decode in process."""
+    from common import wire
+    from common.kvstate import greedy_decode
+    from sender.prefill import select_tokens
+
+    receiver = start_receiver("smollm2-135m")
+    sample = load_squad(limit=1)[0]
+    context = smollm2.codec_context
+    with Client(receiver.target) as client:
+        for spec in ("int4+prerope+rot", "pca:b2+protect:s4", "q2c:1+pca:b1+tier:0.1:int8+tier:0.1:int4"):
+            profile = parse_profile(spec)
+            asked = Sender(smollm2, client).ask(sample.context, sample.question, profile, True, MAX_NEW)
+            assert asked.profile == str(profile.bind(context))  # a pca profile names the sender's basis
+            pre = asked.prefilled
+            frames = wire.encode(select_tokens(smollm2, pre, profile), profile, smollm2.fingerprint, context=context)
+            local = wire.decode(frames, smollm2.fingerprint, context=context)
+            expected = greedy_decode(smollm2.model, local.to_cache(smollm2.config), pre.tail_ids, local.seq_len, MAX_NEW)
+            assert asked.token_ids == expected, spec
+        # A basis the receiver does not hold is refused when the profile is offered.
+        with pytest.raises(grpc.RpcError) as info:
+            client.negotiate(smollm2.fingerprint, ["pca:b2:h0123456789abcdef"])
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "basis" in info.value.details()

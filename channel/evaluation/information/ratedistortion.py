@@ -84,8 +84,9 @@ def measure_codecs(loaded: LoadedModel, samples: list[Sample], profiles: list[Pr
         pre = prefill_prompt(loaded, sample.context, sample.question, True, profiles)
         states.append(pre.kv)
         for profile in profiles:
-            frames = list(wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint))
-            errors = squared_errors(pre.kv, wire.decode(frames, loaded.fingerprint))
+            context = loaded.codec_context  # the stages that need the model: pre-RoPE keys, its PCA basis
+            frames = list(wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint, context=context))
+            errors = squared_errors(pre.kv, wire.decode(frames, loaded.fingerprint, device=loaded.device, context=context))
             total = totals[str(profile)]
             total["bits"] += 8 * sum(map(wire.wire_bytes, frames))
             for key in ("keys", "values", "elements"):

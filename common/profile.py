@@ -39,9 +39,10 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            by the other stages (KVTC keeps sink and recent tokens uncompressed)
     tier:F:PRECISION       importance-aware precision (ZipCache): the selection's top F of each
                            layer's kept tokens (the question and template first, the first 4
-                           (attention sinks) next, then the context by score) travel at PRECISION; tiers stack in the order given, the
-                           rest take the profile's precision: q2c:1+int2+tier:0.1:int8+tier:0.2:int4.
-                           Needs a selection stage; not with protect.
+                           (attention sinks) next, then the context by score) travel at PRECISION;
+                           tiers stack in the order given, the rest take the profile's precision:
+                           q2c:1+int2+tier:0.1:int8+tier:0.2:int4. Needs a selection stage; not with
+                           protect.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32.
@@ -103,7 +104,7 @@ def _exact(number: float) -> str:
 
 
 @dataclass(frozen=True)
-class Transform:
+class PCAStage:
     """The PCA transform-coding stage: bits per element, the keys' share of them, the basis's hash."""
 
     bits: float
@@ -127,7 +128,7 @@ class Profile:
     selection: Selection | None = None
     prerope: bool = False
     rotation: int | None = None  # seed
-    pca: Transform | None = None
+    pca: PCAStage | None = None
     protect: tuple[int, int] | None = None  # (sink, recent) kept tokens sent at fp16
     importance: tuple[tuple[float, Precision], ...] = ()  # tiers: (fraction of the kept tokens, precision)
 
@@ -416,7 +417,7 @@ def _number(text: str, stage: str, what: str, low: float, high: float, integer: 
         value = int(text) if integer else float(text)
     except ValueError:
         raise ProfileError(f"{stage!r}: {what} {text!r} is not a number") from None
-    if not low <= value <= high or value != value:
+    if not low <= value <= high:
         raise ProfileError(f"{stage!r}: {what} must lie in [{low:{'d' if integer else 'g'}}, {high:{'d' if integer else 'g'}}], got {text}")
     return value
 
@@ -432,7 +433,7 @@ def _parse_rotation(options: list[str], stage: str) -> int:
     return int(_number(found.get("seed", "0"), stage, "rotation seed", 0, MAX_SEED, integer=True))
 
 
-def _parse_pca(options: list[str], stage: str) -> Transform:
+def _parse_pca(options: list[str], stage: str) -> PCAStage:
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
                                       "h": "HASH of the basis"})
     if "b" not in found:
@@ -446,7 +447,7 @@ def _parse_pca(options: list[str], stage: str) -> Transform:
     digest = found.get("h")
     if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
         raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
-    return Transform(bits, key_bits, digest)
+    return PCAStage(bits, key_bits, digest)
 
 
 def _parse_protect(options: list[str], stage: str) -> tuple[int, int]:

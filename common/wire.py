@@ -22,6 +22,7 @@ from common.fingerprints import refusal
 from common.kvstate import KVState
 from common.profile import DTYPES, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
+from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
@@ -352,9 +353,12 @@ class Assembler:
         kept = [layer.kept_tokens for layer in layers]
         for i, count in enumerate(kept):
             self._check_kept(i, count, start, end)
+        if self._profile.rotation is not None and not rotation.supports(fp.head_dim):
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"{self._profile}: a Hadamard rotation needs a "
+                            f"power-of-two head_dim, and this model's is {fp.head_dim}")
         try:
             tiers = [self._profile.tiers(i, n, self.context) for i, n in enumerate(kept)]
-        except (ProfileError, ValueError) as exc:  # a basis or RoPE this receiver lacks, a head_dim rot cannot take
+        except ProfileError as exc:  # a basis or RoPE this receiver lacks
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         expected = sum(codec.payload_size((1, fp.kv_heads, last - first, fp.head_dim), self.dtype)
                        for layer in tiers for first, last, codec in layer)

@@ -217,3 +217,15 @@ def test_tiers_out_of_order_are_refused(tiny_llama):
     with pytest.raises(wire.WireError, match="within each tier") as info:
         wire.decode(frames, tiny_llama.fingerprint)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_rotation_on_a_head_dim_that_is_not_a_power_of_two_is_refused_at_the_header(tiny_llama):
+    kv = prefill(tiny_llama.model, IDS)
+    frames = list(wire.encode(kv, parse_profile("int4+rot"), tiny_llama.fingerprint))
+    fingerprint = tiny_llama.fingerprint.__class__()
+    fingerprint.CopyFrom(tiny_llama.fingerprint)
+    fingerprint.head_dim = 48
+    frames[0].header.fingerprint.head_dim = 48
+    with pytest.raises(wire.WireError, match="power-of-two") as info:
+        wire.decode(frames[:1], fingerprint)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION

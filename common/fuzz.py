@@ -193,8 +193,21 @@ def random_layers(rng: random.Random, num_layers: int) -> str:
     return f"@{first}-{rng.choice([first, first + 1, rng.randrange(num_layers + 2), random_number(rng)])}"
 
 
+def random_transform(rng: random.Random) -> str:
+    """A stage that needs the model (prerope, rot, pca), a protect or a tier stage; in range or not."""
+    number = lambda: rng.choice([f"{rng.random() * 9:.3g}", "0", "8", "8.5", "1e3", str(random_number(rng))])  # noqa: E731
+    return rng.choice([
+        "prerope", "prerope:x", "rot", f"rot:seed{rng.choice([0, 7, 2**32 - 1, 2**32, random_number(rng)])}",
+        f"pca:b{number()}", f"pca:b{number()}:k{number()}",
+        f"pca:b2:h{rng.choice(['0123456789abcdef', 'f' * 15, 'g' * 16, rng.randbytes(8).hex()])}",
+        f"protect:s{random_number(rng)}:r{rng.randrange(64)}", f"protect:r{rng.randrange(64)}", "protect",
+        f"tier:{rng.choice(['0.1', '0.6', '1', '1.5', 'nan', '-0.1'])}:{random_precision(rng)}", "tier:0.1",
+    ])
+
+
 def random_profile(rng: random.Random, num_layers: int = 4) -> str:
-    """A profile drawn from the grammar: selection, svd, precision and override stages, sometimes garbled."""
+    """A profile drawn from the grammar: selection, svd, precision, override and model-dependent stages,
+    sometimes garbled."""
     stages = []
     if rng.random() < 0.3:
         stages.append(random_selection(rng))
@@ -204,6 +217,8 @@ def random_profile(rng: random.Random, num_layers: int = 4) -> str:
         stages.append(random_precision(rng))
     for _ in range(rng.choice([0, 0, 1, 2])):
         stages.append(random_precision(rng) + random_layers(rng, num_layers))
+    for _ in range(rng.choice([0, 0, 0, 1, 2])):
+        stages.append(random_transform(rng))
     rng.shuffle(stages)
     text = "+".join(stages) or "raw"
     if rng.random() < 0.1:

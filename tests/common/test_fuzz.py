@@ -124,6 +124,8 @@ def test_profiles_are_drawn_from_the_whole_grammar():
             pass
     assert 300 < len(parsed) < 2700  # both sides of the grammar are well represented
     assert any(p.selection for p in parsed) and any(p.overrides for p in parsed) and any(p.rank for p in parsed)
+    assert any(p.pca for p in parsed) and any(p.importance for p in parsed) and any(p.protect for p in parsed)
+    assert any(p.rotation == 2**32 - 1 for p in parsed) and any(p.prerope for p in parsed)
 
 
 def test_grammar_transfers_reach_the_decoders_with_large_groups(cache, tiny_llama):

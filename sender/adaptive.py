@@ -41,7 +41,7 @@ class SegmentPlanner:
     """Chooses a segment's profile from a calibration table (common.planner's format)."""
 
     table: dict
-    ladder: list[str] | None = None  # default: every precision-only profile of the table
+    ladder: list[str] | None = None  # default: every profile of the table a segment can carry
     # The receiver's prefill time per token of a text segment (default: the table's). Longer
     # contexts cost more per token than the calibration's short prompts, so the sender passes
     # the rate of its own prefill of this context when it has one.
@@ -53,12 +53,13 @@ class SegmentPlanner:
             self.text_s_per_token = self.table["prefill_s_per_token"]
         parsed = {name: parse_profile(name) for name in profiles}  # the table's names, read once
         if self.ladder is None:
-            self.ladder = [name for name in profiles if parsed[name].selection is None]
+            self.ladder = [name for name in profiles if _segment_profile(parsed[name])]
         for name in self.ladder:
             if name not in profiles:
                 raise ProfileError(f"{name} is not in the calibration table ({', '.join(profiles)})")
-            if parsed[name].selection is not None:
-                raise ProfileError(f"{name}: a segment profile has precision stages only, no selection")
+            if not _segment_profile(parsed[name]):
+                raise ProfileError(f"{name}: a segment profile has precision stages only: no selection, and none "
+                                   "of the stages that need the model or rank tokens (prerope, pca, protect, tier)")
         self.parsed = {name: parsed[name] for name in self.ladder}
         if not self.ladder:
             raise ProfileError("the ladder has no precision-only profile")
@@ -127,6 +128,11 @@ class AdaptiveResult:
     @property
     def profiles(self) -> list[str]:
         return [s.profile for s in self.segments]
+
+
+def _segment_profile(profile: Profile) -> bool:
+    """Whether segments carry `profile`: precision stages (and rot) only."""
+    return profile.selection is None and not profile.needs_context and profile.protect is None
 
 
 def segment_bounds(seq_len: int, segment_tokens: int) -> list[tuple[int, int]]:

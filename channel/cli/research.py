@@ -255,8 +255,10 @@ def frontier_command(
 
 @app.command("calibrate")
 def calibrate(
-    profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,q2c:0.75+int8,q2c:0.5+int8,q2c:0.5+int4:g32,"
-                                 "q2c:0.25+int4:g32,q2c:0.25+int2", help="Profiles the planner may choose from."),
+    profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,int4:g32+prerope+rot,q2c:0.75+int8,q2c:0.5+int8,"
+                                 "q2c:0.5+int4:g32,q2c:0.25+int4:g32,q2c:0.25+int2,q2c:1+pca:b3:k2.5+tier:0.15:int8,"
+                                 "pca:b1+protect:s4,q2c:1+pca:b0.5+tier:0.1:int4",
+                                 help="Profiles the planner may choose from."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     out: Optional[Path] = typer.Option(None, help="Where to write the table or basis (default: the model's shipped one)."),

@@ -22,6 +22,7 @@ import zstandard
 from channel.evaluation.squad import Sample
 from common.models import LoadedModel
 from common.profile import Profile
+from common.quant.entropy import code_symbols, entropy_bits
 from common.quant.kv import CHANNEL, KVCodec, _matrix_shape
 from common.quant.packing import packed_size, unpack
 from common.quant.pca import PCACodec
@@ -41,29 +42,21 @@ def _streams(codec, payload: torch.Tensor, shape: tuple[int, ...]) -> tuple[torc
             ids.append(idx.to(codes.device).expand(tokens, -1).reshape(-1))
             offset += packed_size(count, b)
         return torch.cat(symbols).long(), torch.cat(ids), int(codec.bits.max()), 0
-    if not isinstance(codec, KVCodec) or codec.quantizer.code_bits is None:
+    found = code_symbols(codec, payload, shape) if isinstance(codec, KVCodec) else None
+    if found is None:
         return None
-    bits = codec.quantizer.code_bits
-    symbols, ids, offset, code_bytes = [], [], 0, 0
+    symbols, bits = found  # the keys' codes, then the values', each matrix in row-major order
+    ids, code_bytes = [], 0
     for tensor, axis in enumerate((codec.key_axis, codec.value_axis)):
         rows, cols = _matrix_shape(shape, axis)
-        codes = unpack(payload[offset:offset + packed_size(rows * cols, bits)], bits, rows * cols).view(rows, cols)
         if axis == CHANNEL:  # rows are channels
-            channel = torch.arange(rows, device=codes.device).unsqueeze(1).expand(rows, cols)
+            channel = torch.arange(rows, device=payload.device).unsqueeze(1).expand(rows, cols)
         else:  # rows are (head, token), columns the head's channels
-            head = torch.arange(rows, device=codes.device).unsqueeze(1) // tokens
-            channel = head * dim + torch.arange(cols, device=codes.device)
-        symbols.append(codes.reshape(-1).long())
+            head = torch.arange(rows, device=payload.device).unsqueeze(1) // tokens
+            channel = head * dim + torch.arange(cols, device=payload.device)
         ids.append(channel.reshape(-1) + tensor * heads * dim)
         code_bytes += packed_size(rows * cols, bits)
-        offset += codec.quantizer.size(rows, cols, torch.float32)
-    return torch.cat(symbols), torch.cat(ids), bits, payload.numel() - code_bytes
-
-
-def _entropy(counts: torch.Tensor) -> float:
-    """Total bits of coding these counts with their own empirical distribution."""
-    counts = counts[counts > 0].double()
-    return float(-(counts * (counts / counts.sum()).log2()).sum())
+    return symbols.long(), torch.cat(ids), bits, payload.numel() - code_bytes
 
 
 @torch.inference_mode()
@@ -101,7 +94,7 @@ def entropy_study(loaded: LoadedModel, samples: list[Sample], profiles: list[Pro
                 model = tables[layer] + 0.5
                 log_p = (model / model.sum(1, keepdim=True)).log2()
                 totals["static"] += float(-(counts * log_p).sum()) + 8 * other_bytes
-                totals["order0"] += _entropy(counts.sum(0)) + 8 * other_bytes
+                totals["order0"] += entropy_bits(symbols, 2**bits) * symbols.numel() + 8 * other_bytes
                 totals["packed"] += 8 * payload.numel()
                 totals["zstd"] += 8 * len(compressor.compress(payload.cpu().numpy().tobytes()))
                 totals["elements"] += 2 * k.numel()

@@ -44,5 +44,4 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
     metadata = {"model": loaded.name, "weights_sha256": loaded.fingerprint.weights_sha256,
                 "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS}
     tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values])
-    Basis.save(tensors, metadata, path)
-    return Basis.load(path)
+    return Basis.save(tensors, metadata, path)

@@ -83,10 +83,11 @@ class Basis:
         return tensors
 
     @staticmethod
-    def save(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> str:
+    def save(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Basis:
+        """Write the fitted tensors (and metadata) to `path`; the basis as a node will load it."""
         Path(path).write_bytes(save({k: v.contiguous() for k, v in tensors.items()},
                                     metadata={k: json.dumps(v) for k, v in metadata.items()}))
-        return Basis.load(path).digest
+        return Basis.load(path)
 
     @classmethod
     def load(cls, path: Path) -> Basis:

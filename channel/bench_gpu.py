@@ -61,15 +61,31 @@ def cuda_seconds(fn, repeat: int = 10, warmup: int = 3) -> float:
 
 def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: int = 128,
                      dtype: torch.dtype = torch.bfloat16, profiles=CODEC_PROFILES, paths=KERNEL_PATHS) -> list[dict]:
-    """Encode and decode of a whole cache (every layer's keys and values), against a device copy."""
+    """Encode and decode of a whole cache (every layer's keys and values), against a device copy.
+
+    Two ways for each kernel path: `per layer`, the codec's calls one layer at a time as the wire
+    makes them (each with its finite check and sync); and, for the Triton path, `one launch`, the
+    stacked layers in one launch per tensor (`kernels.encode_kv`, finite check on), the kernels' own speed."""
+    from common.quant import kernels as fused
+
     device = torch.device("cuda")
     generator = torch.Generator(device).manual_seed(0)
     shape = (1, heads, tokens, head_dim)
-    keys = [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)]
-    values = [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)]
+    stacked_k = torch.randn((layers, heads, tokens, head_dim), device=device, dtype=dtype, generator=generator)
+    stacked_v = torch.randn((layers, heads, tokens, head_dim), device=device, dtype=dtype, generator=generator)
+    keys, values = list(stacked_k.split(1)), list(stacked_v.split(1))
     nbytes = 2 * layers * heads * tokens * head_dim * dtype.itemsize
-    copy_s = cuda_seconds(lambda: [(k.clone(), v.clone()) for k, v in zip(keys, values)])
+    copy_s = cuda_seconds(lambda: (stacked_k.clone(), stacked_v.clone()))
     rows = []
+
+    def row(spec, path, launch, payload_bytes, encode_s, decode_s):
+        rows.append({
+            "tokens": tokens, "profile": str(parse_profile(spec)), "kernels": path, "launch": launch,
+            "input_bytes": nbytes, "payload_bytes": payload_bytes, "copy_gbps": nbytes / copy_s / 1e9,
+            "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
+            "encode_vs_copy": copy_s / encode_s, "decode_vs_copy": copy_s / decode_s,
+        })
+
     for spec in profiles:
         codec = parse_profile(spec).codec(0)
         for path in paths:
@@ -77,14 +93,16 @@ def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: in
                 payloads = [codec.encode(k, v) for k, v in zip(keys, values)]
                 encode_s = cuda_seconds(lambda: [codec.encode(k, v) for k, v in zip(keys, values)])
                 decode_s = cuda_seconds(lambda: [codec.decode(p, shape, dtype) for p in payloads])
-            rows.append({
-                "tokens": tokens, "profile": str(parse_profile(spec)), "kernels": path, "input_bytes": nbytes,
-                "payload_bytes": sum(p.numel() for p in payloads), "copy_gbps": nbytes / copy_s / 1e9,
-                "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
-                "encode_vs_copy": copy_s / encode_s, "decode_vs_copy": copy_s / decode_s,
-            })
-    keys.clear()
-    values.clear()
+            row(spec, path, "per layer", sum(p.numel() for p in payloads), encode_s, decode_s)
+            if path == "triton":
+                with kernels(path):
+                    axes = (codec.key_axis, codec.value_axis)
+                    payload = fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes)
+                    encode_s = cuda_seconds(lambda: fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes))
+                    decode_s = cuda_seconds(lambda: fused.decode_kv(codec.quantizer, payload, tuple(stacked_k.shape),
+                                                                    dtype, *axes))
+                row(spec, path, "one launch", payload.numel(), encode_s, decode_s)
+    del keys, values, stacked_k, stacked_v
     torch.cuda.empty_cache()
     return rows
 

@@ -346,12 +346,12 @@ def bench_gpu(
     report = {"environment": gpu.environment(), "codec": [], "asks": [], "selection": []}
     console.print(report["environment"])
     table = Table(title="codec at Llama-3.1-8B's KV shape (bf16 input): GB/s and ratio to a device copy")
-    for column in ("tokens", "profile", "kernels", "copy GB/s", "encode GB/s", "x copy", "decode GB/s", "x copy"):
+    for column in ("tokens", "profile", "kernels", "launch", "copy GB/s", "encode GB/s", "x copy", "decode GB/s", "x copy"):
         table.add_column(column, justify="right")
     for n in [int(t) for t in tokens.split(",")]:
         for row in gpu.codec_throughput(n):
             report["codec"].append(row)
-            table.add_row(str(n), row["profile"], row["kernels"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
+            table.add_row(str(n), row["profile"], row["kernels"], row["launch"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
                           f"{row['encode_vs_copy']:.2f}", f"{row['decode_gbps']:.0f}", f"{row['decode_vs_copy']:.2f}")
     console.print(table)
     report["relay_ceiling_bps"] = gpu.relay_ceiling()

@@ -123,6 +123,27 @@ def _rows_geometry(x: torch.Tensor, kind: int, bits: int, group: int, codes: tor
     return dict(GROUP=group, NG=max(1, 32 // group), BR=br, WORD=word, num_warps=max(1, min(4, br // 32)))
 
 
+def _groups_geometry(kind: int, bits: int, group: int, rows: int, cols: int, transpose: bool,
+                     params: torch.Tensor) -> dict | None:
+    """Tile shape of encode_groups_kernel and decode_groups_kernel, or None where they do not apply:
+    Uniform of 8, 4 or 2 bits, groups a power of two (8 to 128), rows that start on a byte, fp16
+    parameters 2-byte aligned (`params` is the payloads' parameter columns), and the view's columns
+    (or, with transpose, its rows) contiguous. Sizes from a sweep on an H200 (deploy/gpu/kernel_sweep.py)."""
+    if kind not in (ASYM, SYM) or bits not in (2, 4, 8) or group not in (8, 16, 32, 64, 128) or cols * bits % 8:
+        return None
+    if params.data_ptr() % 2 or (params.shape[0] > 1 and params.stride(0) % 2):
+        return None
+    if transpose:  # keys per channel: 64 channels of a head and one group of tokens
+        return dict(GROUP=group, NG=1, BR=min(64, _pow2(rows)), TRANSPOSE=True, num_warps=1)
+    ng = max(1, min(_pow2(num_groups(cols, group)), 256 // group))
+    return dict(GROUP=group, NG=ng, BR=max(1, 2048 // (ng * group)), TRANSPOSE=False, num_warps=1)
+
+
+def _transposed(x: torch.Tensor) -> bool:
+    """Whether a (payloads, heads, rows, cols) view is best read along rows (keys per channel)."""
+    return x.stride(3) != 1 and x.stride(2) == 1
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -192,8 +213,17 @@ def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | 
     one = payloads == 1  # a zero payload stride keeps the compiler's alignment facts
     groups = num_groups(cols, group)
     flag_or_any = out if flag is None else flag
-    rows_meta = _rows_geometry(x, kind, bits, group, codes, row_stride)
-    if rows_meta is not None:
+    params = out[:, code_bytes:]
+    fast = _groups_geometry(kind, bits, group, rows, cols, _transposed(x), params)
+    rows_meta = None if fast is not None else _rows_geometry(x, kind, bits, group, codes, row_stride)
+    if fast is not None:
+        tk.encode_groups_kernel[(_cdiv(rows, fast["BR"]), _cdiv(groups, fast["NG"]), payloads * heads)](
+            x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
+            out, 0 if one else out.stride(0), row_bytes,
+            params, 0 if one else out.stride(0) // 2, groups,
+            flag_or_any,
+            KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **fast)
+    elif rows_meta is not None:
         tk.encode_rows_kernel[(_cdiv(rows, rows_meta["BR"]), _cdiv(groups, rows_meta["NG"]), payloads * heads)](
             x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
             codes, 0 if one else codes.stride(0), row_stride, row_bytes,
@@ -229,9 +259,17 @@ def decode(quantizer, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if payload.shape != (payloads, size) or payload.dtype != torch.uint8 or payload.stride(1) != 1:
         raise QuantError(f"payload must be uint8 ({payloads}, {size}) with contiguous rows, got {tuple(payload.shape)}")
     code_bytes = (matrix_rows * cols * bits + 7) // 8
+    one = payloads == 1
+    fast = _groups_geometry(kind, bits, group, rows, cols, _transposed(out), payload[:, code_bytes:])
+    if fast is not None:
+        groups = num_groups(cols, group)
+        tk.decode_groups_kernel[(_cdiv(rows, fast["BR"]), _cdiv(groups, fast["NG"]), payloads * heads)](
+            payload, 0 if one else payload.stride(0), code_bytes, (cols * bits + 7) // 8, groups,
+            out, 0 if one else out.stride(0), *out.stride()[1:], heads, rows, cols,
+            KIND=kind, BITS=bits, enable_fp_fusion=False, **fast)
+        return out
     book = _constants(payload.device)[0] if kind == NF4_KIND else payload
     meta = _geometry(bits, group, rows, cols)
-    one = payloads == 1
     tk.decode_kernel[_grid(meta, payloads, heads, rows, cols)](
         payload, 0 if one else payload.stride(0), code_bytes, (cols * bits + 7) // 8, num_groups(cols, group),
         out, 0 if one else out.stride(0), *out.stride()[1:], heads, rows, cols,

@@ -5,7 +5,8 @@ Every kernel mirrors its torch twin (`Uniform`, `NF4`) operation by operation, s
 and values are bit-identical (DESIGN invariant 9):
 - inputs are read in their dtype and widened to fp32 in registers, as `x.float()` does;
 - divisions are IEEE round-to-nearest (`div_rn`), as torch's on the CPU; the default Triton
-  division is an approximation;
+  division is an approximation. Uniform codes multiply by the reciprocal of their group's step,
+  as `Uniform.encode` does (one division per group); NF4 divides each element;
 - rounding is half-to-even, as torch.round; codes are clamped to an integer range first, which
   commutes with rounding and keeps |q| < 2**22 for the rounding trick in `_round_even`;
 - fp32 -> fp16 parameters round to nearest even, with the same subnormal-step fix-up as
@@ -47,56 +48,38 @@ def _round_even(q):
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _min_nan(a, b):
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _group_max(x, axis: tl.constexpr, CHECK: tl.constexpr):
-    if CHECK:  # a NaN must reach the check, which a plain max drops
-        return tl.reduce(x, axis, _max_nan)
-    else:
-        return tl.max(x, axis=axis)
-
-
-@triton.jit
-def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr, CHECK: tl.constexpr):
-    """x3: (NG, GP, BR) fp32, ok3 its mask -> the fp16 (scale, low) of each group, (NG, BR) each, and
-    whether the group holds a value check_finite refuses.
+def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr, CHECK: tl.constexpr, AXIS: tl.constexpr):
+    """x3: fp32 with a group along AXIS, ok3 its mask -> the fp16 (scale, low) of each group (x3's
+    shape without AXIS), and whether the group holds a value check_finite refuses.
 
     Masked lanes are the group's padding: repeating the last column (base.group_view) changes no
-    minimum or maximum, so leaving them out gives the same statistics."""
+    minimum or maximum, so leaving them out gives the same statistics. The reductions are the
+    built-in ones, which may drop a NaN; with CHECK, the group's sum (a NaN propagates through it,
+    and |x| <= 65504 cannot overflow it) finds one."""
     if KIND == ASYM:
-        high = _group_max(tl.where(ok3, x3, float("-inf")), 1, CHECK)
-        if CHECK:
-            low = tl.reduce(tl.where(ok3, x3, float("inf")), 1, _min_nan)
-        else:
-            low = tl.min(tl.where(ok3, x3, float("inf")), axis=1)
-        bad = (high != high) | (high > FP16_MAX) | (low < -FP16_MAX)
+        high = tl.max(tl.where(ok3, x3, float("-inf")), axis=AXIS)
+        low = tl.min(tl.where(ok3, x3, float("inf")), axis=AXIS)
+        bad = (high > FP16_MAX) | (low < -FP16_MAX)
         empty = high < low  # a tile's groups past the end of the row
         high = tl.where(empty, 0.0, high)
         low = tl.where(empty, 0.0, low)
         scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
     else:
+        if KIND == SIGN and not CHECK:
+            absmax = mean
+        else:
+            absmax = tl.max(tl.where(ok3, tl.abs(x3), 0.0), axis=AXIS)
         if KIND == SIGN:
             scale = mean
-            if CHECK:
-                absmax = _group_max(tl.where(ok3, tl.abs(x3), 0.0), 1, CHECK)
-            else:
-                absmax = mean
+        elif KIND == SYM:
+            scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
         else:
-            absmax = _group_max(tl.where(ok3, tl.abs(x3), 0.0), 1, CHECK)
-            if KIND == SYM:
-                scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
-            else:
-                scale = absmax
+            scale = absmax
         low = scale
-        bad = (absmax != absmax) | (absmax > FP16_MAX)
+        bad = absmax > FP16_MAX
+    if CHECK:
+        total = tl.sum(tl.where(ok3, x3, 0.0), axis=AXIS)
+        bad = bad | (total != total)
     return _fp16_scale(scale, KIND), low.to(tl.float16), bad
 
 
@@ -112,29 +95,39 @@ def _fp16_scale(scale, KIND: tl.constexpr):
 
 @triton.jit
 def _divide(num, den):
-    """num / den, IEEE round to nearest, for den > 0. A zero numerator (every asymmetric group's
-    minimum) would send the GPU's division to its slow path; 0 / den is 0 anyway."""
+    """num / den, IEEE round to nearest, for den > 0 (NF4's per-element division). A zero numerator
+    would send the GPU's division to its slow path; 0 / den is 0 anyway."""
     zero = num == 0
     return tl.where(zero, 0.0, tl.math.div_rn(tl.where(zero, 1.0, num), den))
 
 
 @triton.jit
-def _codes(x, stored, low, mid_ptr, KIND: tl.constexpr, BITS: tl.constexpr):
-    """x fp32, with its group's fp16 scale `stored` and `low` (broadcastable) -> int32 codes."""
+def _inverse(stored, KIND: tl.constexpr):
+    """What `_codes` takes for a group's fp16 scale: Uniform multiplies by 1 / step (a division per
+    group, not per element: `Uniform.encode` does the same), NF4 divides by the scale."""
     scale = stored.to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)
+    if KIND == ASYM or KIND == SYM:
+        return tl.math.div_rn(1.0, safe)
+    else:
+        return safe
+
+
+@triton.jit
+def _codes(x, inverse, low, mid_ptr, KIND: tl.constexpr, BITS: tl.constexpr):
+    """x fp32, with its group's `_inverse(scale)` and fp16 `low` (broadcastable) -> int32 codes."""
     if KIND == ASYM:
-        q = _divide(x - low.to(tl.float32), safe)
+        q = (x - low.to(tl.float32)) * inverse
         code = _round_even(tl.minimum(tl.maximum(q, 0.0), (2**BITS - 1) * 1.0)).to(tl.int32)
     elif KIND == SYM:
         half: tl.constexpr = 2 ** (BITS - 1) - 1
-        q = _divide(x, safe)
+        q = x * inverse
         code = (_round_even(tl.minimum(tl.maximum(q, -half * 1.0), half * 1.0)) + half).to(tl.int32)
     elif KIND == SIGN:
         code = (x >= 0).to(tl.int32)
     else:
         # torch.bucketize(v, midpoints, right=False): how many midpoints lie strictly below v.
-        v = tl.minimum(tl.maximum(_divide(x, safe), -1.0), 1.0)
+        v = tl.minimum(tl.maximum(_divide(x, inverse), -1.0), 1.0)
         code = tl.zeros(v.shape, tl.int32)
         for i in tl.static_range(15):
             code += (v > tl.load(mid_ptr + i)).to(tl.int32)
@@ -204,7 +197,7 @@ def encode_kernel(
                        mask=g_ok, other=0.0)
     else:
         mean = 0.0
-    stored, low, bad = _group_scale(x3, ok3, mean, KIND, BITS, CHECK)
+    stored, low, bad = _group_scale(x3, ok3, mean, KIND, BITS, CHECK, 1)
     if CHECK:  # check_finite's conditions; the host raises its error. No atomics unless some group is bad.
         tl.atomic_max(flag_ptr + tl.zeros([NG, BR], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
 
@@ -215,7 +208,7 @@ def encode_kernel(
         _store_half(p_ptr + 2, low, g_ok)
 
     if GP == GROUP:  # the tile's columns are contiguous: reuse the statistics tile
-        code = tl.where(ok3, _codes(x3, stored[:, None, :], low[:, None, :], mid_ptr, KIND, BITS), 0)
+        code = tl.where(ok3, _codes(x3, _inverse(stored, KIND)[:, None, :], low[:, None, :], mid_ptr, KIND, BITS), 0)
         code = tl.reshape(code, (BCW, BR))
     else:  # a group of odd size: read the columns again, as one row segment, and gather parameters
         k = tl.arange(0, BCW)
@@ -223,7 +216,8 @@ def encode_kernel(
         ok = ((k < NG * GROUP) & (col < cols))[:, None] & row_ok[None, :]
         x = tl.load(x_base + col[:, None] * x_sc + r[None, :] * x_sr, mask=ok, other=0.0).to(tl.float32)
         which = tl.broadcast_to(tl.minimum(k // GROUP, NG - 1)[:, None], (BCW, BR))
-        code = tl.where(ok, _codes(x, tl.gather(stored, which, 0), tl.gather(low, which, 0), mid_ptr, KIND, BITS), 0)
+        inverse = _inverse(stored, KIND)
+        code = tl.where(ok, _codes(x, tl.gather(inverse, which, 0), tl.gather(low, which, 0), mid_ptr, KIND, BITS), 0)
 
     # Pack UC codes into UB bytes; the tile starts on a unit (NG * GROUP % UC == 0).
     c_base = codes_ptr + p.to(tl.int64) * codes_sp + m * row_stride
@@ -247,6 +241,123 @@ def encode_kernel(
         ok = ((kb < UB)[None, :] & (byte_at < limit))[:, :, None] & row_ok[None, None, :]
         tl.store(c_base[None, None, :] + byte_at[:, :, None], byte.to(tl.uint8), mask=ok)
 
+
+
+@triton.jit
+def _pack(code, BR: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
+    """(BR, NG, GROUP) codes of 8, 4 or 2 bits -> (BR, NG, GROUP * BITS // 8) bytes, the first code in
+    the low bits. Splitting the last axis keeps a byte's codes in one thread."""
+    UC: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = GROUP // UC
+    if UC == 1:
+        return code
+    elif UC == 2:
+        first, second = tl.split(tl.reshape(code, (BR, NG, NB, 2)))
+        return first | (second << BITS)
+    else:
+        even, odd = tl.split(tl.reshape(code, (BR, NG, NB, 2, 2)))
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return c0 | (c1 << BITS) | (c2 << (2 * BITS)) | (c3 << (3 * BITS))
+
+
+@triton.jit
+def _unpack(byte, BITS: tl.constexpr):
+    """The inverse of _pack: (BR, NG, NB) int32 bytes -> (BR, NG, NB * 8 // BITS) codes."""
+    UC: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if UC == 1:
+        return byte
+    elif UC == 2:
+        return tl.interleave(byte & MASK, byte >> BITS)
+    else:
+        return tl.interleave(tl.interleave(byte & MASK, (byte >> (2 * BITS)) & MASK),
+                             tl.interleave((byte >> BITS) & MASK, byte >> (3 * BITS)))
+
+
+@triton.jit
+def encode_groups_kernel(
+    x_ptr, x_sp, x_sh, x_sr, x_sc, heads, rows, cols,
+    codes_ptr, codes_sp, row_bytes,
+    params_ptr, params_sp, groups,
+    flag_ptr,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
+    TRANSPOSE: tl.constexpr, CHECK: tl.constexpr,
+):
+    """The fast encoder: Uniform of 8, 4 or 2 bits, groups a power of two, rows that start on a byte.
+    One program takes BR rows and NG groups and holds them as (BR, NG, GROUP), so that a group's
+    statistics and a byte's codes stay in one thread. TRANSPOSE: the view's rows are contiguous
+    (keys per channel): the tile is read as (NG, GROUP, BR), coalesced along rows, and transposed in
+    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s)."""
+    pid_ph = tl.program_id(2)
+    p = pid_ph // heads
+    h = pid_ph % heads
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    ok = (r < rows)[:, None, None] & (col < cols)[None]
+    x_base = x_ptr + p.to(tl.int64) * x_sp + h.to(tl.int64) * x_sh
+    if TRANSPOSE:
+        x = tl.load(x_base + col[:, :, None].to(tl.int64) * x_sc + r[None, None, :] * x_sr,
+                    mask=(col < cols)[:, :, None] & (r < rows)[None, None, :], other=0.0)
+        x = tl.permute(x, (2, 0, 1)).to(tl.float32)
+    else:
+        x = tl.load(x_base + r[:, None, None].to(tl.int64) * x_sr + col[None] * x_sc, mask=ok, other=0.0).to(tl.float32)
+    stored, low, bad = _group_scale(x, ok, 0.0, KIND, BITS, CHECK, 2)
+    g_ok = (r < rows)[:, None] & (g < groups)[None, :]
+    if CHECK:
+        tl.atomic_max(flag_ptr + tl.zeros([BR, NG], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
+    byte = _pack(_codes(x, _inverse(stored, KIND)[:, :, None], low[:, :, None], x_ptr, KIND, BITS), BR, NG, GROUP, BITS)
+
+    NB: tl.constexpr = GROUP * BITS // 8
+    m = h * rows + r
+    at = g[:, None] * NB + tl.arange(0, NB)[None, :]
+    tl.store(codes_ptr + p.to(tl.int64) * codes_sp + m[:, None, None].to(tl.int64) * row_bytes + at[None],
+             byte.to(tl.uint8), mask=(r < rows)[:, None, None] & (at < row_bytes)[None])
+    NP: tl.constexpr = 2 if KIND == ASYM else 1
+    p_ptr = params_ptr.to(tl.pointer_type(tl.float16)) + p.to(tl.int64) * params_sp + (m[:, None] * groups + g[None, :]) * NP
+    tl.store(p_ptr, stored, mask=g_ok)
+    if KIND == ASYM:
+        tl.store(p_ptr + 1, low, mask=g_ok)
+
+
+@triton.jit
+def decode_groups_kernel(
+    blob_ptr, blob_sp, code_bytes, row_bytes, groups,
+    y_ptr, y_sp, y_sh, y_sr, y_sc, heads, rows, cols,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+):
+    """The inverse of encode_groups_kernel, on the same tiles (the blob's parameters 2-byte aligned)."""
+    pid_ph = tl.program_id(2)
+    p = pid_ph // heads
+    h = pid_ph % heads
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    m = h * rows + r
+    NB: tl.constexpr = GROUP * BITS // 8
+    at = g[:, None] * NB + tl.arange(0, NB)[None, :]
+    blob = blob_ptr + p.to(tl.int64) * blob_sp
+    byte = tl.load(blob + m[:, None, None].to(tl.int64) * row_bytes + at[None],
+                   mask=(r < rows)[:, None, None] & (at < row_bytes)[None], other=0)
+    NP: tl.constexpr = 2 if KIND == ASYM else 1
+    g_ok = (r < rows)[:, None] & (g < groups)[None, :]
+    p_ptr = (blob + code_bytes).to(tl.pointer_type(tl.float16)) + (m[:, None] * groups + g[None, :]) * NP
+    scale = tl.load(p_ptr, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+    level = _unpack(byte.to(tl.int32), BITS).to(tl.float32)
+    if KIND == ASYM:
+        value = level * scale + tl.load(p_ptr + 1, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+    else:
+        value = (level - (2 ** (BITS - 1) - 1)) * scale
+    value = _narrow(value, y_ptr.dtype.element_ty)
+    col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    y = y_ptr + p.to(tl.int64) * y_sp + h.to(tl.int64) * y_sh
+    if TRANSPOSE:
+        tl.store(y + col[:, :, None].to(tl.int64) * y_sc + r[None, None, :] * y_sr, tl.permute(value, (1, 2, 0)),
+                 mask=(col < cols)[:, :, None] & (r < rows)[None, None, :])
+    else:
+        tl.store(y + r[:, None, None].to(tl.int64) * y_sr + col[None] * y_sc, value,
+                 mask=(r < rows)[:, None, None] & (col < cols)[None])
 
 
 @triton.jit
@@ -309,6 +420,7 @@ def encode_rows_kernel(
             tl.atomic_max(flag_ptr + tl.zeros([BR], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
         stored = _fp16_scale(scale, KIND)
         low = low.to(tl.float16)
+        inverse = _inverse(stored, KIND)
         p_ptr = params_ptr + p.to(tl.int64) * params_sp + (m * groups + gj) * (2 * NP)
         _store_half(p_ptr, stored, g_ok)
         if KIND == ASYM:
@@ -322,7 +434,7 @@ def encode_rows_kernel(
             for i in tl.static_range(CHUNK):
                 col = first + w * CHUNK + i
                 v = tl.load(x_row + tl.minimum(col, cols - 1) * x_sc, mask=g_ok, other=0.0).to(tl.float32)
-                code = tl.where(col < cols, _codes(v, stored, low, x_ptr, KIND, BITS), 0)
+                code = tl.where(col < cols, _codes(v, inverse, low, x_ptr, KIND, BITS), 0)
                 word |= code.to(word.dtype) << (i * BITS)
             at = (first + w * CHUNK) * BITS // 8
             w_ok = g_ok & (at < row_bytes)

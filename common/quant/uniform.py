@@ -110,14 +110,16 @@ class Uniform:
         groups = group_view(x.float(), self.group)
         params = self._levels(groups)
         scale = params[..., 0:1].float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # Codes multiply by 1 / step, one IEEE division per group (a tensor divisor: see _levels), not
+        # one per element: the GPU kernels do the same, and a division per element is most of their time.
+        inverse = torch.ones_like(scale) / torch.where(scale > 0, scale, torch.ones_like(scale))
         if self.symmetric and self.bits == 1:
             codes = (groups >= 0).to(torch.uint8)
         elif self.symmetric:
             half = 2 ** (self.bits - 1) - 1
-            codes = (torch.round(groups / safe).clamp(-half, half) + half).to(torch.uint8)
+            codes = (torch.round(groups * inverse).clamp(-half, half) + half).to(torch.uint8)
         else:
-            codes = torch.round((groups - params[..., 1:2].float()) / safe).clamp(0, 2**self.bits - 1).to(torch.uint8)
+            codes = torch.round((groups - params[..., 1:2].float()) * inverse).clamp(0, 2**self.bits - 1).to(torch.uint8)
         codes = codes.reshape(rows, -1)[:, :cols]
         return torch.cat([pack(codes, self.bits), to_bytes(params)])
 

@@ -6,6 +6,7 @@
 #   deploy/gpu/run.sh install       # the wheels, into /tmp/site (and .data/, a SQuAD file, into /tmp/data)
 #   deploy/gpu/run.sh part .gguf1   # keep a part in /tmp/parts (carried paths vanish on the next call)
 #   deploy/gpu/run.sh kernels OUT   # Triton kernels against torch, and codec throughput
+#   python3 deploy/gpu/kernel_sweep.py   # tile shapes of the fast kernels (after install; PYTHONPATH as below)
 #   deploy/gpu/run.sh all OUT       # SmolLM2 from its parts, every GPU test, kvwire bench gpu
 #   deploy/gpu/run.sh smollm2 OUT   # SmolLM2 from its parts: lossless on CUDA, CPU sender -> GPU receiver
 #   deploy/gpu/run.sh frontier OUT  # SmolLM2 from its parts: kvwire frontier, tuned on /tmp/data, fp32 on CUDA
@@ -45,7 +46,7 @@ from channel.bench_gpu import codec_throughput, environment
 rows = [environment()] + codec_throughput(4096) + codec_throughput(32768)
 json.dump(rows, open(sys.argv[1], 'w'), indent=2)
 for r in rows[1:]:
-    print(r['tokens'], r['profile'], r['kernels'], 'copy %.0f GB/s  encode %.0f (x%.2f)  decode %.0f (x%.2f)' % (
+    print(r['tokens'], r['profile'], r['kernels'], r['launch'], 'copy %.0f GB/s  encode %.0f (x%.2f)  decode %.0f (x%.2f)' % (
         r['copy_gbps'], r['encode_gbps'], r['encode_vs_copy'], r['decode_gbps'], r['decode_vs_copy']))
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
   ;;

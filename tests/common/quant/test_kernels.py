@@ -241,6 +241,51 @@ def case_keys_per_channel_every_width():
                 compare_codec(codec, cache[:, :, start:end], cache[:, :, start:end])
 
 
+@contextlib.contextmanager
+def counting(name: str):
+    """Count the launches of one kernel of common.quant.triton_kernels."""
+    from common.quant import triton_kernels as tk
+
+    kernel, launches = getattr(tk, name), []
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    setattr(tk, name, Counted())
+    try:
+        yield launches
+    finally:
+        setattr(tk, name, kernel)
+
+
+def case_groups_kernels():
+    """The fast encoder and decoder (int8/4/2, power-of-two groups, rows on a byte), keys per channel
+    (transposed in registers) and values per token: a group cut short at the end of the tokens, every
+    dtype, and NaN refused as torch refuses it. They must actually run."""
+    gen = torch.Generator().manual_seed(10)
+    with counting("encode_groups_kernel") as encodes, counting("decode_groups_kernel") as decodes:
+        for i, (bits, symmetric) in enumerate(((8, False), (4, False), (2, False), (4, True), (2, True), (8, True))):
+            dtype = DTYPES[i % 3]
+            for tokens, group in ((40, 16), (64, 32), (4, 8)):
+                keys = (torch.randn(1, 2, tokens, 16, generator=gen) * 4).to(dtype)
+                values = (torch.randn(1, 2, tokens, 16, generator=gen) * 4).to(dtype)
+                for axes in ((CHANNEL, TOKEN), (TOKEN, CHANNEL)):
+                    compare_codec(KVCodec(Uniform(bits, group, symmetric), *axes), keys, values)
+        assert len(encodes) >= 36 and len(decodes) >= 36, (len(encodes), len(decodes))
+        keys = torch.ones(1, 1, 32, 8)
+        keys[0, 0, 17, 5] = float("nan")
+        errors = []
+        for name in ("torch", "triton"):
+            with path(name):
+                try:
+                    KVCodec(Uniform(4, 16)).encode(keys, torch.ones(1, 1, 32, 8))
+                except QuantError as error:
+                    errors.append(str(error))
+        assert len(errors) == 2 and errors[0] == errors[1], errors
+
+
 def case_kv_layers_in_one_launch():
     """encode_kv / decode_kv over stacked layers: each row is that layer's KVCodec payload."""
     gen = torch.Generator().manual_seed(8)

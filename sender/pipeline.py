@@ -77,6 +77,13 @@ class AskResult:
         return self.bytes_sent / self.fp16_bytes
 
 
+def _result(reply, sent, pre: Prefilled, profile: str, **stages) -> AskResult:
+    """An ask's result: what every way of asking fills alike, and its own `stages`."""
+    return AskResult(answer=reply.text, token_ids=list(reply.token_ids), profile=profile, session_id=sent.session_id,
+                     seq_len=pre.kv.seq_len, bytes_sent=sent.bytes_sent, frames=sent.frames, fp16_bytes=pre.kv.fp16_nbytes,
+                     inject_s=reply.inject_seconds, decode_s=reply.decode_seconds, prefilled=pre, **stages)
+
+
 class Sender:
     """Asks one receiver (through `client`) about contexts prefilled with `loaded`."""
 
@@ -178,12 +185,10 @@ class Sender:
                 # cache again, as a new transfer.
                 log.warning("session %s is gone (%s); sending the cache again", sent.session_id, error.details())
                 frames = [with_transfer_id(frames[0], uuid.uuid4().hex)] + frames[1:]
-        return AskResult(
-            answer=reply.text, token_ids=list(reply.token_ids), profile=str(agreed), session_id=sent.session_id,
-            seq_len=pre.kv.seq_len, kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
-            bytes_sent=sent.bytes_sent, frames=sent.frames, attempts=attempts, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds,
-            encode_s=encode_s, transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
-            resends=attempt - 1, plan=reason, prefilled=pre)
+        return _result(reply, sent, pre, str(agreed),
+                       kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
+                       attempts=attempts, prefill_s=pre.seconds, encode_s=encode_s, transfer_s=sent.seconds,
+                       resends=attempt - 1, plan=reason)
 
     def ask_pipelined(self, context: str, question: str, profile: Profile, max_new_tokens: int = 64) -> AskResult:
         """Like `ask`, but layer l streams while later layers are still being prefilled (query-aware).
@@ -233,12 +238,9 @@ class Sender:
                 sent = self.transfer(kv, agreed)
         pre = Prefilled(prompt, kv, prompt.ids[len(ids):], len(prompt.context_ids), None, prefill_s)
         reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, True, max_new_tokens))
-        return AskResult(
-            answer=reply.text, token_ids=list(reply.token_ids), profile=str(agreed), session_id=sent.session_id,
-            seq_len=kv.seq_len, kept_tokens=kv.seq_len, bytes_sent=sent.bytes_sent, frames=sent.frames,
-            attempts=sent.attempts, fp16_bytes=kv.fp16_nbytes, prefill_s=prefill_s, encode_s=0.0,  # inside the stream
-            transfer_s=time.perf_counter() - start, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
-            prefilled=pre)
+        return _result(reply, sent, pre, str(agreed), kept_tokens=kv.seq_len, attempts=sent.attempts,
+                       prefill_s=prefill_s, encode_s=0.0,  # inside the stream
+                       transfer_s=time.perf_counter() - start)
 
     def ask_segments(self, context: str, question: str, planner: SegmentPlanner | None = None,
                      deadline_s: float = 2.0, segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
@@ -258,9 +260,6 @@ class Sender:
         self.client.negotiate(self.loaded.fingerprint, planner.ladder)
         sent = self.transfer_segments(pre, planner, deadline_s, segment_tokens, initial_bps)
         reply = self.generate(sent.session_id, pre, question, True, max_new_tokens)
-        return AskResult(
-            answer=reply.text, token_ids=list(reply.token_ids), profile="segments", session_id=sent.session_id,
-            seq_len=pre.kv.seq_len, kept_tokens=pre.kv.seq_len, bytes_sent=sent.bytes_sent,
-            frames=sent.frames, attempts=1, fp16_bytes=pre.kv.fp16_nbytes, prefill_s=pre.seconds, encode_s=0.0,  # segments encode as they stream
-            transfer_s=sent.seconds, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds,
-            segments=sent.segments, prefilled=pre)
+        return _result(reply, sent, pre, "segments", kept_tokens=pre.kv.seq_len, attempts=1, prefill_s=pre.seconds,
+                       encode_s=0.0,  # segments encode as they stream
+                       transfer_s=sent.seconds, segments=sent.segments)

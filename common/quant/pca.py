@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,11 +48,19 @@ class TensorBasis:
     mean: torch.Tensor
     directions: torch.Tensor
     std: torch.Tensor
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def analysis(self) -> torch.Tensor:
         """U^-T: coordinates of x - m in the basis are (x - m) @ analysis."""
         return torch.linalg.inv(self.directions.double()).T.float()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, analysis, directions, std) on `device`, copied there once: codecs run per chunk."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = tuple(t.to(device) for t in (self.mean, self.analysis, self.directions, self.std))
+        return self._on[key]
 
 
 class Basis:
@@ -145,7 +153,7 @@ class PCACodec:
         return sum(packing.packed_size(tokens * idx.numel(), b) for b, idx in self.widths())
 
     def _steps(self, device) -> torch.Tensor:
-        std = torch.cat([self.keys.std, self.values.std]).to(device)
+        std = torch.cat([self.keys.on(device)[3], self.values.on(device)[3]])
         return torch.tensor(STEP, device=device)[self.bits.to(device)] * std
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -154,7 +162,7 @@ class PCACodec:
         check_finite(values, limit=None)
         device = keys.device
         coords = torch.cat([
-            (part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - basis.mean.to(device)) @ basis.analysis.to(device)
+            (part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - basis.on(device)[0]) @ basis.on(device)[1]
             for part, basis in ((keys, self.keys), (values, self.values))], dim=1)  # (tokens, 2D)
         steps = self._steps(device)
         pieces = []
@@ -181,6 +189,7 @@ class PCACodec:
         width = heads * dim
         out = []
         for part, basis in ((coords[:, :width], self.keys), (coords[:, width:], self.values)):
-            x = basis.mean.to(device) + part @ basis.directions.to(device).T
+            mean, _, directions, _ = basis.on(device)
+            x = mean + part @ directions.T
             out.append(x.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype))
         return out[0], out[1]

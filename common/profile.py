@@ -34,7 +34,8 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            (zero bits: dropped), K of them per key element (default B; the values
                            get 2B - K); the basis is
                            the one `kvwire calibrate --basis` shipped, named by its hash (the sender
-                           fills it in). Takes no other precision stage; per-layer overrides apply.
+                           fills it in). Takes no other precision stage; per-layer overrides apply,
+                           and so do per-layer bits: pca:b0.5+pca:b2@13-24 (KVTuner's per-layer budget).
     protect:sS:rR          the first S and last R kept tokens of each layer travel at fp16, untouched
                            by the other stages (KVTC keeps sink and recent tokens uncompressed)
     tier:F:PRECISION       importance-aware precision (ZipCache): the selection's top F of each
@@ -129,6 +130,7 @@ class Profile:
     prerope: bool = False
     rotation: int | None = None  # seed
     pca: PCAStage | None = None
+    pca_layers: tuple[tuple[int, int, PCAStage], ...] = ()  # per-layer bits of the pca stage: (first, last, bits)
     protect: tuple[int, int] | None = None  # (sink, recent) kept tokens sent at fp16
     importance: tuple[tuple[float, Precision], ...] = ()  # tiers: (fraction of the kept tokens, precision)
 
@@ -149,7 +151,7 @@ class Profile:
         if self.protect is not None:
             stages.append(f"protect:s{self.protect[0]}:r{self.protect[1]}")
         stages += [f"tier:{_exact(fraction)}:{precision}" for fraction, precision in self.importance]
-        stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.overrides]
+        stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.pca_layers + self.overrides]
         return "+".join(stages)
 
     @property
@@ -200,7 +202,8 @@ class Profile:
         else:
             if layer >= context.basis.num_layers:
                 raise ProfileError(f"basis {context.basis.digest} has {context.basis.num_layers} layers, not layer {layer}")
-            codec = PCACodec.for_layer(context.basis, layer, self.pca.bits, self.pca.key_bits)
+            stage = next((s for first, last, s in self.pca_layers if first <= layer <= last), self.pca)
+            codec = PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits)
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
 
@@ -260,7 +263,7 @@ class Profile:
         return KVCodec(quantizer, precision.key_axis, precision.value_axis)
 
     def check_layers(self, num_layers: int) -> None:
-        for first, last, _ in self.overrides:
+        for first, last, _ in self.overrides + self.pca_layers:
             if last >= num_layers:
                 raise ProfileError(f"override @{first}-{last} names layers beyond the model's {num_layers}")
 
@@ -333,6 +336,7 @@ def parse_profile(spec: str | Profile) -> Profile:
     if len(text) > MAX_PROFILE_CHARS:
         raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
     precision, rank, overrides, selection, transforms, importance = None, None, [], None, {}, []
+    pca_layers = []
     for stage in text.split("+"):
         match = _STAGE.match(stage)
         if not match:
@@ -355,6 +359,13 @@ def parse_profile(spec: str | Profile) -> Profile:
                 raise ProfileError(f"{stage!r}: svd takes a positive rank of at most {MAX_RANK}, such as svd:r32")
             rank = int(options[0][1:])
             continue
+        if name == "pca" and match["first"] is not None:
+            layers = _layer_range(match, stage, overrides + pca_layers)
+            bits = _parse_pca(options, stage)
+            if bits.digest is not None:
+                raise ProfileError(f"{stage!r}: the basis hash goes on the profile's pca stage, not on per-layer bits")
+            pca_layers.append((*layers, bits))
+            continue
         if name in _TRANSFORM_STAGES:
             if match["first"] is not None:
                 raise ProfileError(f"{stage!r}: {name} takes no layer range")
@@ -370,18 +381,14 @@ def parse_profile(spec: str | Profile) -> Profile:
             continue
         parsed = _parse_precision(name, options, stage)
         if match["first"] is not None:
-            first = int(match["first"])
-            last = int(match["last"]) if match["last"] is not None else first
-            if last < first:
-                raise ProfileError(f"{stage!r}: layer range {first}-{last} is empty")
-            if any(a <= last and first <= b for a, b, _ in overrides):
-                raise ProfileError(f"{stage!r}: overlaps another per-layer override")
-            overrides.append((first, last, parsed))
+            overrides.append((*_layer_range(match, stage, overrides + pca_layers), parsed))
         elif precision is not None:
             raise ProfileError(f"{spec!r}: two precision stages, {precision} and {parsed}; use @A-B for per-layer ones")
         else:
             precision = parsed
     pca = transforms.get("pca")
+    if pca_layers and pca is None:
+        raise ProfileError(f"{spec!r}: per-layer pca bits need a pca stage for the other layers, e.g. pca:b0.5+pca:b2@13-24")
     if pca is not None and (precision is not None or rank is not None or "rot" in transforms or "prerope" in transforms):
         raise ProfileError(f"{spec!r}: pca allocates its own bits over RoPE-free, decorrelated components; it takes "
                            "no other precision, svd, rot or prerope stage (per-layer overrides @A-B apply)")
@@ -397,7 +404,19 @@ def parse_profile(spec: str | Profile) -> Profile:
                            "precision stage, e.g. int4+rot")
     return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection,
                    prerope="prerope" in transforms, rotation=transforms.get("rot"), pca=pca,
+                   pca_layers=tuple(sorted(pca_layers, key=lambda o: o[0])),
                    protect=transforms.get("protect"), importance=tuple(importance))
+
+
+def _layer_range(match: re.Match, stage: str, taken: list[tuple]) -> tuple[int, int]:
+    """The @A-B of a per-layer stage, which must not overlap the ranges already `taken`."""
+    first = int(match["first"])
+    last = int(match["last"]) if match["last"] is not None else first
+    if last < first:
+        raise ProfileError(f"{stage!r}: layer range {first}-{last} is empty")
+    if any(a <= last and first <= b for a, b, _ in taken):
+        raise ProfileError(f"{stage!r}: overlaps another per-layer override")
+    return first, last
 
 
 def _options(options: list[str], stage: str, known: dict[str, str]) -> dict[str, str]:

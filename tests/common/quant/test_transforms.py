@@ -84,7 +84,8 @@ def test_allocation_spends_the_budget_on_the_strongest_components():
 
 
 @pytest.mark.parametrize("spec", ["int4+prerope", "int4+rot", "int3:k=token+prerope+rot:seed9", "pca:b1", "pca:b2:k3",
-                                  "pca:b0.5", "pca:b3+protect:s4:r8", "int2+protect:s2:r16", "pca:b1+int8@0"])
+                                  "pca:b0.5", "pca:b3+protect:s4:r8", "int2+protect:s2:r16", "pca:b1+int8@0",
+                                  "pca:b0.5+pca:b4:k3@1"])
 def test_round_trip_is_byte_exact_in_size(setup, spec):
     loaded, context, kv = setup
     frames, back = round_trip(loaded, context, kv, spec)
@@ -107,6 +108,23 @@ def test_more_bits_less_error(setup):
         _, back = round_trip(loaded, context, kv, f"pca:b{bits}")
         errors.append(sum(float((a - b).square().mean()) for a, b in zip(kv.keys + kv.values, back.keys + back.values)))
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1 * errors[0]
+
+
+def test_per_layer_pca_bits(setup):
+    """pca:bB@A-B gives layers A..B their own budget; the others keep the profile's."""
+    loaded, context, kv = setup
+    profile = parse_profile("pca:b0.5+pca:b3:k2@1").bind(context)
+    assert str(parse_profile(str(profile))) == str(profile)
+    shape = (1, loaded.fingerprint.kv_heads, 16, loaded.fingerprint.head_dim)
+    sizes = [profile.layer_codec(i, context).payload_size(shape, kv.dtype) for i in range(3)]
+    low = PCACodec.for_layer(context.basis, 0, 0.5).payload_size(shape, kv.dtype)
+    high = PCACodec.for_layer(context.basis, 1, 3, 2).payload_size(shape, kv.dtype)
+    assert sizes == [low, high, PCACodec.for_layer(context.basis, 2, 0.5).payload_size(shape, kv.dtype)] and high > 4 * low
+    _, back = round_trip(loaded, context, kv, "pca:b0.5+pca:b3@1")
+    _, plain = round_trip(loaded, context, kv, "pca:b0.5")
+    error = [float((a[1] - b[1]).square().mean()) for a, b in ((kv.keys, back.keys), (kv.keys, plain.keys))]
+    assert error[0] < 0.5 * error[1]  # layer 1 at 3 bits, not 0.5
+    assert torch.equal(back.keys[0], plain.keys[0])  # layer 0 as before
 
 
 def test_raw_layers_stay_bit_for_bit(setup):
@@ -162,7 +180,8 @@ def test_a_sender_without_the_model_cannot_code_pre_rope(tiny_llama):
 @pytest.mark.parametrize("spec,message", [
     ("pca:b2+int4", "no other precision"), ("rot:seed4294967296+int4", "seed"), ("pca:b9", "bits per element"),
     ("pca:b2:h12", "hex digits"), ("rot+rot+int4", "two rot"), ("prerope", "change nothing"), ("protect:s0:r0", "at least one"),
-    ("pca:b2@1", "no layer range"), ("pca:b1:x3", "unknown"),
+    ("pca:b2@1", "need a pca stage"), ("pca:b1:x3", "unknown"), ("pca:b1+pca:b2@0-1+int4@1", "overlaps"),
+    ("pca:b1+pca:b2:h0123456789abcdef@1", "basis hash goes"), ("pca:b1+pca:b2@2-1", "empty"),
 ])
 def test_bad_stages_are_refused(spec, message):
     with pytest.raises(ProfileError, match=message):

@@ -198,7 +198,7 @@ def random_transform(rng: random.Random) -> str:
     number = lambda: rng.choice([f"{rng.random() * 9:.3g}", "0", "8", "8.5", "1e3", str(random_number(rng))])  # noqa: E731
     return rng.choice([
         "prerope", "prerope:x", "rot", f"rot:seed{rng.choice([0, 7, 2**32 - 1, 2**32, random_number(rng)])}",
-        f"pca:b{number()}", f"pca:b{number()}:k{number()}", f"pca:b{number()}{random_layers(rng, 4)}",
+        f"pca:b{number()}", f"pca:b{number()}:k{number()}",
         f"pca:b2:h{rng.choice(['0123456789abcdef', 'f' * 15, 'g' * 16, rng.randbytes(8).hex()])}",
         f"protect:s{random_number(rng)}:r{rng.randrange(64)}", f"protect:r{rng.randrange(64)}", "protect",
         f"tier:{rng.choice(['0.1', '0.6', '1', '1.5', 'nan', '-0.1'])}:{random_precision(rng)}", "tier:0.1",

@@ -17,9 +17,16 @@ from common.models import LoadedModel
 from common.profile import Profile, parse_profile
 
 QUANT_CLIFF = ["fp16", "int8", "int4:g32", "int3", "int2", "int1"]
+# The same ladder with RoPE removed from keys and a Hadamard rotation first (KVQuant, QuaRot): does it move the cliff?
+QUANT_ROTATED = ["fp16", "int8+prerope+rot", "int4:g32+prerope+rot", "int3+prerope+rot", "int2+prerope+rot"]
 SVD_CLIFF = ["fp16", "svd:r32", "svd:r16", "svd:r8", "svd:r4"]
+# Low rank with a calibrated basis instead (KVTC): bits per element, zero-bit components dropped.
+PCA_LADDER = ["fp16", "pca:b4", "pca:b2", "pca:b1", "pca:b0.5"]
 SELECTION_METHODS = ["q2c", "snapkv", "h2o", "random"]
+SELECTION_EXTRA = ["capkv", "capkv-q"]  # CapKV (arXiv 2604.25975), query-agnostic and query-aware: not in the claim
 HYBRID = ["q2c:0.5+int4:g32", "int2", "q2c:0.15+fp16", "int4:g32", "q2c:0.5+fp16"]
+# Near the same bytes, the compression-frontier stages: selection + transform coding, and transform coding alone.
+HYBRID_NEW = ["q2c:0.5+pca:b4", "pca:b2.5+protect:s4"]
 
 
 def _by_profile(summaries: list[dict]) -> dict[str, dict]:
@@ -30,7 +37,17 @@ def _parsed(specs: list[str]) -> list[Profile]:
     return [parse_profile(spec) for spec in specs]
 
 
-def _cliff(summaries: list[dict], order: list[str], label: str) -> dict:
+def _coded(loaded: LoadedModel, specs: list[str]) -> list[str]:
+    """The specs this model can code: `pca` needs the basis shipped for its weights."""
+    return [s for s in specs if parse_profile(s).pca is None or loaded.codec_context.basis is not None]
+
+
+def _figures(by: dict[str, dict], names: list[str]) -> str:
+    return ", ".join(f"{n} {by[n]['fidelity_f1']:.2f} (KL {by[n]['kl_tf']:.3f}, {by[n]['ratio_vs_fp16']:.3f} of fp16)"
+                     for n in names)
+
+
+def _cliff(summaries: list[dict], order: list[str], label: str, extra: list[str] = ()) -> dict:
     """Where does fidelity fall most between neighbouring steps, and is everything above it near-lossless?"""
     by = _by_profile(summaries)
     names = [str(parse_profile(p)) for p in order]
@@ -38,50 +55,56 @@ def _cliff(summaries: list[dict], order: list[str], label: str) -> dict:
     drop, above, below = max(drops)
     above_ok = all(by[n]["fidelity_f1"] >= 0.9 for n in names[: names.index(above) + 1])
     holds = drop >= 0.3 and above_ok
-    figures = ", ".join(f"{n} {by[n]['fidelity_f1']:.2f}" for n in names)
-    return {"verdict": "holds" if holds else "does not hold here",
-            "evidence": f"{label} fidelity F1: {figures}. Largest drop {drop:.2f} from {above} to {below}"
-                        f"{'' if above_ok else '; the steps above it are already below 0.9'}.",
-            "summaries": summaries}
+    evidence = (f"{label} fidelity F1: {_figures(by, names)}. Largest drop {drop:.2f} from {above} to {below}"
+                f"{'' if above_ok else '; the steps above it are already below 0.9'}.")
+    extra_names = [n for n in (str(parse_profile(p)) for p in extra[1:]) if n in by]
+    if extra_names:
+        evidence += f" {extra[0]}: {_figures(by, extra_names)}."
+    return {"verdict": "holds" if holds else "does not hold here", "evidence": evidence, "summaries": summaries}
 
 
 def quant_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: INT8 and INT4 are lossless for the task; accuracy falls off a cliff below."""
-    rows = evaluate(loaded, samples, _parsed(QUANT_CLIFF), max_new_tokens, progress=progress)
-    return _cliff(aggregate(rows), QUANT_CLIFF, "quantization")
+    ladder = QUANT_CLIFF + QUANT_ROTATED[1:]
+    rows = evaluate(loaded, samples, _parsed(ladder), max_new_tokens, progress=progress)
+    return _cliff(aggregate(rows), QUANT_CLIFF, "quantization", ["with prerope+rot", *QUANT_ROTATED[1:]])
 
 
 def svd_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: low rank degrades sharply below some rank."""
-    rows = evaluate(loaded, samples, _parsed(SVD_CLIFF), max_new_tokens, progress=progress)
-    return _cliff(aggregate(rows), SVD_CLIFF, "low rank")
+    rows = evaluate(loaded, samples, _parsed(SVD_CLIFF + _coded(loaded, PCA_LADDER[1:])), max_new_tokens, progress=progress)
+    return _cliff(aggregate(rows), SVD_CLIFF, "low rank", ["calibrated PCA basis instead", *PCA_LADDER[1:]])
 
 
 def selection(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: at 50% kept, Q2C > SnapKV > H2O > random."""
-    profiles = [f"{m}:{k}+fp16" for k in (0.25, 0.5, 0.75) for m in SELECTION_METHODS]
+    profiles = [f"{m}:{k}+fp16" for k in (0.25, 0.5, 0.75) for m in SELECTION_METHODS + SELECTION_EXTRA]
     summaries = aggregate(evaluate(loaded, samples, _parsed(profiles), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
     at_half = [by[f"{m}:0.5+fp16"] for m in SELECTION_METHODS]
     order = sorted(SELECTION_METHODS, key=lambda m: -by[f"{m}:0.5+fp16"]["fidelity_f1"])
     holds = order == SELECTION_METHODS
     figures = ", ".join(f"{m} {s['fidelity_f1']:.2f} ± {s['fidelity_f1_ci95']:.2f}" for m, s in zip(SELECTION_METHODS, at_half))
+    extra = ", ".join(f"{m} {by[f'{m}:0.5+fp16']['fidelity_f1']:.2f} ± {by[f'{m}:0.5+fp16']['fidelity_f1_ci95']:.2f}"
+                      for m in SELECTION_EXTRA)
     return {"verdict": "holds" if holds else "does not hold here",
-            "evidence": f"fidelity F1 at 50% kept: {figures}; measured order {' > '.join(order)}.",
+            "evidence": f"fidelity F1 at 50% kept: {figures}; measured order {' > '.join(order)}. CapKV at 50%: {extra}.",
             "summaries": summaries}
 
 
 def hybrid(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: selection + INT4 beats either alone at matched bytes."""
-    summaries = aggregate(evaluate(loaded, samples, _parsed(HYBRID), max_new_tokens, progress=progress))
+    summaries = aggregate(evaluate(loaded, samples, _parsed(HYBRID + _coded(loaded, HYBRID_NEW)), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
     mixed, quant_only, select_only = by["q2c:0.5+int4:g32"], by["int2:g32"], by["q2c:0.15+fp16"]
+    new = [n for n in (str(parse_profile(p)) for p in HYBRID_NEW) if n in by]
     holds = mixed["fidelity_f1"] > max(quant_only["fidelity_f1"], select_only["fidelity_f1"])
     return {"verdict": "holds" if holds else "does not hold here",
             "evidence": (f"at about {mixed['ratio_vs_fp16']:.2f} of the fp16 bytes: q2c:0.5+int4 fidelity "
                          f"{mixed['fidelity_f1']:.2f} ({mixed['ratio_vs_fp16']:.3f}), int2 alone {quant_only['fidelity_f1']:.2f} "
                          f"({quant_only['ratio_vs_fp16']:.3f}), q2c:0.15 alone {select_only['fidelity_f1']:.2f} "
-                         f"({select_only['ratio_vs_fp16']:.3f})."),
+                         f"({select_only['ratio_vs_fp16']:.3f})."
+                         + (f" Frontier stages: {_figures(by, new)}." if new else "")),
             "summaries": summaries}
 
 

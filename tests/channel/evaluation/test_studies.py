@@ -15,7 +15,7 @@ def test_power_law_fit_recovers_the_exponent():
 
 
 def summaries(values):
-    return [{"profile": p, "fidelity_f1": v} for p, v in values.items()]
+    return [{"profile": p, "fidelity_f1": v, "kl_tf": 0.1, "ratio_vs_fp16": 0.5} for p, v in values.items()]
 
 
 def test_cliff_verdicts():

@@ -29,6 +29,10 @@ def family(profile: str) -> str:
 
     parsed = parse_profile(profile)
     quantized = parsed.precision is not None and parsed.precision.quantizer.code_bits is not None
+    if parsed.pca is not None:  # transform coding, whatever ranks the tokens for its tiers
+        return "pca+tiers" if parsed.importance else "pca"
+    if quantized and (parsed.prerope or parsed.rotation is not None):
+        return "quantization+rot"
     if parsed.selection is not None:
         return parsed.selection.method + ("+quant" if quantized or parsed.rank else "")
     if parsed.rank is not None:
@@ -63,11 +67,13 @@ def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
     families: dict[str, list[dict]] = {}
     for s in by_profile.values():
         families.setdefault(family(s["profile"]), []).append(s)
-    for name, members in sorted(families.items()):
+    colours = plt.get_cmap("tab20").colors  # distinct for up to 20 families; markers tell neighbours apart
+    for i, (name, members) in enumerate(sorted(families.items())):
         members.sort(key=lambda s: s["ratio_vs_fp16"])
         for ax, key in zip(axes, ("fidelity_f1", "f1_gold")):
             ax.errorbar([m["ratio_vs_fp16"] for m in members], [m[key] for m in members],
-                        yerr=[m[f"{key}_ci95"] for m in members], marker="o", capsize=3, label=name)
+                        yerr=[m[f"{key}_ci95"] for m in members], marker="osD^v<>"[i % 7], capsize=3, label=name,
+                        color=colours[(2 * i) % 20 + (2 * i) // 20 % 2])
     for ax, label in zip(axes, ("fidelity F1 (vs full-KV answer)", "F1 vs SQuAD gold")):
         ax.set_xscale("log")
         ax.set_xlabel("bytes on the wire / fp16 KV bytes")

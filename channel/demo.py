@@ -17,7 +17,7 @@ from channel.nodes import local_receiver
 from channel.relay import BackgroundRelay
 from common.kvstate import reference_generate
 from common.models import load_model
-from common.profile import Profile
+from common.profile import Profile, ProfileError
 from common.settings import get_settings
 from sender.client import Client
 from sender.pipeline import Sender
@@ -44,6 +44,18 @@ class DemoRow:
     decode_s: float
 
 
+def _fitting(profiles: list[Profile], num_layers: int, console: Console) -> list[Profile]:
+    """The profiles whose per-layer stages name layers this model has; the others are left out, said so."""
+    kept = []
+    for profile in profiles:
+        try:
+            profile.check_layers(num_layers)
+            kept.append(profile)
+        except ProfileError as error:
+            console.print(f"[yellow]left out {profile}: {error}[/yellow]")
+    return kept
+
+
 def run_demo(samples: list[Sample], model: str, profiles: list[Profile], query_aware: bool, max_new_tokens: int,
              console: Console, link_factory=None, target: str | None = None) -> list[DemoRow]:
     """Prefill each sample once, ask under every profile, and compare with local generation.
@@ -61,6 +73,7 @@ def run_demo(samples: list[Sample], model: str, profiles: list[Profile], query_a
         client.wait_until_serving()
         loaded = load_model(model)
         sender = Sender(loaded, client)
+        profiles = _fitting(profiles, loaded.fingerprint.num_layers, console)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("questions x profiles", total=len(samples) * len(profiles))
             for sample in samples:

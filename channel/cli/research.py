@@ -191,7 +191,12 @@ DEFAULT_FRONTIER_PROFILES = (
     "pca:b2+protect:s4,pca:b2:k1.5+protect:s4,q2c:1+pca:b1.5+tier:0.1:int8,q2c:1+pca:b1.5:k1+tier:0.1:int8,"
     "q2c:1+pca:b1+tier:0.1:int8+tier:0.1:int4,q2c:1+int2+prerope+rot+tier:0.1:int8,"
     "pca:b4:k3+protect:s4,q2c:1+pca:b3+tier:0.1:int8,q2c:1+pca:b3:k2.5+tier:0.15:int8,q2c:1+int3+prerope+rot+tier:0.1:int8,"
-    "int4:g32+prerope+rot,q2c:0.5+int4:g32")
+    "int4:g32+prerope+rot,q2c:0.5+int4:g32,"
+    # round 3: per-layer bits, more for layers 13-24 (the most sensitive in `kvwire study layers` on SmolLM2)
+    "q2c:0.5+pca:b0.3+pca:b0.8@13-24+tier:0.05:int4,q2c:1+pca:b0.25+pca:b0.9@13-24+tier:0.1:int4,"
+    "pca:b0.35+pca:b1.2@13-24+protect:s4,q2c:1+pca:b0.35+pca:b1.1@13-24+tier:0.1:int8+tier:0.1:int4,"
+    "pca:b1+pca:b2.5@13-24+protect:s4,q2c:1+pca:b0.75+pca:b2@13-24+tier:0.1:int4,"
+    "q2c:1+pca:b0.9+pca:b2.2@13-24+tier:0.1:int4,q2c:1+pca:b2.25:k2+pca:b4:k3.5@13-24+tier:0.15:int8")
 
 
 @app.command("frontier")

@@ -10,6 +10,7 @@
 #   deploy/gpu/run.sh all OUT       # SmolLM2 from its parts, every GPU test, kvwire bench gpu
 #   deploy/gpu/run.sh smollm2 OUT   # SmolLM2 from its parts: lossless on CUDA, CPU sender -> GPU receiver
 #   deploy/gpu/run.sh frontier OUT  # SmolLM2 from its parts: kvwire frontier, tuned on /tmp/data, fp32 on CUDA
+#                                   # (PROFILES, BASELINES: the candidates and baselines; TUNE, HELD_OUT: questions)
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -67,8 +68,9 @@ all)
   ;;
 frontier)
   smollm2
-  timeout 540 python3 -m channel.cli frontier --device cuda --dtype float32 --tune-data /tmp/data/squad-v2-dev-public.json \
-    --tune-skip 510 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-110}" --json "$2/frontier_smollm2.json" 2>&1 \
+  timeout "${LIMIT:-540}" python3 -m channel.cli frontier --device cuda --dtype float32 --tune-data /tmp/data/squad-v2-dev-public.json \
+    --tune-skip 510 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-110}" --json "$2/frontier_smollm2.json" \
+    ${PROFILES:+--profiles "$PROFILES"} ${BASELINES:+--baselines "$BASELINES"} 2>&1 \
     | tee "$2/frontier_smollm2.txt"
   ;;
 esac

@@ -122,7 +122,7 @@ def plot(summaries: list[dict], path: Path, link: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for s in summaries:
         for ax, x in zip(axes, (s["ratio_vs_fp16"], s["transfer_s_mean"])):
             ax.errorbar(x, s["fidelity_f1_mean"], yerr=s["fidelity_f1_ci95"], marker="o", capsize=3, label=s["profile"])
@@ -132,9 +132,11 @@ def plot(summaries: list[dict], path: Path, link: str) -> None:
         ax.set_xscale("log")
         ax.set_ylabel("fidelity F1 (vs local full-prompt answer)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = -(-len(labels) // 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)  # below the plots: long specs cover no point
     fig.suptitle("kvwire demo: accuracy against bytes and time")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.5, 0.045 * rows + 0.01), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -18,9 +18,12 @@ A launch covers a 4-D view (payloads, heads, rows, cols), of any strides: each p
 matrix (heads * rows, cols), groups run along cols. Keys per channel are the view
 keys.transpose(2, 3) of (1, heads, tokens, head_dim), read in place. One program takes a tile of
 BR rows of one head and NG whole groups of columns: its statistics, parameters and codes need no
-other program's data. `encode_kernel` and `decode_kernel` take any view; `encode_rows_kernel`
-takes the views whose rows are contiguous (keys per channel) for the uniform quantizers, one row
-per thread, so that a group never has to be reduced across threads.
+other program's data. `encode_groups_kernel` and `decode_groups_kernel` are the fast pair for
+the common case (Uniform of 8, 4 or 2 bits, power-of-two groups, rows that start on a byte): a
+tile held as (rows, groups, group), so that a group's statistics and a byte's codes stay in one
+thread, keys per channel transposed in registers. `encode_kernel` and `decode_kernel` take any
+view and any quantizer; `encode_rows_kernel` takes the other views whose rows are contiguous
+(keys per channel) for the uniform quantizers, one row per thread.
 
 Codes are packed as `common.quant.packing` lays them out: n codes of b bits in ceil(n * b / 8)
 bytes, least significant bit first. UC codes (8 / gcd(b, 8)) fill UB whole bytes (b / gcd(b, 8)),
@@ -240,7 +243,6 @@ def encode_kernel(
         byte_at = c0 * BITS // 8 + u[:, None] * UB + kb[None, :]
         ok = ((kb < UB)[None, :] & (byte_at < limit))[:, :, None] & row_ok[None, None, :]
         tl.store(c_base[None, None, :] + byte_at[:, :, None], byte.to(tl.uint8), mask=ok)
-
 
 
 @triton.jit

@@ -38,8 +38,11 @@ def _parsed(specs: list[str]) -> list[Profile]:
 
 
 def _coded(loaded: LoadedModel, specs: list[str]) -> list[str]:
-    """The specs this model can code: `pca` needs the basis shipped for its weights."""
-    return [s for s in specs if parse_profile(s).pca is None or loaded.codec_context.basis is not None]
+    """The specs this model can code: `pca` needs the basis shipped for its weights, `rot` a head_dim
+    that is a power of two."""
+    dim = loaded.fingerprint.head_dim
+    return [s for s in specs if (parse_profile(s).pca is None or loaded.codec_context.basis is not None)
+            and (parse_profile(s).rotation is None or dim & (dim - 1) == 0)]
 
 
 def _figures(by: dict[str, dict], names: list[str]) -> str:
@@ -65,7 +68,7 @@ def _cliff(summaries: list[dict], order: list[str], label: str, extra: list[str]
 
 def quant_cliff(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     """Seed claim: INT8 and INT4 are lossless for the task; accuracy falls off a cliff below."""
-    ladder = QUANT_CLIFF + QUANT_ROTATED[1:]
+    ladder = QUANT_CLIFF + _coded(loaded, QUANT_ROTATED[1:])
     rows = evaluate(loaded, samples, _parsed(ladder), max_new_tokens, progress=progress)
     return _cliff(aggregate(rows), QUANT_CLIFF, "quantization", ["with prerope+rot", *QUANT_ROTATED[1:]])
 

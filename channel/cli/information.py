@@ -22,7 +22,8 @@ ModelName = typer.Option("smollm2-135m", "--model", help="smollm2-135m, gemma3-2
 Data = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format file (default: the embedded subset).")
 
 
-def _progress(label: str, total: int | None):
+def _tracked(label: str, total: int | None, work):
+    """work(advance) under a progress bar; a ValueError it raises is a clear error (exit 2)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -33,7 +34,12 @@ def _progress(label: str, total: int | None):
 
     progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                         transient=True)
-    return progress, progress.add_task(label, total=total)
+    task = progress.add_task(label, total=total)
+    try:
+        with progress:
+            return work(lambda: progress.advance(task))
+    except ValueError as exc:
+        _fail(exc)
 
 
 def _load(model: str):
@@ -92,15 +98,9 @@ def info_plane_command(
     started = time.perf_counter()
     loaded = _load(model)
     questions, titles = _questions(data, samples, per_paragraph)
-    progress, task = _progress("prefill", len(questions))
-    with progress:
-        features = extract(loaded, questions, titles, progress=lambda: progress.advance(task))
-    progress, task = _progress("layers x kinds x splits", features.num_layers * 2 * splits)
-    try:
-        with progress:
-            result = info_plane(features, splits, progress=lambda: progress.advance(task))
-    except ValueError as exc:
-        _fail(exc)
+    features = _tracked("prefill", len(questions), lambda advance: extract(loaded, questions, titles, progress=advance))
+    result = _tracked("layers x kinds x splits", features.num_layers * 2 * splits,
+                      lambda advance: info_plane(features, splits, progress=advance))
     table = Table(title=f"{model}: held-out bounds in bits, mean ± spread over {splits} splits by {result['split_unit']} "
                         f"({result['questions']} questions, {result['articles']} articles); control: shuffled labels")
     for column in ("layer", "kind", "I(X;K) token", "I(K;Y) span", "I(K;Y) start", "I(K;Y) nce", "controls t/s/s/n"):
@@ -157,17 +157,10 @@ def ib_allocation_command(
     if sensitivity:
         measured = json.loads(sensitivity.read_text())["sensitivity"]
     else:
-        progress, task = _progress("int2 sensitivity", len(held_for_sensitivity))
-        with progress:
-            measured = layer_sensitivity(loaded, held_for_sensitivity, parse_profile("int2"),
-                                         progress=lambda: progress.advance(task))
-    progress, task = _progress("questions x plans", None)
-    try:
-        with progress:
-            result = ib_allocation(loaded, plane, measured, evaluated, uniform_bits, target,
-                                   progress=lambda: progress.advance(task))
-    except ValueError as exc:
-        _fail(exc)
+        measured = _tracked("int2 sensitivity", len(held_for_sensitivity), lambda advance: layer_sensitivity(
+            loaded, held_for_sensitivity, parse_profile("int2"), progress=advance))
+    result = _tracked("questions x plans", None, lambda advance: ib_allocation(
+        loaded, plane, measured, evaluated, uniform_bits, target, progress=advance))
     table = Table(title=f"{model}: plans at the bytes of uniform int{uniform_bits}, {len(evaluated)} questions")
     for column in ("plan", "profile", "B/token", "KL tf", "KL first", "fidelity F1", "F1 gold"):
         table.add_column(column, justify="right")
@@ -211,13 +204,8 @@ def rd_bound_command(
     parsed = _parse_profiles(profiles or DEFAULT_RD_PROFILES)
     loaded = _load(model)
     questions, _ = _questions(data, samples, per_paragraph=1)
-    progress, task = _progress("questions (codecs, then the harness)", len(questions) + min(task_samples, len(questions))
-                               * len(parsed))
-    try:
-        with progress:
-            result = rd_bound(loaded, questions, parsed, task_samples, progress=lambda: progress.advance(task))
-    except ValueError as exc:
-        _fail(exc)
+    result = _tracked("questions (codecs, then the harness)", len(questions) + min(task_samples, len(questions)) * len(parsed),
+                      lambda advance: rd_bound(loaded, questions, parsed, task_samples, progress=advance))
     table = Table(title=f"{model}: bits per element against the Gaussian bound at equal MSE ({len(questions)} questions; "
                         f"KL and fidelity on {result['task_samples']})")
     for column in ("profile", "family", "bits/elem", "MSE", "bound bits", "gap bits", "KL tf", "fidelity"):

@@ -227,7 +227,7 @@ def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | 
         tk.encode_rows_kernel[(_cdiv(rows, rows_meta["BR"]), _cdiv(groups, rows_meta["NG"]), payloads * heads)](
             x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
             codes, 0 if one else codes.stride(0), row_stride, row_bytes,
-            out[:, code_bytes:], 0 if one else out.stride(0), groups,
+            params, 0 if one else out.stride(0), groups,
             flag_or_any,
             KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **rows_meta)
     else:
@@ -237,7 +237,7 @@ def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | 
         tk.encode_kernel[_grid(meta, payloads, heads, rows, cols)](
             x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
             codes, 0 if one else codes.stride(0), row_stride, row_bytes,
-            out[:, code_bytes:], 0 if one else out.stride(0), groups,
+            params, 0 if one else out.stride(0), groups,
             mean, mids, flag_or_any,
             KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **meta)
     if not aligned:

@@ -161,9 +161,11 @@ class PCACodec:
         check_finite(keys, limit=None)
         check_finite(values, limit=None)
         device = keys.device
-        coords = torch.cat([
-            (part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - basis.on(device)[0]) @ basis.on(device)[1]
-            for part, basis in ((keys, self.keys), (values, self.values))], dim=1)  # (tokens, 2D)
+        coords = []
+        for part, basis in ((keys, self.keys), (values, self.values)):
+            mean, analysis, _, _ = basis.on(device)
+            coords.append((part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - mean) @ analysis)
+        coords = torch.cat(coords, dim=1)  # (tokens, 2D)
         steps = self._steps(device)
         pieces = []
         for b, idx in self.widths():

@@ -17,6 +17,7 @@ speed and memory are those of the real shape.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -44,28 +45,47 @@ def kernels(path: str):
             os.environ["KVWIRE_KERNELS"] = before
 
 
-def cuda_seconds(fn, repeat: int = 10, warmup: int = 3) -> float:
-    """Median wall time of `fn()` on the GPU, between CUDA events."""
+def cuda_seconds(fn, repeat: int = 7, warmup: int = 3, sample_s: float = 0.02) -> float:
+    """Wall time of one `fn()` on the GPU: the median of `repeat` samples, each timed between CUDA
+    events over enough back-to-back calls to last about `sample_s` (a single call of a few hundred
+    microseconds is too noisy to time alone)."""
     for _ in range(warmup):
         fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    calls = max(1, math.ceil(sample_s / max(start.elapsed_time(end) / 1e3, 1e-6)))
     times = []
     for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(times)
+
+
+def warm_up(seconds: float = 2.0) -> None:
+    """Keep the GPU busy for a while, so that its clocks are up before anything is timed."""
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            x.add_(1)
+        torch.cuda.synchronize()
 
 
 def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: int = 128,
                      dtype: torch.dtype = torch.bfloat16, profiles=CODEC_PROFILES, paths=KERNEL_PATHS) -> list[dict]:
     """Encode and decode of a whole cache (every layer's keys and values), against a device copy.
 
-    Two ways for each kernel path: `per layer`, the codec's calls one layer at a time as the wire
-    makes them (each with its finite check and sync); and, for the Triton path, `one launch`, the
-    stacked layers in one launch per tensor (`kernels.encode_kv`, finite check on), the kernels' own speed."""
+    Two ways for each kernel path: `per layer`, the codec's calls one layer at a time (each with its
+    finite check and sync); and, for the Triton path, `one launch`, the stacked layers in one launch
+    per tensor (`kernels.encode_kv`), the kernels' own speed: the finite check runs in the kernels,
+    and its flag is read once on the host, as the wire reads it with a payload's copy to the host."""
     from common.quant import kernels as fused
 
     device = torch.device("cuda")
@@ -75,6 +95,7 @@ def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: in
     stacked_v = torch.randn((layers, heads, tokens, head_dim), device=device, dtype=dtype, generator=generator)
     keys, values = list(stacked_k.split(1)), list(stacked_v.split(1))
     nbytes = 2 * layers * heads * tokens * head_dim * dtype.itemsize
+    warm_up()
     copy_s = cuda_seconds(lambda: (stacked_k.clone(), stacked_v.clone()))
     rows = []
 
@@ -97,14 +118,48 @@ def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: in
             if path == "triton":
                 with kernels(path):
                     axes = (codec.key_axis, codec.value_axis)
-                    payload = fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes)
-                    encode_s = cuda_seconds(lambda: fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes))
+                    flag = torch.zeros(1, dtype=torch.int32, device=device)
+                    payload = fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes, flag=flag)
+                    encode_s = cuda_seconds(lambda: fused.encode_kv(codec.quantizer, stacked_k, stacked_v, *axes,
+                                                                    flag=flag))
+                    fused.refuse_flagged(flag, [stacked_k, stacked_v])
                     decode_s = cuda_seconds(lambda: fused.decode_kv(codec.quantizer, payload, tuple(stacked_k.shape),
                                                                     dtype, *axes))
                 row(spec, path, "one launch", payload.numel(), encode_s, decode_s)
     del keys, values, stacked_k, stacked_v
     torch.cuda.empty_cache()
     return rows
+
+
+def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 8, head_dim: int = 128,
+                dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The wire's coding of a whole cache: each layer in ranges of at most a chunk (MAX_CHUNK_BYTES of
+    input), as host bytes. One range at a time (a launch per tensor, a check and a host copy per
+    range) against `KVCodec.encode_chunks` (one launch per tensor per layer, one check and one copy),
+    which the wire uses."""
+    from common.wire import MAX_CHUNK_BYTES
+
+    codec = parse_profile(spec).codec(0)
+    step = (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize)
+    generator = torch.Generator("cuda").manual_seed(0)
+    cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
+              torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator))
+             for _ in range(layers)]
+
+    def one_at_a_time():
+        return [codec.encode(k[:, :, s:s + step], v[:, :, s:s + step]).cpu().numpy().tobytes()
+                for k, v in cache for s in range(0, tokens, step)]
+
+    def one_launch():
+        return [raw for k, v in cache for raw in codec.encode_chunks(k, v, step)]
+
+    with kernels("triton"):
+        assert one_at_a_time() == one_launch()
+        each_s, batched_s = cuda_seconds(one_at_a_time, repeat=3), cuda_seconds(one_launch, repeat=3)
+    del cache
+    torch.cuda.empty_cache()
+    return {"tokens": tokens, "profile": str(parse_profile(spec)), "chunk_tokens": step, "chunks": layers * -(-tokens // step),
+            "one_range_at_a_time_s": each_s, "encode_chunks_s": batched_s, "speedup": each_s / batched_s}
 
 
 def synthetic_context(tokenizer, tokens: int) -> str:

@@ -168,10 +168,10 @@ class Encoder:
         # Every codec's payload is at most the model-dtype size of its tokens.
         step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * keys.dtype.itemsize))
         for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
-            for start in range(first, last, step):
+            tier = slice(first, last)
+            raws = codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step)
+            for start, raw in zip(range(first, last, step), raws):
                 end = min(start + step, last)
-                part = slice(start, end)
-                raw = codec.encode(keys[:, :, part], values[:, :, part], positions[:, part]).cpu().numpy().tobytes()
                 payload = self.compressor.compress(raw)
                 if len(payload) > MAX_CHUNK_BYTES:
                     raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")

@@ -354,6 +354,11 @@ def bench_gpu(
             table.add_row(str(n), row["profile"], row["kernels"], row["launch"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
                           f"{row['encode_vs_copy']:.2f}", f"{row['decode_gbps']:.0f}", f"{row['decode_vs_copy']:.2f}")
     console.print(table)
+    report["wire_encode"] = [gpu.wire_encode(int(n)) for n in tokens.split(",")]
+    for row in report["wire_encode"]:
+        console.print(f"the wire's encode, {row['tokens']} tokens, {row['profile']}, {row['chunks']} chunks to host bytes: "
+                      f"one range at a time {row['one_range_at_a_time_s'] * 1e3:.1f} ms, encode_chunks "
+                      f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x)")
     report["relay_ceiling_bps"] = gpu.relay_ceiling()
     console.print(f"relay ceiling: {report['relay_ceiling_bps'] / 1e9:.2f} Gbit/s")
     loaded = load_model(gpu.RANDOM_MODEL, "cuda", "bfloat16")

@@ -169,23 +169,29 @@ def _group_means(x: torch.Tensor, group: int) -> torch.Tensor:
                         for p in range(payloads)])
 
 
-def encode(quantizer, x: torch.Tensor, *, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+def encode(quantizer, x: torch.Tensor, *, out: torch.Tensor | None = None, check: bool = True,
+           flag: torch.Tensor | None = None) -> torch.Tensor:
     """x: (payloads, heads, rows, cols), float, any strides -> (payloads, size) uint8: payload p is
     `quantizer.encode(x[p].reshape(heads * rows, cols))`, byte for byte.
 
     out: a uint8 (payloads, size) tensor (rows may be strided) to write into. check: refuse NaN, Inf
-    and magnitudes past fp16 with check_finite's QuantError (one device sync); False skips it."""
+    and magnitudes past fp16 with check_finite's QuantError (one device sync); False skips it.
+    flag: an int32 device tensor of one zero instead: the kernels set it where check would refuse,
+    with no sync, and the caller passes it to `refuse_flagged` once the payload is on the host."""
     payloads, heads, rows, cols = x.shape
     if out is None:
         out = torch.empty(payloads, quantizer.size(heads * rows, cols), dtype=torch.uint8, device=x.device)
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check else None
+    own = flag is None and check
+    if own:
+        flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     _encode(quantizer, x, out, flag)
-    if check:
-        _refuse_flagged(flag, [x])
+    if own:
+        refuse_flagged(flag, [x])
     return out
 
 
-def _refuse_flagged(flag: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+def refuse_flagged(flag: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """Raise check_finite's QuantError if the kernels set `flag` while encoding `inputs`."""
     if flag.item():
         for x in inputs:
             for matrix in x:
@@ -299,19 +305,21 @@ def kv_view(t: torch.Tensor, axis: str) -> torch.Tensor:
 
 
 def encode_kv(quantizer, keys: torch.Tensor, values: torch.Tensor, key_axis: str, value_axis: str,
-              *, check: bool = True) -> torch.Tensor:
+              *, check: bool = True, flag: torch.Tensor | None = None) -> torch.Tensor:
     """keys, values: (layers, heads, tokens, head_dim) -> (layers, bytes) uint8: row l is
     KVCodec(quantizer, key_axis, value_axis).encode(keys[l:l+1], values[l:l+1]). Two launches (four
-    where rows do not start on a byte), and one sync for the check."""
+    where rows do not start on a byte), and one sync for the check (none with `flag`: see encode)."""
     k_view, v_view = kv_view(keys, key_axis), kv_view(values, value_axis)
     k_size = quantizer.size(k_view.shape[1] * k_view.shape[2], k_view.shape[3])
     v_size = quantizer.size(v_view.shape[1] * v_view.shape[2], v_view.shape[3])
     out = torch.empty(keys.shape[0], k_size + v_size, dtype=torch.uint8, device=keys.device)
-    flag = torch.zeros(1, dtype=torch.int32, device=keys.device) if check else None
+    own = flag is None and check
+    if own:
+        flag = torch.zeros(1, dtype=torch.int32, device=keys.device)
     _encode(quantizer, k_view, out[:, :k_size], flag)
     _encode(quantizer, v_view, out[:, k_size:], flag)
-    if check:
-        _refuse_flagged(flag, [keys, values])
+    if own:
+        refuse_flagged(flag, [keys, values])
     return out
 
 

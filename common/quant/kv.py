@@ -9,6 +9,7 @@ Low rank always factorizes each head's (tokens, head_dim) matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,12 @@ def _from_matrix(m: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Te
     if axis == CHANNEL:
         return m.reshape(heads, dim, tokens).transpose(1, 2).unsqueeze(0).contiguous()
     return m.reshape(1, heads, tokens, dim)
+
+
+def _ranges(t: torch.Tensor, count: int, step: int) -> torch.Tensor:
+    """(1, heads, tokens, head_dim) -> its first `count` ranges of `step` tokens, a view
+    (count, heads, step, head_dim)."""
+    return t[0, :, :count * step].unflatten(1, (count, step)).transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,29 @@ class KVCodec:
             else:
                 pieces.append(self.quantizer.encode(_to_matrix(tensor, axis)))
         return torch.cat(pieces)
+
+    def encode_chunks(self, keys: torch.Tensor, values: torch.Tensor, step: int) -> Iterator[bytes]:
+        """The payloads of tokens [0, step), [step, 2 * step), ... of keys and values, as host bytes:
+        what `encode` gives each range. With the kernels, the ranges are the payloads of one launch
+        per tensor (and one for a shorter last range), and the finite check rides on the one copy
+        to the host; without, each range is encoded as it is asked for."""
+        tokens = keys.shape[2]
+        if not kernels.use_kernels(self.quantizer, keys):
+            for start in range(0, tokens, step):
+                yield self.encode(keys[:, :, start:start + step], values[:, :, start:start + step]).cpu().numpy().tobytes()
+            return
+        whole = tokens // step
+        flag = torch.zeros(1, dtype=torch.int32, device=keys.device)
+        parts = [kernels.encode_kv(self.quantizer, _ranges(keys, whole, step), _ranges(values, whole, step),
+                                   self.key_axis, self.value_axis, flag=flag)] if whole else []
+        if tokens % step:
+            parts.append(kernels.encode_kv(self.quantizer, keys[:, :, whole * step:], values[:, :, whole * step:],
+                                           self.key_axis, self.value_axis, flag=flag))
+        host = [part.cpu() for part in parts]
+        kernels.refuse_flagged(flag, [keys, values])
+        for part in host:
+            for row in part:
+                yield row.numpy().tobytes()
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):

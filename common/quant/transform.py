@@ -8,6 +8,7 @@ knows of its model that some stages need (its RoPE, its PCA basis).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,16 @@ class LayerCodec:
         if self.rotation is not None:
             keys, values = rotation.rotate(keys, self.rotation), rotation.rotate(values, self.rotation)
         return self.codec.encode(keys, values)
+
+    def encode_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                      step: int) -> Iterator[bytes]:
+        """The payloads of tokens [0, step), [step, 2 * step), ..., as host bytes (KVCodec.encode_chunks)."""
+        if not self.transformed and isinstance(self.codec, KVCodec):
+            yield from self.codec.encode_chunks(keys, values, step)
+            return
+        for start in range(0, keys.shape[2], step):
+            part = slice(start, start + step)
+            yield self.encode(keys[:, :, part], values[:, :, part], positions[:, part]).cpu().numpy().tobytes()
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

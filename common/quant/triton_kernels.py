@@ -290,7 +290,8 @@ def encode_groups_kernel(
     One program takes BR rows and NG groups and holds them as (BR, NG, GROUP), so that a group's
     statistics and a byte's codes stay in one thread. TRANSPOSE: the view's rows are contiguous
     (keys per channel): the tile is read as (NG, GROUP, BR), coalesced along rows, and transposed in
-    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s)."""
+    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s).
+    CHECK: a program that finds a value check_finite refuses sets the flag, with one atomic."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
     h = pid_ph % heads
@@ -299,6 +300,9 @@ def encode_groups_kernel(
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     ok = (r < rows)[:, None, None] & (col < cols)[None]
     x_base = x_ptr + p.to(tl.int64) * x_sp + h.to(tl.int64) * x_sh
+    NB: tl.constexpr = GROUP * BITS // 8
+    NP: tl.constexpr = 2 if KIND == ASYM else 1
+    m = h * rows + r
     if TRANSPOSE:
         x = tl.load(x_base + col[:, :, None].to(tl.int64) * x_sc + r[None, None, :] * x_sr,
                     mask=(col < cols)[:, :, None] & (r < rows)[None, None, :], other=0.0)
@@ -308,19 +312,27 @@ def encode_groups_kernel(
     stored, low, bad = _group_scale(x, ok, 0.0, KIND, BITS, CHECK, 2)
     g_ok = (r < rows)[:, None] & (g < groups)[None, :]
     if CHECK:
-        tl.atomic_max(flag_ptr + tl.zeros([BR, NG], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
+        hit = tl.max(tl.max(tl.where(bad & g_ok, 1, 0), axis=1), axis=0)
+        tl.atomic_max(flag_ptr, hit, mask=hit > 0, sem="relaxed")
     byte = _pack(_codes(x, _inverse(stored, KIND)[:, :, None], low[:, :, None], x_ptr, KIND, BITS), BR, NG, GROUP, BITS)
-
-    NB: tl.constexpr = GROUP * BITS // 8
-    m = h * rows + r
     at = g[:, None] * NB + tl.arange(0, NB)[None, :]
     tl.store(codes_ptr + p.to(tl.int64) * codes_sp + m[:, None, None].to(tl.int64) * row_bytes + at[None],
              byte.to(tl.uint8), mask=(r < rows)[:, None, None] & (at < row_bytes)[None])
-    NP: tl.constexpr = 2 if KIND == ASYM else 1
     p_ptr = params_ptr.to(tl.pointer_type(tl.float16)) + p.to(tl.int64) * params_sp + (m[:, None] * groups + g[None, :]) * NP
     tl.store(p_ptr, stored, mask=g_ok)
     if KIND == ASYM:
         tl.store(p_ptr + 1, low, mask=g_ok)
+
+
+@triton.jit
+def _dequantize(level, p_ptr, g_ok, KIND: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr):
+    """fp32 levels, with their groups' fp16 parameters at p_ptr (masked by g_ok), which broadcast
+    along AXIS -> fp32 values, as Uniform.decode computes them."""
+    scale = tl.expand_dims(tl.load(p_ptr, mask=g_ok, other=0.0).to(tl.float32), AXIS)
+    if KIND == ASYM:
+        return level * scale + tl.expand_dims(tl.load(p_ptr + 1, mask=g_ok, other=0.0).to(tl.float32), AXIS)
+    else:
+        return (level - (2 ** (BITS - 1) - 1)) * scale
 
 
 @triton.jit
@@ -330,7 +342,10 @@ def decode_groups_kernel(
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
     TRANSPOSE: tl.constexpr,
 ):
-    """The inverse of encode_groups_kernel, on the same tiles (the blob's parameters 2-byte aligned)."""
+    """The inverse of encode_groups_kernel, on the same tiles (the blob's parameters 2-byte aligned).
+    TRANSPOSE: the codes, a byte each, are transposed to (NG, GROUP, BR) and dequantized there, so
+    that the stores run along the view's contiguous rows (transposing the values instead, two or four
+    bytes each, measured slower: results/gpu/kernel_sweep_late_h200_session5.txt)."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
     h = pid_ph % heads
@@ -342,23 +357,21 @@ def decode_groups_kernel(
     blob = blob_ptr + p.to(tl.int64) * blob_sp
     byte = tl.load(blob + m[:, None, None].to(tl.int64) * row_bytes + at[None],
                    mask=(r < rows)[:, None, None] & (at < row_bytes)[None], other=0)
+    level = _unpack(byte.to(tl.int32), BITS)
     NP: tl.constexpr = 2 if KIND == ASYM else 1
-    g_ok = (r < rows)[:, None] & (g < groups)[None, :]
-    p_ptr = (blob + code_bytes).to(tl.pointer_type(tl.float16)) + (m[:, None] * groups + g[None, :]) * NP
-    scale = tl.load(p_ptr, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-    level = _unpack(byte.to(tl.int32), BITS).to(tl.float32)
-    if KIND == ASYM:
-        value = level * scale + tl.load(p_ptr + 1, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-    else:
-        value = (level - (2 ** (BITS - 1) - 1)) * scale
-    value = _narrow(value, y_ptr.dtype.element_ty)
+    p_ptr = (blob + code_bytes).to(tl.pointer_type(tl.float16))
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     y = y_ptr + p.to(tl.int64) * y_sp + h.to(tl.int64) * y_sh
     if TRANSPOSE:
-        tl.store(y + col[:, :, None].to(tl.int64) * y_sc + r[None, None, :] * y_sr, tl.permute(value, (1, 2, 0)),
+        level = tl.permute(level.to(tl.uint8), (1, 2, 0)).to(tl.float32)
+        g_ok = (g < groups)[:, None] & (r < rows)[None, :]
+        value = _dequantize(level, p_ptr + (m[None, :] * groups + g[:, None]) * NP, g_ok, KIND, BITS, 1)
+        tl.store(y + col[:, :, None].to(tl.int64) * y_sc + r[None, None, :] * y_sr, _narrow(value, y_ptr.dtype.element_ty),
                  mask=(col < cols)[:, :, None] & (r < rows)[None, None, :])
     else:
-        tl.store(y + r[:, None, None].to(tl.int64) * y_sr + col[None] * y_sc, value,
+        g_ok = (r < rows)[:, None] & (g < groups)[None, :]
+        value = _dequantize(level.to(tl.float32), p_ptr + (m[:, None] * groups + g[None, :]) * NP, g_ok, KIND, BITS, 2)
+        tl.store(y + r[:, None, None].to(tl.int64) * y_sr + col[None] * y_sc, _narrow(value, y_ptr.dtype.element_ty),
                  mask=(r < rows)[:, None, None] & (col < cols)[None])
 
 

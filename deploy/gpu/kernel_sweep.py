@@ -2,7 +2,8 @@
 experiment that picks the constants of `common.quant.kernels._groups_geometry`, not a test.
 
 Whole cache at Llama-3.1-8B's KV shape, (32 layers, 8 KV heads, T tokens, 128) bf16, one launch per
-tensor (`kernels.encode` on the 4-D view). Prints GB/s of bf16 input and the ratio to a device copy
+tensor (`kernels.encode` on the 4-D view; the finite check's flag read once, at the end, as the wire
+reads it with the payload's host copy). Prints GB/s of bf16 input and the ratio to a device copy
 of the same tensor in the same run, for keys per channel (the view transposed) and values per token:
 
     python3 deploy/gpu/kernel_sweep.py [TOKENS ...]
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from channel.bench_gpu import cuda_seconds
+from channel.bench_gpu import cuda_seconds, warm_up
 from common.quant import kernels
 from common.quant.uniform import Uniform
 
@@ -55,6 +56,7 @@ def main(token_counts: list[int]) -> None:
         x = torch.randn(32, 8, tokens, 128, device="cuda", dtype=torch.bfloat16,
                         generator=torch.Generator("cuda").manual_seed(0))
         nbytes = x.numel() * 2
+        warm_up()
         copy_s = cuda_seconds(lambda: x.clone())
         print(f"\ntokens={tokens}: copy {nbytes / copy_s / 1e9:.0f} GB/s ({copy_s * 1e6:.0f} us)", flush=True)
 
@@ -70,14 +72,24 @@ def main(token_counts: list[int]) -> None:
             for name, view, out_view, key in (("K/chan", x.transpose(2, 3), target.transpose(2, 3), "transposed"),
                                               ("V/tok", x, target, "plain")):
                 out = kernels.encode(q, view, check=False)
-                shapes = [dict(BR=br, num_warps=w) for br in (32, 64, 128) for w in (1, 2, 4)] if key == "transposed" else \
-                    [dict(BR=br, num_warps=w) for br in (8, 16, 32) for w in (1, 2)]
+                decoded = kernels.decode(q, out, torch.empty_like(out_view))
+                shapes = [dict(BR=br, num_warps=w) for br in ((32, 64, 128) if key == "transposed" else (8, 16, 32))
+                          for w in (1, 2)]
+                flag = torch.zeros(1, dtype=torch.int32, device="cuda")
                 for shape in [{}] + shapes:
                     label = " ".join(f"{k} {v}" for k, v in shape.items()) or "shipped"
                     with geometry(**{key: shape}):
-                        enc = cuda_seconds(lambda: kernels.encode(q, view, out=out, check=True))
+                        same = torch.equal(kernels.encode(q, view, check=False), out)
+                        kernels.decode(q, out, out_view)
+                        same = same and torch.equal(out_view, decoded)
+                        enc = cuda_seconds(lambda: kernels.encode(q, view, out=out, flag=flag))
                         dec = cuda_seconds(lambda: kernels.decode(q, out, out_view))
-                    report(f"int{bits} {name} encode {label}", enc)
+                        if not shape:
+                            report(f"int{bits} {name} encode shipped, check synced", cuda_seconds(
+                                lambda: kernels.encode(q, view, out=out, check=True)))
+                            report(f"int{bits} {name} encode shipped, no check", cuda_seconds(
+                                lambda: kernels.encode(q, view, out=out, check=False)))
+                    report(f"int{bits} {name} encode {label}" + ("" if same else " DIFFERS"), enc)
                     report(f"int{bits} {name} decode {label}", dec)
                 del out
         del x, target

@@ -44,11 +44,15 @@ kernels)
   python3 -c "
 import json, sys
 from channel.bench_gpu import codec_throughput, environment
-rows = [environment()] + codec_throughput(4096) + codec_throughput(32768)
-json.dump(rows, open(sys.argv[1], 'w'), indent=2)
-for r in rows[1:]:
+from channel.bench_gpu import wire_encode
+rows = codec_throughput(4096) + codec_throughput(32768)
+wire = [wire_encode(4096), wire_encode(32768)]
+json.dump([environment()] + rows + wire, open(sys.argv[1], 'w'), indent=2)
+for r in rows:
     print(r['tokens'], r['profile'], r['kernels'], r['launch'], 'copy %.0f GB/s  encode %.0f (x%.2f)  decode %.0f (x%.2f)' % (
         r['copy_gbps'], r['encode_gbps'], r['encode_vs_copy'], r['decode_gbps'], r['decode_vs_copy']))
+for r in wire:
+    print(r)
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
   ;;
 smollm2)

@@ -68,3 +68,8 @@ def test_triton_kernels_are_bit_identical_to_torch_on_cuda(spec, dtype):
             fused_back = codec.decode(reference, tuple(keys.shape), dtype)
         assert torch.equal(fused, reference), (spec, dtype, tokens)
         assert all(torch.equal(a, b) for a, b in zip(fused_back, back)), (spec, dtype, tokens)
+        with kernels("torch"):
+            ranges = [codec.encode(keys[:, :, s:s + 300], values[:, :, s:s + 300]).cpu().numpy().tobytes()
+                      for s in range(0, tokens, 300)]
+        with kernels("triton"):
+            assert list(codec.encode_chunks(keys, values, 300)) == ranges, (spec, dtype, tokens)

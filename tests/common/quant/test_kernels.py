@@ -302,6 +302,39 @@ def case_kv_layers_in_one_launch():
         assert torch.equal(got_k, torch.cat([k for k, _ in want])) and torch.equal(got_v, torch.cat([v for _, v in want]))
 
 
+def case_chunks_in_one_launch():
+    """KVCodec.encode_chunks: the ranges of a tensor (a shorter last one, a slice of a larger cache)
+    in one launch per tensor, each range's payload what encode gives it on torch; NaN in any range
+    refused with torch's error, after the copy to the host."""
+    gen = torch.Generator().manual_seed(11)
+    cache_k = torch.randn(1, 2, 50, 16, generator=gen).to(torch.bfloat16)
+    cache_v = torch.randn(1, 2, 50, 16, generator=gen).to(torch.bfloat16)
+    keys, values = cache_k[:, :, 3:44], cache_v[:, :, 3:44]  # 41 tokens: ranges of 16, 16 and 9
+    for q in (Uniform(4, 8), Uniform(8, 16, True), NF4(16), Uniform(3, 5)):
+        codec = KVCodec(q)
+        with path("torch"):
+            want = [codec.encode(keys[:, :, s:s + 16], values[:, :, s:s + 16]).numpy().tobytes() for s in (0, 16, 32)]
+        launches, encode_kv = [], kernels.encode_kv
+        kernels.encode_kv = lambda *args, **kw: launches.append(args[1].shape) or encode_kv(*args, **kw)
+        try:
+            with path("triton"):
+                got = list(codec.encode_chunks(keys, values, 16))
+        finally:
+            kernels.encode_kv = encode_kv
+        assert got == want, f"{q}: chunk payloads differ"
+        assert launches == [(2, 2, 16, 16), (1, 2, 9, 16)], f"{q}: {launches}"
+    bad = keys.clone()
+    bad[0, 1, 20, 3] = float("inf")
+    errors = []
+    for name in ("torch", "triton"):
+        with path(name):
+            try:
+                list(KVCodec(Uniform(4, 8)).encode_chunks(bad, values, 16))
+            except QuantError as error:
+                errors.append(str(error))
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+
+
 def case_property():
     """Hypothesis: any quantizer, shape, scale and dtype."""
     from hypothesis import HealthCheck, given, settings

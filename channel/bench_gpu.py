@@ -136,15 +136,19 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
     """The wire's coding of a whole cache: each layer in ranges of at most a chunk (MAX_CHUNK_BYTES of
     input), as host bytes. One range at a time (a launch per tensor, a check and a host copy per
     range) against `KVCodec.encode_chunks` (one launch per tensor per layer, one check and one copy),
-    which the wire uses."""
-    from common.wire import MAX_CHUNK_BYTES
+    which the wire uses; then the wire's frames (`Encoder.layer_chunks`: codes, zstd, CRC), zstd on
+    one thread against the wire's pool."""
+    from common import wire
+    from common.proto import kvwire_pb2 as pb
 
-    codec = parse_profile(spec).codec(0)
-    step = (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize)
+    profile = parse_profile(spec)
+    codec = profile.codec(0)
+    step = (wire.MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize)
     generator = torch.Generator("cuda").manual_seed(0)
     cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
               torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator))
              for _ in range(layers)]
+    positions = torch.arange(tokens, device="cuda").expand(heads, -1)
 
     def one_at_a_time():
         return [codec.encode(k[:, :, s:s + step], v[:, :, s:s + step]).cpu().numpy().tobytes()
@@ -153,13 +157,22 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
     def one_launch():
         return [raw for k, v in cache for raw in codec.encode_chunks(k, v, step)]
 
+    def frames(threads: int):
+        encoder = wire.Encoder(pb.Fingerprint(), zstd_threads=threads)
+        return [f.chunk.payload for layer, (k, v) in enumerate(cache)
+                for f in encoder.layer_chunks(layer, k, v, positions, profile)]
+
+    threads = wire.ZSTD_THREADS
     with kernels("triton"):
-        assert one_at_a_time() == one_launch()
+        assert one_at_a_time() == one_launch() and frames(1) == frames(threads)
         each_s, batched_s = cuda_seconds(one_at_a_time, repeat=3), cuda_seconds(one_launch, repeat=3)
+        serial_s, parallel_s = cuda_seconds(lambda: frames(1), repeat=3), cuda_seconds(lambda: frames(threads), repeat=3)
     del cache
     torch.cuda.empty_cache()
-    return {"tokens": tokens, "profile": str(parse_profile(spec)), "chunk_tokens": step, "chunks": layers * -(-tokens // step),
-            "one_range_at_a_time_s": each_s, "encode_chunks_s": batched_s, "speedup": each_s / batched_s}
+    return {"tokens": tokens, "profile": str(profile), "chunk_tokens": step, "chunks": layers * -(-tokens // step),
+            "one_range_at_a_time_s": each_s, "encode_chunks_s": batched_s, "speedup": each_s / batched_s,
+            "zstd_threads": threads, "frames_zstd_serial_s": serial_s, "frames_zstd_parallel_s": parallel_s,
+            "frames_speedup": serial_s / parallel_s}
 
 
 def synthetic_context(tokenizer, tokens: int) -> str:

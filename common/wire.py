@@ -7,6 +7,10 @@ then checks each chunk's range, checksum and decompressed size.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
+import threading
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,6 +30,23 @@ from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
+ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that compress a tier's chunks
+_COMPRESSORS = threading.local()
+
+
+@functools.cache
+def _compressing(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that compress a tier's chunks in parallel (zstd releases the GIL), one pool per
+    process (`pid`: a forked child gets its own). Each thread keeps its own compressor per level, since
+    a compressor is not thread-safe; the frames are the same bytes as when compressed in series."""
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvwire-zstd")
+
+
+def _compress(level: int, raw: bytes) -> bytes:
+    compressors = _COMPRESSORS.__dict__.setdefault("by_level", {})
+    if level not in compressors:
+        compressors[level] = zstandard.ZstdCompressor(level=level)
+    return compressors[level].compress(raw)
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 
 
@@ -137,11 +158,11 @@ class Encoder:
     """Sender side: the frames of one transfer, counting what its trailer declares."""
 
     def __init__(self, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3,
-                 context: CodecContext | None = None):
+                 context: CodecContext | None = None, zstd_threads: int = ZSTD_THREADS):
         self.fingerprint = fingerprint
         self.context = context  # the model's RoPE and basis, for the stages that need them
         self.transfer_id = transfer_id or uuid.uuid4().hex
-        self.compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self.zstd_level, self.zstd_threads = zstd_level, zstd_threads
         self.num_chunks = self.payload_bytes = 0
 
     def header(self, seq_len: int, positions: list[torch.Tensor] | None = None,
@@ -169,10 +190,10 @@ class Encoder:
         step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * keys.dtype.itemsize))
         for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
             tier = slice(first, last)
-            raws = codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step)
-            for start, raw in zip(range(first, last, step), raws):
+            raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step))
+            payloads = _compressing(os.getpid(), self.zstd_threads).map(_compress, [self.zstd_level] * len(raws), raws)
+            for start, raw, payload in zip(range(first, last, step), raws, payloads):
                 end = min(start + step, last)
-                payload = self.compressor.compress(raw)
                 if len(payload) > MAX_CHUNK_BYTES:
                     raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
                 self.num_chunks += 1

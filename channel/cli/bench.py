@@ -358,7 +358,9 @@ def bench_gpu(
     for row in report["wire_encode"]:
         console.print(f"the wire's encode, {row['tokens']} tokens, {row['profile']}, {row['chunks']} chunks to host bytes: "
                       f"one range at a time {row['one_range_at_a_time_s'] * 1e3:.1f} ms, encode_chunks "
-                      f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x)")
+                      f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x); its frames with zstd on one thread "
+                      f"{row['frames_zstd_serial_s'] * 1e3:.1f} ms, on {row['zstd_threads']} "
+                      f"{row['frames_zstd_parallel_s'] * 1e3:.1f} ms ({row['frames_speedup']:.1f}x)")
     report["relay_ceiling_bps"] = gpu.relay_ceiling()
     console.print(f"relay ceiling: {report['relay_ceiling_bps'] / 1e9:.2f} Gbit/s")
     loaded = load_model(gpu.RANDOM_MODEL, "cuda", "bfloat16")

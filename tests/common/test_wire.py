@@ -49,6 +49,19 @@ def test_chunks_are_at_most_one_mebibyte(smollm2):
     assert max(c.raw_size for c in chunks) <= wire.MAX_CHUNK_BYTES
 
 
+def test_chunks_compressed_in_parallel_are_the_bytes_of_one_thread(smollm2):
+    """A tier's chunks are compressed by a pool of threads: the frames, in order, must be what one
+    thread makes (raw: two chunks per layer here)."""
+    kv = prefill(smollm2.model, list(range(1000, 1900)))
+    for spec in ("raw", "int4"):
+        one, four = (wire.Encoder(smollm2.fingerprint, "t", zstd_threads=n) for n in (1, 4))
+        frames = [[f.SerializeToString() for f in encoder.chunks(kv, parse_profile(spec))] for encoder in (one, four)]
+        assert frames[0] == frames[1], spec
+        assert one.payload_bytes == four.payload_bytes and one.num_chunks == four.num_chunks >= smollm2.fingerprint.num_layers
+        if spec == "raw":
+            assert one.num_chunks > smollm2.fingerprint.num_layers
+
+
 def test_corrupted_chunk_is_data_loss(llama_frames, tiny_llama):
     _, frames = llama_frames
     bad = [pb.Frame.FromString(f.SerializeToString()) for f in frames]

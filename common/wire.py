@@ -30,24 +30,25 @@ from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
+GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that compress a tier's chunks
-_COMPRESSORS = threading.local()
 
 
 @functools.cache
 def _compressing(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
     """The threads that compress a tier's chunks in parallel (zstd releases the GIL), one pool per
-    process (`pid`: a forked child gets its own). Each thread keeps its own compressor per level, since
-    a compressor is not thread-safe; the frames are the same bytes as when compressed in series."""
+    process (`pid`: a forked child gets its own). The frames are the same bytes as in series."""
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kvwire-zstd")
 
 
+@functools.cache
+def _compressor(thread: int, level: int) -> zstandard.ZstdCompressor:
+    """A zstd compressor of one thread: a compressor is not thread-safe."""
+    return zstandard.ZstdCompressor(level=level)
+
+
 def _compress(level: int, raw: bytes) -> bytes:
-    compressors = _COMPRESSORS.__dict__.setdefault("by_level", {})
-    if level not in compressors:
-        compressors[level] = zstandard.ZstdCompressor(level=level)
-    return compressors[level].compress(raw)
-GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
+    return _compressor(threading.get_ident(), level).compress(raw)
 
 
 class WireError(Exception):

@@ -43,8 +43,7 @@ kernels)
   python3 -m pytest -q -p no:cacheprovider tests/gpu -k triton 2>&1 | tee "$2/gpu_kernel_tests.txt"
   python3 -c "
 import json, sys
-from channel.bench_gpu import codec_throughput, environment
-from channel.bench_gpu import wire_encode
+from channel.bench_gpu import codec_throughput, environment, wire_encode
 rows = codec_throughput(4096) + codec_throughput(32768)
 wire = [wire_encode(4096), wire_encode(32768)]
 json.dump([environment()] + rows + wire, open(sys.argv[1], 'w'), indent=2)

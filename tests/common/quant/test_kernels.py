@@ -304,7 +304,7 @@ def case_kv_layers_in_one_launch():
 
 def case_chunks_in_one_launch():
     """KVCodec.encode_chunks: the ranges of a tensor (a shorter last one, a slice of a larger cache)
-    in one launch per tensor, each range's payload what encode gives it on torch; NaN in any range
+    in one launch per tensor, each range's payload what encode gives it on torch; Inf in any range
     refused with torch's error, after the copy to the host."""
     gen = torch.Generator().manual_seed(11)
     cache_k = torch.randn(1, 2, 50, 16, generator=gen).to(torch.bfloat16)

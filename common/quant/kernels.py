@@ -133,10 +133,11 @@ def _groups_geometry(kind: int, bits: int, group: int, rows: int, cols: int, tra
         return None
     if params.data_ptr() % 2 or (params.shape[0] > 1 and params.stride(0) % 2):
         return None
-    if transpose:  # keys per channel: 64 channels of a head and one group of tokens
-        return dict(GROUP=group, NG=1, BR=min(64, _pow2(rows)), TRANSPOSE=True, num_warps=1)
+    if transpose:  # keys per channel: 32 channels of a head and two groups of tokens, (scale, low) stored together
+        pair = kind == ASYM and params.data_ptr() % 4 == 0 and (params.shape[0] == 1 or params.stride(0) % 4 == 0)
+        return dict(GROUP=group, NG=2, BR=min(32, _pow2(rows)), TRANSPOSE=True, PAIR=pair, num_warps=1)
     ng = max(1, min(_pow2(num_groups(cols, group)), 256 // group))
-    return dict(GROUP=group, NG=ng, BR=max(1, 2048 // (ng * group)), TRANSPOSE=False, num_warps=1)
+    return dict(GROUP=group, NG=ng, BR=max(1, 2048 // (ng * group)), TRANSPOSE=False, PAIR=False, num_warps=1)
 
 
 def _transposed(x: torch.Tensor) -> bool:

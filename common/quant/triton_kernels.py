@@ -284,13 +284,15 @@ def encode_groups_kernel(
     params_ptr, params_sp, groups,
     flag_ptr,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
-    TRANSPOSE: tl.constexpr, CHECK: tl.constexpr,
+    TRANSPOSE: tl.constexpr, CHECK: tl.constexpr, PAIR: tl.constexpr,
 ):
     """The fast encoder: Uniform of 8, 4 or 2 bits, groups a power of two, rows that start on a byte.
     One program takes BR rows and NG groups and holds them as (BR, NG, GROUP), so that a group's
     statistics and a byte's codes stay in one thread. TRANSPOSE: the view's rows are contiguous
     (keys per channel): the tile is read as (NG, GROUP, BR), coalesced along rows, and transposed in
-    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s).
+    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s);
+    PAIR (asymmetric, params_ptr and params_sp 4-byte aligned): a group's (scale, low) in one 4-byte
+    store, as many stores as sectors they touch when a tile's rows are far apart (keys per channel).
     CHECK: a program that finds a value check_finite refuses sets the flag, with one atomic."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
@@ -319,15 +321,23 @@ def encode_groups_kernel(
     tl.store(codes_ptr + p.to(tl.int64) * codes_sp + m[:, None, None].to(tl.int64) * row_bytes + at[None],
              byte.to(tl.uint8), mask=(r < rows)[:, None, None] & (at < row_bytes)[None])
     p_ptr = params_ptr.to(tl.pointer_type(tl.float16)) + p.to(tl.int64) * params_sp + (m[:, None] * groups + g[None, :]) * NP
-    tl.store(p_ptr, stored, mask=g_ok)
-    if KIND == ASYM:
-        tl.store(p_ptr + 1, low, mask=g_ok)
+    if PAIR:  # (scale, low) in one 4-byte store
+        word = (stored.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (low.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(p_ptr.to(tl.pointer_type(tl.int32)), word, mask=g_ok)
+    else:
+        tl.store(p_ptr, stored, mask=g_ok)
+        if KIND == ASYM:
+            tl.store(p_ptr + 1, low, mask=g_ok)
 
 
 @triton.jit
-def _dequantize(level, p_ptr, g_ok, KIND: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr):
-    """fp32 levels, with their groups' fp16 parameters at p_ptr (masked by g_ok), which broadcast
-    along AXIS -> fp32 values, as Uniform.decode computes them."""
+def _dequantize(level, p_ptr, g_ok, KIND: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, PAIR: tl.constexpr):
+    """fp32 levels, with their groups' fp16 parameters at p_ptr (masked by g_ok; PAIR: scale and low
+    in one 4-byte load), which broadcast along AXIS -> fp32 values, as Uniform.decode computes them."""
+    if PAIR:
+        word = tl.load(p_ptr.to(tl.pointer_type(tl.int32)), mask=g_ok, other=0)
+        scale = tl.expand_dims((word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), AXIS)
+        return level * scale + tl.expand_dims((word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), AXIS)
     scale = tl.expand_dims(tl.load(p_ptr, mask=g_ok, other=0.0).to(tl.float32), AXIS)
     if KIND == ASYM:
         return level * scale + tl.expand_dims(tl.load(p_ptr + 1, mask=g_ok, other=0.0).to(tl.float32), AXIS)
@@ -340,7 +350,7 @@ def decode_groups_kernel(
     blob_ptr, blob_sp, code_bytes, row_bytes, groups,
     y_ptr, y_sp, y_sh, y_sr, y_sc, heads, rows, cols,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
-    TRANSPOSE: tl.constexpr,
+    TRANSPOSE: tl.constexpr, PAIR: tl.constexpr,
 ):
     """The inverse of encode_groups_kernel, on the same tiles (the blob's parameters 2-byte aligned).
     TRANSPOSE: the codes, a byte each, are transposed to (NG, GROUP, BR) and dequantized there, so
@@ -365,12 +375,12 @@ def decode_groups_kernel(
     if TRANSPOSE:
         level = tl.permute(level.to(tl.uint8), (1, 2, 0)).to(tl.float32)
         g_ok = (g < groups)[:, None] & (r < rows)[None, :]
-        value = _dequantize(level, p_ptr + (m[None, :] * groups + g[:, None]) * NP, g_ok, KIND, BITS, 1)
+        value = _dequantize(level, p_ptr + (m[None, :] * groups + g[:, None]) * NP, g_ok, KIND, BITS, 1, PAIR)
         tl.store(y + col[:, :, None].to(tl.int64) * y_sc + r[None, None, :] * y_sr, _narrow(value, y_ptr.dtype.element_ty),
                  mask=(col < cols)[:, :, None] & (r < rows)[None, None, :])
     else:
         g_ok = (r < rows)[:, None] & (g < groups)[None, :]
-        value = _dequantize(level.to(tl.float32), p_ptr + (m[:, None] * groups + g[None, :]) * NP, g_ok, KIND, BITS, 2)
+        value = _dequantize(level.to(tl.float32), p_ptr + (m[:, None] * groups + g[None, :]) * NP, g_ok, KIND, BITS, 2, PAIR)
         tl.store(y + r[:, None, None].to(tl.int64) * y_sr + col[None] * y_sc, _narrow(value, y_ptr.dtype.element_ty),
                  mask=(r < rows)[:, None, None] & (col < cols)[None])
 

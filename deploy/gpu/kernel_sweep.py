@@ -73,8 +73,8 @@ def main(token_counts: list[int]) -> None:
                                               ("V/tok", x, target, "plain")):
                 out = kernels.encode(q, view, check=False)
                 decoded = kernels.decode(q, out, torch.empty_like(out_view))
-                shapes = [dict(BR=br, num_warps=w) for br in ((32, 64, 128) if key == "transposed" else (8, 16, 32))
-                          for w in (1, 2)]
+                shapes = [dict(PAIR=False), dict(BR=64, NG=1), dict(BR=16, NG=4), dict(BR=32, NG=4), dict(num_warps=2)] \
+                    if key == "transposed" else [dict(PAIR=True)]
                 flag = torch.zeros(1, dtype=torch.int32, device="cuda")
                 for shape in [{}] + shapes:
                     label = " ".join(f"{k} {v}" for k, v in shape.items()) or "shipped"

@@ -291,8 +291,9 @@ def encode_groups_kernel(
     statistics and a byte's codes stay in one thread. TRANSPOSE: the view's rows are contiguous
     (keys per channel): the tile is read as (NG, GROUP, BR), coalesced along rows, and transposed in
     registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s);
-    PAIR (asymmetric, params_ptr and params_sp 4-byte aligned): a group's (scale, low) in one 4-byte
-    store, as many stores as sectors they touch when a tile's rows are far apart (keys per channel).
+    PAIR (asymmetric; params_ptr and params_sp 4-byte aligned): a group's (scale, low) in one 4-byte
+    store instead of two 2-byte ones; for keys per channel, whose rows lie far apart, each store
+    fills an L2 sector of its own, so this halves the parameters' write traffic.
     CHECK: a program that finds a value check_finite refuses sets the flag, with one atomic."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads

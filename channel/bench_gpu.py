@@ -133,8 +133,8 @@ def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: in
 
 def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 8, head_dim: int = 128,
                 dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The wire's coding of a whole cache: each layer in ranges of at most a chunk (MAX_CHUNK_BYTES of
-    input), as host bytes. One range at a time (a launch per tensor, a check and a host copy per
+    """The wire's coding of a whole cache: each layer in ranges of a chunk's tokens (`wire.chunk_tokens`),
+    as host bytes. One range at a time (a launch per tensor, a check and a host copy per
     range) against `KVCodec.encode_chunks` (one launch per tensor per layer, one check and one copy),
     which the wire uses; then the wire's frames (`Encoder.layer_chunks`: codes, zstd, CRC), zstd on
     one thread against the wire's pool."""
@@ -143,7 +143,7 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
 
     profile = parse_profile(spec)
     codec = profile.codec(0)
-    step = (wire.MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize)
+    step = wire.chunk_tokens(heads, head_dim, dtype)
     generator = torch.Generator("cuda").manual_seed(0)
     cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
               torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator))

@@ -34,6 +34,11 @@ GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length 
 ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that compress a tier's chunks
 
 
+def chunk_tokens(heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Tokens of one chunk: every codec's payload is at most the model-dtype size of its tokens."""
+    return max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize))
+
+
 @functools.cache
 def _compressing(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
     """The threads that compress a tier's chunks in parallel (zstd releases the GIL), one pool per
@@ -187,8 +192,7 @@ class Encoder:
         """One layer's keys and values (1, kv_heads, kept, head_dim) at `positions` (kv_heads, kept),
         encoded where they are (CPU or GPU); only the packed bytes come to the host."""
         _, heads, kept, head_dim = keys.shape
-        # Every codec's payload is at most the model-dtype size of its tokens.
-        step = max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * keys.dtype.itemsize))
+        step = chunk_tokens(heads, head_dim, keys.dtype)
         for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
             tier = slice(first, last)
             raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step))

@@ -41,13 +41,18 @@ def _coded(loaded: LoadedModel, specs: list[str]) -> list[str]:
     """The specs this model can code: `pca` needs the basis shipped for its weights, `rot` a head_dim
     that is a power of two."""
     dim = loaded.fingerprint.head_dim
-    return [s for s in specs if (parse_profile(s).pca is None or loaded.codec_context.basis is not None)
-            and (parse_profile(s).rotation is None or dim & (dim - 1) == 0)]
+    return [s for s, p in zip(specs, _parsed(specs)) if (p.pca is None or loaded.codec_context.basis is not None)
+            and (p.rotation is None or dim & (dim - 1) == 0)]
 
 
 def _figures(by: dict[str, dict], names: list[str]) -> str:
     return ", ".join(f"{n} {by[n]['fidelity_f1']:.2f} (KL {by[n]['kl_tf']:.3f}, {by[n]['ratio_vs_fp16']:.3f} of fp16)"
                      for n in names)
+
+
+def _measured(by: dict[str, dict], specs: list[str]) -> list[str]:
+    """The canonical names of those `specs` that were measured (a model may not code them all)."""
+    return [n for n in map(str, _parsed(specs)) if n in by]
 
 
 def _cliff(summaries: list[dict], order: list[str], label: str, extra: list[str] = ()) -> dict:
@@ -60,7 +65,7 @@ def _cliff(summaries: list[dict], order: list[str], label: str, extra: list[str]
     holds = drop >= 0.3 and above_ok
     evidence = (f"{label} fidelity F1: {_figures(by, names)}. Largest drop {drop:.2f} from {above} to {below}"
                 f"{'' if above_ok else '; the steps above it are already below 0.9'}.")
-    extra_names = [n for n in (str(parse_profile(p)) for p in extra[1:]) if n in by]
+    extra_names = _measured(by, extra[1:])
     if extra_names:
         evidence += f" {extra[0]}: {_figures(by, extra_names)}."
     return {"verdict": "holds" if holds else "does not hold here", "evidence": evidence, "summaries": summaries}
@@ -84,12 +89,14 @@ def selection(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     profiles = [f"{m}:{k}+fp16" for k in (0.25, 0.5, 0.75) for m in SELECTION_METHODS + SELECTION_EXTRA]
     summaries = aggregate(evaluate(loaded, samples, _parsed(profiles), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
-    at_half = [by[f"{m}:0.5+fp16"] for m in SELECTION_METHODS]
     order = sorted(SELECTION_METHODS, key=lambda m: -by[f"{m}:0.5+fp16"]["fidelity_f1"])
     holds = order == SELECTION_METHODS
-    figures = ", ".join(f"{m} {s['fidelity_f1']:.2f} ± {s['fidelity_f1_ci95']:.2f}" for m, s in zip(SELECTION_METHODS, at_half))
-    extra = ", ".join(f"{m} {by[f'{m}:0.5+fp16']['fidelity_f1']:.2f} ± {by[f'{m}:0.5+fp16']['fidelity_f1_ci95']:.2f}"
-                      for m in SELECTION_EXTRA)
+
+    def at_half_figures(methods: list[str]) -> str:
+        return ", ".join(f"{m} {by[f'{m}:0.5+fp16']['fidelity_f1']:.2f} ± {by[f'{m}:0.5+fp16']['fidelity_f1_ci95']:.2f}"
+                         for m in methods)
+
+    figures, extra = at_half_figures(SELECTION_METHODS), at_half_figures(SELECTION_EXTRA)
     return {"verdict": "holds" if holds else "does not hold here",
             "evidence": f"fidelity F1 at 50% kept: {figures}; measured order {' > '.join(order)}. CapKV at 50%: {extra}.",
             "summaries": summaries}
@@ -100,7 +107,7 @@ def hybrid(loaded, samples, max_new_tokens=24, progress=None) -> dict:
     summaries = aggregate(evaluate(loaded, samples, _parsed(HYBRID + _coded(loaded, HYBRID_NEW)), max_new_tokens, progress=progress))
     by = _by_profile(summaries)
     mixed, quant_only, select_only = by["q2c:0.5+int4:g32"], by["int2:g32"], by["q2c:0.15+fp16"]
-    new = [n for n in (str(parse_profile(p)) for p in HYBRID_NEW) if n in by]
+    new = _measured(by, HYBRID_NEW)
     holds = mixed["fidelity_f1"] > max(quant_only["fidelity_f1"], select_only["fidelity_f1"])
     return {"verdict": "holds" if holds else "does not hold here",
             "evidence": (f"at about {mixed['ratio_vs_fp16']:.2f} of the fp16 bytes: q2c:0.5+int4 fidelity "

@@ -25,6 +25,7 @@ so per-channel keys are read and written in place, with no transposed copy):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -182,13 +183,21 @@ def encode(quantizer, x: torch.Tensor, *, out: torch.Tensor | None = None, check
     payloads, heads, rows, cols = x.shape
     if out is None:
         out = torch.empty(payloads, quantizer.size(heads * rows, cols), dtype=torch.uint8, device=x.device)
-    own = flag is None and check
-    if own:
-        flag = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _encode(quantizer, x, out, flag)
-    if own:
-        refuse_flagged(flag, [x])
+    with _checked(check, flag, [x]) as flag:
+        _encode(quantizer, x, out, flag)
     return out
+
+
+@contextlib.contextmanager
+def _checked(check: bool, flag: torch.Tensor | None, inputs: list[torch.Tensor]):
+    """The flag the kernels set where check_finite would refuse `inputs`: the caller's `flag`, or,
+    with check and no flag, one of its own, read (one sync) and refused on leaving; None without check."""
+    if flag is not None or not check:
+        yield flag
+        return
+    own = torch.zeros(1, dtype=torch.int32, device=inputs[0].device)
+    yield own
+    refuse_flagged(own, inputs)
 
 
 def refuse_flagged(flag: torch.Tensor, inputs: list[torch.Tensor]) -> None:
@@ -314,13 +323,9 @@ def encode_kv(quantizer, keys: torch.Tensor, values: torch.Tensor, key_axis: str
     k_size = quantizer.size(k_view.shape[1] * k_view.shape[2], k_view.shape[3])
     v_size = quantizer.size(v_view.shape[1] * v_view.shape[2], v_view.shape[3])
     out = torch.empty(keys.shape[0], k_size + v_size, dtype=torch.uint8, device=keys.device)
-    own = flag is None and check
-    if own:
-        flag = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    _encode(quantizer, k_view, out[:, :k_size], flag)
-    _encode(quantizer, v_view, out[:, k_size:], flag)
-    if own:
-        refuse_flagged(flag, [keys, values])
+    with _checked(check, flag, [keys, values]) as flag:
+        _encode(quantizer, k_view, out[:, :k_size], flag)
+        _encode(quantizer, v_view, out[:, k_size:], flag)
     return out
 
 

@@ -41,6 +41,13 @@ def _from_matrix(m: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Te
     return m.reshape(1, heads, tokens, dim)
 
 
+def each_range(encode, tokens: int, step: int) -> Iterator[bytes]:
+    """encode(part) of each range part = [0, step), [step, 2 * step), ... of `tokens`, as host bytes,
+    each encoded as it is asked for."""
+    for start in range(0, tokens, step):
+        yield encode(slice(start, start + step)).cpu().numpy().tobytes()
+
+
 def _ranges(t: torch.Tensor, count: int, step: int) -> torch.Tensor:
     """(1, heads, tokens, head_dim) -> its first `count` ranges of `step` tokens, a view
     (count, heads, step, head_dim)."""
@@ -85,8 +92,7 @@ class KVCodec:
         to the host; without, each range is encoded as it is asked for."""
         tokens = keys.shape[2]
         if not kernels.use_kernels(self.quantizer, keys):
-            for start in range(0, tokens, step):
-                yield self.encode(keys[:, :, start:start + step], values[:, :, start:start + step]).cpu().numpy().tobytes()
+            yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part]), tokens, step)
             return
         whole = tokens // step
         flag = torch.zeros(1, dtype=torch.int32, device=keys.device)

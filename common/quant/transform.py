@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from common.quant import rotation
-from common.quant.kv import KVCodec
+from common.quant.kv import KVCodec, each_range
 from common.quant.pca import Basis, PCACodec
 from common.quant.rope import Rope
 
@@ -57,9 +57,8 @@ class LayerCodec:
         if not self.transformed and isinstance(self.codec, KVCodec):
             yield from self.codec.encode_chunks(keys, values, step)
             return
-        for start in range(0, keys.shape[2], step):
-            part = slice(start, start + step)
-            yield self.encode(keys[:, :, part], values[:, :, part], positions[:, part]).cpu().numpy().tobytes()
+        yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part]),
+                              keys.shape[2], step)
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

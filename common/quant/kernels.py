@@ -134,11 +134,18 @@ def _groups_geometry(kind: int, bits: int, group: int, rows: int, cols: int, tra
         return None
     if params.data_ptr() % 2 or (params.shape[0] > 1 and params.stride(0) % 2):
         return None
-    if transpose:  # keys per channel: 32 channels of a head and two groups of tokens, (scale, low) stored together
+    if transpose:  # keys per channel: a channel per thread, four groups of its tokens, (scale, low) stored together
         pair = kind == ASYM and params.data_ptr() % 4 == 0 and (params.shape[0] == 1 or params.stride(0) % 4 == 0)
-        return dict(GROUP=group, NG=2, BR=min(32, _pow2(rows)), TRANSPOSE=True, PAIR=pair, num_warps=1)
+        return dict(GROUP=group, NG=4, BR=min(32, _pow2(rows)), TRANSPOSE=True, PAIR=pair, num_warps=1)
     ng = max(1, min(_pow2(num_groups(cols, group)), 256 // group))
     return dict(GROUP=group, NG=ng, BR=max(1, 2048 // (ng * group)), TRANSPOSE=False, PAIR=False, num_warps=1)
+
+
+def _whole(meta: dict, rows: int, cols: int) -> bool:
+    """Whether encode_groups_kernel's tiles fill the view (with TRANSPOSE), or its columns (without:
+    the rows are clamped), so that it reads them without masks."""
+    whole_cols = cols % (meta["NG"] * meta["GROUP"]) == 0
+    return whole_cols and rows % meta["BR"] == 0 if meta["TRANSPOSE"] else whole_cols
 
 
 def _transposed(x: torch.Tensor) -> bool:
@@ -237,8 +244,9 @@ def _encode(quantizer, x: torch.Tensor, out: torch.Tensor, flag: torch.Tensor | 
             x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,
             out, 0 if one else out.stride(0), row_bytes,
             params, 0 if one else out.stride(0) // 2, groups,
-            flag_or_any,
-            KIND=kind, BITS=bits, CHECK=flag is not None, enable_fp_fusion=False, **fast)
+            flag_or_any, x.stride(2),
+            KIND=kind, BITS=bits, CHECK=flag is not None, WHOLE=_whole(fast, rows, cols),
+            COL_STRIDE=x.stride(3) if fast["TRANSPOSE"] else 0, enable_fp_fusion=False, **fast)
     elif rows_meta is not None:
         tk.encode_rows_kernel[(_cdiv(rows, rows_meta["BR"]), _cdiv(groups, rows_meta["NG"]), payloads * heads)](
             x, 0 if one else x.stride(0), *x.stride()[1:], heads, rows, cols,

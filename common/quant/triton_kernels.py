@@ -20,8 +20,8 @@ keys.transpose(2, 3) of (1, heads, tokens, head_dim), read in place. One program
 BR rows of one head and NG whole groups of columns: its statistics, parameters and codes need no
 other program's data. `encode_groups_kernel` and `decode_groups_kernel` are the fast pair for
 the common case (Uniform of 8, 4 or 2 bits, power-of-two groups, rows that start on a byte): a
-tile held as (rows, groups, group), so that a group's statistics and a byte's codes stay in one
-thread, keys per channel transposed in registers. `encode_kernel` and `decode_kernel` take any
+tile held as (rows, groups, group), so that a byte's codes stay in one thread (the encoder gives
+keys per channel a channel per thread; the decoder transposes them in registers). `encode_kernel` and `decode_kernel` take any
 view and any quantizer; `encode_rows_kernel` takes the other views whose rows are contiguous
 (keys per channel) for the uniform quantizers, one row per thread.
 
@@ -45,44 +45,65 @@ FP16_MIN_NORMAL = tl.constexpr(2.0**-14)
 
 @triton.jit
 def _round_even(q):
-    # |q| < 2**22: adding 1.5 * 2**23 moves q into a binade whose spacing is 1, so the fp32 add
-    # rounds it to an integer, half to even, exactly as torch.round.
-    return (q + 12582912.0) - 12582912.0
+    """fp32 -> int32, rounding half to even as torch.round, for 0 <= q + 2**22 < 2**23: adding
+    1.5 * 2**23 moves q into a binade whose spacing is 1, so the fp32 add rounds it to an integer,
+    which the sum's low mantissa bits then hold (no conversion instruction, which runs at an eighth
+    of the rate of an add)."""
+    return (q + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 
 @triton.jit
-def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr, CHECK: tl.constexpr, AXIS: tl.constexpr):
-    """x3: fp32 with a group along AXIS, ok3 its mask -> the fp16 (scale, low) of each group (x3's
-    shape without AXIS), and whether the group holds a value check_finite refuses.
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(x, AXIS: tl.constexpr, NAN: tl.constexpr):
+    """The maximum along AXIS; NAN: a NaN anywhere makes it NaN (the built-in may drop one)."""
+    if NAN:
+        return tl.reduce(x, AXIS, _max_nan)
+    else:
+        return tl.max(x, axis=AXIS)
+
+
+@triton.jit
+def _group_scale(x3, ok3, mean, KIND: tl.constexpr, BITS: tl.constexpr, CHECK: tl.constexpr, AXIS: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """x3: fp32 with a group along AXIS, ok3 its mask (MASKED; without, every lane is a value) -> the
+    fp16 (scale, low) of each group (x3's shape without AXIS), and whether the group holds a value
+    check_finite refuses.
 
     Masked lanes are the group's padding: repeating the last column (base.group_view) changes no
-    minimum or maximum, so leaving them out gives the same statistics. The reductions are the
-    built-in ones, which may drop a NaN; with CHECK, the group's sum (a NaN propagates through it,
-    and |x| <= 65504 cannot overflow it) finds one."""
+    minimum or maximum, so leaving them out gives the same statistics. With CHECK, the maximum
+    propagates a NaN, which the check then finds (|x| <= 65504 finds the infinities)."""
     if KIND == ASYM:
-        high = tl.max(tl.where(ok3, x3, float("-inf")), axis=AXIS)
-        low = tl.min(tl.where(ok3, x3, float("inf")), axis=AXIS)
-        bad = (high > FP16_MAX) | (low < -FP16_MAX)
-        empty = high < low  # a tile's groups past the end of the row
-        high = tl.where(empty, 0.0, high)
-        low = tl.where(empty, 0.0, low)
-        scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
+        if MASKED:
+            high = _max(tl.where(ok3, x3, float("-inf")), AXIS, CHECK)
+            low = tl.min(tl.where(ok3, x3, float("inf")), axis=AXIS)
+        else:
+            high = _max(x3, AXIS, CHECK)
+            low = tl.min(x3, axis=AXIS)
+        bad = (high > FP16_MAX) | (low < -FP16_MAX) | (high != high)
+        if MASKED:
+            empty = high < low  # a tile's groups past the end of the row
+            high = tl.where(empty, 0.0, high)
+            low = tl.where(empty, 0.0, low)
+        scale = _div_odd(high - low, 2**BITS - 1)
     else:
         if KIND == SIGN and not CHECK:
             absmax = mean
+        elif MASKED:
+            absmax = _max(tl.where(ok3, tl.abs(x3), 0.0), AXIS, CHECK)
         else:
-            absmax = tl.max(tl.where(ok3, tl.abs(x3), 0.0), axis=AXIS)
+            absmax = _max(tl.abs(x3), AXIS, CHECK)
         if KIND == SIGN:
             scale = mean
         elif KIND == SYM:
-            scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
+            scale = _div_odd(absmax, 2 ** (BITS - 1) - 1)
         else:
             scale = absmax
         low = scale
-        bad = absmax > FP16_MAX
-    if CHECK:
-        total = tl.sum(tl.where(ok3, x3, 0.0), axis=AXIS)
-        bad = bad | (total != total)
+        bad = (absmax > FP16_MAX) | (absmax != absmax)
     return _fp16_scale(scale, KIND), low.to(tl.float16), bad
 
 
@@ -105,13 +126,35 @@ def _divide(num, den):
 
 
 @triton.jit
+def _div_odd(x, D: tl.constexpr):
+    """x / D, fp32 by an odd integer, rounded to nearest as an IEEE division (torch's), in three
+    instructions instead of a division's ten: the fp64 product x * (1 / D) is within 2**-52 of the
+    quotient, which lies at least 2**-25 / D from any midpoint between two fp32 numbers (x has 24
+    significant bits and D is odd), so rounding the product to fp32 rounds the quotient."""
+    if D == 1:
+        return x
+    else:
+        return (x.to(tl.float64) * (tl.full([], 1.0, tl.float64) / D)).to(tl.float32)
+
+
+@triton.jit
+def _reciprocal(s):
+    """1 / s, for fp32 s > 0 that holds an fp16 value, rounded to nearest as an IEEE division:
+    an approximate reciprocal r (within 2**-22) and one Newton step in fp64, r * (2 - s * r), whose
+    products are exact, are within 2**-43 of 1 / s, which lies at least 2**-36 from any midpoint
+    between two fp32 numbers (s has 11 significant bits), so rounding to fp32 rounds the quotient."""
+    r = tl.math.fdiv(tl.full(s.shape, 1.0, tl.float32), s).to(tl.float64)
+    return (r + r * (1.0 - s.to(tl.float64) * r)).to(tl.float32)
+
+
+@triton.jit
 def _inverse(stored, KIND: tl.constexpr):
     """What `_codes` takes for a group's fp16 scale: Uniform multiplies by 1 / step (a division per
     group, not per element: `Uniform.encode` does the same), NF4 divides by the scale."""
     scale = stored.to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)
     if KIND == ASYM or KIND == SYM:
-        return tl.math.div_rn(1.0, safe)
+        return _reciprocal(safe)
     else:
         return safe
 
@@ -121,11 +164,11 @@ def _codes(x, inverse, low, mid_ptr, KIND: tl.constexpr, BITS: tl.constexpr):
     """x fp32, with its group's `_inverse(scale)` and fp16 `low` (broadcastable) -> int32 codes."""
     if KIND == ASYM:
         q = (x - low.to(tl.float32)) * inverse
-        code = _round_even(tl.minimum(tl.maximum(q, 0.0), (2**BITS - 1) * 1.0)).to(tl.int32)
+        code = _round_even(tl.minimum(tl.maximum(q, 0.0), (2**BITS - 1) * 1.0))
     elif KIND == SYM:
         half: tl.constexpr = 2 ** (BITS - 1) - 1
         q = x * inverse
-        code = (_round_even(tl.minimum(tl.maximum(q, -half * 1.0), half * 1.0)) + half).to(tl.int32)
+        code = _round_even(tl.minimum(tl.maximum(q, -half * 1.0), half * 1.0)) + half
     elif KIND == SIGN:
         code = (x >= 0).to(tl.int32)
     else:
@@ -200,7 +243,7 @@ def encode_kernel(
                        mask=g_ok, other=0.0)
     else:
         mean = 0.0
-    stored, low, bad = _group_scale(x3, ok3, mean, KIND, BITS, CHECK, 1)
+    stored, low, bad = _group_scale(x3, ok3, mean, KIND, BITS, CHECK, 1, True)
     if CHECK:  # check_finite's conditions; the host raises its error. No atomics unless some group is bad.
         tl.atomic_max(flag_ptr + tl.zeros([NG, BR], tl.int32), 1, mask=bad & g_ok, sem="relaxed")
 
@@ -247,20 +290,23 @@ def encode_kernel(
 
 @triton.jit
 def _pack(code, BR: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
-    """(BR, NG, GROUP) codes of 8, 4 or 2 bits -> (BR, NG, GROUP * BITS // 8) bytes, the first code in
-    the low bits. Splitting the last axis keeps a byte's codes in one thread."""
+    """(BR, NG, GROUP) codes of 8, 4 or 2 bits -> (BR, NG, GROUP * BITS // 8) uint8 bytes, the first
+    code in the low bits. Splitting the last axis keeps a byte's codes in one thread. The codes are
+    narrowed to bytes first: a layout change on the way (keys per channel) then moves bytes, and the
+    compiler sees that only their low bits matter (`_round_even`'s last subtraction leaves those)."""
     UC: tl.constexpr = 8 // BITS
     NB: tl.constexpr = GROUP // UC
     if UC == 1:
-        return code
+        byte = code
     elif UC == 2:
         first, second = tl.split(tl.reshape(code, (BR, NG, NB, 2)))
-        return first | (second << BITS)
+        byte = first | (second << BITS)
     else:
         even, odd = tl.split(tl.reshape(code, (BR, NG, NB, 2, 2)))
         c0, c2 = tl.split(even)
         c1, c3 = tl.split(odd)
-        return c0 | (c1 << BITS) | (c2 << (2 * BITS)) | (c3 << (3 * BITS))
+        byte = c0 | (c1 << BITS) | (c2 << (2 * BITS)) | (c3 << (3 * BITS))
+    return byte.to(tl.uint8)
 
 
 @triton.jit
@@ -277,23 +323,35 @@ def _unpack(byte, BITS: tl.constexpr):
                              tl.interleave((byte >> BITS) & MASK, byte >> (3 * BITS)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["channel_stride"])
 def encode_groups_kernel(
     x_ptr, x_sp, x_sh, x_sr, x_sc, heads, rows, cols,
     codes_ptr, codes_sp, row_bytes,
     params_ptr, params_sp, groups,
-    flag_ptr,
+    flag_ptr, channel_stride,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BR: tl.constexpr,
-    TRANSPOSE: tl.constexpr, CHECK: tl.constexpr, PAIR: tl.constexpr,
+    TRANSPOSE: tl.constexpr, CHECK: tl.constexpr, PAIR: tl.constexpr, WHOLE: tl.constexpr, COL_STRIDE: tl.constexpr,
 ):
     """The fast encoder: Uniform of 8, 4 or 2 bits, groups a power of two, rows that start on a byte.
-    One program takes BR rows and NG groups and holds them as (BR, NG, GROUP), so that a group's
-    statistics and a byte's codes stay in one thread. TRANSPOSE: the view's rows are contiguous
-    (keys per channel): the tile is read as (NG, GROUP, BR), coalesced along rows, and transposed in
-    registers. Parameters are stored as fp16 (params_ptr is 2-byte aligned, params_sp in fp16s);
-    PAIR (asymmetric; params_ptr and params_sp 4-byte aligned): a group's (scale, low) in one 4-byte
-    store instead of two 2-byte ones; for keys per channel, whose rows lie far apart, each store
-    fills an L2 sector of its own, so this halves the parameters' write traffic.
+    One program takes BR rows and NG groups, held as (BR, NG, GROUP). Parameters are stored as fp16
+    (params_ptr is 2-byte aligned, params_sp in fp16s); PAIR (asymmetric; params_ptr and params_sp
+    4-byte aligned): a group's (scale, low) in one 4-byte store instead of two 2-byte ones; for keys
+    per channel, whose rows lie far apart, each store fills an L2 sector of its own, so this halves
+    the parameters' write traffic.
+
+    The kernel is bound by its instructions as much as by memory (Nsight Compute), so:
+    - TRANSPOSE (keys per channel: the view's rows, the channels, are contiguous): one channel per
+      thread, its tokens in registers, so that a group's statistics, its parameters and its codes
+      are the thread's own, with no shuffles (and no parameter computed twice). The loads of a
+      token are coalesced across the warp's channels; the packed bytes alone change threads on the
+      way out (see the store). channel_stride is x_sr again, a value triton does not
+      specialize, so that the compiler does not see the channels as contiguous (it would read 8 of
+      them per thread and spread a group's tokens over threads); COL_STRIDE is x_sc as a constant,
+      so that a thread's loads take immediate offsets from one pointer. WHOLE: the tiles fill the
+      view, and nothing is masked.
+    - else (values per token: the columns are contiguous): the loads are vectors along the columns,
+      and a group spans a few threads. The rows are clamped to the last one (its duplicates' stores
+      are masked), and WHOLE: the tiles fill the columns, so no lane is masked.
     CHECK: a program that finds a value check_finite refuses sets the flag, with one atomic."""
     pid_ph = tl.program_id(2)
     p = pid_ph // heads
@@ -301,26 +359,41 @@ def encode_groups_kernel(
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     g = tl.program_id(1) * NG + tl.arange(0, NG)
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    ok = (r < rows)[:, None, None] & (col < cols)[None]
     x_base = x_ptr + p.to(tl.int64) * x_sp + h.to(tl.int64) * x_sh
     NB: tl.constexpr = GROUP * BITS // 8
     NP: tl.constexpr = 2 if KIND == ASYM else 1
     m = h * rows + r
     if TRANSPOSE:
-        x = tl.load(x_base + col[:, :, None].to(tl.int64) * x_sc + r[None, None, :] * x_sr,
-                    mask=(col < cols)[:, :, None] & (r < rows)[None, None, :], other=0.0)
-        x = tl.permute(x, (2, 0, 1)).to(tl.float32)
+        ok = (r < rows)[:, None, None] & (col < cols)[None]
+        first = x_base + (tl.program_id(1) * NG * GROUP).to(tl.int64) * COL_STRIDE + r[:, None, None] * channel_stride
+        at = first + ((tl.arange(0, NG) * GROUP)[:, None] + tl.arange(0, GROUP)[None, :])[None] * COL_STRIDE
+        if WHOLE:
+            x = tl.load(at).to(tl.float32)
+        else:
+            x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
     else:
-        x = tl.load(x_base + r[:, None, None].to(tl.int64) * x_sr + col[None] * x_sc, mask=ok, other=0.0).to(tl.float32)
-    stored, low, bad = _group_scale(x, ok, 0.0, KIND, BITS, CHECK, 2)
+        ok = (col < cols)[None]
+        at = x_base + tl.minimum(r, rows - 1)[:, None, None].to(tl.int64) * x_sr + col[None] * x_sc
+        if WHOLE:
+            x = tl.load(at).to(tl.float32)
+        else:
+            x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    stored, low, bad = _group_scale(x, ok, 0.0, KIND, BITS, CHECK, 2, not WHOLE)
     g_ok = (r < rows)[:, None] & (g < groups)[None, :]
     if CHECK:
         hit = tl.max(tl.max(tl.where(bad & g_ok, 1, 0), axis=1), axis=0)
         tl.atomic_max(flag_ptr, hit, mask=hit > 0, sem="relaxed")
     byte = _pack(_codes(x, _inverse(stored, KIND)[:, :, None], low[:, :, None], x_ptr, KIND, BITS), BR, NG, GROUP, BITS)
-    at = g[:, None] * NB + tl.arange(0, NB)[None, :]
-    tl.store(codes_ptr + p.to(tl.int64) * codes_sp + m[:, None, None].to(tl.int64) * row_bytes + at[None],
-             byte.to(tl.uint8), mask=(r < rows)[:, None, None] & (at < row_bytes)[None])
+    c_row = codes_ptr + p.to(tl.int64) * codes_sp + m.to(tl.int64) * row_bytes
+    if TRANSPOSE:
+        # A row's bytes as one axis: the compiler then spreads them over neighbouring threads (moved
+        # there from the thread that made them), so that a store fills whole L2 sectors of a row.
+        at = tl.program_id(1) * NG * NB + tl.arange(0, NG * NB)
+        tl.store(c_row[:, None] + at[None, :], tl.reshape(byte, (BR, NG * NB)),
+                 mask=(r < rows)[:, None] & (at < row_bytes)[None, :])
+    else:
+        at = g[:, None] * NB + tl.arange(0, NB)[None, :]
+        tl.store(c_row[:, None, None] + at[None], byte, mask=(r < rows)[:, None, None] & (at < row_bytes)[None])
     p_ptr = params_ptr.to(tl.pointer_type(tl.float16)) + p.to(tl.int64) * params_sp + (m[:, None] * groups + g[None, :]) * NP
     if PAIR:  # (scale, low) in one 4-byte store
         word = (stored.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (low.to(tl.int16, bitcast=True).to(tl.int32) << 16)
@@ -436,10 +509,10 @@ def encode_rows_kernel(
                 else:
                     absmax = tl.maximum(absmax, tl.abs(v))
         if KIND == ASYM:
-            scale = tl.math.div_rn(high - low, (2**BITS - 1) * 1.0)
+            scale = _div_odd(high - low, 2**BITS - 1)
             bad = (high != high) | (high > FP16_MAX) | (low < -FP16_MAX)
         else:
-            scale = tl.math.div_rn(absmax, (2 ** (BITS - 1) - 1) * 1.0)
+            scale = _div_odd(absmax, 2 ** (BITS - 1) - 1)
             low = scale
             bad = (absmax != absmax) | (absmax > FP16_MAX)
         if CHECK:

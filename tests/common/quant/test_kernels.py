@@ -262,18 +262,19 @@ def counting(name: str):
 
 def case_groups_kernels():
     """The fast encoder and decoder (int8/4/2, power-of-two groups, rows on a byte), keys per channel
-    (transposed in registers) and values per token: a group cut short at the end of the tokens, every
-    dtype, and NaN refused as torch refuses it. They must actually run."""
+    (transposed in registers) and values per token: a group cut short at the end of the tokens, tiles
+    that fill the contiguous axis and tiles that do not (head_dim 24), every dtype, and NaN refused as
+    torch refuses it. They must actually run."""
     gen = torch.Generator().manual_seed(10)
     with counting("encode_groups_kernel") as encodes, counting("decode_groups_kernel") as decodes:
         for i, (bits, symmetric) in enumerate(((8, False), (4, False), (2, False), (4, True), (2, True), (8, True))):
             dtype = DTYPES[i % 3]
-            for tokens, group in ((40, 16), (64, 32), (4, 8)):
-                keys = (torch.randn(1, 2, tokens, 16, generator=gen) * 4).to(dtype)
-                values = (torch.randn(1, 2, tokens, 16, generator=gen) * 4).to(dtype)
+            for tokens, group, head_dim in ((40, 16, 16), (64, 32, 16), (4, 8, 16), (37, 8, 24)):
+                keys = (torch.randn(1, 2, tokens, head_dim, generator=gen) * 4).to(dtype)
+                values = (torch.randn(1, 2, tokens, head_dim, generator=gen) * 4).to(dtype)
                 for axes in ((CHANNEL, TOKEN), (TOKEN, CHANNEL)):
                     compare_codec(KVCodec(Uniform(bits, group, symmetric), *axes), keys, values)
-        assert len(encodes) >= 36 and len(decodes) >= 36, (len(encodes), len(decodes))
+        assert len(encodes) >= 48 and len(decodes) >= 48, (len(encodes), len(decodes))
         keys = torch.ones(1, 1, 32, 8)
         keys[0, 0, 17, 5] = float("nan")
         errors = []

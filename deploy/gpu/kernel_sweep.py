@@ -73,8 +73,8 @@ def main(token_counts: list[int]) -> None:
                                               ("V/tok", x, target, "plain")):
                 out = kernels.encode(q, view, check=False)
                 decoded = kernels.decode(q, out, torch.empty_like(out_view))
-                shapes = [dict(PAIR=False), dict(BR=64, NG=1), dict(BR=16, NG=4), dict(BR=32, NG=4), dict(num_warps=2)] \
-                    if key == "transposed" else [dict(PAIR=True)]
+                shapes = [dict(NG=2), dict(NG=8), dict(BR=64, num_warps=2), dict(PAIR=False)] \
+                    if key == "transposed" else [dict(BR=8), dict(BR=32, num_warps=2)]
                 flag = torch.zeros(1, dtype=torch.int32, device="cuda")
                 for shape in [{}] + shapes:
                     label = " ".join(f"{k} {v}" for k, v in shape.items()) or "shipped"

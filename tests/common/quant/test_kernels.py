@@ -17,6 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,6 +390,22 @@ def interpreted(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_torch(interpreted, case):
     assert interpreted[case] == "ok", interpreted[case]
+
+
+def test_fp64_step_and_reciprocal_are_exact():
+    """The fast encoder's shortcuts for IEEE divisions (triton_kernels._div_odd, _reciprocal), in
+    numpy: a group's step x / D as the fp64 product x * (1 / D) rounded to fp32, and 1 / s of a
+    stored fp16 step as one fp64 Newton step from a guess a few ulp off. The reciprocal over every
+    fp16, the division over every 509th fp32 bit pattern (deploy/experiments/exact_division.py
+    checks every one)."""
+    s = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    want = np.float32(1) / s
+    for off in (-2, -1, 0, 1, 2):
+        r = (want.view(np.int32) + off).view(np.float32).astype(np.float64)
+        assert np.array_equal((r + r * (1.0 - s.astype(np.float64) * r)).astype(np.float32), want)
+    x = np.arange(0, 0x7F800000, 509, dtype=np.uint32).view(np.float32)
+    for d in (3, 7, 15, 127, 255):
+        assert np.array_equal((x.astype(np.float64) * (np.float64(1) / d)).astype(np.float32), x / np.float32(d)), d
 
 
 def test_dispatch(monkeypatch):

@@ -21,9 +21,9 @@ BR rows of one head and NG whole groups of columns: its statistics, parameters a
 other program's data. `encode_groups_kernel` and `decode_groups_kernel` are the fast pair for
 the common case (Uniform of 8, 4 or 2 bits, power-of-two groups, rows that start on a byte): a
 tile held as (rows, groups, group), so that a byte's codes stay in one thread (the encoder gives
-keys per channel a channel per thread; the decoder transposes them in registers). `encode_kernel` and `decode_kernel` take any
-view and any quantizer; `encode_rows_kernel` takes the other views whose rows are contiguous
-(keys per channel) for the uniform quantizers, one row per thread.
+keys per channel a channel per thread; the decoder transposes them in registers). `encode_kernel`
+and `decode_kernel` take any view and any quantizer; `encode_rows_kernel` takes the other views
+whose rows are contiguous (keys per channel) for the uniform quantizers, one row per thread.
 
 Codes are packed as `common.quant.packing` lays them out: n codes of b bits in ceil(n * b / 8)
 bytes, least significant bit first. UC codes (8 / gcd(b, 8)) fill UB whole bytes (b / gcd(b, 8)),
@@ -291,9 +291,9 @@ def encode_kernel(
 @triton.jit
 def _pack(code, BR: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
     """(BR, NG, GROUP) codes of 8, 4 or 2 bits -> (BR, NG, GROUP * BITS // 8) uint8 bytes, the first
-    code in the low bits. Splitting the last axis keeps a byte's codes in one thread. The codes are
-    narrowed to bytes first: a layout change on the way (keys per channel) then moves bytes, and the
-    compiler sees that only their low bits matter (`_round_even`'s last subtraction leaves those)."""
+    code in the low bits. Splitting the last axis keeps a byte's codes in one thread. Narrowed to
+    bytes here, before any layout change, so that the compiler sees that only the codes' low bits
+    matter (and drops `_round_even`'s last subtraction, which leaves them as they are)."""
     UC: tl.constexpr = 8 // BITS
     NB: tl.constexpr = GROUP // UC
     if UC == 1:

@@ -203,6 +203,7 @@ def ask_stages(sender, context: str, question: str, profile: str, rates: list[st
         stages = {"prefill_s": plain.prefill_s, "encode_s": plain.encode_s, "send_s": plain.transfer_s,
                   "inject_s": plain.inject_s, "first_token_s": plain.decode_s}
         rows.append({"rate": rate, "profile": str(parsed), "tokens": plain.seq_len, "bytes": plain.bytes_sent, **stages,
+                     "assemble_s": plain.assemble_s,  # the receiver's work, inside send_s as the chunks arrive
                      "ttft_unpipelined_s": sum(stages.values()),
                      "ttft_pipelined_s": piped.transfer_s + piped.inject_s + piped.decode_s,
                      "answers_equal": plain.token_ids == piped.token_ids})

@@ -145,6 +145,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented, wire.sliding_windows(loaded.config),
                                    loaded.device, loaded.codec_context)
         start = time.perf_counter()
+        busy = 0.0  # the receiver's own work: decompress, decode and place chunks (prefill text segments)
         reserved = 0
         kv = None
         acked = 0
@@ -152,7 +153,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.metrics.inflight.inc()
         try:
             async for frame in request_iterator:
+                began = time.perf_counter()
                 assembler.add(frame)
+                busy += time.perf_counter() - began
                 if reserved == 0 and assembler.header is not None:
                     previous = self.completed.get(assembler.header.transfer_id)
                     if previous is not None and previous in self.sessions:
@@ -162,7 +165,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                         return
                     reserved = self._reserve(assembler.expected_bytes)
                 for segment in assembler.take_segments():
+                    began = time.perf_counter()
                     kv = await self._place(loaded, kv, segment)
+                    busy += time.perf_counter() - began
                     sent_as[segment.profile] += segment.end - segment.start
                     if segmented:
                         yield pb.SegmentAck(segment=acked, bytes_received=assembler.bytes_received)
@@ -215,7 +220,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                 "at": time.time()})
         log.info("session %s: %d bytes, profile %s", session.id, assembler.bytes_received, session.profile)
         yield pb.SegmentAck(bytes_received=assembler.bytes_received, done=pb.TransferReply(
-            session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=seconds))
+            session_id=session.id, bytes_received=assembler.bytes_received, assemble_seconds=busy))
 
     async def _place(self, loaded: LoadedModel, kv: KVState | None, segment: wire.Segment) -> KVState:
         """Append a received segment to the cache assembled so far; text segments are prefilled on top of it."""

@@ -124,6 +124,7 @@ class AdaptiveResult:
     seconds: float
     segments: list[SegmentRecord] = field(default_factory=list)
     frames: int = 0
+    assemble_s: float = 0.0  # the receiver's work on the frames
 
     @property
     def profiles(self) -> list[str]:
@@ -247,4 +248,5 @@ def send_segments(
         raise
     finally:
         finished.set()
-    return AdaptiveResult(reply.session_id, counted["bytes"], time.perf_counter() - started, records, counted["frames"])
+    return AdaptiveResult(reply.session_id, counted["bytes"], time.perf_counter() - started, records, counted["frames"],
+                          reply.assemble_seconds)

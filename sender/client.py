@@ -33,6 +33,7 @@ class TransferResult:
     frames: int
     seconds: float
     attempts: int = 1
+    assemble_s: float = 0.0  # the receiver's work on the frames (TransferReply.assemble_seconds)
 
 
 def retryable(error: grpc.RpcError) -> bool:
@@ -120,7 +121,8 @@ class Client:
         start = time.perf_counter()
         reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
         self.bandwidth.observe_stream(pulls, time.perf_counter())
-        return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start)
+        return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start,
+                              assemble_s=reply.assemble_seconds)
 
     def send_with_retry(self, make_frames, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep) -> TransferResult:

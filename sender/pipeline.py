@@ -67,6 +67,7 @@ class AskResult:
     transfer_s: float
     inject_s: float
     decode_s: float
+    assemble_s: float = 0.0  # the receiver's work on the frames, inside transfer_s
     resends: int = 0  # times the cache was sent again because the receiver lost the session
     plan: str | None = None  # the receiver's reason, when it chose the profile
     segments: list[SegmentRecord] | None = None
@@ -81,7 +82,7 @@ def _result(reply, sent, pre: Prefilled, profile: str, **stages) -> AskResult:
     """An ask's result: what every way of asking fills alike, and its own `stages`."""
     return AskResult(answer=reply.text, token_ids=list(reply.token_ids), profile=profile, session_id=sent.session_id,
                      seq_len=pre.kv.seq_len, bytes_sent=sent.bytes_sent, frames=sent.frames, fp16_bytes=pre.kv.fp16_nbytes,
-                     inject_s=reply.inject_seconds, decode_s=reply.decode_seconds, prefilled=pre, **stages)
+                     assemble_s=sent.assemble_s, inject_s=reply.inject_seconds, decode_s=reply.decode_seconds, prefilled=pre, **stages)
 
 
 class Sender:

@@ -376,11 +376,12 @@ def bench_gpu(
         process.terminate()
         process.wait(timeout=60)
     table = Table(title=f"ask stages over gRPC through the relay, {profile}, seconds")
-    for column in ("rate", "tokens", "MB", "prefill", "encode", "send", "inject", "1st token", "TTFT", "TTFT piped"):
+    for column in ("rate", "tokens", "MB", "prefill", "encode", "send", "(assemble)", "inject", "1st token", "TTFT",
+                   "TTFT piped"):
         table.add_column(column, justify="right")
     for row in report["asks"]:
         table.add_row(row["rate"], str(row["tokens"]), f"{row['bytes'] / 1e6:.0f}", f"{row['prefill_s']:.3f}",
-                      f"{row['encode_s']:.3f}", f"{row['send_s']:.3f}", f"{row['inject_s']:.3f}",
+                      f"{row['encode_s']:.3f}", f"{row['send_s']:.3f}", f"{row['assemble_s']:.3f}", f"{row['inject_s']:.3f}",
                       f"{row['first_token_s']:.3f}", f"{row['ttft_unpipelined_s']:.3f}", f"{row['ttft_pipelined_s']:.3f}")
     console.print(table)
     for n in [int(t) for t in long_tokens.split(",")]:

@@ -367,17 +367,13 @@ def encode_groups_kernel(
         ok = (r < rows)[:, None, None] & (col < cols)[None]
         first = x_base + (tl.program_id(1) * NG * GROUP).to(tl.int64) * COL_STRIDE + r[:, None, None] * channel_stride
         at = first + ((tl.arange(0, NG) * GROUP)[:, None] + tl.arange(0, GROUP)[None, :])[None] * COL_STRIDE
-        if WHOLE:
-            x = tl.load(at).to(tl.float32)
-        else:
-            x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
     else:
         ok = (col < cols)[None]
         at = x_base + tl.minimum(r, rows - 1)[:, None, None].to(tl.int64) * x_sr + col[None] * x_sc
-        if WHOLE:
-            x = tl.load(at).to(tl.float32)
-        else:
-            x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    if WHOLE:
+        x = tl.load(at).to(tl.float32)
+    else:
+        x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
     stored, low, bad = _group_scale(x, ok, 0.0, KIND, BITS, CHECK, 2, not WHOLE)
     g_ok = (r < rows)[:, None] & (g < groups)[None, :]
     if CHECK:

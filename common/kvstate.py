@@ -62,6 +62,21 @@ class KVState:
             positions.append(p[:, lo:hi])
         return KVState(keys, values, positions, end)
 
+    def before(self, end: int) -> KVState:
+        """The kept tokens at positions before `end`, in the order kept (every head of a layer must keep
+        equally many of them: the tokens after a selectable context are kept by every head)."""
+        keys, values, positions = [], [], []
+        for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions)):
+            mask = p < end
+            counts = mask.sum(1)
+            if not (counts == counts[0]).all():
+                raise ValueError(f"layer {layer}: heads keep different numbers of tokens before position {end}")
+            heads, count = p.shape[0], int(counts[0])
+            keys.append(k[0][mask].view(1, heads, count, k.shape[-1]))
+            values.append(v[0][mask].view(1, heads, count, v.shape[-1]))
+            positions.append(p[mask].view(heads, count))
+        return KVState(keys, values, positions, min(end, self.seq_len))
+
     def in_position_order(self) -> KVState:
         """Each head's kept tokens sorted by position (importance tiers arrive most important first)."""
         keys, values, positions = [], [], []

@@ -44,6 +44,11 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            tiers stack in the order given, the rest take the profile's precision:
                            q2c:1+int2+tier:0.1:int8+tier:0.2:int4. Needs a selection stage; not with
                            protect.
+    text[:h][:q]           parts of the prompt travel as token ids, prefilled by the receiver, not as
+                           cache: h the template's head (the tokens before the context, the same in
+                           every prompt), q the question (the tokens after the context; query-aware
+                           selection still reads it at the sender). Bare text is text:h:q. The cache
+                           after a text head travels as a segment, so text:h takes no selection.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32.
@@ -133,6 +138,8 @@ class Profile:
     pca_layers: tuple[tuple[int, int, PCAStage], ...] = ()  # per-layer bits of the pca stage: (first, last, bits)
     protect: tuple[int, int] | None = None  # (sink, recent) kept tokens sent at fp16
     importance: tuple[tuple[float, Precision], ...] = ()  # tiers: (fraction of the kept tokens, precision)
+    text_head: bool = False  # the template's head travels as token ids (a text segment)
+    text_question: bool = False  # the tokens after the context travel as token ids, after the cache
 
     def __str__(self) -> str:
         stages = [str(self.selection)] if self.selection else []
@@ -151,8 +158,15 @@ class Profile:
         if self.protect is not None:
             stages.append(f"protect:s{self.protect[0]}:r{self.protect[1]}")
         stages += [f"tier:{_exact(fraction)}:{precision}" for fraction, precision in self.importance]
+        if self.text_head or self.text_question:
+            stages.append(":".join(["text"] + ["h"] * self.text_head + ["q"] * self.text_question))
         stages += [f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for a, b, p in self.pca_layers + self.overrides]
         return "+".join(stages)
+
+    @property
+    def as_cache(self) -> Profile:
+        """The profile of the part that travels as cache: this one without its text stage."""
+        return replace(self, text_head=False, text_question=False)
 
     @property
     def needs_context(self) -> bool:
@@ -336,7 +350,7 @@ def parse_profile(spec: str | Profile) -> Profile:
     if len(text) > MAX_PROFILE_CHARS:
         raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
     precision, rank, overrides, selection, transforms, importance = None, None, [], None, {}, []
-    pca_layers = []
+    pca_layers, text_parts = [], None
     for stage in text.split("+"):
         match = _STAGE.match(stage)
         if not match:
@@ -373,6 +387,11 @@ def parse_profile(spec: str | Profile) -> Profile:
                 raise ProfileError(f"{spec!r}: two {name} stages")
             transforms[name] = _TRANSFORM_STAGES[name](options, stage)
             continue
+        if name == "text":
+            if match["first"] is not None or text_parts is not None:
+                raise ProfileError(f"{stage!r}: one text stage per profile, for every layer (text:h, text:q or text:h:q)")
+            text_parts = _parse_text(options, stage)
+            continue
         if name == "tier":
             if match["first"] is not None or len(options) < 2:
                 raise ProfileError(f"{stage!r}: a tier is tier:FRACTION:PRECISION, e.g. tier:0.1:int8")
@@ -402,10 +421,15 @@ def parse_profile(spec: str | Profile) -> Profile:
     if ({"rot", "prerope"} & transforms.keys()) and precision is None and rank is None and not overrides:
         raise ProfileError(f"{spec!r}: rot and prerope change nothing on a raw cache (sent bit for bit); add a "
                            "precision stage, e.g. int4+rot")
+    text_parts = text_parts or set()
+    if "h" in text_parts and selection is not None:
+        raise ProfileError(f"{spec!r}: with text:h the cache after the template's head travels as a segment, and "
+                           "segments carry no selection; drop the selection stage, or send only the question as text (text:q)")
     return Profile(precision, rank, tuple(sorted(overrides, key=lambda o: o[0])), selection,
                    prerope="prerope" in transforms, rotation=transforms.get("rot"), pca=pca,
                    pca_layers=tuple(sorted(pca_layers, key=lambda o: o[0])),
-                   protect=transforms.get("protect"), importance=tuple(importance))
+                   protect=transforms.get("protect"), importance=tuple(importance),
+                   text_head="h" in text_parts, text_question="q" in text_parts)
 
 
 def _layer_range(match: re.Match, stage: str, taken: list[tuple]) -> tuple[int, int]:
@@ -467,6 +491,13 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
     if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
         raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
     return PCAStage(bits, key_bits, digest)
+
+
+def _parse_text(options: list[str], stage: str) -> set[str]:
+    if len(set(options)) != len(options) or not set(options) <= {"h", "q"}:
+        raise ProfileError(f"{stage!r}: text takes h (the template's head) and q (the question), "
+                           "each at most once: text:h, text:q, text:h:q")
+    return set(options) or {"h", "q"}
 
 
 def _parse_protect(options: list[str], stage: str) -> tuple[int, int]:

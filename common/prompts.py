@@ -26,6 +26,7 @@ _SPLIT = "\x00KVWIRE_SPLIT\x00"
 class Prompt:
     context_ids: list[int]
     question_ids: list[int]
+    head_len: int = 0  # context_ids[:head_len] are the template's head: the same whatever the context
 
     @property
     def ids(self) -> list[int]:
@@ -52,12 +53,19 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_prompt(tokenizer, context: str, question: str) -> Prompt:
-    head, tail = _render(tokenizer, context, question)
-    context_ids = _encode(tokenizer, head)
+def _context_ids(tokenizer, context: str) -> list[int]:
+    ids = _encode(tokenizer, _render(tokenizer, context, "")[0])
     if not is_chat(tokenizer) and tokenizer.bos_token_id is not None:
-        context_ids = [tokenizer.bos_token_id] + context_ids  # a chat template writes its own
-    return Prompt(context_ids, _encode(tokenizer, tail))
+        ids = [tokenizer.bos_token_id] + ids  # a chat template writes its own
+    return ids
+
+
+def build_prompt(tokenizer, context: str, question: str) -> Prompt:
+    context_ids = _context_ids(tokenizer, context)
+    # The template's head: the tokens this prompt shares with one of an empty context.
+    empty = _context_ids(tokenizer, "")
+    head_len = next((i for i, (a, b) in enumerate(zip(context_ids, empty)) if a != b), min(len(context_ids), len(empty)))
+    return Prompt(context_ids, _encode(tokenizer, _render(tokenizer, context, question)[1]), head_len)
 
 
 def question_ids(tokenizer, question: str) -> list[int]:

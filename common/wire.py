@@ -23,7 +23,7 @@ import zstandard
 from transformers import DynamicCache
 
 from common.fingerprints import refusal
-from common.kvstate import KVState
+from common.kvstate import KVState, prefill_on_top
 from common.profile import DTYPES, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rotation
@@ -211,7 +211,7 @@ class Encoder:
         if profile.selection is not None:
             raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
         part = kv.token_range(start, end)
-        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=str(profile),
+        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=str(profile.bind(self.context)),
                                           layers=layer_headers(part.positions)))
         yield from self.chunks(part, profile)
 
@@ -225,15 +225,27 @@ class Encoder:
 
 def encode(
     kv: KVState, profile: Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
-    zstd_level: int = 3, context: CodecContext | None = None,
+    zstd_level: int = 3, context: CodecContext | None = None, head_ids: list[int] | None = None,
 ) -> Iterator[pb.Frame]:
-    """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer."""
+    """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer.
+
+    A profile with a text head (text:h) makes it a segmented transfer: `head_ids`, the first tokens,
+    as a text segment the receiver prefills, then the rest of `kv` as a cache segment.
+    """
     profile.check_layers(kv.num_layers)
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
     encoder = Encoder(fingerprint, transfer_id, zstd_level, context)
-    yield encoder.header(kv.seq_len, kv.positions, profile)
-    yield from encoder.chunks(kv, profile)
+    if profile.text_head:
+        if not 0 < len(head_ids or ()) < kv.seq_len:
+            raise ProfileError(f"{profile}: text:h needs the template's head, some but not all of the "
+                               f"{kv.seq_len} tokens, and got {len(head_ids or ())}")
+        yield encoder.header(kv.seq_len)
+        yield encoder.text_segment(list(head_ids), 0)
+        yield from encoder.kv_segment(kv, len(head_ids), kv.seq_len, profile.as_cache)
+    else:
+        yield encoder.header(kv.seq_len, kv.positions, profile)
+        yield from encoder.chunks(kv, profile)
     yield encoder.trailer()
 
 
@@ -267,14 +279,15 @@ class Assembler:
 
     A whole-cache transfer is one segment, [0, seq_len), declared by its header. A segmented
     transfer declares each segment in a Segment frame. Completed segments are collected by
-    `take_segments()`, in order.
+    `take_segments()`, in order. `segmented`: True or False to require one kind, None to take
+    the kind the header declares.
 
     `sliding_windows` (see `sliding_windows()`) names the model's sliding-window layers: each must
     carry exactly the last tokens of the sequence its cache keeps. Without it, every layer of a
     segment must keep all of its segment's tokens.
     """
 
-    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool = False,
+    def __init__(self, fingerprint: pb.Fingerprint, limits: Limits, segmented: bool | None = False,
                  sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu",
                  context: CodecContext | None = None):
         self.fingerprint = fingerprint  # the receiver's: its weights, and the dtype it decodes into
@@ -319,6 +332,8 @@ class Assembler:
         reason = refusal(header.fingerprint, fp, None)
         if reason:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        if self.segmented is None:
+            self.segmented = header.segmented
         if header.segmented != self.segmented:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a segmented transfer goes through TransferSegments"
                             if header.segmented else "TransferSegments needs a segmented header")
@@ -518,6 +533,14 @@ class Assembler:
         if self.segmented:
             raise ValueError("a segmented transfer is assembled from take_segments()")
         return self._whole
+
+
+def place(model, kv: KVState | None, segment: Segment) -> KVState:
+    """The cache so far (None: nothing yet) with `segment` after it: a cache segment appended, a text
+    segment prefilled on top by `model`."""
+    if segment.kv is not None:
+        return segment.kv if kv is None else kv.extend(segment.kv)
+    return prefill_on_top(model, kv, segment.token_ids)
 
 
 def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits(),

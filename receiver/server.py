@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import wire
 from common.fingerprints import refusal
-from common.kvstate import KVState, greedy_decode, prefill_on_top
+from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel, load_model
 from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
@@ -131,7 +131,8 @@ class KVWireServicer(pb_grpc.KVWireServicer):
 
     async def Transfer(self, request_iterator, context) -> pb.TransferReply:
         reply = None
-        async for ack in self._receive(request_iterator, context, segmented=False):
+        # Either kind: a whole cache, or segments (a profile's text:h sends the template's head as text).
+        async for ack in self._receive(request_iterator, context, segmented=None):
             reply = ack.done
         return reply
 
@@ -139,8 +140,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         async for ack in self._receive(request_iterator, context, segmented=True):
             yield ack
 
-    async def _receive(self, request_iterator, context, segmented: bool):
-        """Assemble one transfer; yield an ack per segment in place, then one carrying the reply."""
+    async def _receive(self, request_iterator, context, segmented: bool | None):
+        """Assemble one transfer (segmented: True or False to require that kind, None for either);
+        yield an ack per segment in place (TransferSegments), then one carrying the reply."""
         loaded = await self._model(context)
         assembler = wire.Assembler(loaded.fingerprint, self.limits, segmented, wire.sliding_windows(loaded.config),
                                    loaded.device, loaded.codec_context)
@@ -225,7 +227,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
     async def _place(self, loaded: LoadedModel, kv: KVState | None, segment: wire.Segment) -> KVState:
         """Append a received segment to the cache assembled so far; text segments are prefilled on top of it."""
         if segment.kv is not None:
-            return segment.kv if kv is None else kv.extend(segment.kv)
+            return wire.place(loaded.model, kv, segment)
         vocab = loaded.model.get_input_embeddings().num_embeddings
         if max(segment.token_ids) >= vocab:
             raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -236,7 +238,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                  f"{loaded.name} has sliding-window layers, which keep only their window: "
                                  "a text segment cannot be prefilled on top of received ones")
         async with self._model_lock:
-            return await asyncio.to_thread(prefill_on_top, loaded.model, kv, segment.token_ids)
+            return await asyncio.to_thread(wire.place, loaded.model, kv, segment)
 
     def _reserve(self, nbytes: int) -> int:
         """Hold memory for a transfer in flight; refuse (the client backs off) when the budget is taken."""

@@ -147,10 +147,12 @@ class Sender:
                              segment_tokens, initial_bps, schedule, self.zstd_level, started, records)
 
     def generate(self, session_id: str, pre: Prefilled, question: str, query_aware: bool,
-                 max_new_tokens: int) -> pb.GenerateReply:
-        """Decode from a session: the prompt's tail tokens (query-aware) or the question as text follow the cache."""
+                 max_new_tokens: int, seq_len: int | None = None) -> pb.GenerateReply:
+        """Decode from a session whose cache ends at `seq_len` (default: the prefill's): the prompt's
+        tokens after it (query-aware) or the question as text follow the cache."""
         if query_aware:
-            return self.client.generate(session_id, token_ids=pre.tail_ids, max_new_tokens=max_new_tokens)
+            return self.client.generate(session_id, token_ids=pre.tail_after(seq_len or pre.kv.seq_len),
+                                        max_new_tokens=max_new_tokens)
         return self.client.generate(session_id, question=question, max_new_tokens=max_new_tokens)
 
     def ask(self, context: str, question: str, profile: Profile | str = AUTO, query_aware: bool = True,
@@ -169,7 +171,7 @@ class Sender:
         start = time.perf_counter()
         kv = select_tokens(self.loaded, pre, agreed)
         frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
-                                   self.loaded.codec_context))
+                                   self.loaded.codec_context, pre.head_ids))
         encode_s = time.perf_counter() - start
         attempts = 0  # transfer attempts, over every time the cache was sent
         for attempt in range(1, self.attempts + 1):
@@ -177,7 +179,7 @@ class Sender:
             attempts += sent.attempts
             try:
                 reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, query_aware,
-                                                             max_new_tokens))
+                                                             max_new_tokens, kv.seq_len))
                 break
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND or attempt == self.attempts:
@@ -199,8 +201,8 @@ class Sender:
         cache is sent again the ordinary way, with retries.
         """
         agreed, _ = self.negotiate(profile)
-        if agreed.selection is not None:
-            raise ValueError(f"{agreed}: pipelined streaming sends every token, so no selection stage")
+        if agreed.selection is not None or agreed.text_head or agreed.text_question:
+            raise ValueError(f"{agreed}: pipelined streaming sends every token's cache, so no selection or text stage")
         prompt = build_prompt(self.loaded.tokenizer, context, question)
         ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
         encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)
@@ -237,7 +239,7 @@ class Sender:
                     raise
                 log.warning("pipelined stream failed (%s); sending the cache again", error.code().name)
                 sent = self.transfer(kv, agreed)
-        pre = Prefilled(prompt, kv, prompt.ids[len(ids):], len(prompt.context_ids), None, prefill_s)
+        pre = Prefilled(prompt, kv, len(prompt.context_ids), None, prefill_s)
         reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, True, max_new_tokens))
         return _result(reply, sent, pre, str(agreed), kept_tokens=kv.seq_len, attempts=sent.attempts,
                        prefill_s=prefill_s, encode_s=0.0,  # inside the stream

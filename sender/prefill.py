@@ -18,7 +18,6 @@ from common.select.stats import collecting
 class Prefilled:
     prompt: Prompt
     kv: KVState
-    tail_ids: list[int]  # what the receiver prefills on top of the cache
     context_len: int  # cache tokens [0, context_len) are selectable context; the rest are always kept
     stats: AttentionStats | None
     seconds: float
@@ -27,6 +26,20 @@ class Prefilled:
     def cache_ids(self) -> list[int]:
         """The prompt tokens the cache holds (what a text segment of it carries)."""
         return self.prompt.ids[:self.kv.seq_len]
+
+    @property
+    def tail_ids(self) -> list[int]:
+        """What the receiver prefills on top of the whole cache."""
+        return self.tail_after(self.kv.seq_len)
+
+    @property
+    def head_ids(self) -> list[int]:
+        """The template's head: what a profile's text:h sends as token ids."""
+        return self.prompt.ids[:self.prompt.head_len]
+
+    def tail_after(self, seq_len: int) -> list[int]:
+        """What the receiver prefills on top of a cache that ends at `seq_len` (a text:q cache ends with the context)."""
+        return self.prompt.ids[seq_len:]
 
     @property
     def seconds_per_token(self) -> float:
@@ -54,7 +67,7 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     start = time.perf_counter()
     with collecting(stats):
         kv = prefill(loaded.model, prompt.ids[:seq_len])
-    return Prefilled(prompt, kv, prompt.ids[seq_len:], context_len, stats, time.perf_counter() - start)
+    return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)
 
 
 def needs_question(profile: Profile) -> bool:
@@ -63,7 +76,13 @@ def needs_question(profile: Profile) -> bool:
 
 
 def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:
-    """Apply the profile's selection stage (if any); the codec stages run in common.wire."""
+    """Apply the profile's selection stage (if any), and leave out the question when it travels as text
+    (text:q); the codec stages run in common.wire."""
+    kv = _selected(loaded, pre, profile)
+    return kv.before(pre.context_len) if profile.text_question else kv
+
+
+def _selected(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:
     selection = profile.selection
     if selection is None:
         return pre.kv
@@ -71,4 +90,4 @@ def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVSt
         raise SelectionError(f"{selection.method} needs the question inside the cache: send query-aware")
     sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
     return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities,
-                           profile.tier_sizes if profile.importance else None)
+                           profile.tier_sizes if profile.importance else None, keep_tail=not profile.text_question)

@@ -16,9 +16,10 @@ from transformers import DynamicCache
 from channel.evaluation.metrics import best_em, best_f1, f1, summarize_groups
 from channel.evaluation.squad import Sample
 from common import wire
-from common.kvstate import greedy_decode
+from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel
 from common.profile import Profile
+from common.proto import kvwire_pb2 as pb
 from sender.prefill import prefill_prompt, select_tokens
 
 
@@ -91,6 +92,18 @@ def teacher_forced_logits(model, cache, tail_ids: list[int], start_position: int
     return logits[0, len(tail_ids) - 1:].float()
 
 
+def receive(loaded: LoadedModel, frames: list[pb.Frame]) -> KVState:
+    """The cache a receiver builds from `frames`: a whole cache, or segments (text prefilled on top)."""
+    assembler = wire.Assembler(loaded.fingerprint, wire.Limits(), segmented=None, device=loaded.device,
+                               context=loaded.codec_context)
+    for frame in frames:
+        assembler.add(frame)
+    kv = None
+    for segment in assembler.take_segments():
+        kv = wire.place(loaded.model, kv, segment)
+    return kv
+
+
 def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over rows of KL(reference || other), in nats: (steps, vocab) each."""
     p = reference_logits.log_softmax(-1)
@@ -115,27 +128,29 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile]
             start = time.perf_counter()
             kv = select_tokens(loaded, pre, profile)
             selected = time.perf_counter()
-            frames = list(wire.encode(kv, profile, loaded.fingerprint, context=loaded.codec_context))
+            frames = list(wire.encode(kv, profile, loaded.fingerprint, context=loaded.codec_context,
+                                      head_ids=pre.head_ids))
             encoded = time.perf_counter()
-            received = wire.decode(frames, loaded.fingerprint, device=loaded.device, context=loaded.codec_context)
+            received = receive(loaded, frames)
             assembled = time.perf_counter()
             cache = received.to_cache(loaded.config)
             injected = time.perf_counter()
             logits: list = []
             timings: dict = {}
-            tokens = greedy_decode(loaded.model, cache, pre.tail_ids, received.seq_len, max_new_tokens, logits,
-                                   timings=timings)
+            tail = pre.tail_after(received.seq_len)
+            tokens = greedy_decode(loaded.model, cache, tail, received.seq_len, max_new_tokens, logits, timings=timings)
             decoded = time.perf_counter()
             answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-            forced = teacher_forced_logits(loaded.model, received.to_cache(loaded.config), pre.tail_ids,
-                                           received.seq_len, full)
+            forced = teacher_forced_logits(loaded.model, received.to_cache(loaded.config), tail, received.seq_len, full)
+            # The question as token ids (text:q) travels in the Generate request: its bytes count too.
+            text_q = pb.GenerateRequest(token_ids=tail).ByteSize() if profile.text_question else 0
             rows.append(EvalRow(
                 sample_id=sample.id, profile=str(profile), answer=answer, full_answer=full_answer,
                 f1_gold=best_f1(answer, sample.answers), em_gold=best_em(answer, sample.answers),
                 fidelity_f1=f1(answer, full_answer), token_match=tokens == full,
                 kl_first=kl_divergence(reference_logits[0], logits[0]), kl_tf=mean_kl(reference_tf, forced),
                 top1_agree=int(logits[0].argmax()) == int(reference_logits[0].argmax()),
-                bytes=sum(map(wire.wire_bytes, frames)), fp16_bytes=pre.kv.fp16_nbytes, seq_len=pre.kv.seq_len,
+                bytes=sum(map(wire.wire_bytes, frames)) + text_q, fp16_bytes=pre.kv.fp16_nbytes, seq_len=pre.kv.seq_len,
                 kept_tokens=round(sum(kv.kept_tokens(i) for i in range(kv.num_layers)) / kv.num_layers),
                 prefill_s=pre.seconds, select_s=selected - start, encode_s=encoded - selected,
                 assemble_s=assembled - encoded, inject_s=injected - assembled,

@@ -100,11 +100,12 @@ def _importance_order(ranked: torch.Tensor, tail: torch.Tensor, sizes: list[int]
 def apply_selection(
     kv: KVState, selection: Selection, stats: AttentionStats | None, context_len: int,
     sliding_layers: frozenset[int] = frozenset(), sensitivities: list[float] | None = None,
-    tier_sizes: Callable[[int], list[int]] | None = None,
+    tier_sizes: Callable[[int], list[int]] | None = None, keep_tail: bool = True,
 ) -> KVState:
     """Keep `selection.keep` of the context tokens [0, context_len) in every full-attention layer.
 
-    Tokens after the context (question, chat template) are always kept; sliding-window
+    Tokens after the context (question, chat template) are always kept, unless `keep_tail` is
+    False (they travel as text): then the full-attention layers end with the context; sliding-window
     layers keep their own window untouched. Kept tokens are in position order, unless
     `tier_sizes` (kept count -> sizes of the importance tiers) asks for tiers: then each layer's
     tokens come most important first, tier by tier, each tier in position order.
@@ -130,7 +131,7 @@ def apply_selection(
         summed = [layers[-1]] if selector.global_layers == "last" else layers
         total = sum(scores[layer].sum(dim=0) for layer in summed)
         scores = {layer: total.unsqueeze(0) for layer in layers}
-    tail = torch.arange(context_len, kv.seq_len, device=kv.keys[0].device)
+    tail = torch.arange(context_len, kv.seq_len if keep_tail else context_len, device=kv.keys[0].device)
     keys, values, positions = list(kv.keys), list(kv.values), list(kv.positions)
     for layer, k in zip(layers, counts):
         heads = kv.keys[layer].shape[1]

@@ -145,7 +145,7 @@ def test_a_text_segment_that_cannot_be_prefilled_is_invalid_argument(llama_recei
     def refusing_prefill(model, kv, token_ids):
         raise ValueError("layers hold different numbers of tokens; prefill on top needs them equal")
 
-    monkeypatch.setattr(server_module, "prefill_on_top", refusing_prefill)
+    monkeypatch.setattr(wire, "prefill_on_top", refusing_prefill)
     encoder = wire.Encoder(tiny_llama.fingerprint)
     frames = [encoder.header(4), encoder.text_segment([5, 6, 7, 8], 0), encoder.trailer()]
     with Client(llama_receiver.target) as client, pytest.raises(grpc.RpcError) as info:

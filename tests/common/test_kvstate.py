@@ -53,6 +53,21 @@ def test_token_ranges_extend_back_to_the_whole_state(tiny_llama):
         assert torch.equal(a, b)
 
 
+def test_before_keeps_the_tokens_ahead_of_a_position_in_their_order(tiny_llama):
+    kv = prefill(tiny_llama.model, list(range(300, 340)))
+    # Heads keep different positions, not in position order, and every head keeps the last 10.
+    order = torch.stack([torch.arange(12).flip(0) if h == 0 else torch.arange(18, 30) for h in range(kv.keys[0].shape[1])])
+    index = torch.cat([order, torch.arange(30, 40).expand(order.shape[0], -1)], dim=1)
+    picked = KVState([k[:, torch.arange(k.shape[1]).unsqueeze(1), index] for k in kv.keys],
+                     [v[:, torch.arange(v.shape[1]).unsqueeze(1), index] for v in kv.values],
+                     [p.gather(1, index) for p in kv.positions], 40)
+    ahead = picked.before(30)
+    assert ahead.seq_len == 30 and torch.equal(ahead.positions[0], order)
+    assert torch.equal(ahead.keys[1], picked.keys[1][:, :, :12]) and torch.equal(ahead.values[1], picked.values[1][:, :, :12])
+    with pytest.raises(ValueError, match="different numbers"):
+        picked.before(15)
+
+
 @pytest.mark.parametrize("split", [1, 17, 39])
 def test_prefill_on_top_matches_one_prefill(tiny_llama, split):
     ids = list(range(300, 340))

@@ -18,6 +18,9 @@ from common.select import METHODS
     ("int8+svd:r32", "svd:r32+int8:g32"), ("INT4:G64:SYM", "int4:g64:sym"), ("int4:asym", "int4:g32"),
     ("int4:k=token:v=channel", "int4:g32:k=token:v=channel"),
     ("int2+int8@0-3", "int2:g32+int8:g32@0-3"), ("int2+nf4@5+int8@0-1", "int2:g32+int8:g32@0-1+nf4:g64@5"),
+    ("text", "raw+text:h:q"), ("text:q:h", "raw+text:h:q"), ("int8+text:q", "int8:g32+text:q"),
+    ("pca:b1+pca:b2@13-24+text:h", "pca:b1+text:h+pca:b2@13-24"), ("q2c:1+pca:b1+tier:0.1:int4+text:q",
+                                                                  "q2c:1+pca:b1+tier:0.1:int4:g32+text:q"),
 ])
 def test_parse_and_print(spec, canonical):
     profile = parse_profile(spec)
@@ -32,6 +35,8 @@ def test_parse_and_print(spec, canonical):
     ("int4:x=1", "unknown option"), ("int4:k=chan", "unknown option"), ("fp16:g32", "takes no options"),
     ("fp16:k=token", "takes no k= or v= options"), ("zip", "unknown stage"),
     ("int4+int8@3-1", "empty"), ("int4+int8@0-3+int2@2", "overlaps"), ("int4++int8", "cannot parse"),
+    ("int8+text:x", "text takes h"), ("int8+text:q:q", "at most once"), ("int8+text+text:q", "one text stage"),
+    ("int8+text:h@0-3", "one text stage"), ("q2c:0.5+int8+text", "segments carry no selection"),
 ])
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(ProfileError, match=message):
@@ -114,3 +119,9 @@ def test_an_option_given_twice_is_refused():
     for spec in ("int4:g32:g64", "int2:g18446744073709551616:g1", "nf4:g64:g64"):
         with pytest.raises(ProfileError, match="group size gN once"):
             parse_profile(spec)
+
+
+def test_the_text_stage_is_left_out_of_what_travels_as_cache():
+    profile = parse_profile("pca:b1+text")
+    assert profile.text_head and profile.text_question
+    assert str(profile.as_cache) == "pca:b1" and not parse_profile("int8+text:q").as_cache.text_question

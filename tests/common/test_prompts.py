@@ -99,3 +99,13 @@ def test_stop_tokens_end_receiver_decode_and_generate_alike(tiny_llama, monkeypa
     assert expected == free[:cut]
     kv = prefill(tiny_llama.model, prompt[:-1])
     assert greedy_decode(tiny_llama.model, kv.to_cache(tiny_llama.config), prompt[-1:], kv.seq_len, 12) == expected
+
+
+def test_the_template_head_is_what_every_prompt_shares(smollm2, base_tokenizer):
+    for tokenizer in (smollm2.tokenizer, base_tokenizer):
+        prompts = [build_prompt(tokenizer, s.context, s.question) for s in load_squad(limit=40)[::13]]
+        heads = {tuple(p.ids[:p.head_len]) for p in prompts}
+        assert len(heads) == 1 and all(0 < p.head_len < len(p.context_ids) for p in prompts)
+        # The head ends where the context begins: the next token already differs between prompts.
+        assert len({p.ids[p.head_len] for p in prompts}) > 1
+        assert tokenizer.decode(heads.pop()).endswith("Context:")

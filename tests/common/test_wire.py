@@ -358,3 +358,28 @@ def test_every_exception_has_a_specific_status(exc, code):
     assert str(exc).strip("'") in message
     if code == grpc.StatusCode.INTERNAL:
         assert type(exc).__name__ in message
+
+
+def test_a_text_head_makes_a_segmented_transfer_that_transfer_also_takes(llama_frames, tiny_llama):
+    kv, _ = llama_frames
+    fp = tiny_llama.fingerprint
+    frames = list(wire.encode(kv, parse_profile("int4+text:h"), fp, head_ids=IDS[:9]))
+    assert frames[0].header.segmented and not frames[0].header.profile
+    assert list(frames[1].segment.token_ids) == IDS[:9] and frames[2].segment.profile == "int4:g32"
+    assert (frames[2].segment.token_start, frames[2].segment.token_end) == (9, 60)
+    assembler = wire.Assembler(fp, wire.Limits(), segmented=None)  # the Transfer call: either kind
+    for frame in frames:
+        assembler.add(frame)
+    head, rest = assembler.take_segments()
+    assert assembler.done and head.token_ids == IDS[:9] and rest.kv.seq_len == 60
+    close = wire.decode(wire.encode(kv.token_range(9, 60), parse_profile("int4"), fp), fp)
+    assert torch.equal(rest.kv.keys[0], close.keys[0])
+    with pytest.raises(wire.WireError, match="goes through TransferSegments"):
+        wire.Assembler(fp, wire.Limits()).add(frames[0])  # a caller that asked for a whole cache
+
+
+@pytest.mark.parametrize("head", [None, [], IDS])
+def test_a_text_head_needs_some_but_not_all_of_the_tokens(llama_frames, tiny_llama, head):
+    kv, _ = llama_frames
+    with pytest.raises(ProfileError, match="text:h needs the template's head"):
+        list(wire.encode(kv, parse_profile("int4+text"), tiny_llama.fingerprint, head_ids=head))

@@ -220,3 +220,19 @@ def test_a_sliding_layer_off_the_tail_is_refused_over_grpc(gemma3_receiver, tiny
     header.header.layers[0].positions = wire.encode_positions(torch.arange(window).expand(tiny_gemma3.fingerprint.kv_heads, -1))
     send_and_expect(gemma3_receiver, [header] + frames[1:], grpc.StatusCode.INVALID_ARGUMENT,
                     f"positions must be [{pre.kv.seq_len - window}, {pre.kv.seq_len})")
+
+
+def test_text_parts_travel_as_ids_and_the_receiver_prefills_them(llama_receiver, tiny_llama):
+    with Client(llama_receiver.target) as client:
+        _, whole, _ = ask(client, tiny_llama, True)
+        pre, sent, tokens = ask(client, tiny_llama, True, "raw+text")
+        _, selected, _ = ask(client, tiny_llama, True, "q2c:0.5+int8+text:q")
+    assert tokens == reference_generate(tiny_llama.model, pre.prompt.ids, 12)
+    assert sent.bytes_sent < whole.bytes_sent * (len(pre.prompt.context_ids) - pre.prompt.head_len) / pre.kv.seq_len + 1000
+    assert len(selected.token_ids) > 0 and selected.kept_tokens < len(pre.prompt.context_ids)
+
+
+def test_a_text_head_on_a_sliding_window_model_is_refused(gemma3_receiver, tiny_gemma3):
+    with Client(gemma3_receiver.target) as client, pytest.raises(grpc.RpcError) as info:
+        ask(client, tiny_gemma3, True, "int8+text:h")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "sliding-window" in info.value.details()

@@ -44,12 +44,16 @@ class DemoRow:
     decode_s: float
 
 
-def _fitting(profiles: list[Profile], num_layers: int, console: Console) -> list[Profile]:
-    """The profiles whose per-layer stages name layers this model has; the others are left out, said so."""
+def _fitting(profiles: list[Profile], loaded, console: Console) -> list[Profile]:
+    """The profiles this model can take (per-layer stages on layers it has; a text head only without
+    sliding-window layers); the others are left out, said so."""
     kept = []
     for profile in profiles:
         try:
-            profile.check_layers(num_layers)
+            profile.check_layers(loaded.fingerprint.num_layers)
+            if profile.text_head and loaded.sliding_layers:
+                raise ProfileError("a text head is prefilled before the cache, and sliding-window layers keep only "
+                                   "their window (send the question alone as text: text:q)")
             kept.append(profile)
         except ProfileError as error:
             console.print(f"[yellow]left out {profile}: {error}[/yellow]")
@@ -73,7 +77,7 @@ def run_demo(samples: list[Sample], model: str, profiles: list[Profile], query_a
         client.wait_until_serving()
         loaded = load_model(model)
         sender = Sender(loaded, client)
-        profiles = _fitting(profiles, loaded.fingerprint.num_layers, console)
+        profiles = _fitting(profiles, loaded, console)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("questions x profiles", total=len(samples) * len(profiles))
             for sample in samples:

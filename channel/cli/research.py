@@ -196,7 +196,10 @@ DEFAULT_FRONTIER_PROFILES = (
     "q2c:0.5+pca:b0.3+pca:b0.8@13-24+tier:0.05:int4,q2c:1+pca:b0.25+pca:b0.9@13-24+tier:0.1:int4,"
     "pca:b0.35+pca:b1.2@13-24+protect:s4,q2c:1+pca:b0.35+pca:b1.1@13-24+tier:0.1:int8+tier:0.1:int4,"
     "pca:b1+pca:b2.5@13-24+protect:s4,q2c:1+pca:b0.75+pca:b2@13-24+tier:0.1:int4,"
-    "q2c:1+pca:b0.9+pca:b2.2@13-24+tier:0.1:int4,q2c:1+pca:b2.25:k2+pca:b4:k3.5@13-24+tier:0.15:int8")
+    "q2c:1+pca:b0.9+pca:b2.2@13-24+tier:0.1:int4,q2c:1+pca:b2.25:k2+pca:b4:k3.5@13-24+tier:0.15:int8,"
+    # round 4: the template's head and the question travel as token ids (text), the context in the basis
+    "pca:b0.6+text,pca:b0.7+text,pca:b1.35+text,pca:b1.4+text,pca:b1.05+pca:b1.9@13-24+text,pca:b1.4:k1.1+text,"
+    "pca:b2.8+text,pca:b2.2+pca:b3.6@13-24+text,pca:b5.5+text,int4:g32+text,q2c:1+pca:b0.6+tier:0.1:int4+text:q")
 
 
 @app.command("frontier")
@@ -264,7 +267,8 @@ def frontier_command(
 def calibrate(
     profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,int4:g32+prerope+rot,q2c:0.75+int8,q2c:0.5+int8,"
                                  "q2c:0.5+int4:g32,q2c:0.25+int4:g32,q2c:0.25+int2,q2c:1+pca:b3:k2.5+tier:0.15:int8,"
-                                 "pca:b1+protect:s4,q2c:1+pca:b0.5+tier:0.1:int4",
+                                 "pca:b1+protect:s4,q2c:1+pca:b0.5+tier:0.1:int4,pca:b1+protect:s4+pca:b2.5@13-24,"
+                                 "pca:b1.05+pca:b1.9@13-24+text,pca:b2.2+pca:b3.6@13-24+text,pca:b5.5+text",
                                  help="Profiles the planner may choose from."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),

@@ -276,6 +276,8 @@ def calibrate(
     model: str = typer.Option("smollm2-135m", "--model"),
     basis: bool = typer.Option(False, "--basis", help="Fit the model's PCA basis (the pca stage) instead: one "
                                "prompt per paragraph of --data, skipping the paragraphs of --exclude."),
+    metric: bool = typer.Option(False, "--metric", help="--basis: fit for the error attention sees (keys weighed by "
+                                "the queries' energy per channel, values by the output projection), not the squared error."),
     exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                            help="--basis: a SQuAD file whose paragraphs are left out (default: the "
                                                 "embedded subset, which eval and demo use)."),
@@ -287,7 +289,7 @@ def calibrate(
     import json
 
     if basis:
-        _fit_basis(model, data, exclude, samples, out)
+        _fit_basis(model, data, exclude, samples, out, metric)
         return
 
     from channel.evaluation.harness import aggregate
@@ -302,7 +304,8 @@ def calibrate(
     console.print(f"wrote {target}")
 
 
-def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], samples: int, out: Optional[Path]) -> None:
+def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], samples: int, out: Optional[Path],
+               metric: bool = False) -> None:
     from rich.progress import Progress
 
     from channel.evaluation.basis import fit_basis
@@ -318,7 +321,7 @@ def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], sample
     target = out or basis_path(model)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("prefilling calibration prompts", total=len(dataset))
-        fitted = fit_basis(loaded, dataset, target, progress=lambda: progress.advance(task))
+        fitted = fit_basis(loaded, dataset, target, progress=lambda: progress.advance(task), metric=metric)
     console.print(f"wrote {target}: basis {fitted.digest}, {fitted.num_layers} layers, "
                   f"{fitted.metadata['tokens']} tokens from {len(dataset)} paragraphs")
 

@@ -25,23 +25,86 @@ def token_rows(t: torch.Tensor) -> torch.Tensor:
 # apart, and importance tiers rank them first.
 
 
+def _attention(loaded: LoadedModel) -> list[torch.nn.Module]:
+    return [layer.self_attn for layer in loaded.model.get_decoder().layers]
+
+
+class _QueryEnergy:
+    """Per layer, the mean square of each query head's RoPE-free channels, over the prompts prefilled
+    while it listens (forward hooks on q_proj; q_norm applied where the model has one)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.attention = _attention(loaded)
+        self.head_dim = loaded.fingerprint.head_dim
+        self.sums: list[torch.Tensor | float] = [0.0] * len(self.attention)
+        self.count = 0
+
+    def __enter__(self):
+        def hook(module, args, output, layer):
+            q = output[0].float().view(output.shape[1], -1, self.head_dim)
+            norm = getattr(self.attention[layer], "q_norm", None)
+            q = norm(q) if norm is not None else q
+            self.sums[layer] = self.sums[layer] + q.double().square().sum(0).cpu()
+            if layer == 0:
+                self.count += q.shape[0]
+
+        self.handles = [a.q_proj.register_forward_hook(lambda m, i, o, layer=layer: hook(m, i, o, layer))
+                        for layer, a in enumerate(self.attention)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def means(self) -> list[torch.Tensor]:
+        return [s / self.count for s in self.sums]  # (query heads, head_dim) per layer
+
+
+def attention_metrics(loaded: LoadedModel, query_energy: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the metrics that weigh a key's and a value's error by what attention does with them.
+
+    Keys: a key error e moves query q's logit by q . e (both RoPE-free, rotated alike). RoPE turns each
+    channel pair (i, i + head_dim/2) by the distance between query and key, which mixes the pair, so the
+    weight of a channel is its pair's mean query energy, summed over the query heads that read this
+    KV head: a diagonal metric. Values: a value error e reaches the layer's output as W_o e through each
+    of those query heads, a metric sum_q W_o,q^T W_o,q per KV head. Each is scaled to a mean diagonal of 1.
+    """
+    kv_heads, head_dim = loaded.fingerprint.kv_heads, loaded.fingerprint.head_dim
+    keys, values = [], []
+    for attention, energy in zip(_attention(loaded), query_energy):
+        groups = energy.shape[0] // kv_heads
+        paired = (energy + energy.roll(head_dim // 2, dims=-1)) / 2
+        weights = paired.view(kv_heads, groups, head_dim).sum(1).flatten()
+        keys.append(torch.diag(weights / weights.mean()))
+        out = attention.o_proj.weight.detach().double().cpu().view(-1, kv_heads, groups, head_dim)
+        blocks = torch.einsum("okgi,okgj->kij", out, out)
+        metric = torch.block_diag(*blocks)
+        metric = metric / metric.diagonal().mean()
+        values.append(metric + 1e-6 * torch.eye(metric.shape[0], dtype=metric.dtype))
+    return keys, values
+
+
 @torch.inference_mode()
 def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
-              progress: Callable[[], None] | None = None) -> Basis:
+              progress: Callable[[], None] | None = None, metric: bool = False) -> Basis:
     """Prefill each sample's prompt (query-aware), collect every layer's RoPE-free keys and values
-    (but the sink tokens'), and write the basis fitted on them to `path`."""
+    (but the sink tokens'), and write the basis fitted on them to `path`; `metric`: fitted for the
+    error attention sees (`attention_metrics`), not the squared error."""
     rope = loaded.codec_context.rope
     keys: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
-    for sample in samples:
-        kv = prefill_prompt(loaded, sample.context, sample.question).kv
-        for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-            kept = positions[0] >= SINK_TOKENS
-            keys[layer].append(token_rows(rope.remove(layer, k, positions))[kept].cpu())
-            values[layer].append(token_rows(v)[kept].cpu())
-        if progress:
-            progress()
+    with _QueryEnergy(loaded) as queries:
+        for sample in samples:
+            kv = prefill_prompt(loaded, sample.context, sample.question).kv
+            for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+                kept = positions[0] >= SINK_TOKENS
+                keys[layer].append(token_rows(rope.remove(layer, k, positions))[kept].cpu())
+                values[layer].append(token_rows(v)[kept].cpu())
+            if progress:
+                progress()
     metadata = {"model": loaded.name, "weights_sha256": loaded.fingerprint.weights_sha256,
-                "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS}
-    tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values])
+                "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS,
+                "metric": "attention" if metric else "squared error"}
+    key_metrics, value_metrics = attention_metrics(loaded, queries.means()) if metric else (None, None)
+    tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values], key_metrics, value_metrics)
     return Basis.save(tensors, metadata, path)

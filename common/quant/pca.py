@@ -74,19 +74,34 @@ class Basis:
         return len(self.keys)
 
     @staticmethod
-    def fit(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per layer, (tokens, D) samples of keys and values -> the tensors `save` writes."""
+    def fit(keys: list[torch.Tensor], values: list[torch.Tensor], key_metrics: list[torch.Tensor] | None = None,
+            value_metrics: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per layer, (tokens, D) samples of keys and values -> the tensors `save` writes.
+
+        Metrics (per layer, D x D, positive definite; default the identity) weigh the error: the basis
+        then minimizes (x - x^)^T M (x - x^) instead of the squared error. With S = M^(1/2) it is the
+        PCA of (x - m) S, whose directions V map back as U = S^-1 V; the codec's analysis, U^-T = S V,
+        takes a token straight to its coordinates.
+        """
         tensors = {}
-        for name, samples in (("keys", keys), ("values", values)):
+        for name, samples, metrics in (("keys", keys, key_metrics), ("values", values, value_metrics)):
             for layer, x in enumerate(samples):
                 x = x.double()
                 mean = x.mean(0)
                 centred = x - mean
+                root = inverse = None
+                if metrics is not None:
+                    w, q = torch.linalg.eigh(metrics[layer].double())
+                    if not (w > 0).all():
+                        raise ValueError(f"{name} metric of layer {layer} is not positive definite")
+                    root, inverse = (q * w.sqrt()) @ q.T, (q / w.sqrt()) @ q.T
+                    centred = centred @ root
                 covariance = centred.T @ centred / max(1, x.shape[0] - 1)
                 eigenvalues, vectors = torch.linalg.eigh(covariance)
                 order = eigenvalues.argsort(descending=True)
+                vectors = vectors[:, order]
                 tensors[f"{name}.{layer}.mean"] = mean.float()
-                tensors[f"{name}.{layer}.directions"] = vectors[:, order].to(torch.float16)
+                tensors[f"{name}.{layer}.directions"] = (vectors if inverse is None else inverse @ vectors).to(torch.float16)
                 tensors[f"{name}.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
         return tensors
 

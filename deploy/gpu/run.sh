@@ -11,6 +11,9 @@
 #   deploy/gpu/run.sh smollm2 OUT   # SmolLM2 from its parts: lossless on CUDA, CPU sender -> GPU receiver
 #   deploy/gpu/run.sh frontier OUT  # SmolLM2 from its parts: kvwire frontier, tuned on /tmp/data, fp32 on CUDA
 #                                   # (PROFILES, BASELINES: the candidates and baselines; TUNE, HELD_OUT: questions)
+#   deploy/gpu/run.sh metric OUT    # SmolLM2 from its parts: the shipped basis against one fitted with
+#                                   # --metric (written to /tmp/metric-basis), on the tuning questions
+#                                   # (HELD_OUT=1: on the held-out ones, the fitted basis only)
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -57,6 +60,23 @@ for r in wire:
 smollm2)
   smollm2
   python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "smollm2 or cpu_sender" 2>&1 | tee "$2/gpu_tests_smollm2.txt"
+  ;;
+metric)
+  PICKS="${PROFILES:-pca:b1.05+pca:b1.9@13-24+text,pca:b2.2+pca:b3.6@13-24+text}"
+  TUNE="--data /tmp/data/squad-v2-dev-public.json --skip 510 --samples 24"
+  if [ -z "${HELD_OUT:-}" ]; then
+    smollm2
+    python3 -m channel.cli eval --device cuda --dtype float32 $TUNE --profiles "$PICKS" --json "$2/shipped.json" 2>&1 \
+      | grep -v "Loading weights" | tee "$2/shipped.txt"
+    python3 -m channel.cli calibrate --basis --metric --device cuda --dtype float32 --samples 128 \
+      --data /tmp/data/squad-v2-dev-public.json --out /tmp/metric-basis 2>&1 | grep -v "Loading weights" | tee "$2/fit.txt"
+  else
+    TUNE="--samples 100"
+  fi
+  cp /tmp/metric-basis common/data/basis-smollm2-135m.safetensors
+  python3 -m channel.cli eval --device cuda --dtype float32 $TUNE --profiles "$PICKS" --json "$2/metric.json" 2>&1 \
+    | grep -v "Loading weights" | tee "$2/metric.txt"
+  git checkout common/data/basis-smollm2-135m.safetensors
   ;;
 tiny)
   mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/

@@ -73,10 +73,9 @@ metric)
   else
     TUNE="--samples 100"
   fi
-  cp /tmp/metric-basis common/data/basis-smollm2-135m.safetensors
+  cp /tmp/metric-basis common/data/basis-smollm2-135m.safetensors  # this copy of the tree only
   python3 -m channel.cli eval --device cuda --dtype float32 $TUNE --profiles "$PICKS" --json "$2/metric.json" 2>&1 \
     | grep -v "Loading weights" | tee "$2/metric.txt"
-  git checkout common/data/basis-smollm2-135m.safetensors
   ;;
 tiny)
   mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/

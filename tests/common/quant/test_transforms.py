@@ -248,3 +248,47 @@ def test_rotation_on_a_head_dim_that_is_not_a_power_of_two_is_refused_at_the_hea
     with pytest.raises(wire.WireError, match="power-of-two") as info:
         wire.decode(frames[:1], fingerprint)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_basis_fitted_under_a_metric_codes_for_that_metric(tmp_path):
+    """The metric's basis trades plain squared error for the weighted error it was fitted for."""
+    generator = torch.Generator().manual_seed(3)
+    heads, dim, tokens = 2, 4, 4000
+    mixing = torch.linalg.qr(torch.randn(8, 8, generator=generator))[0]
+    x = (torch.randn(tokens, 8, generator=generator) * torch.linspace(3, 0.3, 8)) @ mixing.T
+    metric = torch.diag(torch.tensor([0.05, 0.05, 0.05, 0.05, 4.0, 4.0, 4.0, 3.8]))
+    kv = x.view(1, tokens, heads, dim).transpose(1, 2)
+    errors = {}
+    for name, metrics in (("plain", None), ("metric", [metric])):
+        basis = Basis.save(Basis.fit([x], [x], metrics, metrics), {}, tmp_path / f"{name}.safetensors")
+        codec = PCACodec.for_layer(basis, 0, 1.0)
+        keys, _ = codec.decode(codec.encode(kv, kv), kv.shape, torch.float32)
+        error = keys[0].transpose(0, 1).reshape(tokens, 8) - x
+        errors[name] = (error.square().sum(1).mean(), ((error @ metric) * error).sum(1).mean())
+        full = PCACodec.for_layer(basis, 0, MAX_BITS)  # every component at 8 bits: close either way (but the
+        keys, _ = full.decode(full.encode(kv, kv), kv.shape, torch.float32)  # few past the codes' range, ~4 sd)
+        assert (keys - kv).abs().mean() < 0.02 * kv.abs().mean()
+    assert errors["metric"][1] < 0.7 * errors["plain"][1]  # the weighted error it was fitted for
+    assert errors["metric"][0] > errors["plain"][0]  # paid for in plain squared error
+    with pytest.raises(ValueError, match="not positive definite"):
+        Basis.fit([x], [x], [torch.zeros(8, 8)], None)
+
+
+def test_attention_metrics_weigh_rope_pairs_and_the_output_projection(tiny_llama, tmp_path):
+    from channel.evaluation.basis import attention_metrics, fit_basis
+    from channel.evaluation.squad import Sample
+
+    samples = [Sample(str(i), f"Paragraph {i} tells of harbours, mills and wire.", "What is told?", ("wire",))
+               for i in range(3)]
+    basis = fit_basis(tiny_llama, samples, tmp_path / "basis.safetensors", metric=True)
+    assert basis.metadata["metric"] == "attention"
+    fp = tiny_llama.fingerprint
+    energy = [torch.rand(fp.kv_heads * 2, fp.head_dim, dtype=torch.float64) for _ in range(fp.num_layers)]
+    keys, values = attention_metrics(tiny_llama, energy)
+    half, width = fp.head_dim // 2, fp.kv_heads * fp.head_dim
+    for k, v in zip(keys, values):
+        weights = k.diagonal().view(fp.kv_heads, fp.head_dim)
+        assert torch.equal(k, torch.diag(k.diagonal())) and torch.allclose(weights[:, :half], weights[:, half:])
+        assert k.shape == v.shape == (width, width) and torch.allclose(v, v.T)
+        assert v[:fp.head_dim, fp.head_dim:].abs().max() == 0  # one block per KV head
+        assert torch.linalg.eigvalsh(v).min() > 0 and abs(float(v.diagonal().mean()) - 1) < 1e-3

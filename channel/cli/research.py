@@ -50,7 +50,8 @@ DEFAULT_SWEEP_PROFILES = ("fp16,int8,int4:g32,int3,int2,nf4,svd:r32+int8,q2c:0.7
                           "snapkv:0.5+fp16,h2o:0.5+fp16,random:0.5+fp16,q2c:0.75+int4:g32,q2c:0.5+int4:g32,"
                           "q2c:0.25+int4:g32,q2c:0.5+int8,snapkv:0.5+int4:g32,int4:g32+prerope+rot,"
                           "q2c:1+pca:b0.5+tier:0.1:int4,pca:b1+protect:s4,pca:b2.5+protect:s4,"
-                          "q2c:1+pca:b3:k2.5+tier:0.15:int8")
+                          "q2c:1+pca:b3:k2.5+tier:0.15:int8,pca:b1.05+pca:b1.9@13-24+text,"
+                          "pca:b2.2+pca:b3.6@13-24+text,pca:b5.5+text")
 
 
 @app.command("sweep")

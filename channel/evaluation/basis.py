@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
     rope = loaded.codec_context.rope
     keys: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
-    with _QueryEnergy(loaded) as queries:
+    with _QueryEnergy(loaded) if metric else contextlib.nullcontext() as queries:
         for sample in samples:
             kv = prefill_prompt(loaded, sample.context, sample.question).kv
             for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
@@ -103,8 +104,10 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
             if progress:
                 progress()
     metadata = {"model": loaded.name, "weights_sha256": loaded.fingerprint.weights_sha256,
-                "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS,
-                "metric": "attention" if metric else "squared error"}
-    key_metrics, value_metrics = attention_metrics(loaded, queries.means()) if metric else (None, None)
+                "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS}
+    key_metrics = value_metrics = None
+    if metric:  # (metadata only then: a plain fit writes the same file, and hash, as before)
+        metadata["metric"] = "attention"
+        key_metrics, value_metrics = attention_metrics(loaded, queries.means())
     tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values], key_metrics, value_metrics)
     return Basis.save(tensors, metadata, path)

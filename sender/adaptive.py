@@ -59,7 +59,8 @@ class SegmentPlanner:
                 raise ProfileError(f"{name} is not in the calibration table ({', '.join(profiles)})")
             if not _segment_profile(parsed[name]):
                 raise ProfileError(f"{name}: a segment profile has precision stages only: no selection, and none "
-                                   "of the stages that need the model or rank tokens (prerope, pca, protect, tier)")
+                                   "of the stages that need the model or rank tokens (prerope, pca, protect, tier), "
+                                   "and no text stage")
         self.parsed = {name: parsed[name] for name in self.ladder}
         if not self.ladder:
             raise ProfileError("the ladder has no precision-only profile")
@@ -133,7 +134,8 @@ class AdaptiveResult:
 
 def _segment_profile(profile: Profile) -> bool:
     """Whether segments carry `profile`: precision stages (and rot) only."""
-    return profile.selection is None and not profile.needs_context and profile.protect is None
+    return (profile.selection is None and not profile.needs_context and profile.protect is None
+            and not (profile.text_head or profile.text_question))
 
 
 def segment_bounds(seq_len: int, segment_tokens: int) -> list[tuple[int, int]]:

@@ -21,9 +21,9 @@ def test_the_ladder_is_the_precision_only_profiles():
         SegmentPlanner(TABLE, ["q2c:0.5+int4:g32"])
     row = TABLE["profiles"]["int4:g32"]
     table = {**TABLE, "profiles": {**TABLE["profiles"], "pca:b1+protect:s4": row, "int4:g32+prerope": row,
-                                   "int4:g32+rot": row}}
+                                   "int4:g32+rot": row, "int4:g32+text:q": row}}
     assert SegmentPlanner(table).ladder == ["fp16", "int8:g32", "int4:g32", "int4:g32+rot"]  # rot needs no model
-    for name in ("pca:b1+protect:s4", "int4:g32+prerope"):
+    for name in ("pca:b1+protect:s4", "int4:g32+prerope", "int4:g32+text:q"):
         with pytest.raises(ProfileError, match="need the model"):
             SegmentPlanner(table, [name])
     with pytest.raises(ProfileError, match="not in the calibration table"):

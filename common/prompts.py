@@ -53,19 +53,20 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _context_ids(tokenizer, context: str) -> list[int]:
-    ids = _encode(tokenizer, _render(tokenizer, context, "")[0])
+def _head_ids(tokenizer, head: str) -> list[int]:
+    ids = _encode(tokenizer, head)
     if not is_chat(tokenizer) and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids  # a chat template writes its own
     return ids
 
 
 def build_prompt(tokenizer, context: str, question: str) -> Prompt:
-    context_ids = _context_ids(tokenizer, context)
+    head, tail = _render(tokenizer, context, question)
+    context_ids = _head_ids(tokenizer, head)
     # The template's head: the tokens this prompt shares with one of an empty context.
-    empty = _context_ids(tokenizer, "")
+    empty = _head_ids(tokenizer, _render(tokenizer, "", "")[0])
     head_len = next((i for i, (a, b) in enumerate(zip(context_ids, empty)) if a != b), min(len(context_ids), len(empty)))
-    return Prompt(context_ids, _encode(tokenizer, _render(tokenizer, context, question)[1]), head_len)
+    return Prompt(context_ids, _encode(tokenizer, tail), head_len)
 
 
 def question_ids(tokenizer, question: str) -> list[int]:

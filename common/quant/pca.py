@@ -89,13 +89,13 @@ class Basis:
                 x = x.double()
                 mean = x.mean(0)
                 centred = x - mean
-                root = inverse = None
+                inverse = None
                 if metrics is not None:
                     w, q = torch.linalg.eigh(metrics[layer].double())
                     if not (w > 0).all():
                         raise ValueError(f"{name} metric of layer {layer} is not positive definite")
-                    root, inverse = (q * w.sqrt()) @ q.T, (q / w.sqrt()) @ q.T
-                    centred = centred @ root
+                    centred = centred @ ((q * w.sqrt()) @ q.T)  # (x - m) S
+                    inverse = (q / w.sqrt()) @ q.T  # S^-1
                 covariance = centred.T @ centred / max(1, x.shape[0] - 1)
                 eigenvalues, vectors = torch.linalg.eigh(covariance)
                 order = eigenvalues.argsort(descending=True)

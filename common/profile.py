@@ -29,10 +29,11 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            re-applies it (KVQuant). A no-op where the layer is sent raw.
     rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
                            before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
-    pca:bB[:kK][:hHASH]    transform coding (KVTC): keys (RoPE removed) and values in the model's
+    pca:bB[:kK|:w][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
                            PCA basis, B bits per element on average allocated over the components
                            (zero bits: dropped), K of them per key element (default B; the values
-                           get 2B - K); the basis is
+                           get 2B - K); w: allocated over all the layers the stage codes at once,
+                           by the basis's calibrated layer weights (the answer's sensitivity); the basis is
                            the one `kvwire calibrate --basis` shipped, named by its hash (the sender
                            fills it in). Takes no other precision stage; per-layer overrides apply,
                            and so do per-layer bits: pca:b0.5+pca:b2@13-24 (KVTuner's per-layer budget).
@@ -116,11 +117,14 @@ class PCAStage:
     bits: float
     key_bits: float | None = None  # bits per key element; the values get 2 * bits - key_bits (default: bits each)
     digest: str | None = None  # None until the sender binds its basis (Profile.bind)
+    weighted: bool = False  # bits allocated over all the stage's layers by the basis's layer weights
 
     def __str__(self) -> str:
         parts = [f"pca:b{_exact(self.bits)}"]
         if self.key_bits is not None:
             parts.append(f"k{_exact(self.key_bits)}")
+        if self.weighted:
+            parts.append("w")
         if self.digest:
             parts.append(f"h{self.digest}")
         return ":".join(parts)
@@ -197,7 +201,19 @@ class Profile:
             if basis is None or basis.digest != self.pca.digest:
                 return (f"{self}: names PCA basis {self.pca.digest}, and this model's is "
                         f"{basis.digest if basis else 'missing (fit one with kvwire calibrate --basis)'}")
+            if basis.weights is None and any(s.weighted for s in self._pca_stages):
+                return f"{self}: pca:w needs layer weights, and basis {basis.digest} holds none"
         return None
+
+    @property
+    def _pca_stages(self) -> list[PCAStage]:
+        return [self.pca] + [stage for _, _, stage in self.pca_layers]
+
+    def _pca_group(self, layer: int) -> int:
+        """Which pca stage codes `layer`: 0 the profile's, k the k-th per-layer one; -1 none (a precision stage)."""
+        if self._uses_precision(layer):
+            return -1
+        return next((k + 1 for k, (first, last, _) in enumerate(self.pca_layers) if first <= layer <= last), 0)
 
     def _uses_precision(self, layer: int) -> bool:
         """Whether `layer` goes through a precision stage (an override, or no pca)."""
@@ -216,8 +232,11 @@ class Profile:
         else:
             if layer >= context.basis.num_layers:
                 raise ProfileError(f"basis {context.basis.digest} has {context.basis.num_layers} layers, not layer {layer}")
-            stage = next((s for first, last, s in self.pca_layers if first <= layer <= last), self.pca)
-            codec = PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits)
+            group = self._pca_group(layer)
+            stage = self._pca_stages[group]
+            pool = (tuple(i for i in range(context.basis.num_layers) if self._pca_group(i) == group)
+                    if stage.weighted else None)
+            codec = PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool)
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
 
@@ -477,6 +496,10 @@ def _parse_rotation(options: list[str], stage: str) -> int:
 
 
 def _parse_pca(options: list[str], stage: str) -> PCAStage:
+    weighted = "w" in options
+    if options.count("w") > 1:
+        raise ProfileError(f"{stage!r}: repeated option 'w'")
+    options = [o for o in options if o != "w"]
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
                                       "h": "HASH of the basis"})
     if "b" not in found:
@@ -487,10 +510,12 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
     key_bits = None
     if "k" in found:
         key_bits = _number(found["k"], stage, "bits per key element", max(0.0, 2 * bits - MAX_BITS), min(2 * bits, MAX_BITS))
+    if weighted and key_bits is not None:
+        raise ProfileError(f"{stage!r}: with w the layer weights share the bits between keys and values; drop k")
     digest = found.get("h")
     if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
         raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
-    return PCAStage(bits, key_bits, digest)
+    return PCAStage(bits, key_bits, digest, weighted)
 
 
 def _parse_text(options: list[str], stage: str) -> set[str]:

@@ -487,7 +487,9 @@ class Assembler:
             raw = bounded_decompress(chunk.payload, expected)
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-        payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+        # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
+        payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        payload = payload.to(self.device)
         positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end].to(self.device)
         keys, values = codec.decode(payload, shape, positions, self.dtype)
         pending.keys[chunk.layer].append(keys)

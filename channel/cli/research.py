@@ -279,6 +279,8 @@ def calibrate(
                                "prompt per paragraph of --data, skipping the paragraphs of --exclude."),
     metric: bool = typer.Option(False, "--metric", help="--basis: fit for the error attention sees (keys weighed by "
                                 "the queries' energy per channel, values by the output projection), not the squared error."),
+    weights: int = typer.Option(0, "--weights", min=0, help="--basis: then measure the layer weights of pca:bB:w (the "
+                                "teacher-forced KL per unit of each layer's key and value error) on this many of the prompts."),
     exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                            help="--basis: a SQuAD file whose paragraphs are left out (default: the "
                                                 "embedded subset, which eval and demo use)."),
@@ -290,7 +292,7 @@ def calibrate(
     import json
 
     if basis:
-        _fit_basis(model, data, exclude, samples, out, metric)
+        _fit_basis(model, data, exclude, samples, out, metric, weights)
         return
 
     from channel.evaluation.harness import aggregate
@@ -306,7 +308,7 @@ def calibrate(
 
 
 def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], samples: int, out: Optional[Path],
-               metric: bool = False) -> None:
+               metric: bool = False, weights: int = 0) -> None:
     from rich.progress import Progress
 
     from channel.evaluation.basis import fit_basis
@@ -321,8 +323,10 @@ def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], sample
         raise typer.BadParameter("no paragraph of --data is left once --exclude's are skipped", param_hint="--data")
     target = out or basis_path(model)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("prefilling calibration prompts", total=len(dataset))
-        fitted = fit_basis(loaded, dataset, target, progress=lambda: progress.advance(task), metric=metric)
+        task = progress.add_task("prefilling calibration prompts (then measuring layer weights)",
+                                 total=len(dataset) + min(weights, len(dataset)))
+        fitted = fit_basis(loaded, dataset, target, progress=lambda: progress.advance(task), metric=metric,
+                           weight_samples=weights)
     console.print(f"wrote {target}: basis {fitted.digest}, {fitted.num_layers} layers, "
                   f"{fitted.metadata['tokens']} tokens from {len(dataset)} paragraphs")
 

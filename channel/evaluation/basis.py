@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from channel.evaluation.harness import mean_kl, teacher_forced_logits
 from channel.evaluation.squad import Sample
+from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel
-from common.quant.pca import Basis
+from common.quant.pca import Basis, PCACodec
 from common.select import SINK_TOKENS
 from sender.prefill import prefill_prompt
 
@@ -85,12 +87,64 @@ def attention_metrics(loaded: LoadedModel, query_energy: list[torch.Tensor]) -> 
     return keys, values
 
 
+def _coordinate_error(basis, x: torch.Tensor, coded: torch.Tensor) -> float:
+    """Sum over tokens of the squared error of `coded` against `x` in the basis's coordinates."""
+    _, analysis, _, _ = basis.on(x.device)
+    return float(((token_rows(x) - token_rows(coded)) @ analysis).square().sum())
+
+
+@torch.inference_mode()
+def layer_weights(loaded: LoadedModel, basis: Basis, samples: list[Sample], bits: float = 1.0,
+                  max_new_tokens: int = 24, progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per layer, the teacher-forced KL that one unit of coordinate error of its keys and of its values
+    costs: (layers, 2), the weights of `pca:bB:w`.
+
+    Each sample is prefilled query-aware and answered from the full cache. Then, one layer's keys or
+    values at a time, the context after the template's head (what a `+text` profile sends as cache) is
+    coded at `bits` bits per element and decoded, the question prefilled on top, and the mean KL along
+    the full-cache answer measured; the weight is the total KL over the total coordinate error. The KL
+    of independent small errors adds up, to first order, so these weights make the pooled allocation
+    minimize the answer's expected KL.
+    """
+    rope = loaded.codec_context.rope
+    layers = loaded.fingerprint.num_layers
+    kl = torch.zeros(layers, 2, dtype=torch.float64)
+    error = torch.zeros(layers, 2, dtype=torch.float64)
+    for sample in samples:
+        pre = prefill_prompt(loaded, sample.context, sample.question)
+        start = pre.prompt.head_len
+        exact = pre.kv.before(pre.context_len)
+        tail = pre.tail_after(pre.context_len)
+        full = greedy_decode(loaded.model, pre.kv.to_cache(loaded.config), pre.tail_ids, pre.kv.seq_len, max_new_tokens)
+        reference = teacher_forced_logits(loaded.model, exact.to_cache(loaded.config), tail, exact.seq_len, full)
+        for layer in range(layers):
+            k, v, positions = exact.keys[layer], exact.values[layer], exact.positions[layer]
+            free = rope.remove(layer, k[:, :, start:], positions[:, start:])
+            codec = PCACodec.for_layer(basis, layer, bits)
+            shape = free.shape
+            coded_keys, coded_values = codec.decode(codec.encode(free, v[:, :, start:]), shape, torch.float32)
+            coded = (torch.cat([k[:, :, :start], rope.apply(layer, coded_keys, positions[:, start:], k.dtype)], dim=2),
+                     torch.cat([v[:, :, :start], coded_values.to(v.dtype)], dim=2))
+            error[layer, 0] += _coordinate_error(basis.keys[layer], free, coded_keys)
+            error[layer, 1] += _coordinate_error(basis.values[layer], v[:, :, start:].float(), coded_values)
+            for tensor in (0, 1):
+                mixed = [list(exact.keys), list(exact.values)]
+                mixed[tensor][layer] = coded[tensor]
+                state = KVState(mixed[0], mixed[1], exact.positions, exact.seq_len)
+                logits = teacher_forced_logits(loaded.model, state.to_cache(loaded.config), tail, exact.seq_len, full)
+                kl[layer, tensor] += mean_kl(reference, logits)
+        if progress:
+            progress()
+    return kl.clamp(min=1e-12) / error
+
+
 @torch.inference_mode()
 def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
-              progress: Callable[[], None] | None = None, metric: bool = False) -> Basis:
+              progress: Callable[[], None] | None = None, metric: bool = False, weight_samples: int = 0) -> Basis:
     """Prefill each sample's prompt (query-aware), collect every layer's RoPE-free keys and values
     (but the sink tokens'), and write the basis fitted on them to `path`; `metric`: fitted for the
-    error attention sees (`attention_metrics`), not the squared error."""
+    error attention sees (`attention_metrics`), not the squared error; `weight_samples`: then measure
+    the layer weights (`layer_weights`) on that many of the samples and write them in too."""
     rope = loaded.codec_context.rope
     keys: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
@@ -110,4 +164,12 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
         metadata["metric"] = "attention"
         key_metrics, value_metrics = attention_metrics(loaded, queries.means())
     tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values], key_metrics, value_metrics)
+    basis = Basis.save(tensors, metadata, path)
+    if not weight_samples:
+        return basis
+    weights = layer_weights(loaded, basis, samples[:weight_samples], progress=progress)
+    for layer, (key_weight, value_weight) in enumerate(weights.tolist()):
+        tensors[f"keys.{layer}.weight"] = torch.tensor([key_weight])
+        tensors[f"values.{layer}.weight"] = torch.tensor([value_weight])
+    metadata.update(weight_samples=weight_samples, weight_bits=1.0, weight_measure="teacher-forced KL per coordinate error")
     return Basis.save(tensors, metadata, path)

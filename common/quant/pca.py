@@ -15,6 +15,10 @@ with step_j = STEP[b_j] * s_j, the step of the optimal uniform quantizer of a Ga
 have different scales), are allocated once, from the calibrated variances, to minimize the
 expected squared error for a budget of bits per element: greedy on the gain s_j^2 (d(b) - d(b + 1)),
 optimal because the gains fall with b.
+A basis may also hold a weight per layer and tensor: the teacher-forced KL one unit of its
+coordinate error costs the answer (`kvwire calibrate --basis --weights`). A weighted stage
+(`pca:bB:w`) then allocates its bits over all the layers it codes at once, on the gains
+weight * s_j^2 (d(b) - d(b + 1)): the layers and the tensor that move the answer most get more.
 Components with zero bits are dropped. No parameters travel: both nodes derive the allocation
 from the same basis, which the profile names by hash.
 """
@@ -66,8 +70,11 @@ class TensorBasis:
 class Basis:
     """A model's PCA basis, per layer, for keys (RoPE removed) and values."""
 
-    def __init__(self, keys: list[TensorBasis], values: list[TensorBasis], digest: str, metadata: dict):
+    def __init__(self, keys: list[TensorBasis], values: list[TensorBasis], digest: str, metadata: dict,
+                 weights: torch.Tensor | None = None):
         self.keys, self.values, self.digest, self.metadata = keys, values, digest, metadata
+        self.weights = weights  # (layers, 2): the KL per unit of coordinate error of keys and values, or None
+        self._pooled: dict = {}
 
     @property
     def num_layers(self) -> int:
@@ -125,16 +132,40 @@ class Basis:
             return TensorBasis(tensors[f"{name}.{layer}.mean"].float(), tensors[f"{name}.{layer}.directions"].float(),
                                tensors[f"{name}.{layer}.std"].float())
 
+        weights = None
+        names = [f"{name}.{layer}.weight" for layer in range(layers) for name in ("keys", "values")]
+        if any(n in tensors for n in names):
+            if not all(n in tensors and tensors[n].numel() == 1 for n in names):
+                raise ValueError(f"{path}: layer weights must be one number per layer for keys and for values")
+            weights = torch.cat([tensors[n].double().flatten() for n in names]).view(layers, 2)
+            if not (torch.isfinite(weights).all() and (weights > 0).all()):
+                raise ValueError(f"{path}: layer weights must be positive and finite")
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
-                   metadata)
+                   metadata, weights)
+
+    def pooled_bits(self, layers: tuple[int, ...], bits_per_element: float) -> dict[int, torch.Tensor]:
+        """Per layer of `layers`, the bits of its 2D components (keys', then values'), allocated over all of
+        them at once on the weighted gains, `bits_per_element` on average; computed once per (layers, bits)."""
+        if self.weights is None:
+            raise ValueError(f"basis {self.digest} holds no layer weights (fit them with kvwire calibrate --basis --weights)")
+        key = (layers, bits_per_element)
+        if key not in self._pooled:
+            std = torch.cat([torch.cat([self.keys[i].std, self.values[i].std]) for i in layers])
+            width = std.numel() // len(layers) // 2
+            weight = torch.cat([self.weights[i].repeat_interleave(width) for i in layers])
+            bits = allocate(std, bits_per_element, weight).view(len(layers), 2 * width)
+            self._pooled[key] = dict(zip(layers, bits))
+        return self._pooled[key]
 
 
-def allocate(std: torch.Tensor, bits_per_element: float) -> torch.Tensor:
+def allocate(std: torch.Tensor, bits_per_element: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Bits per component (int64, each 0..MAX_BITS) for components of standard deviation `std`,
-    `bits_per_element` on average, minimizing the expected squared error."""
+    `bits_per_element` on average, minimizing the expected squared error (each component's weighted
+    by `weight`, if given)."""
     std = std.double().cpu()
     gains = torch.tensor([DISTORTION[b] - DISTORTION[b + 1] for b in range(MAX_BITS)], dtype=torch.float64)
-    table = std.square().unsqueeze(1) * gains  # (components, MAX_BITS): the gain of each next bit
+    variance = std.square() if weight is None else std.square() * weight.double().cpu()
+    table = variance.unsqueeze(1) * gains  # (components, MAX_BITS): the gain of each next bit
     total = min(int(bits_per_element * std.numel()), MAX_BITS * std.numel())
     # Gains fall with b for every component, so the best `total` bits are the `total` largest gains;
     # a stable sort breaks ties by index, the same on every machine.
@@ -151,11 +182,15 @@ class PCACodec:
     bits: torch.Tensor  # (2D,) bits per component: the keys' D, then the values'
 
     @classmethod
-    def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, key_bits: float | None = None) -> PCACodec:
+    def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, key_bits: float | None = None,
+                  pool: tuple[int, ...] | None = None) -> PCACodec:
         """`bits_per_element` on average over keys and values; the keys get `key_bits` of it
         (default: the same), the values the rest. Keys and values have their own scales, so
-        each tensor's bits are allocated over its own components."""
+        each tensor's bits are allocated over its own components. With a `pool` of layers
+        (weighted), the bits are allocated over all of the pool's components, by their weights."""
         keys, values = basis.keys[layer], basis.values[layer]
+        if pool is not None:
+            return cls(keys, values, basis.pooled_bits(pool, bits_per_element)[layer])
         key_bits = bits_per_element if key_bits is None else key_bits
         return cls(keys, values, torch.cat([allocate(keys.std, key_bits), allocate(values.std, 2 * bits_per_element - key_bits)]))
 

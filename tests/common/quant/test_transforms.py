@@ -292,3 +292,70 @@ def test_attention_metrics_weigh_rope_pairs_and_the_output_projection(tiny_llama
         assert k.shape == v.shape == (width, width) and torch.allclose(v, v.T)
         assert v[:fp.head_dim, fp.head_dim:].abs().max() == 0  # one block per KV head
         assert torch.linalg.eigvalsh(v).min() > 0 and abs(float(v.diagonal().mean()) - 1) < 1e-3
+
+
+def test_weights_move_bits_to_the_heavier_component():
+    std = torch.ones(2)
+    assert allocate(std, 1).tolist() == [1, 1]
+    assert allocate(std, 1, torch.tensor([4.0, 1.0])).tolist() == [2, 0]
+
+
+def weighted(basis: Basis, path, weights) -> Basis:
+    """`basis` saved again with layer weights (layers x (keys, values))."""
+    tensors = {}
+    for name, parts in (("keys", basis.keys), ("values", basis.values)):
+        for layer, part in enumerate(parts):
+            tensors.update({f"{name}.{layer}.mean": part.mean, f"{name}.{layer}.directions": part.directions.half(),
+                            f"{name}.{layer}.std": part.std, f"{name}.{layer}.weight": torch.tensor([0.0])})
+    for layer, (k, v) in enumerate(weights):
+        tensors[f"keys.{layer}.weight"], tensors[f"values.{layer}.weight"] = torch.tensor([k]), torch.tensor([v])
+    return Basis.save(tensors, basis.metadata, path)
+
+
+def test_weighted_pca_pools_its_layers(setup, tmp_path):
+    """pca:bB:w spends B bits per element over all the layers it codes, most where the weights are."""
+    loaded, context, kv = setup
+    layers = context.basis.num_layers
+    heavy = weighted(context.basis, tmp_path / "w.safetensors", [[1000.0, 1000.0] if i == 1 else [1.0, 1.0] for i in range(layers)])
+    assert heavy.weights.shape == (layers, 2) and heavy.digest != context.basis.digest
+    weighted_context = CodecContext(context.rope, heavy)
+    profile = parse_profile("pca:b1:w").bind(weighted_context)
+    assert str(parse_profile(str(profile))) == str(profile)
+    bits = [profile.layer_codec(i, weighted_context).codec.bits for i in range(layers)]
+    assert sum(int(b.sum()) for b in bits) == sum(b.numel() for b in bits)  # 1 bit per element over the pool
+    assert int(bits[1].sum()) > 2 * int(bits[0].sum()) and int(bits[1].sum()) > 2 * int(bits[2].sum())
+    frames, back = round_trip(loaded, weighted_context, kv, "pca:b1:w")
+    _, plain = round_trip(loaded, context, kv, "pca:b1")
+    errors = [[float((a[i] - b[i]).square().mean()) for i in range(3)] for a, b in ((kv.keys, back.keys), (kv.keys, plain.keys))]
+    assert errors[0][1] < 0.5 * errors[1][1] and errors[0][0] > errors[1][0]  # layer 1 bought with layer 0's bits
+    assert sum(map(wire.wire_bytes, frames)) > 0
+    # A per-layer stage is a pool of its own: layer 1 at 3 bits, the others share 1 bit per element.
+    split = parse_profile("pca:b1:w+pca:b3:w@1").bind(weighted_context)
+    bits = [split.layer_codec(i, weighted_context).codec.bits for i in range(layers)]
+    assert int(bits[1].sum()) == 3 * bits[1].numel()
+    assert sum(int(b.sum()) for i, b in enumerate(bits) if i != 1) == bits[0].numel() * (layers - 1)
+    # A basis without weights refuses a weighted stage, with its reason.
+    refused = parse_profile("pca:b1:w").bind(context)
+    assert "holds none" in refused.unsupported(context)
+    with pytest.raises(ProfileError, match="holds none"):
+        refused.layer_codec(0, context)
+    for spec, message in (("pca:b1:w:w", "repeated"), ("pca:b1:k1:w", "drop k")):
+        with pytest.raises(ProfileError, match=message):
+            parse_profile(spec)
+
+
+def test_layer_weights_are_measured_and_shipped_in_the_basis(tiny_llama, tmp_path):
+    from channel.evaluation.basis import fit_basis
+    from channel.evaluation.squad import Sample
+
+    samples = [Sample(str(i), f"Paragraph {i} tells of harbours, mills and wire, and of the sea.", "What is told?",
+                      ("wire",)) for i in range(3)]
+    plain = fit_basis(tiny_llama, samples, tmp_path / "plain.safetensors")
+    basis = fit_basis(tiny_llama, samples, tmp_path / "basis.safetensors", weight_samples=2)
+    assert plain.weights is None and basis.metadata["weight_samples"] == 2
+    assert basis.weights.shape == (tiny_llama.fingerprint.num_layers, 2)
+    assert torch.isfinite(basis.weights).all() and (basis.weights > 0).all()
+    assert len(set(basis.weights.flatten().tolist())) == basis.weights.numel()  # each measured on its own
+    assert Basis.load(tmp_path / "basis.safetensors").weights.tolist() == basis.weights.tolist()
+    for layer in range(basis.num_layers):  # the same basis, weights added
+        assert torch.equal(basis.keys[layer].directions, plain.keys[layer].directions)

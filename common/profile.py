@@ -52,7 +52,8 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            after a text head travels as a segment, so text:h takes no selection.
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
-q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32.
+q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32,
+pca:b2.8:w+text.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def family(profile: str) -> str:
     parsed = parse_profile(profile)
     quantized = parsed.precision is not None and parsed.precision.quantizer.code_bits is not None
     if parsed.pca is not None:  # transform coding, whatever ranks the tokens for its tiers
-        return "pca+tiers" if parsed.importance else "pca"
+        name = "pca+tiers" if parsed.importance else "pca"
+        return name + "+text" if parsed.text_head or parsed.text_question else name
     if quantized and (parsed.prerope or parsed.rotation is not None):
         return "quantization+rot"
     if parsed.selection is not None:
@@ -79,9 +80,9 @@ def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
         ax.set_xlabel("bytes on the wire / fp16 KV bytes")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=7, fontsize=8)  # below: off the curves
     fig.suptitle("accuracy against bytes")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths["rate_distortion"] = out_dir / "rate_distortion.png"
     fig.savefig(paths["rate_distortion"], dpi=110)
     plt.close(fig)

@@ -64,3 +64,12 @@ def test_best_at_respects_the_deadline():
     ]
     assert sweep.best_at(summaries, "5mbit")["profile"] == "int4"
     assert sweep.best_at(summaries, "1mbit") is None
+
+
+def test_families_keep_the_text_stage_apart():
+    """The plots draw one curve per family: a profile with a text stage is not on pca's curve."""
+    from channel.evaluation.report import family
+
+    assert [family(s) for s in ("pca:b1+protect:s4", "pca:b1:w+text", "q2c:1+pca:b0.5+tier:0.1:int4+text:q",
+                                "q2c:0.5+int4", "int4+prerope+rot", "fp16")] == [
+        "pca", "pca+text", "pca+tiers+text", "q2c+quant", "quantization+rot", "full"]

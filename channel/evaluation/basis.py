@@ -78,7 +78,10 @@ def attention_metrics(loaded: LoadedModel, query_energy: list[torch.Tensor]) -> 
         groups = energy.shape[0] // kv_heads
         paired = (energy + energy.roll(head_dim // 2, dims=-1)) / 2
         weights = paired.view(kv_heads, groups, head_dim).sum(1).flatten()
-        keys.append(torch.diag(weights / weights.mean()))
+        weights = weights / weights.mean()
+        # A channel no query reads (Gemma-3's query norm can zero one) weighs almost nothing, not zero:
+        # the metric must stay positive definite.
+        keys.append(torch.diag(weights.clamp(min=1e-6)))
         out = attention.o_proj.weight.detach().double().cpu().view(-1, kv_heads, groups, head_dim)
         blocks = torch.einsum("okgi,okgj->kij", out, out)
         metric = torch.block_diag(*blocks)

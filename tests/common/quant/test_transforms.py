@@ -359,3 +359,16 @@ def test_layer_weights_are_measured_and_shipped_in_the_basis(tiny_llama, tmp_pat
     assert Basis.load(tmp_path / "basis.safetensors").weights.tolist() == basis.weights.tolist()
     for layer in range(basis.num_layers):  # the same basis, weights added
         assert torch.equal(basis.keys[layer].directions, plain.keys[layer].directions)
+
+
+def test_a_channel_no_query_reads_keeps_the_key_metric_positive(tiny_llama):
+    """Gemma-3's query norm can zero a channel: its key weight gets a floor, not zero (the fit needs M > 0)."""
+    from channel.evaluation.basis import attention_metrics
+
+    fp = tiny_llama.fingerprint
+    energy = [torch.rand(fp.kv_heads * 2, fp.head_dim, dtype=torch.float64) for _ in range(fp.num_layers)]
+    for e in energy:
+        e[:, 0] = e[:, fp.head_dim // 2] = 0  # a RoPE pair no query head reads
+    keys, _ = attention_metrics(tiny_llama, energy)
+    assert all(float(k.diagonal().min()) > 0 for k in keys)
+    assert all(float(k.diagonal()[0]) < 1e-5 for k in keys)

@@ -90,6 +90,9 @@ def attention_metrics(loaded: LoadedModel, query_energy: list[torch.Tensor]) -> 
     return keys, values
 
 
+WEIGHT_BITS = 1.0  # the bits per element each tensor is coded at while its layer weight is measured
+
+
 def _coordinate_error(basis, x: torch.Tensor, coded: torch.Tensor) -> float:
     """Sum over tokens of the squared error of `coded` against `x` in the basis's coordinates."""
     _, analysis, _, _ = basis.on(x.device)
@@ -97,7 +100,7 @@ def _coordinate_error(basis, x: torch.Tensor, coded: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def layer_weights(loaded: LoadedModel, basis: Basis, samples: list[Sample], bits: float = 1.0,
+def layer_weights(loaded: LoadedModel, basis: Basis, samples: list[Sample], bits: float = WEIGHT_BITS,
                   max_new_tokens: int = 24, progress: Callable[[], None] | None = None) -> torch.Tensor:
     """Per layer, the teacher-forced KL that one unit of coordinate error of its keys and of its values
     costs: (layers, 2), the weights of `pca:bB:w`.
@@ -124,8 +127,7 @@ def layer_weights(loaded: LoadedModel, basis: Basis, samples: list[Sample], bits
             k, v, positions = exact.keys[layer], exact.values[layer], exact.positions[layer]
             free = rope.remove(layer, k[:, :, start:], positions[:, start:])
             codec = PCACodec.for_layer(basis, layer, bits)
-            shape = free.shape
-            coded_keys, coded_values = codec.decode(codec.encode(free, v[:, :, start:]), shape, torch.float32)
+            coded_keys, coded_values = codec.decode(codec.encode(free, v[:, :, start:]), free.shape, torch.float32)
             coded = (torch.cat([k[:, :, :start], rope.apply(layer, coded_keys, positions[:, start:], k.dtype)], dim=2),
                      torch.cat([v[:, :, :start], coded_values.to(v.dtype)], dim=2))
             error[layer, 0] += _coordinate_error(basis.keys[layer], free, coded_keys)
@@ -167,12 +169,12 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
         metadata["metric"] = "attention"
         key_metrics, value_metrics = attention_metrics(loaded, queries.means())
     tensors = Basis.fit([torch.cat(k) for k in keys], [torch.cat(v) for v in values], key_metrics, value_metrics)
-    basis = Basis.save(tensors, metadata, path)
-    if not weight_samples:
-        return basis
-    weights = layer_weights(loaded, basis, samples[:weight_samples], progress=progress)
-    for layer, (key_weight, value_weight) in enumerate(weights.tolist()):
-        tensors[f"keys.{layer}.weight"] = torch.tensor([key_weight])
-        tensors[f"values.{layer}.weight"] = torch.tensor([value_weight])
-    metadata.update(weight_samples=weight_samples, weight_bits=1.0, weight_measure="teacher-forced KL per coordinate error")
+    if weight_samples:  # measured with the basis in memory: `path` is written once, whole
+        basis = Basis.from_bytes(Basis.serialize(tensors, metadata))
+        weights = layer_weights(loaded, basis, samples[:weight_samples], WEIGHT_BITS, progress=progress)
+        for layer, (key_weight, value_weight) in enumerate(weights.tolist()):
+            tensors[f"keys.{layer}.weight"] = torch.tensor([key_weight])
+            tensors[f"values.{layer}.weight"] = torch.tensor([value_weight])
+        metadata.update(weight_samples=weight_samples, weight_bits=WEIGHT_BITS,
+                        weight_measure="teacher-forced KL per coordinate error")
     return Basis.save(tensors, metadata, path)

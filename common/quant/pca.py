@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 
 from common.quant import packing
 from common.quant.base import QuantError, check_finite
@@ -113,19 +113,28 @@ class Basis:
         return tensors
 
     @staticmethod
+    def serialize(tensors: dict[str, torch.Tensor], metadata: dict) -> bytes:
+        """The file's bytes: the fitted tensors, and the metadata as JSON strings."""
+        return save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: json.dumps(v) for k, v in metadata.items()})
+
+    @staticmethod
     def save(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Basis:
         """Write the fitted tensors (and metadata) to `path`; the basis as a node will load it."""
-        Path(path).write_bytes(save({k: v.contiguous() for k, v in tensors.items()},
-                                    metadata={k: json.dumps(v) for k, v in metadata.items()}))
-        return Basis.load(path)
+        raw = Basis.serialize(tensors, metadata)
+        Path(path).write_bytes(raw)
+        return Basis.from_bytes(raw, str(path))
 
     @classmethod
     def load(cls, path: Path) -> Basis:
-        raw = Path(path).read_bytes()
+        return cls.from_bytes(Path(path).read_bytes(), str(path))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, name: str = "basis") -> Basis:
+        """The basis in a safetensors file's bytes (`name` for errors); its digest is theirs."""
         digest = hashlib.sha256(raw).hexdigest()[:HASH_CHARS]
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        tensors = load_bytes(raw)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # safetensors: u64 length, JSON header
+        metadata = {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
         layers = len({k.split(".")[1] for k in tensors if k.startswith("keys.")})
 
         def part(name: str, layer: int) -> TensorBasis:
@@ -136,10 +145,10 @@ class Basis:
         names = [f"{name}.{layer}.weight" for layer in range(layers) for name in ("keys", "values")]
         if any(n in tensors for n in names):
             if not all(n in tensors and tensors[n].numel() == 1 for n in names):
-                raise ValueError(f"{path}: layer weights must be one number per layer for keys and for values")
+                raise ValueError(f"{name}: layer weights must be one number per layer for keys and for values")
             weights = torch.cat([tensors[n].double().flatten() for n in names]).view(layers, 2)
             if not (torch.isfinite(weights).all() and (weights > 0).all()):
-                raise ValueError(f"{path}: layer weights must be positive and finite")
+                raise ValueError(f"{name}: layer weights must be positive and finite")
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
                    metadata, weights)
 

@@ -82,7 +82,8 @@ def entropy_study(loaded: LoadedModel, samples: list[Sample], profiles: list[Pro
                 payload = codec.encode(k, v, p)
                 found = _streams(codec.codec, payload, tuple(k.shape))
                 if found is None:
-                    raise ValueError(f"{profile}: its codec has no code symbols to model")
+                    raise ValueError(f"{profile}: its codec has no fixed-width code symbols to model "
+                                     "(an entropy-coded pca:...:e stage is already range-coded)")
                 symbols, ids, bits, other_bytes = found
                 streams = int(ids.max()) + 1
                 counts = torch.zeros(streams * 2**bits, dtype=torch.float64)

@@ -29,11 +29,14 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            re-applies it (KVQuant). A no-op where the layer is sent raw.
     rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
                            before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
-    pca:bB[:kK|:w][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
+    pca:bB[:kK|:w[:e]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
                            PCA basis, B bits per element on average allocated over the components
                            (zero bits: dropped), K of them per key element (default B; the values
                            get 2B - K); w: allocated over all the layers the stage codes at once,
-                           by the basis's calibrated layer weights (the answer's sensitivity); the basis is
+                           by the basis's calibrated layer weights (the answer's sensitivity); e (with
+                           w): entropy-coded instead, one weighted step for every component, range-coded
+                           under the basis's model, B bits per element expected (the data sets the
+                           actual rate; `common.quant.pca_entropy`); the basis is
                            the one `kvwire calibrate --basis` shipped, named by its hash (the sender
                            fills it in). Takes no other precision stage; per-layer overrides apply,
                            and so do per-layer bits: pca:b0.5+pca:b2@13-24 (KVTuner's per-layer budget).
@@ -69,6 +72,7 @@ from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
 from common.quant.pca import HASH_CHARS, MAX_BITS, PCACodec
+from common.quant.pca_entropy import EntropyPCACodec
 from common.quant.rotation import MAX_SEED
 from common.quant.transform import CodecContext, LayerCodec
 from common.select import GRANULARITIES, METHODS, Selection
@@ -119,6 +123,7 @@ class PCAStage:
     key_bits: float | None = None  # bits per key element; the values get 2 * bits - key_bits (default: bits each)
     digest: str | None = None  # None until the sender binds its basis (Profile.bind)
     weighted: bool = False  # bits allocated over all the stage's layers by the basis's layer weights
+    entropy: bool = False  # one weighted step for every component, range-coded (needs weighted)
 
     def __str__(self) -> str:
         parts = [f"pca:b{_exact(self.bits)}"]
@@ -126,6 +131,8 @@ class PCAStage:
             parts.append(f"k{_exact(self.key_bits)}")
         if self.weighted:
             parts.append("w")
+        if self.entropy:
+            parts.append("e")
         if self.digest:
             parts.append(f"h{self.digest}")
         return ":".join(parts)
@@ -207,6 +214,11 @@ class Profile:
         return None
 
     @property
+    def entropy_coded(self) -> bool:
+        """Whether a pca stage of the profile range-codes its own payload (pca:...:e)."""
+        return self.pca is not None and any(stage.entropy for stage in self._pca_stages)
+
+    @property
     def _pca_stages(self) -> list[PCAStage]:
         return [self.pca] + [stage for _, _, stage in self.pca_layers]
 
@@ -237,7 +249,8 @@ class Profile:
             stage = self._pca_stages[group]
             pool = (tuple(i for i in range(context.basis.num_layers) if self._pca_group(i) == group)
                     if stage.weighted else None)
-            codec = PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool)
+            codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool) if stage.entropy
+                     else PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool))
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
 
@@ -497,10 +510,14 @@ def _parse_rotation(options: list[str], stage: str) -> int:
 
 
 def _parse_pca(options: list[str], stage: str) -> PCAStage:
-    weighted = "w" in options
-    if options.count("w") > 1:
-        raise ProfileError(f"{stage!r}: repeated option 'w'")
-    options = [o for o in options if o != "w"]
+    flags = {flag: flag in options for flag in ("w", "e")}
+    for flag in flags:
+        if options.count(flag) > 1:
+            raise ProfileError(f"{stage!r}: repeated option {flag!r}")
+    weighted, entropy = flags["w"], flags["e"]
+    if entropy and not weighted:
+        raise ProfileError(f"{stage!r}: e (entropy coding) steps every component by the layer weights; add w")
+    options = [o for o in options if o not in flags]
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
                                       "h": "HASH of the basis"})
     if "b" not in found:
@@ -516,7 +533,7 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
     digest = found.get("h")
     if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
         raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
-    return PCAStage(bits, key_bits, digest, weighted)
+    return PCAStage(bits, key_bits, digest, weighted, entropy)
 
 
 def _parse_text(options: list[str], stage: str) -> set[str]:

@@ -196,7 +196,8 @@ class Encoder:
         for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
             tier = slice(first, last)
             raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step))
-            payloads = _compressing(os.getpid(), self.zstd_threads).map(_compress, [self.zstd_level] * len(raws), raws)
+            compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
+            payloads = _compressing(os.getpid(), self.zstd_threads).map(compress, raws)
             for start, raw, payload in zip(range(first, last, step), raws, payloads):
                 end = min(start + step, last)
                 if len(payload) > MAX_CHUNK_BYTES:
@@ -484,7 +485,8 @@ class Assembler:
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
         try:
-            raw = bounded_decompress(chunk.payload, expected)
+            raw = (codec.codec.decompress(chunk.payload, expected) if codec.entropy_coded
+                   else bounded_decompress(chunk.payload, expected))
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
         # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)

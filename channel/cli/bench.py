@@ -251,6 +251,10 @@ def bench_entropy(
     from common.models import load_model
 
     names = _parse_profiles(profiles)
+    coded = [str(p) for p in names if p.entropy_coded]
+    if coded:
+        raise typer.BadParameter(f"{', '.join(coded)}: already range-coded (pca:...:e); this bench models "
+                                 "fixed-width codes", param_hint="--profiles")
     loaded = load_model(model)
     dataset = load_squad(data, limit=samples)
     with Progress(console=console, transient=True) as progress:

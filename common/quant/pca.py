@@ -74,7 +74,7 @@ class Basis:
                  weights: torch.Tensor | None = None):
         self.keys, self.values, self.digest, self.metadata = keys, values, digest, metadata
         self.weights = weights  # (layers, 2): the KL per unit of coordinate error of keys and values, or None
-        self._pooled: dict = {}
+        self._derived: dict = {}
 
     @property
     def num_layers(self) -> int:
@@ -152,20 +152,28 @@ class Basis:
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
                    metadata, weights)
 
+    def cached(self, key, compute):
+        """compute(), once per `key`: what both nodes derive from the basis (allocations, entropy models)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
+
+    def pooled_weights(self, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The std and the layer weight of every component of `layers`, keys' then values' per layer, float64."""
+        if self.weights is None:
+            raise ValueError(f"basis {self.digest} holds no layer weights (fit them with kvwire calibrate --basis --weights)")
+        std = torch.cat([torch.cat([self.keys[i].std, self.values[i].std]) for i in layers]).double()
+        width = std.numel() // len(layers) // 2
+        weight = torch.cat([self.weights[i].repeat_interleave(width) for i in layers])
+        return std, weight
+
     def pooled_bits(self, layers: tuple[int, ...], bits_per_element: float) -> dict[int, torch.Tensor]:
         """Per layer of `layers`, the bits of its 2D components (keys', then values'), allocated over all of
         them at once on the weighted gains, `bits_per_element` on average; computed once per (layers, bits)."""
-        if self.weights is None:
-            raise ValueError(f"basis {self.digest} holds no layer weights (fit them with kvwire calibrate --basis --weights)")
-        key = (layers, bits_per_element)
-        if key not in self._pooled:
-            std = torch.cat([torch.cat([self.keys[i].std, self.values[i].std]) for i in layers])
-            width = std.numel() // len(layers) // 2
-            weight = torch.cat([self.weights[i].repeat_interleave(width) for i in layers])
-            bits = allocate(std, bits_per_element, weight).view(len(layers), 2 * width)
-            self._pooled[key] = dict(zip(layers, bits))
-        return self._pooled[key]
-
+        def compute():
+            std, weight = self.pooled_weights(layers)
+            return dict(zip(layers, allocate(std, bits_per_element, weight).view(len(layers), -1)))
+        return self.cached(("bits", layers, bits_per_element), compute)
 
 def allocate(std: torch.Tensor, bits_per_element: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Bits per component (int64, each 0..MAX_BITS) for components of standard deviation `std`,
@@ -216,27 +224,19 @@ class PCACodec:
         return torch.tensor(STEP, device=device)[self.bits.to(device)] * std
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        _, heads, tokens, dim = keys.shape
-        check_finite(keys, limit=None)
-        check_finite(values, limit=None)
-        device = keys.device
-        coords = []
-        for part, basis in ((keys, self.keys), (values, self.values)):
-            mean, analysis, _, _ = basis.on(device)
-            coords.append((part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - mean) @ analysis)
-        coords = torch.cat(coords, dim=1)  # (tokens, 2D)
-        steps = self._steps(device)
+        coords = coordinates(keys, values, self.keys, self.values)  # (tokens, 2D)
+        steps = self._steps(keys.device)
         pieces = []
         for b, idx in self.widths():
-            idx = idx.to(device)
+            idx = idx.to(keys.device)
             codes = torch.floor(coords[:, idx] / steps[idx]) + 2 ** (b - 1)
             pieces.append(packing.pack(codes.clamp(0, 2**b - 1).to(torch.uint8), b))
-        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=keys.device)
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):
             raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
-        _, heads, tokens, dim = shape
+        tokens = shape[2]
         device = payload.device
         steps = self._steps(device)
         coords = torch.zeros(tokens, self.bits.numel(), device=device)
@@ -247,10 +247,29 @@ class PCACodec:
             idx = idx.to(device)
             coords[:, idx] = (codes.float() - 2 ** (b - 1) + 0.5) * steps[idx]
             offset += size
-        width = heads * dim
-        out = []
-        for part, basis in ((coords[:, :width], self.keys), (coords[:, width:], self.values)):
-            mean, _, directions, _ = basis.on(device)
-            x = mean + part @ directions.T
-            out.append(x.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype))
-        return out[0], out[1]
+        return synthesize(coords, self.keys, self.values, shape, dtype)
+
+
+def coordinates(keys: torch.Tensor, values: torch.Tensor, key_basis: TensorBasis, value_basis: TensorBasis) -> torch.Tensor:
+    """keys, values (1, kv_heads, tokens, head_dim) -> each token's coordinates (tokens, 2D), keys' then values'."""
+    _, heads, tokens, dim = keys.shape
+    check_finite(keys, limit=None)
+    check_finite(values, limit=None)
+    coords = []
+    for part, basis in ((keys, key_basis), (values, value_basis)):
+        mean, analysis, _, _ = basis.on(keys.device)
+        coords.append((part[0].float().transpose(0, 1).reshape(tokens, heads * dim) - mean) @ analysis)
+    return torch.cat(coords, dim=1)
+
+
+def synthesize(coords: torch.Tensor, key_basis: TensorBasis, value_basis: TensorBasis, shape: tuple[int, ...],
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates (tokens, 2D) -> keys, values of `shape` (1, kv_heads, tokens, head_dim) in `dtype`."""
+    _, heads, tokens, dim = shape
+    width = heads * dim
+    out = []
+    for part, basis in ((coords[:, :width], key_basis), (coords[:, width:], value_basis)):
+        mean, _, directions, _ = basis.on(coords.device)
+        x = mean + part @ directions.T
+        out.append(x.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype))
+    return out[0], out[1]

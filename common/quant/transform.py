@@ -16,6 +16,7 @@ import torch
 from common.quant import rotation
 from common.quant.kv import KVCodec, each_range
 from common.quant.pca import Basis, PCACodec
+from common.quant.pca_entropy import EntropyPCACodec
 from common.quant.rope import Rope
 
 
@@ -32,7 +33,7 @@ class CodecContext:
 @dataclass(frozen=True)
 class LayerCodec:
     layer: int
-    codec: KVCodec | PCACodec
+    codec: KVCodec | PCACodec | EntropyPCACodec
     rope: Rope | None = None  # remove RoPE from the keys first
     rotation: int | None = None  # the seed of a Hadamard rotation of keys and values
 
@@ -42,6 +43,11 @@ class LayerCodec:
 
     def payload_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return self.codec.payload_size(shape, dtype)
+
+    @property
+    def entropy_coded(self) -> bool:
+        """Whether the codec compresses its raw payload itself (`compress`, `decompress`) instead of zstd."""
+        return isinstance(self.codec, EntropyPCACodec)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens)."""

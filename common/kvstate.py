@@ -20,6 +20,10 @@ class KVState:
     values: list[torch.Tensor]
     positions: list[torch.Tensor]
     seq_len: int
+    # Per layer, each position's share of the question's attention ((positions,), indexed by position;
+    # summed over heads): what a pca:...:e:iG stage steps tokens by. The sender's prefill fills it in
+    # when a profile asks; positions index it, so every view of the state keeps it as it is.
+    importance: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         if not (len(self.keys) == len(self.values) == len(self.positions)):
@@ -60,7 +64,7 @@ class KVState:
             keys.append(k[:, :, lo:hi])
             values.append(v[:, :, lo:hi])
             positions.append(p[:, lo:hi])
-        return KVState(keys, values, positions, end)
+        return KVState(keys, values, positions, end, self.importance)
 
     def before(self, end: int) -> KVState:
         """The kept tokens at positions before `end`, in the order kept (every head of a layer must keep
@@ -75,7 +79,7 @@ class KVState:
             keys.append(k[0][mask].view(1, heads, count, k.shape[-1]))
             values.append(v[0][mask].view(1, heads, count, v.shape[-1]))
             positions.append(p[mask].view(heads, count))
-        return KVState(keys, values, positions, min(end, self.seq_len))
+        return KVState(keys, values, positions, min(end, self.seq_len), self.importance)
 
     def in_position_order(self) -> KVState:
         """Each head's kept tokens sorted by position (importance tiers arrive most important first)."""
@@ -86,7 +90,7 @@ class KVState:
             keys.append(k.gather(2, index))
             values.append(v.gather(2, index))
             positions.append(p)
-        return KVState(keys, values, positions, self.seq_len)
+        return KVState(keys, values, positions, self.seq_len, self.importance)
 
     def extend(self, other: KVState) -> KVState:
         """This state followed by `other`, whose positions come after this one's `seq_len`."""

@@ -72,7 +72,7 @@ from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
 from common.quant.pca import HASH_CHARS, MAX_BITS, PCACodec
-from common.quant.pca_entropy import EntropyPCACodec
+from common.quant.pca_entropy import MAX_STRENGTH, EntropyPCACodec
 from common.quant.rotation import MAX_SEED
 from common.quant.transform import CodecContext, LayerCodec
 from common.select import GRANULARITIES, METHODS, Selection
@@ -124,6 +124,7 @@ class PCAStage:
     digest: str | None = None  # None until the sender binds its basis (Profile.bind)
     weighted: bool = False  # bits allocated over all the stage's layers by the basis's layer weights
     entropy: bool = False  # one weighted step for every component, range-coded (needs weighted)
+    importance: float = 0.0  # with entropy: how far the question's attention moves each token's step
 
     def __str__(self) -> str:
         parts = [f"pca:b{_exact(self.bits)}"]
@@ -133,6 +134,8 @@ class PCAStage:
             parts.append("w")
         if self.entropy:
             parts.append("e")
+        if self.importance:
+            parts.append(f"i{_exact(self.importance)}")
         if self.digest:
             parts.append(f"h{self.digest}")
         return ":".join(parts)
@@ -214,6 +217,12 @@ class Profile:
         return None
 
     @property
+    def needs_importance(self) -> bool:
+        """Whether a pca stage steps each token by the question's attention (pca:...:e:iG): the sender
+        captures that attention in its prefill (query-aware) and hands it to the wire in the KVState."""
+        return self.pca is not None and any(stage.importance for stage in self._pca_stages)
+
+    @property
     def entropy_coded(self) -> bool:
         """Whether a pca stage of the profile range-codes its own payload (pca:...:e)."""
         return self.pca is not None and any(stage.entropy for stage in self._pca_stages)
@@ -249,7 +258,7 @@ class Profile:
             stage = self._pca_stages[group]
             pool = (tuple(i for i in range(context.basis.num_layers) if self._pca_group(i) == group)
                     if stage.weighted else None)
-            codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool) if stage.entropy
+            codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool, stage.importance) if stage.entropy
                      else PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool))
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
@@ -519,7 +528,7 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
         raise ProfileError(f"{stage!r}: e (entropy coding) steps every component by the layer weights; add w")
     options = [o for o in options if o not in flags]
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
-                                      "h": "HASH of the basis"})
+                                      "h": "HASH of the basis", "i": "STRENGTH of the question's attention (0..4]"})
     if "b" not in found:
         raise ProfileError(f"{stage!r}: give the bits per element, e.g. pca:b2")
     bits = _number(found["b"], stage, "bits per element", 0, MAX_BITS)
@@ -533,7 +542,14 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
     digest = found.get("h")
     if digest is not None and not re.fullmatch(f"[0-9a-f]{{{HASH_CHARS}}}", digest):
         raise ProfileError(f"{stage!r}: a basis hash is {HASH_CHARS} hex digits")
-    return PCAStage(bits, key_bits, digest, weighted, entropy)
+    strength = 0.0
+    if "i" in found:
+        if not entropy:
+            raise ProfileError(f"{stage!r}: i (per-token steps by the question's attention) needs e, e.g. pca:b2:w:e:i1")
+        strength = _number(found["i"], stage, "importance strength", 0, MAX_STRENGTH)
+        if strength == 0:
+            raise ProfileError(f"{stage!r}: the importance strength must be positive (leave i out for none)")
+    return PCAStage(bits, key_bits, digest, weighted, entropy, strength)
 
 
 def _parse_text(options: list[str], stage: str) -> set[str]:

@@ -185,17 +185,19 @@ class Encoder:
         """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
         profile = profile.bind(self.context)
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-            yield from self.layer_chunks(layer, keys, values, positions, profile)
+            yield from self.layer_chunks(layer, keys, values, positions, profile,
+                                         kv.importance[layer] if kv.importance else None)
 
     def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     profile: Profile) -> Iterator[pb.Frame]:
+                     profile: Profile, importance: torch.Tensor | None = None) -> Iterator[pb.Frame]:
         """One layer's keys and values (1, kv_heads, kept, head_dim) at `positions` (kv_heads, kept),
-        encoded where they are (CPU or GPU); only the packed bytes come to the host."""
+        encoded where they are (CPU or GPU); only the packed bytes come to the host. `importance`: the
+        layer's share of the question's attention per position, for a pca:...:e:iG stage."""
         _, heads, kept, head_dim = keys.shape
         step = chunk_tokens(heads, head_dim, keys.dtype)
         for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
             tier = slice(first, last)
-            raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step))
+            raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance))
             compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
             payloads = _compressing(os.getpid(), self.zstd_threads).map(compress, raws)
             for start, raw, payload in zip(range(first, last, step), raws, payloads):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.kvstate import KVState, prefill
 from common.models import LoadedModel
@@ -12,6 +12,8 @@ from common.prompts import Prompt, build_prompt
 from common.select import METHODS, AttentionStats, SelectionError, apply_selection
 from common.select.budgets import shipped_sensitivities
 from common.select.stats import collecting
+
+QUESTION = "question"  # the attention row set of the question's tokens (see AttentionStats)
 
 
 @dataclass
@@ -63,10 +65,17 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     for profile in profiles:
         if profile.selection is not None:
             row_sets.update(profile.selection.needs(seq_len, context_len))
+    importance = any(profile.needs_importance for profile in profiles)
+    if importance:
+        if not query_aware:
+            raise SelectionError("pca:...:e:iG steps tokens by the question's attention: send query-aware")
+        row_sets[QUESTION] = range(context_len, seq_len)
     stats = AttentionStats(row_sets) if row_sets else None
     start = time.perf_counter()
     with collecting(stats):
         kv = prefill(loaded.model, prompt.ids[:seq_len])
+    if importance:  # each position's share of the question's attention, summed over heads
+        kv = replace(kv, importance=[stats.layer(QUESTION, layer).float().sum(0) for layer in range(kv.num_layers)])
     return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)
 
 

@@ -51,7 +51,8 @@ DEFAULT_SWEEP_PROFILES = ("fp16,int8,int4:g32,int3,int2,nf4,svd:r32+int8,q2c:0.7
                           "q2c:0.25+int4:g32,q2c:0.5+int8,snapkv:0.5+int4:g32,int4:g32+prerope+rot,"
                           "q2c:1+pca:b0.5+tier:0.1:int4,pca:b1+protect:s4,pca:b2.5+protect:s4,"
                           "q2c:1+pca:b3:k2.5+tier:0.15:int8,pca:b0.65:w+text,pca:b1.05+pca:b1.9@13-24+text,"
-                          "pca:b1.35:w+text,pca:b2.8:w+text,pca:b5.5:w+text")
+                          "pca:b1.35:w+text,pca:b2.8:w+text,pca:b5.5:w+text,pca:b0.8:w:e:i1+text,"
+                          "pca:b1.75:w:e:i1+text,pca:b3.1:w:e:i1+text,pca:b4.8:w:e+text")
 
 
 @app.command("sweep")
@@ -202,7 +203,13 @@ DEFAULT_FRONTIER_PROFILES = (
     "pca:b0.6+text,pca:b0.7+text,pca:b1.35+text,pca:b1.4+text,pca:b1.05+pca:b1.9@13-24+text,pca:b1.4:k1.1+text,"
     "pca:b2.8+text,pca:b2.2+pca:b3.6@13-24+text,pca:b5.5+text,int4:g32+text,q2c:1+pca:b0.6+tier:0.1:int4+text:q,"
     # round 5: the basis fitted for attention's error, with layer weights (pca:w: bits over all layers by them)
-    "pca:b0.65:w+text,pca:b1.3:w+text,pca:b1.35:w+text,pca:b1.4:w+text,pca:b2.75:w+text,pca:b2.8:w+text,pca:b5.5:w+text")
+    "pca:b0.65:w+text,pca:b1.3:w+text,pca:b1.35:w+text,pca:b1.4:w+text,pca:b2.75:w+text,pca:b2.8:w+text,pca:b5.5:w+text,"
+    # round 6: entropy-coded (pca:w:e: one weighted step for every component, range-coded), and with each
+    # token's step set by the question's attention (pca:w:e:i1)
+    "pca:b0.55:w:e+text,pca:b0.6:w:e+text,pca:b1.2:w:e+text,pca:b1.25:w:e+text,pca:b2.4:w:e+text,pca:b2.5:w:e+text,"
+    "pca:b4.8:w:e+text,pca:b5:w:e+text,pca:b0.8:w:e:i1+text,pca:b0.85:w:e:i1+text,pca:b1.7:w:e:i1+text,"
+    "pca:b1.75:w:e:i1+text,pca:b3.1:w:e:i1+text,pca:b3.4:w:e:i1+text,pca:b3.5:w:e:i1+text,pca:b5.5:w:e:i1+text,"
+    "pca:b6.5:w:e:i1+text")
 
 
 @app.command("frontier")
@@ -271,7 +278,8 @@ def calibrate(
     profiles: str = typer.Option("fp16,int8,int4:g32,int3,nf4,int4:g32+prerope+rot,q2c:0.75+int8,q2c:0.5+int8,"
                                  "q2c:0.5+int4:g32,q2c:0.25+int4:g32,q2c:0.25+int2,q2c:1+pca:b3:k2.5+tier:0.15:int8,"
                                  "pca:b1+protect:s4,q2c:1+pca:b0.5+tier:0.1:int4,pca:b1+protect:s4+pca:b2.5@13-24,"
-                                 "pca:b0.65:w+text,pca:b1.05+pca:b1.9@13-24+text,pca:b2.8:w+text,pca:b5.5:w+text",
+                                 "pca:b0.65:w+text,pca:b1.05+pca:b1.9@13-24+text,pca:b2.8:w+text,pca:b5.5:w+text,"
+                                 "pca:b0.8:w:e:i1+text,pca:b1.75:w:e:i1+text,pca:b3.1:w:e:i1+text,pca:b4.8:w:e+text",
                                  help="Profiles the planner may choose from."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),

@@ -43,9 +43,13 @@ from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
 ROUNDING = 0.2  # |c| / Delta in [i - 0.2, i + 0.8) codes as i: the zero bin spans +-0.8 steps
 TABLE_STEPS = 8  # model scales per octave
 MIN_TABLE, MAX_TABLE = -32, 80  # scales 2^(-4) .. 2^10 steps; below: dropped; above: the top table
+DROPPED = MIN_TABLE - 1  # the table of a component that does not travel
 TAIL = 30  # a table spans +-ceil(TAIL * scale) indices (Laplace tail e^-30), the int16 range at most
 INDEX_MAX = 2**15 - 1
 FREQUENCY_BITS = 24  # probabilities are rounded to multiples of 2^-24 before the coder quantizes them
+MAX_STRENGTH = 4.0  # pca:...:e:iG, G at most 4
+MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times the component's
+CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 
 
 def expected_bits(scale: torch.Tensor) -> torch.Tensor:
@@ -78,8 +82,12 @@ def table(index: int) -> tuple[constriction.stream.model.Categorical, int]:
     return constriction.stream.model.Categorical(frequencies / frequencies.sum(), perfect=False), top
 
 
+LIMITS = torch.tensor([float(table(index)[1]) for index in range(MIN_TABLE, MAX_TABLE + 1)])  # K of each table
+CLASS_MODEL = constriction.stream.model.Categorical(np.full(2 * MAX_CLASS + 1, 1 / (2 * MAX_CLASS + 1)), perfect=False)
+
+
 def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer of `layers`: each of its 2D components' step (float32) and table (int64, -1 dropped),
+    """Per layer of `layers`: each of its 2D components' step (float32) and table (int64, DROPPED if it does not travel),
     for `bits_per_element` expected over all of them; derived once per (layers, bits) from the basis."""
     def compute():
         std, weight = basis.pooled_weights(layers)
@@ -97,7 +105,7 @@ def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float)
                 break
         delta = high
         index = torch.round(torch.log2(spread / delta) * TABLE_STEPS).long()
-        tables = torch.where(index < MIN_TABLE, -1, index.clamp(max=MAX_TABLE))
+        tables = torch.where(index < MIN_TABLE, DROPPED, index.clamp(max=MAX_TABLE))
         steps = (delta / weight.sqrt()).float()
         width = std.numel() // len(layers)
         return {layer: (steps[i * width:(i + 1) * width], tables[i * width:(i + 1) * width])
@@ -107,83 +115,142 @@ def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float)
 
 @dataclass(frozen=True)
 class EntropyPCACodec:
-    """One layer's keys and values (1, kv_heads, tokens, head_dim) <-> range-coded indices in the basis."""
+    """One layer's keys and values (1, kv_heads, tokens, head_dim) <-> range-coded indices in the basis.
+
+    With an importance `strength` G > 0 each token has its own step: its class c (an int8 that
+    travels first in the payload) makes it 2^(-c/2) times the component's, and G/2 log2(a / mean a)
+    of the token's share a of the question's attention, rounded to half bits, is its class.
+    """
 
     keys: TensorBasis
     values: TensorBasis
     steps: torch.Tensor  # (2D,) float32: each component's step
-    tables: torch.Tensor  # (2D,) int64: each component's model, -1 if dropped
+    tables: torch.Tensor  # (2D,) int64: each component's model, DROPPED if it does not travel
+    strength: float = 0.0  # G: how far the question's attention moves a token's step (0: not at all)
 
     @classmethod
-    def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, pool: tuple[int, ...]) -> EntropyPCACodec:
+    def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, pool: tuple[int, ...],
+                  strength: float = 0.0) -> EntropyPCACodec:
         steps, tables = entropy_plan(basis, pool, bits_per_element)[layer]
-        return cls(basis.keys[layer], basis.values[layer], steps, tables)
+        return cls(basis.keys[layer], basis.values[layer], steps, tables, strength)
 
     @functools.cached_property
     def coded(self) -> torch.Tensor:
         """The indices of the components that travel."""
-        return (self.tables >= 0).nonzero().flatten()
+        return (self.tables != DROPPED).nonzero().flatten()
 
-    @functools.cached_property
-    def groups(self) -> list[tuple[int, np.ndarray]]:
-        """(table, positions among the coded components) for each table in use, in table order."""
-        used = self.tables[self.coded]
-        return [(int(t), (used == t).nonzero().flatten().numpy()) for t in torch.unique(used)]
+    @property
+    def per_token(self) -> bool:
+        """Whether tokens carry their own step class (and the payload starts with them)."""
+        return self.strength > 0 and self.coded.numel() > 0
 
-    @functools.cached_property
-    def limits(self) -> torch.Tensor:
-        """The largest index each coded component's table holds (float32)."""
-        return torch.tensor([float(table(int(t))[1]) for t in self.tables[self.coded]])
+    def classes(self, importance: torch.Tensor) -> torch.Tensor:
+        """Each token's step class (int8) from its share of the question's attention (tokens,)."""
+        share = importance.double().clamp(min=0)
+        share = share.clamp(min=1e-6 * float(share.mean()) + 1e-30)
+        extra = self.strength / 2 * torch.log2(share / share.mean())
+        return (2 * extra).round().clamp(-MAX_CLASS, MAX_CLASS).to(torch.int8)
+
+    def _tables(self, classes: np.ndarray) -> np.ndarray:
+        """(tokens, coded) the model of each index: the component's, moved by the token's class."""
+        return np.clip(self.tables[self.coded].numpy()[None, :] + CLASS_TABLES * classes[:, None].astype(np.int64),
+                       MIN_TABLE, MAX_TABLE)
 
     def payload_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return 2 * shape[2] * self.coded.numel()
+        return shape[2] * (2 * self.coded.numel() + self.per_token)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The raw payload: int16 indices, (tokens, coded components), as bytes."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw payload: the int16 indices (tokens, coded components), then the tokens' classes
+        (int8, with a strength), as bytes."""
+        if self.per_token and classes is None:
+            raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
         coords = coordinates(keys, values, self.keys, self.values)[:, self.coded.to(device)]
-        scaled = coords / self.steps[self.coded].to(device)
+        steps = self.steps[self.coded].to(device).expand(coords.shape[0], -1)
+        tables = self.tables[self.coded].expand(coords.shape[0], -1)
+        tail = torch.empty(0, dtype=torch.uint8, device=device)
+        if self.per_token:
+            classes = classes.to(torch.int8)
+            tables = torch.from_numpy(self._tables(classes.cpu().numpy()))
+            steps = steps * torch.exp2(-classes.to(device).float() / 2).unsqueeze(1)
+            tail = classes.to(device).view(torch.uint8)
+        scaled = coords / steps
         indices = torch.sign(scaled) * torch.floor(scaled.abs() + ROUNDING)
-        limits = self.limits.to(device)
-        return torch.maximum(torch.minimum(indices, limits), -limits).to(torch.int16).view(torch.uint8).flatten()
+        limits = LIMITS[(tables - MIN_TABLE).clamp(min=0)].to(device)
+        indices = torch.maximum(torch.minimum(indices, limits), -limits).to(torch.int16)
+        return torch.cat([indices.view(torch.uint8).flatten(), tail])
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):
             raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
         device = payload.device
         tokens = shape[2]
+        steps = self.steps[self.coded].to(device).expand(tokens, -1)
+        if self.per_token:
+            classes = payload[-tokens:].view(torch.int8)
+            if (classes.abs() > MAX_CLASS).any():
+                raise QuantError(f"a token class outside +-{MAX_CLASS}")
+            steps = steps * torch.exp2(-classes.float() / 2).unsqueeze(1)
+            payload = payload[:-tokens]
         indices = payload.view(torch.int16).view(tokens, self.coded.numel()).float()
         coords = torch.zeros(tokens, self.tables.numel(), device=device)
         values = indices + torch.sign(indices) * (0.5 - ROUNDING)  # each bin's midpoint
-        coords[:, self.coded.to(device)] = values * self.steps[self.coded].to(device)
+        coords[:, self.coded.to(device)] = values * steps
         return synthesize(coords, self.keys, self.values, shape, dtype)
+
+    def _split(self, raw_size: int) -> tuple[int, int]:
+        """(tokens, classes' bytes) of a raw payload of `raw_size` bytes (ValueError if none fits)."""
+        per = 2 * self.coded.numel() + self.per_token
+        if raw_size % per:
+            raise ValueError(f"{raw_size} raw bytes are not whole tokens of {per} bytes")
+        tokens = raw_size // per
+        return tokens, tokens * self.per_token
 
     def compress(self, raw: bytes) -> bytes:
         """The range code of a raw payload (its indices within their tables' ranges, as `encode` leaves them)."""
         if not self.coded.numel():
             return b""
-        indices = np.frombuffer(raw, dtype="<i2").reshape(-1, self.coded.numel())
+        tokens, tail = self._split(len(raw))
         encoder = constriction.stream.queue.RangeEncoder()
-        for index, positions in self.groups:
+        classes = np.zeros(tokens, dtype=np.int8)
+        if tail:  # the classes first: the decoder needs them to know the indices' models
+            classes = np.frombuffer(raw[len(raw) - tail:], dtype=np.int8)
+            encoder.encode(classes.astype(np.int32) + MAX_CLASS, CLASS_MODEL)
+        indices = np.frombuffer(raw[:len(raw) - tail], dtype="<i2")
+        for index, picked in _groups(self._tables(classes)):
             model, top = table(index)
-            symbols = indices[:, positions].astype(np.int32) + top
-            encoder.encode(symbols.reshape(-1), model)
+            encoder.encode(indices[picked].astype(np.int32) + top, model)
         return encoder.get_compressed().astype("<u4").tobytes()
 
     def decompress(self, blob: bytes, size: int) -> bytes:
         """The raw payload of `size` bytes a range code holds (ValueError if it cannot)."""
-        width = self.coded.numel()
-        if not width:
+        if not self.coded.numel():
             if blob or size:
                 raise ValueError(f"this layer codes no component, and the chunk holds {len(blob)} bytes for {size}")
             return b""
-        if len(blob) % 4 or size % (2 * width):
-            raise ValueError(f"a range code of {len(blob)} bytes for {size} raw bytes does not fit this stage")
-        tokens = size // 2 // width
-        indices = np.zeros((tokens, width), dtype="<i2")
+        tokens, tail = self._split(size)
+        if len(blob) % 4 or (size and not blob):
+            raise ValueError(f"a range code of {len(blob)} bytes is not whole 32-bit words")
         decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(blob, dtype="<u4").astype(np.uint32))
-        for index, positions in self.groups:
-            model, top = table(index)
-            symbols = decoder.decode(model, tokens * positions.size).reshape(tokens, positions.size)
-            indices[:, positions] = symbols - top
-        return indices.tobytes()
+        classes = np.zeros(tokens, dtype=np.int8)
+        indices = np.zeros(tokens * self.coded.numel(), dtype="<i2")
+        try:  # constriction asserts on a code no encoder could have written
+            if tail:
+                classes = (decoder.decode(CLASS_MODEL, tokens) - MAX_CLASS).astype(np.int8)
+            for index, picked in _groups(self._tables(classes)):
+                model, top = table(index)
+                indices[picked] = decoder.decode(model, picked.size) - top
+        except AssertionError as exc:
+            raise ValueError(f"not a range code of this stage: {exc}") from None
+        if not decoder.maybe_exhausted():
+            raise ValueError("the range code does not end where its indices do")
+        return indices.tobytes() + (classes.tobytes() if tail else b"")
+
+
+def _groups(tables: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(table, flat positions in row-major order) of each model in use, in table order: the order
+    in which both nodes code the indices."""
+    flat = tables.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    used, starts = np.unique(flat[order], return_index=True)
+    return [(int(index), order[lo:hi]) for index, lo, hi in zip(used, starts, [*starts[1:], flat.size])]

@@ -49,21 +49,36 @@ class LayerCodec:
         """Whether the codec compresses its raw payload itself (`compress`, `decompress`) instead of zstd."""
         return isinstance(self.codec, EntropyPCACodec)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens)."""
+    @property
+    def per_token(self) -> bool:
+        """Whether each token's step depends on its share of the question's attention (pca:...:e:iG)."""
+        return isinstance(self.codec, EntropyPCACodec) and self.codec.per_token
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               classes: torch.Tensor | None = None) -> torch.Tensor:
+        """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens); the tokens'
+        step classes where `per_token`."""
         if self.rope is not None:
             keys = self.rope.remove(self.layer, keys, positions)
         if self.rotation is not None:
             keys, values = rotation.rotate(keys, self.rotation), rotation.rotate(values, self.rotation)
-        return self.codec.encode(keys, values)
+        return self.codec.encode(keys, values, classes) if self.per_token else self.codec.encode(keys, values)
 
     def encode_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                      step: int) -> Iterator[bytes]:
-        """The payloads of tokens [0, step), [step, 2 * step), ..., as host bytes (KVCodec.encode_chunks)."""
+                      step: int, importance: torch.Tensor | None = None) -> Iterator[bytes]:
+        """The payloads of tokens [0, step), [step, 2 * step), ..., as host bytes (KVCodec.encode_chunks).
+        `importance`: each position's share of the question's attention, which a `per_token` codec needs."""
         if not self.transformed and isinstance(self.codec, KVCodec):
             yield from self.codec.encode_chunks(keys, values, step)
             return
-        yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part]),
+        classes = None
+        if self.per_token:
+            if importance is None:
+                raise ValueError(f"layer {self.layer}: pca:...:e:iG needs the question's attention, which this "
+                                 "cache does not carry (prefill it query-aware, with the profile)")
+            classes = self.codec.classes(importance.to(positions.device)[positions[0]])  # over the whole range
+        yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part],
+                                                       None if classes is None else classes[part]),
                               keys.shape[2], step)
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,

@@ -146,7 +146,7 @@ def apply_selection(
         keys[layer] = _gather(kv.keys[layer], index)
         values[layer] = _gather(kv.values[layer], index)
         positions[layer] = kv.positions[layer].gather(1, index)
-    return KVState(keys, values, positions, kv.seq_len)
+    return KVState(keys, values, positions, kv.seq_len, kv.importance)
 
 
 __all__ = ["GRANULARITIES", "METHODS", "AttentionStats", "Selection", "SelectionError", "apply_selection"]

@@ -1,6 +1,10 @@
 """Entropy-coded transform coding (pca:bB:w:e): the rate model, the range coder, the wire."""
 
 import math
+from dataclasses import replace
+import zlib
+
+import grpc
 
 import numpy as np
 import pytest
@@ -8,7 +12,9 @@ import torch
 
 from common import wire
 from common.profile import ProfileError, parse_profile
-from common.quant.pca_entropy import ROUNDING, EntropyPCACodec, entropy_plan, expected_bits, table
+import constriction
+
+from common.quant.pca_entropy import DROPPED, ROUNDING, EntropyPCACodec, entropy_plan, expected_bits, table
 from common.quant.transform import CodecContext
 from tests.common.quant.test_transforms import round_trip, setup, weighted  # noqa: F401 (a fixture)
 
@@ -40,18 +46,30 @@ def test_the_range_coder_reaches_the_model_rate_and_round_trips():
     assert codec.decompress(blob, len(raw)) == raw
     bits = 8 * len(blob) / q.size
     assert bits == pytest.approx(float(expected_bits(torch.tensor(scale, dtype=torch.float64))), rel=0.02)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="whole 32-bit words"):
         codec.decompress(blob[:-1], len(raw))
 
 
 def test_tables_are_rebuilt_identically():
-    model, top = table(-5)
-    table.cache_clear()
-    again, top_again = table(-5)
+    """A table built again codes the same symbols to the same bytes (both nodes build their own)."""
     q = laplace_indices(2.0 ** (-5 / 8), 10_000)
-    codec = EntropyPCACodec(None, None, torch.ones(1), torch.tensor([-5]))
-    raw = q.clip(-top, top).astype("<i2").tobytes()
-    assert top == top_again and codec.compress(raw) == codec.compress(raw)
+    codes = []
+    for _ in range(2):
+        table.cache_clear()
+        model, top = table(-5)
+        encoder = constriction.stream.queue.RangeEncoder()
+        encoder.encode(q.clip(-top, top).astype(np.int32) + top, model)
+        codes.append(encoder.get_compressed().tobytes())
+    assert codes[0] == codes[1] and len(codes[0]) > 0
+
+
+def test_components_below_one_step_still_travel():
+    """A component whose scale is under one step (a negative table) is coded, not dropped."""
+    codec = EntropyPCACodec(None, None, torch.ones(3), torch.tensor([-20, -1, DROPPED]))
+    assert codec.coded.tolist() == [0, 1]
+    q = np.stack([laplace_indices(2.0 ** (-20 / 8), 2000), laplace_indices(2.0 ** (-1 / 8), 2000, seed=3)], 1)
+    raw = q.astype("<i2").tobytes()
+    assert codec.decompress(codec.compress(raw), len(raw)) == raw
 
 
 def test_the_plan_spends_the_expected_bits_and_follows_the_weights(setup, tmp_path):
@@ -65,6 +83,12 @@ def test_the_plan_spends_the_expected_bits_and_follows_the_weights(setup, tmp_pa
         steps = torch.cat([plan[i][0] for i in pool]).double()
         rate = expected_bits(std * weight.sqrt() / math.sqrt(2) / (steps * weight.sqrt())).mean()
         assert float(rate) == pytest.approx(bits, rel=1e-6)
+        # what the codecs send is what the plan expects, within the few components it drops
+        sent = sum(float(expected_bits(s[c] / plan[i][0].double()[c]).sum())
+                   for i, s in ((i, heavy.pooled_weights((i,))[0] * heavy.pooled_weights((i,))[1].sqrt() / math.sqrt(2)
+                                 / heavy.pooled_weights((i,))[1].sqrt()) for i in pool)
+                   for c in [EntropyPCACodec.for_layer(heavy, i, bits, pool).coded])
+        assert sent / std.numel() == pytest.approx(bits, rel=0.02)
         # one step in the weighted metric: layer 1 (weight 100) is stepped 10 times finer
         assert torch.allclose(plan[1][0], plan[0][0] / 10)
     assert float(entropy_plan(heavy, pool, 3.0)[0][0][0]) < float(entropy_plan(heavy, pool, 1.0)[0][0][0])
@@ -110,16 +134,19 @@ def test_a_layer_weighed_to_nothing_codes_to_nothing(setup, tmp_path):
     assert torch.isfinite(back.keys[0]).all()
 
 
-def test_a_corrupt_range_code_is_data_loss(setup, tmp_path):
+@pytest.mark.parametrize("damage", ["cut a byte", "cut a word", "all ones", "empty"])
+def test_a_corrupt_range_code_is_data_loss(setup, tmp_path, damage):
     loaded, context, kv = setup
     basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
     ctx = CodecContext(context.rope, basis)
     frames = list(wire.encode(kv, parse_profile("pca:b2:w:e"), loaded.fingerprint, context=ctx))
     chunk = next(f.chunk for f in frames if f.WhichOneof("kind") == "chunk")
-    chunk.payload = chunk.payload[:-1]
-    chunk.crc32 = __import__("zlib").crc32(chunk.payload)
-    with pytest.raises(wire.WireError, match="does not decompress"):
+    chunk.payload = {"cut a byte": chunk.payload[:-1], "cut a word": chunk.payload[:-4],
+                     "all ones": b"\xff" * len(chunk.payload), "empty": b""}[damage]
+    chunk.crc32 = zlib.crc32(chunk.payload)
+    with pytest.raises(wire.WireError) as caught:  # the range code's own checks, or the trailer's count
         wire.decode(frames, loaded.fingerprint, context=ctx)
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS
 
 
 @pytest.mark.parametrize("spec,message", [("pca:b1:e", "add w"), ("pca:b1:w:e:e", "repeated"), ("pca:b1:k1:w:e", "drop k")])
@@ -132,3 +159,57 @@ def test_a_profile_says_whether_it_is_range_coded():
     assert parse_profile("pca:b1:w:e+text").entropy_coded
     assert parse_profile("pca:b1:w+pca:b2:w:e@1").entropy_coded
     assert not parse_profile("pca:b1:w+text").entropy_coded and not parse_profile("int4").entropy_coded
+
+
+def test_token_classes_follow_the_question_attention():
+    codec = EntropyPCACodec(None, None, torch.ones(1), torch.tensor([0]), strength=1.0)
+    assert codec.classes(torch.ones(5)).tolist() == [0] * 5
+    classes = codec.classes(torch.tensor([16.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+    assert classes[0] > 0 > classes[1] and classes[1] == classes[2] and classes[5] == -8  # no attention: the coarsest
+    assert EntropyPCACodec(None, None, torch.ones(1), torch.tensor([0]), strength=2.0).classes(
+        torch.tensor([16.0, 1.0, 1.0, 1.0, 1.0, 0.0]))[0] > classes[0]
+
+
+def test_per_token_steps_end_to_end(tiny_llama, tmp_path):
+    """The sender's prefill measures the question's attention; the tokens with the larger shares are
+    coded finer, their classes travel in the payload, and the receiver decodes what the codec encoded."""
+    from sender.prefill import prefill_prompt, select_tokens
+    from tests.common.quant.test_transforms import fitted_basis
+
+    basis = fitted_basis(tiny_llama, tmp_path / "b.safetensors")
+    basis = weighted(basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * basis.num_layers)
+    ctx = CodecContext.for_model(tiny_llama.model, basis)
+    profile = parse_profile("pca:b2:w:e:i1+text:q").bind(ctx)
+    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
+    kv = select_tokens(tiny_llama, pre, profile)
+    assert kv.importance is not None and len(kv.importance) == kv.num_layers
+    assert kv.importance[0].shape == (pre.kv.seq_len,) and float(kv.importance[0].sum()) > 0
+    # a random tiny model attends almost evenly; give the tokens shares a real model's question would
+    kv = replace(kv, importance=[torch.logspace(-2, 1, pre.kv.seq_len)] * kv.num_layers)
+    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint, context=ctx))
+    back = wire.decode(frames, tiny_llama.fingerprint, context=ctx)
+    codec = profile.layer_codec(0, ctx)
+    assert codec.per_token
+    shape = tuple(kv.keys[0].shape)
+    assert codec.payload_size(shape, kv.dtype) == shape[2] * (2 * codec.codec.coded.numel() + 1)
+    classes = codec.codec.classes(kv.importance[0][kv.positions[0][0]])
+    assert len(set(classes.tolist())) > 4
+    raw = codec.encode(kv.keys[0], kv.values[0], kv.positions[0], classes)
+    keys, values = codec.decode(raw, shape, kv.positions[0], kv.dtype)
+    assert torch.equal(keys, back.keys[0]) and torch.equal(values, back.values[0])
+    # finer classes, smaller errors: the top-class tokens against the bottom-class ones
+    error = (kv.values[0] - back.values[0]).square().mean(dim=(0, 1, 3))
+    top, bottom = classes == classes.max(), classes == classes.min()
+    assert float(error[top].mean()) < float(error[bottom].mean())
+    # a cache without the attention is refused with its reason, before anything is sent
+    with pytest.raises(ValueError, match="question's attention"):
+        list(wire.encode(replace(kv, importance=None), profile, tiny_llama.fingerprint, context=ctx))
+
+
+@pytest.mark.parametrize("spec,message", [("pca:b1:w:i1", "needs e"), ("pca:b1:w:e:i0", "positive"),
+                                          ("pca:b1:w:e:i5", "importance strength")])
+def test_bad_importance_is_refused(spec, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(spec)
+    assert str(parse_profile("pca:b1:w:e:i0.5+text")) == "pca:b1:w:e:i0.5+text:h:q"
+    assert parse_profile("pca:b1:w:e:i0.5").needs_importance and not parse_profile("pca:b1:w:e").needs_importance

@@ -29,14 +29,15 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            re-applies it (KVQuant). A no-op where the layer is sent raw.
     rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
                            before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
-    pca:bB[:kK|:w[:e]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
+    pca:bB[:kK|:w[:e[:iG]]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
                            PCA basis, B bits per element on average allocated over the components
                            (zero bits: dropped), K of them per key element (default B; the values
                            get 2B - K); w: allocated over all the layers the stage codes at once,
                            by the basis's calibrated layer weights (the answer's sensitivity); e (with
                            w): entropy-coded instead, one weighted step for every component, range-coded
                            under the basis's model, B bits per element expected (the data sets the
-                           actual rate; `common.quant.pca_entropy`); the basis is
+                           actual rate; `common.quant.pca_entropy`); iG (with e): each token's step set
+                           by its share of the question's attention, G how strongly (0 < G <= 4); the basis is
                            the one `kvwire calibrate --basis` shipped, named by its hash (the sender
                            fills it in). Takes no other precision stage; per-layer overrides apply,
                            and so do per-layer bits: pca:b0.5+pca:b2@13-24 (KVTuner's per-layer budget).
@@ -56,7 +57,7 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32,
-pca:b2.8:w+text.
+pca:b2.8:w+text, pca:b1.75:w:e:i1+text.
 """
 
 from __future__ import annotations

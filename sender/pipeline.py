@@ -203,6 +203,9 @@ class Sender:
         agreed, _ = self.negotiate(profile)
         if agreed.selection is not None or agreed.text_head or agreed.text_question:
             raise ValueError(f"{agreed}: pipelined streaming sends every token's cache, so no selection or text stage")
+        if agreed.needs_importance:
+            raise ValueError(f"{agreed}: per-token steps (pca:...:e:iG) need the question's attention in every layer, "
+                             "and pipelined streaming sends a layer before the question reaches the later ones; use ask")
         prompt = build_prompt(self.loaded.tokenizer, context, question)
         ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
         encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from common.kvstate import KVState, prefill
 from common.models import LoadedModel
 from common.profile import Profile
@@ -74,14 +76,18 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     start = time.perf_counter()
     with collecting(stats):
         kv = prefill(loaded.model, prompt.ids[:seq_len])
-    if importance:  # each position's share of the question's attention, summed over heads
-        kv = replace(kv, importance=[stats.layer(QUESTION, layer).float().sum(0) for layer in range(kv.num_layers)])
+    if importance:  # each position's share of the question's attention, summed over heads; the statistics
+        # skip sliding-window layers (Gemma-3), whose tokens then share one step
+        found = stats.mass.get(QUESTION, {})
+        even = torch.ones(kv.seq_len, device=kv.keys[0].device)
+        kv = replace(kv, importance=[found[layer].float().sum(0) if layer in found else even for layer in range(kv.num_layers)])
     return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)
 
 
 def needs_question(profile: Profile) -> bool:
-    """Whether the profile's selection reads the question's attention (so the question must be in the cache)."""
-    return profile.selection is not None and METHODS[profile.selection.method].needs_question
+    """Whether the profile reads the question's attention (its selection, or pca:...:e:iG's per-token
+    steps), so the sender must prefill the question (query-aware)."""
+    return profile.needs_importance or (profile.selection is not None and METHODS[profile.selection.method].needs_question)
 
 
 def select_tokens(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:

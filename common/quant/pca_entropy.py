@@ -9,10 +9,16 @@ Delta_j = Delta / sqrt(weight_j) with the basis's layer weights, and an index pe
 
 (ROUNDING < 1/2 widens the zero bin: small coordinates cost almost nothing), decoded at the middle
 of each bin. The answer's KL, unlike the squared error, punishes shrinking coordinates toward the
-mean (attention flattens), so the bins' middles beat their centroids; on SmolLM2's tuning
-questions ROUNDING 0.2 beat 0.35 and 0.5 at every rate (results/frontier/round6_*). A component of
-small spread then costs a fraction of a bit, which a whole-bit allocation cannot give it, and a
-strong one gets as many levels as it needs, with no clipping range to overflow.
+mean (attention flattens), so the bins' middles beat their lower edges; ROUNDING 0.2 matched or
+beat 0.35 and 0.5 on SmolLM2's tuning questions (results/frontier/round6_dropbug_scan_*, measured
+while components under one step were wrongly dropped). A component of small spread then costs a
+fraction of a bit, which a whole-bit allocation cannot give it, and a strong one gets as many levels
+as it needs (clipped only beyond +-30,720 steps, B above about 7).
+
+Per-token steps (`pca:bB:w:e:iG`): the question's attention says which tokens the answer reads. The
+sender's prefill measures each position's share a of it per layer (`KVState.importance`); a token
+of class c = round(G log2(a / mean a)) (+-MAX_CLASS) is stepped 2^(-c/2) finer, its indices coded
+under the model half an octave wider per class, and the classes travel after the indices.
 
 The indices are range-coded (`constriction`) under a static model both nodes derive from the
 basis: a Laplace distribution of the component's calibrated spread, quantized into the same
@@ -22,9 +28,16 @@ scale falls below the grid is dropped (its index would be 0 nearly always). Delt
 from the basis alone, so that the model's expected rate over the stage's components is B bits
 per element; the actual rate follows the data.
 
-On the wire a chunk's raw payload is its indices, int16, (tokens, coded components) row-major;
-the range coder, not zstd, compresses it (`compress`, `decompress`), and the receiver checks the
-decoded size like any other.
+On the wire a chunk's raw payload is its indices, int16, (tokens, coded components) row-major, then
+the tokens' classes (int8) with `iG`; the range coder, not zstd, compresses it (`compress`,
+`decompress`), and the receiver checks the decoded size like any other. A code no encoder could
+write is a ValueError (DATA_LOSS on the wire); one cut short may decode to wrong indices, which the
+trailer's byte count then catches. Data far off the model could code to more than the raw size; a
+chunk over MAX_CHUNK_BYTES is refused at the sender.
+
+Both nodes derive the steps and tables from the basis in float64 on the CPU; a table index is a
+rounded log2, so two machines whose exp/log2 differ in the last bit could disagree only for a scale
+within one ulp of a rounding boundary. Nothing checks for that.
 """
 
 from __future__ import annotations

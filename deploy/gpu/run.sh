@@ -3,7 +3,10 @@
 # root, with the Python wheels kvwire needs in .whl/ and SmolLM2's GGUF file split in three parts
 # (.gguf1/a .gguf2/b .gguf3/c, `split -b 33000000`: one transfer to that machine carries 64 MiB
 # with the tree), brought over one per call while the machine stays warm:
-#   deploy/gpu/run.sh install       # the wheels, into /tmp/site (and .data/, a SQuAD file, into /tmp/data)
+#   deploy/gpu/run.sh wheels .whl_t # keep some wheels in /tmp/whl first when the tree and .whl/ together pass
+#                                   # 64 MiB (session 9: transformers' wheel went over alone)
+#   deploy/gpu/run.sh install       # the wheels (.whl/ and /tmp/whl), into /tmp/site (and .data/, a SQuAD file,
+#                                   # into /tmp/data); constriction's wheel is among them (pca:...:e)
 #   deploy/gpu/run.sh part .gguf1   # keep a part in /tmp/parts (carried paths vanish on the next call)
 #   deploy/gpu/run.sh kernels OUT   # Triton kernels against torch, and codec throughput
 #   python3 deploy/gpu/kernel_sweep.py   # tile shapes of the fast kernels (after install; PYTHONPATH as below)
@@ -39,9 +42,13 @@ case "$1" in
 part)
   mkdir -p /tmp/parts && cp "$2"/* /tmp/parts/
   ;;
+wheels)
+  mkdir -p /tmp/whl && cp "$2"/*.whl /tmp/whl/
+  ;;
 install)
   if [ -d .data ]; then mkdir -p /tmp/data && cp .data/* /tmp/data/; fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $(ls /tmp/whl/*.whl 2>/dev/null)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   ;;

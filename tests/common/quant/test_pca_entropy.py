@@ -213,3 +213,14 @@ def test_bad_importance_is_refused(spec, message):
         parse_profile(spec)
     assert str(parse_profile("pca:b1:w:e:i0.5+text")) == "pca:b1:w:e:i0.5+text:h:q"
     assert parse_profile("pca:b1:w:e:i0.5").needs_importance and not parse_profile("pca:b1:w:e").needs_importance
+
+
+def test_sliding_window_layers_share_one_step(tiny_gemma3):
+    """The attention statistics skip Gemma-3's sliding-window layers: their tokens get even shares."""
+    from sender.prefill import prefill_prompt
+
+    profile = parse_profile("pca:b1:w:e:i1+protect:s4+text:q")
+    pre = prefill_prompt(tiny_gemma3, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
+    for layer, share in enumerate(pre.kv.importance):
+        assert share.shape == (pre.kv.seq_len,)
+        assert torch.equal(share, torch.ones_like(share)) == (layer in tiny_gemma3.sliding_layers)

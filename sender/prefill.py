@@ -79,6 +79,9 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     if importance:  # each position's share of the question's attention, summed over heads; the statistics
         # skip sliding-window layers (Gemma-3), whose tokens then share one step
         found = stats.mass.get(QUESTION, {})
+        missing = set(range(kv.num_layers)) - set(found) - set(loaded.sliding_layers)
+        if missing:
+            raise SelectionError(f"no question attention was captured for layers {sorted(missing)}")
         even = torch.ones(kv.seq_len, device=kv.keys[0].device)
         kv = replace(kv, importance=[found[layer].float().sum(0) if layer in found else even for layer in range(kv.num_layers)])
     return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)

@@ -41,7 +41,7 @@ def run_trials(loaded: LoadedModel, target: str, samples: list[Sample], statics:
     rows = []
     for trial in range(trials):
         sample = samples[trial % len(samples)]
-        pre = prefill_prompt(loaded, sample.context, sample.question)  # once: every method sends this cache
+        pre = prefill_prompt(loaded, sample.context, sample.question, True, statics)  # once: every method sends it
         planner = SegmentPlanner(table, text_s_per_token=pre.seconds_per_token)
         full = loaded.tokenizer.decode(reference_generate(loaded.model, pre.prompt.ids, max_new_tokens),
                                        skip_special_tokens=True)

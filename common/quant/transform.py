@@ -76,7 +76,8 @@ class LayerCodec:
             if importance is None:
                 raise ValueError(f"layer {self.layer}: pca:...:e:iG needs the question's attention, which this "
                                  "cache does not carry (prefill it query-aware, with the profile)")
-            classes = self.codec.classes(importance.to(positions.device)[positions[0]])  # over the whole range
+            # over the whole range; a per-head selection keeps other tokens per head: their mean share
+            classes = self.codec.classes(importance.to(positions.device)[positions].mean(0))
         yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part],
                                                        None if classes is None else classes[part]),
                               keys.shape[2], step)

@@ -224,3 +224,21 @@ def test_sliding_window_layers_share_one_step(tiny_gemma3):
     for layer, share in enumerate(pre.kv.importance):
         assert share.shape == (pre.kv.seq_len,)
         assert torch.equal(share, torch.ones_like(share)) == (layer in tiny_gemma3.sliding_layers)
+
+
+@pytest.mark.parametrize("cls", [-6, -2, 0, 3, 8])
+def test_a_token_class_moves_the_model_with_the_step(cls):
+    """A class c token is stepped 2^(-c/2) finer, so its indices spread 2^(c/2) wider: coded under the
+    table CLASS_TABLES * c up, they cost that table's entropy and none is clipped."""
+    index = 8
+    half_octave = 4  # tables are 8 per octave: written out, so that a wrong CLASS_TABLES fails here
+    codec = EntropyPCACodec(None, None, torch.ones(1), torch.tensor([index]), strength=1.0)
+    scale = 2.0 ** ((index + half_octave * cls) / 8)
+    q = laplace_indices(scale, 100_000, seed=cls + 10)
+    _, top = table(index + half_octave * cls)
+    assert np.abs(q).max() <= top
+    raw = q.astype("<i2").tobytes() + np.full(q.size, cls, dtype=np.int8).tobytes()
+    blob = codec.compress(raw)
+    assert codec.decompress(blob, len(raw)) == raw
+    bits = 8 * len(blob) / q.size - math.log2(17)  # one component per token: its class costs log2(17) bits
+    assert bits == pytest.approx(float(expected_bits(torch.tensor(scale, dtype=torch.float64))), rel=0.03, abs=0.03)

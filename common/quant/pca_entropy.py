@@ -132,9 +132,9 @@ def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float)
 class EntropyPCACodec:
     """One layer's keys and values (1, kv_heads, tokens, head_dim) <-> range-coded indices in the basis.
 
-    With an importance `strength` G > 0 each token has its own step: its class c (an int8 that
-    travels first in the payload) makes it 2^(-c/2) times the component's, and G/2 log2(a / mean a)
-    of the token's share a of the question's attention, rounded to half bits, is its class.
+    With an importance `strength` G > 0 each token has its own step: its class c = round(G log2(a /
+    mean a)) from its share a of the question's attention (an int8 that travels after the indices)
+    makes it 2^(-c/2) times the component's.
     """
 
     keys: TensorBasis
@@ -156,7 +156,7 @@ class EntropyPCACodec:
 
     @property
     def per_token(self) -> bool:
-        """Whether tokens carry their own step class (and the payload starts with them)."""
+        """Whether tokens carry their own step class (and the payload ends with them)."""
         return self.strength > 0 and self.coded.numel() > 0
 
     def classes(self, importance: torch.Tensor) -> torch.Tensor:
@@ -181,17 +181,17 @@ class EntropyPCACodec:
             raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
         coords = coordinates(keys, values, self.keys, self.values)[:, self.coded.to(device)]
-        steps = self.steps[self.coded].to(device).expand(coords.shape[0], -1)
-        tables = self.tables[self.coded].expand(coords.shape[0], -1)
+        steps = self.steps[self.coded].to(device)
+        limits = LIMITS[self.tables[self.coded] - MIN_TABLE]  # (coded,): each component's table
         tail = torch.empty(0, dtype=torch.uint8, device=device)
-        if self.per_token:
+        if self.per_token:  # (tokens, coded): each token's class moves its step and table
             classes = classes.to(torch.int8)
-            tables = torch.from_numpy(self._tables(classes.cpu().numpy()))
+            limits = LIMITS[torch.from_numpy(self._tables(classes.cpu().numpy())) - MIN_TABLE]
             steps = steps * torch.exp2(-classes.to(device).float() / 2).unsqueeze(1)
             tail = classes.to(device).view(torch.uint8)
         scaled = coords / steps
         indices = torch.sign(scaled) * torch.floor(scaled.abs() + ROUNDING)
-        limits = LIMITS[(tables - MIN_TABLE).clamp(min=0)].to(device)
+        limits = limits.to(device)
         indices = torch.maximum(torch.minimum(indices, limits), -limits).to(torch.int16)
         return torch.cat([indices.view(torch.uint8).flatten(), tail])
 

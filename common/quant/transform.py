@@ -52,7 +52,7 @@ class LayerCodec:
     @property
     def per_token(self) -> bool:
         """Whether each token's step depends on its share of the question's attention (pca:...:e:iG)."""
-        return isinstance(self.codec, EntropyPCACodec) and self.codec.per_token
+        return self.entropy_coded and self.codec.per_token
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                classes: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            re-applies it (KVQuant). A no-op where the layer is sent raw.
     rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
                            before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
-    pca:bB[:kK|:w[:e[:iG]]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
+    pca:bB[:kK|:w[:e[:iG[:fF]]]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
                            PCA basis, B bits per element on average allocated over the components
                            (zero bits: dropped), K of them per key element (default B; the values
                            get 2B - K); w: allocated over all the layers the stage codes at once,
@@ -37,7 +37,9 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            w): entropy-coded instead, one weighted step for every component, range-coded
                            under the basis's model, B bits per element expected (the data sets the
                            actual rate; `common.quant.pca_entropy`); iG (with e): each token's step set
-                           by its share of the question's attention, G how strongly (0 < G <= 4); the basis is
+                           by its share of the question's attention, G how strongly (0 < G <= 4); fF
+                           (with i): no token's step coarser than 2^(F/2) times the component's
+                           (0 <= F <= 8, default 8); the basis is
                            the one `kvwire calibrate --basis` shipped, named by its hash (the sender
                            fills it in). Takes no other precision stage; per-layer overrides apply,
                            and so do per-layer bits: pca:b0.5+pca:b2@13-24 (KVTuner's per-layer budget).
@@ -73,7 +75,7 @@ from common.quant.cast import Cast
 from common.quant.kv import CHANNEL, TOKEN, KVCodec
 from common.quant.lowrank import LowRank
 from common.quant.pca import HASH_CHARS, MAX_BITS, PCACodec
-from common.quant.pca_entropy import MAX_STRENGTH, EntropyPCACodec
+from common.quant.pca_entropy import MAX_CLASS, MAX_STRENGTH, EntropyPCACodec
 from common.quant.rotation import MAX_SEED
 from common.quant.transform import CodecContext, LayerCodec
 from common.select import GRANULARITIES, METHODS, Selection
@@ -126,6 +128,7 @@ class PCAStage:
     weighted: bool = False  # bits allocated over all the stage's layers by the basis's layer weights
     entropy: bool = False  # one weighted step for every component, range-coded (needs weighted)
     importance: float = 0.0  # with entropy: how far the question's attention moves each token's step
+    floor: int | None = None  # with importance: the lowest step class, -floor (None: -MAX_CLASS)
 
     def __str__(self) -> str:
         parts = [f"pca:b{_exact(self.bits)}"]
@@ -137,6 +140,8 @@ class PCAStage:
             parts.append("e")
         if self.importance:
             parts.append(f"i{_exact(self.importance)}")
+        if self.floor is not None:
+            parts.append(f"f{self.floor}")
         if self.digest:
             parts.append(f"h{self.digest}")
         return ":".join(parts)
@@ -259,7 +264,8 @@ class Profile:
             stage = self._pca_stages[group]
             pool = (tuple(i for i in range(context.basis.num_layers) if self._pca_group(i) == group)
                     if stage.weighted else None)
-            codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool, stage.importance) if stage.entropy
+            codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool, stage.importance,
+                                                MAX_CLASS if stage.floor is None else stage.floor) if stage.entropy
                      else PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool))
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
@@ -529,7 +535,8 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
         raise ProfileError(f"{stage!r}: e (entropy coding) steps every component by the layer weights; add w")
     options = [o for o in options if o not in flags]
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
-                                      "h": "HASH of the basis", "i": "STRENGTH of the question's attention (0..4]"})
+                                      "h": "HASH of the basis", "i": "STRENGTH of the question's attention (0..4]",
+                                      "f": f"the lowest step CLASS's magnitude (0..{MAX_CLASS})"})
     if "b" not in found:
         raise ProfileError(f"{stage!r}: give the bits per element, e.g. pca:b2")
     bits = _number(found["b"], stage, "bits per element", 0, MAX_BITS)
@@ -550,7 +557,12 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
         strength = _number(found["i"], stage, "importance strength", 0, MAX_STRENGTH)
         if strength == 0:
             raise ProfileError(f"{stage!r}: the importance strength must be positive (leave i out for none)")
-    return PCAStage(bits, key_bits, digest, weighted, entropy, strength)
+    floor = None
+    if "f" in found:
+        if not strength:
+            raise ProfileError(f"{stage!r}: f (the lowest step class) bounds the per-token steps of i; add i, e.g. pca:b2:w:e:i2:f2")
+        floor = _number(found["f"], stage, "lowest step class", 0, MAX_CLASS, integer=True)
+    return PCAStage(bits, key_bits, digest, weighted, entropy, strength, floor)
 
 
 def _parse_text(options: list[str], stage: str) -> set[str]:

@@ -142,12 +142,13 @@ class EntropyPCACodec:
     steps: torch.Tensor  # (2D,) float32: each component's step
     tables: torch.Tensor  # (2D,) int64: each component's model, DROPPED if it does not travel
     strength: float = 0.0  # G: how far the question's attention moves a token's step (0: not at all)
+    floor: int = MAX_CLASS  # F: the lowest class, -F (no token's step is more than 2^(F/2) times the component's)
 
     @classmethod
     def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, pool: tuple[int, ...],
-                  strength: float = 0.0) -> EntropyPCACodec:
+                  strength: float = 0.0, floor: int = MAX_CLASS) -> EntropyPCACodec:
         steps, tables = entropy_plan(basis, pool, bits_per_element)[layer]
-        return cls(basis.keys[layer], basis.values[layer], steps, tables, strength)
+        return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor)
 
     @functools.cached_property
     def coded(self) -> torch.Tensor:
@@ -164,7 +165,7 @@ class EntropyPCACodec:
         share = importance.double().clamp(min=0)
         share = share.clamp(min=1e-6 * float(share.mean()) + 1e-30)
         extra = self.strength / 2 * torch.log2(share / share.mean())
-        return (2 * extra).round().clamp(-MAX_CLASS, MAX_CLASS).to(torch.int8)
+        return (2 * extra).round().clamp(-self.floor, MAX_CLASS).to(torch.int8)
 
     def _tables(self, classes: np.ndarray) -> np.ndarray:
         """(tokens, coded) the model of each index: the component's, moved by the token's class."""

@@ -18,7 +18,7 @@
 #                                   # --metric (written to /tmp/metric-basis), on the tuning questions
 #                                   # (HELD_OUT=1: on the held-out ones, the fitted basis only)
 #   deploy/gpu/run.sh eval OUT      # SmolLM2 from its parts (once per machine): kvwire eval, fp32 on CUDA, of
-#                                   # PROFILES on the 24 tuning questions (HELD_OUT=N: N of the held-out ones,
+#                                   # PROFILES on the 24 tuning questions (TUNE=N: the first N from there; HELD_OUT=N: N of the held-out ones,
 #                                   # from the SKIP-th), into OUT/eval.json and OUT/eval.txt
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
@@ -89,7 +89,7 @@ metric)
   ;;
 eval)
   [ -d /tmp/kvwire-cache/models/smollm2-135m ] || smollm2
-  QUESTIONS="--data /tmp/data/squad-v2-dev-public.json --skip 510 --samples 24"
+  QUESTIONS="--data /tmp/data/squad-v2-dev-public.json --skip 510 --samples ${TUNE:-24}"
   [ -z "${HELD_OUT:-}" ] || QUESTIONS="--skip ${SKIP:-0} --samples ${HELD_OUT}"
   python3 -m channel.cli eval --device cuda --dtype float32 $QUESTIONS --profiles "$PROFILES" --json "$2/eval.json" 2>&1 \
     | grep -v "Loading weights" | tee "$2/eval.txt"

@@ -168,6 +168,36 @@ def test_token_classes_follow_the_question_attention():
     assert classes[0] > 0 > classes[1] and classes[1] == classes[2] and classes[5] == -8  # no attention: the coarsest
     assert EntropyPCACodec(None, None, torch.ones(1), torch.tensor([0]), strength=2.0).classes(
         torch.tensor([16.0, 1.0, 1.0, 1.0, 1.0, 0.0]))[0] > classes[0]
+    floored = EntropyPCACodec(None, None, torch.ones(1), torch.tensor([0]), strength=1.0, floor=2).classes(
+        torch.tensor([16.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+    assert floored[0] == classes[0] and floored[5] == -2 and floored.tolist()[1:5] == [max(-2, int(c)) for c in classes[1:5]]
+
+
+def test_a_floored_stage_codes_its_classes_end_to_end(tiny_llama, tmp_path):
+    """f bounds how coarse a token may go: its classes stay within -F..8 and the wire decodes them exactly."""
+    from sender.prefill import prefill_prompt, select_tokens
+    from tests.common.quant.test_transforms import fitted_basis
+
+    basis = fitted_basis(tiny_llama, tmp_path / "b.safetensors")
+    basis = weighted(basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * basis.num_layers)
+    ctx = CodecContext.for_model(tiny_llama.model, basis)
+    floored, free = (parse_profile(f"pca:b2:w:e:i2{f}+text:q").bind(ctx) for f in (":f1", ""))
+    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [floored])
+    kv = select_tokens(tiny_llama, pre, floored)
+    kv = replace(kv, importance=[torch.logspace(-3, 1, pre.kv.seq_len)] * kv.num_layers)
+    shares = kv.importance[0][kv.positions[0][0]]
+    low, high = (p.layer_codec(0, ctx).codec.classes(shares) for p in (floored, free))
+    assert int(low.min()) == -1 and int(high.min()) < -1 and torch.equal(low, high.clamp(min=-1))
+    sizes = []
+    for profile in (floored, free):
+        frames = list(wire.encode(kv, profile, tiny_llama.fingerprint, context=ctx))
+        back = wire.decode(frames, tiny_llama.fingerprint, context=ctx)
+        codec = profile.layer_codec(0, ctx)
+        keys, values = codec.decode(codec.encode(kv.keys[0], kv.values[0], kv.positions[0], codec.codec.classes(shares)),
+                                    tuple(kv.keys[0].shape), kv.positions[0], kv.dtype)
+        assert torch.equal(keys, back.keys[0]) and torch.equal(values, back.values[0])
+        sizes.append(sum(len(f.SerializeToString()) for f in frames))
+    assert sizes[0] > sizes[1]  # the floor spends bits on the tokens the question barely reads
 
 
 def test_per_token_steps_end_to_end(tiny_llama, tmp_path):
@@ -207,11 +237,15 @@ def test_per_token_steps_end_to_end(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("spec,message", [("pca:b1:w:i1", "needs e"), ("pca:b1:w:e:i0", "positive"),
-                                          ("pca:b1:w:e:i5", "importance strength")])
+                                          ("pca:b1:w:e:i5", "importance strength"), ("pca:b1:w:e:f2", "add i"),
+                                          ("pca:b1:w:e:i1:f9", "lowest step class"),
+                                          ("pca:b1:w:e:i1:f1.5", "not a number"),
+                                          ("pca:b1:w:e:i1:f1:f2", "repeated")])
 def test_bad_importance_is_refused(spec, message):
     with pytest.raises(ProfileError, match=message):
         parse_profile(spec)
     assert str(parse_profile("pca:b1:w:e:i0.5+text")) == "pca:b1:w:e:i0.5+text:h:q"
+    assert str(parse_profile("pca:b1:w:e:i2:f0")) == "pca:b1:w:e:i2:f0"
     assert parse_profile("pca:b1:w:e:i0.5").needs_importance and not parse_profile("pca:b1:w:e").needs_importance
 
 

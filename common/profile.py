@@ -59,7 +59,7 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
 
 Examples: int8, int4:g32, nf4, svd:r16, svd:r32+int8, int3:g64:sym, int2+int8@0-1,
 q2c:0.5+int4:g32, snapkv:256t:w16, h2o:0.25:layer:pyramid, int4+prerope+rot, pca:b2+protect:s4:r32,
-pca:b2.8:w+text, pca:b1.75:w:e:i1+text.
+pca:b2.8:w+text, pca:b1.75:w:e:i1+text, pca:b1.75:w:e:i1:f3+text.
 """
 
 from __future__ import annotations

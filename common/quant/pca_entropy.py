@@ -17,10 +17,12 @@ as it needs (clipped only beyond +-30,720 steps, B above about 7).
 
 Per-token steps (`pca:bB:w:e:iG`): the question's attention says which tokens the answer reads. The
 sender's prefill measures each position's share a of it per layer (`KVState.importance`); a token
-of class c = round(G log2(a / mean a)) (+-MAX_CLASS) is stepped 2^(-c/2) finer, its indices coded
-under the model half an octave wider per class, and the classes travel after the indices. Classes
-are taken against the mean share, so most are negative: B no longer predicts the rate (a
-`pca:b1.75:w:e:i1+text` transfer is about 1 bit per element, 6% of fp16); the planner's table has the bytes.
+of class c = round(G log2(a / mean a)) (-F .. MAX_CLASS, F from `:fF`, default MAX_CLASS) is stepped
+2^(-c/2) finer, its indices coded under the model half an octave wider per class, and the classes
+travel after the indices. Classes are taken against the mean share, so most are negative: B no
+longer predicts the rate (a `pca:b1.75:w:e:i1:f3+text` transfer is about 1 bit per element, 6% of
+fp16); the planner's table has the bytes. The floor exists because the later answer tokens read
+context the question barely did: coarsening it without bound costs them (README, round 7).
 
 The indices are range-coded (`constriction`) under a static model both nodes derive from the
 basis: a Laplace distribution of the component's calibrated spread, quantized into the same

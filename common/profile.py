@@ -29,14 +29,16 @@ A profile is stages joined by `+`; each stage is a name with `:`-separated optio
                            re-applies it (KVQuant). A no-op where the layer is sent raw.
     rot[:seedN]            a seeded randomized Hadamard rotation of each head's keys and values
                            before the precision stage, inverted on the receiver (QuaRot); seed < 2^32
-    pca:bB[:kK|:w[:e[:iG[:fF]]]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
+    pca:bB[:kK|:w[:e[:j][:iG[:fF]]]][:hHASH] transform coding (KVTC): keys (RoPE removed) and values in the model's
                            PCA basis, B bits per element on average allocated over the components
                            (zero bits: dropped), K of them per key element (default B; the values
                            get 2B - K); w: allocated over all the layers the stage codes at once,
                            by the basis's calibrated layer weights (the answer's sensitivity); e (with
                            w): entropy-coded instead, one weighted step for every component, range-coded
                            under the basis's model, B bits per element expected (the data sets the
-                           actual rate; `common.quant.pca_entropy`); iG (with e): each token's step set
+                           actual rate; `common.quant.pca_entropy`); j (with e): in the basis's joint
+                           transform of each layer's keys and values (kvwire calibrate --basis --joint);
+                           iG (with e): each token's step set
                            by its share of the question's attention, G how strongly (0 < G <= 4); fF
                            (with i): no token's step coarser than 2^(F/2) times the component's
                            (0 <= F <= 8, default 8); the basis is
@@ -129,6 +131,7 @@ class PCAStage:
     entropy: bool = False  # one weighted step for every component, range-coded (needs weighted)
     importance: float = 0.0  # with entropy: how far the question's attention moves each token's step
     floor: int | None = None  # with importance: the lowest step class, -floor (None: -MAX_CLASS)
+    joint: bool = False  # with entropy: in the basis's joint transform of keys and values
 
     def __str__(self) -> str:
         parts = [f"pca:b{_exact(self.bits)}"]
@@ -138,6 +141,8 @@ class PCAStage:
             parts.append("w")
         if self.entropy:
             parts.append("e")
+        if self.joint:
+            parts.append("j")
         if self.importance:
             parts.append(f"i{_exact(self.importance)}")
         if self.floor is not None:
@@ -220,6 +225,9 @@ class Profile:
                         f"{basis.digest if basis else 'missing (fit one with kvwire calibrate --basis)'}")
             if basis.weights is None and any(s.weighted for s in self._pca_stages):
                 return f"{self}: pca:w needs layer weights, and basis {basis.digest} holds none"
+            if basis.joint is None and any(s.joint for s in self._pca_stages):
+                return (f"{self}: pca:j needs the basis's joint transform, and basis {basis.digest} holds none "
+                        "(fit one with kvwire calibrate --basis --joint)")
         return None
 
     @property
@@ -265,7 +273,8 @@ class Profile:
             pool = (tuple(i for i in range(context.basis.num_layers) if self._pca_group(i) == group)
                     if stage.weighted else None)
             codec = (EntropyPCACodec.for_layer(context.basis, layer, stage.bits, pool, stage.importance,
-                                                MAX_CLASS if stage.floor is None else stage.floor) if stage.entropy
+                                                MAX_CLASS if stage.floor is None else stage.floor, stage.joint)
+                     if stage.entropy
                      else PCACodec.for_layer(context.basis, layer, stage.bits, stage.key_bits, pool))
         rope = context.rope if self.needs_context else None
         return LayerCodec(layer, codec, rope, self.rotation)
@@ -526,13 +535,15 @@ def _parse_rotation(options: list[str], stage: str) -> int:
 
 
 def _parse_pca(options: list[str], stage: str) -> PCAStage:
-    flags = {flag: flag in options for flag in ("w", "e")}
+    flags = {flag: flag in options for flag in ("w", "e", "j")}
     for flag in flags:
         if options.count(flag) > 1:
             raise ProfileError(f"{stage!r}: repeated option {flag!r}")
     weighted, entropy = flags["w"], flags["e"]
     if entropy and not weighted:
         raise ProfileError(f"{stage!r}: e (entropy coding) steps every component by the layer weights; add w")
+    if flags["j"] and not entropy:
+        raise ProfileError(f"{stage!r}: j (keys and values in the joint transform) is a form of e; add e, e.g. pca:b3:w:e:j")
     options = [o for o in options if o not in flags]
     found = _options(options, stage, {"b": "BITS per element (0..8]", "k": "BITS per key element",
                                       "h": "HASH of the basis", "i": "STRENGTH of the question's attention (0..4]",
@@ -562,7 +573,7 @@ def _parse_pca(options: list[str], stage: str) -> PCAStage:
         if not strength:
             raise ProfileError(f"{stage!r}: f (the lowest step class) bounds the per-token steps of i; add i, e.g. pca:b2:w:e:i2:f2")
         floor = _number(found["f"], stage, "lowest step class", 0, MAX_CLASS, integer=True)
-    return PCAStage(bits, key_bits, digest, weighted, entropy, strength, floor)
+    return PCAStage(bits, key_bits, digest, weighted, entropy, strength, floor, flags["j"])
 
 
 def _parse_text(options: list[str], stage: str) -> set[str]:

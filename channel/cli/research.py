@@ -296,6 +296,9 @@ def calibrate(
                                 "the queries' energy per channel, values by the output projection), not the squared error."),
     weights: int = typer.Option(0, "--weights", min=0, help="--basis: then measure the layer weights of pca:bB:w (the "
                                 "teacher-forced KL per unit of each layer's key and value error) on this many of the prompts."),
+    joint: bool = typer.Option(False, "--joint", help="--basis: instead of fitting a basis, add to the model's shipped "
+                               "one (which must hold layer weights) the joint transform of pca:bB:w:e:j, fitted on "
+                               "the same paragraphs."),
     exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                            help="--basis: a SQuAD file whose paragraphs are left out (default: the "
                                                 "embedded subset, which eval and demo use)."),
@@ -306,8 +309,10 @@ def calibrate(
     use_device(device, dtype)
     import json
 
+    if joint and not basis:
+        raise typer.BadParameter("the joint transform is part of the PCA basis: add --basis", param_hint="--joint")
     if basis:
-        _fit_basis(model, data, exclude, samples, out, metric, weights)
+        _fit_basis(model, data, exclude, samples, out, metric, weights, joint)
         return
 
     from channel.evaluation.harness import aggregate
@@ -323,10 +328,10 @@ def calibrate(
 
 
 def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], samples: int, out: Optional[Path],
-               metric: bool = False, weights: int = 0) -> None:
+               metric: bool = False, weights: int = 0, joint: bool = False) -> None:
     from rich.progress import Progress
 
-    from channel.evaluation.basis import fit_basis
+    from channel.evaluation.basis import fit_basis, fit_joint
     from channel.evaluation.squad import load_squad
     from common.models import basis_path, load_model
 
@@ -337,6 +342,20 @@ def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], sample
     if not dataset:
         raise typer.BadParameter("no paragraph of --data is left once --exclude's are skipped", param_hint="--data")
     target = out or basis_path(model)
+    if joint:
+        shipped = loaded.codec_context.basis
+        if shipped is None or shipped.weights is None:
+            raise typer.BadParameter(f"{model} has no shipped basis with layer weights to add a joint transform to; "
+                                     "fit one with --basis --metric --weights N first", param_hint="--joint")
+        if metric or weights:
+            raise typer.BadParameter("--joint adds to the shipped basis and fits nothing else: drop --metric and --weights",
+                                     param_hint="--joint")
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("prefilling calibration prompts for the joint transform", total=len(dataset))
+            fitted = fit_joint(loaded, shipped, dataset, target, progress=lambda: progress.advance(task))
+        console.print(f"wrote {target}: basis {fitted.digest} (was {shipped.digest}) with a joint transform fitted on "
+                      f"{fitted.metadata['joint_tokens']} tokens from {len(dataset)} paragraphs")
+        return
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("prefilling calibration prompts (then measuring layer weights)",
                                  total=len(dataset) + min(weights, len(dataset)))

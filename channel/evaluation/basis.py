@@ -12,7 +12,7 @@ from channel.evaluation.harness import mean_kl, teacher_forced_logits
 from channel.evaluation.squad import Sample
 from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel
-from common.quant.pca import Basis, PCACodec
+from common.quant.pca import Basis, PCACodec, coordinates
 from common.select import SINK_TOKENS
 from sender.prefill import prefill_prompt
 
@@ -177,4 +177,26 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
             tensors[f"values.{layer}.weight"] = torch.tensor([value_weight])
         metadata.update(weight_samples=weight_samples, weight_bits=WEIGHT_BITS,
                         weight_measure="teacher-forced KL per coordinate error")
+    return Basis.save(tensors, metadata, path)
+
+
+@torch.inference_mode()
+def fit_joint(loaded: LoadedModel, basis: Basis, samples: list[Sample], path: Path,
+              progress: Callable[[], None] | None = None) -> Basis:
+    """Prefill each sample's prompt (query-aware) as `fit_basis` does, take every layer's coordinates in
+    `basis` (but the sink tokens'), and write to `path` the basis with its joint transform
+    (`Basis.fit_joint`) added, or replaced."""
+    rope = loaded.codec_context.rope
+    samples_of: list[list[torch.Tensor]] = [[] for _ in range(basis.num_layers)]
+    for sample in samples:
+        kv = prefill_prompt(loaded, sample.context, sample.question).kv
+        for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+            kept = positions[0] >= SINK_TOKENS
+            free = rope.remove(layer, k, positions)
+            samples_of[layer].append(coordinates(free[:, :, kept], v[:, :, kept], basis.keys[layer], basis.values[layer]).cpu())
+        if progress:
+            progress()
+    tensors = {k: v for k, v in basis.tensors().items() if not k.startswith("joint.")}
+    tensors.update(basis.fit_joint([torch.cat(c) for c in samples_of]))
+    metadata = {**basis.metadata, "joint_samples": len(samples), "joint_tokens": sum(len(c) for c in samples_of[0])}
     return Basis.save(tensors, metadata, path)

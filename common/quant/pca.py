@@ -21,6 +21,12 @@ coordinate error costs the answer (`kvwire calibrate --basis --weights`). A weig
 weight * s_j^2 (d(b) - d(b + 1)): the layers and the tensor that move the answer most get more.
 Components with zero bits are dropped. No parameters travel: both nodes derive the allocation
 from the same basis, which the profile names by hash.
+
+A weighted basis may also hold a joint transform per layer (`kvwire calibrate --basis --joint`): the
+PCA of the layer's keys' and values' coordinates side by side, each scaled by the square root of its
+layer weight, so that one unit of error in any joint coordinate costs the answer the same. Keys and
+values are projections of the same hidden state and correlate; the separate bases cannot use that,
+the joint one can (`pca:bB:w:e:j`, `common.quant.pca_entropy`).
 """
 
 from __future__ import annotations
@@ -71,9 +77,10 @@ class Basis:
     """A model's PCA basis, per layer, for keys (RoPE removed) and values."""
 
     def __init__(self, keys: list[TensorBasis], values: list[TensorBasis], digest: str, metadata: dict,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, joint: list[TensorBasis] | None = None):
         self.keys, self.values, self.digest, self.metadata = keys, values, digest, metadata
         self.weights = weights  # (layers, 2): the KL per unit of coordinate error of keys and values, or None
+        self.joint = joint  # per layer, over the weighted coordinates of keys and values side by side, or None
         self._derived: dict = {}
 
     @property
@@ -112,6 +119,42 @@ class Basis:
                 tensors[f"{name}.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
         return tensors
 
+    def scale(self, layer: int) -> torch.Tensor:
+        """(2D,) float32: the square root of `layer`'s weights, over its keys' coordinates, then its values'."""
+        width = self.keys[layer].std.numel()
+        return self.weights[layer].sqrt().float().repeat_interleave(width)
+
+    def fit_joint(self, coordinates: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per layer, (tokens, 2D) samples of the coordinates in this basis -> the joint transform's tensors
+        (`save` adds them to the basis's own): the PCA of the coordinates scaled by `scale`."""
+        if self.weights is None:
+            raise ValueError(f"basis {self.digest} holds no layer weights, which the joint transform is scaled by")
+        tensors = {}
+        for layer, c in enumerate(coordinates):
+            x = c.double() * self.scale(layer).double()
+            mean = x.mean(0)
+            centred = x - mean
+            eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(1, x.shape[0] - 1))
+            order = eigenvalues.argsort(descending=True)
+            tensors[f"joint.{layer}.mean"] = mean.float()
+            tensors[f"joint.{layer}.directions"] = vectors[:, order].to(torch.float16)
+            tensors[f"joint.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
+        return tensors
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of this basis as `save` writes them (to add a joint transform to it)."""
+        out = {}
+        for name, parts in (("keys", self.keys), ("values", self.values), ("joint", self.joint or [])):
+            for layer, part in enumerate(parts):
+                out[f"{name}.{layer}.mean"] = part.mean
+                out[f"{name}.{layer}.directions"] = part.directions.to(torch.float16)
+                out[f"{name}.{layer}.std"] = part.std
+        if self.weights is not None:
+            for layer, (key_weight, value_weight) in enumerate(self.weights.tolist()):
+                out[f"keys.{layer}.weight"] = torch.tensor([key_weight])
+                out[f"values.{layer}.weight"] = torch.tensor([value_weight])
+        return out
+
     @staticmethod
     def serialize(tensors: dict[str, torch.Tensor], metadata: dict) -> bytes:
         """The file's bytes: the fitted tensors, and the metadata as JSON strings."""
@@ -149,8 +192,18 @@ class Basis:
             weights = torch.cat([tensors[n].double().flatten() for n in names]).view(layers, 2)
             if not (torch.isfinite(weights).all() and (weights > 0).all()):
                 raise ValueError(f"{name}: layer weights must be positive and finite")
+        joint = None
+        if any(k.startswith("joint.") for k in tensors):
+            if weights is None:
+                raise ValueError(f"{name}: a joint transform needs the layer weights it is scaled by")
+            width = 2 * tensors["keys.0.std"].numel()
+            if not all(f"joint.{i}.{t}" in tensors for i in range(layers) for t in ("mean", "directions", "std")):
+                raise ValueError(f"{name}: the joint transform must have a mean, directions and std for every layer")
+            joint = [part("joint", i) for i in range(layers)]
+            if any(j.directions.shape != (width, width) for j in joint):
+                raise ValueError(f"{name}: a joint transform's directions must be {width} x {width}")
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
-                   metadata, weights)
+                   metadata, weights, joint)
 
     def cached(self, key, compute):
         """compute(), once per `key`: what both nodes derive from the basis (allocations, entropy models)."""
@@ -158,10 +211,16 @@ class Basis:
             self._derived[key] = compute()
         return self._derived[key]
 
-    def pooled_weights(self, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The std and the layer weight of every component of `layers`, keys' then values' per layer, float64."""
+    def pooled_weights(self, layers: tuple[int, ...], joint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The std and the layer weight of every component of `layers`, keys' then values' per layer, float64;
+        `joint`: of the joint transform's components, whose weights are 1 (they are scaled by them)."""
         if self.weights is None:
             raise ValueError(f"basis {self.digest} holds no layer weights (fit them with kvwire calibrate --basis --weights)")
+        if joint:
+            if self.joint is None:
+                raise ValueError(f"basis {self.digest} holds no joint transform (fit one with kvwire calibrate --basis --joint)")
+            std = torch.cat([self.joint[i].std for i in layers]).double()
+            return std, torch.ones_like(std)
         std = torch.cat([torch.cat([self.keys[i].std, self.values[i].std]) for i in layers]).double()
         width = std.numel() // len(layers) // 2
         weight = torch.cat([self.weights[i].repeat_interleave(width) for i in layers])

@@ -24,6 +24,11 @@ longer predicts the rate (a `pca:b1.75:w:e:i1:f3+text` transfer is about 1 bit p
 fp16); the planner's table has the bytes. The floor exists because the later answer tokens read
 context the question barely did: coarsening it without bound costs them (README, round 7).
 
+Joint keys and values (`pca:bB:w:e:j`): the components are the basis's joint transform's (PCA of a
+layer's key and value coordinates side by side, each scaled by the square root of its layer weight;
+`common.quant.pca`), whose weights are then all 1; everything else is the same. Keys and values are
+two projections of one hidden state, and the separate bases leave their correlation to be paid twice.
+
 The indices are range-coded (`constriction`) under a static model both nodes derive from the
 basis: a Laplace distribution of the component's calibrated spread, quantized into the same
 bins. Its scale in steps, s_j = std_j sqrt(weight_j) / (sqrt(2) Delta), is rounded to a grid
@@ -103,11 +108,13 @@ LIMITS = torch.tensor([float(table(index)[1]) for index in range(MIN_TABLE, MAX_
 CLASS_MODEL = constriction.stream.model.Categorical(np.full(2 * MAX_CLASS + 1, 1 / (2 * MAX_CLASS + 1)), perfect=False)
 
 
-def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float,
+                 joint: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer of `layers`: each of its 2D components' step (float32) and table (int64, DROPPED if it does not travel),
-    for `bits_per_element` expected over all of them; derived once per (layers, bits) from the basis."""
+    for `bits_per_element` expected over all of them (`joint`: the joint transform's components); derived once per
+    (layers, bits, joint) from the basis."""
     def compute():
-        std, weight = basis.pooled_weights(layers)
+        std, weight = basis.pooled_weights(layers, joint)
         spread = std * weight.sqrt() / math.sqrt(2)  # scale = spread / Delta
         spread = spread.clamp(min=1e-300)
 
@@ -127,7 +134,7 @@ def entropy_plan(basis: Basis, layers: tuple[int, ...], bits_per_element: float)
         width = std.numel() // len(layers)
         return {layer: (steps[i * width:(i + 1) * width], tables[i * width:(i + 1) * width])
                 for i, layer in enumerate(layers)}
-    return basis.cached(("entropy", layers, bits_per_element), compute)
+    return basis.cached(("entropy", layers, bits_per_element, joint), compute)
 
 
 @dataclass(frozen=True)
@@ -145,12 +152,31 @@ class EntropyPCACodec:
     tables: torch.Tensor  # (2D,) int64: each component's model, DROPPED if it does not travel
     strength: float = 0.0  # G: how far the question's attention moves a token's step (0: not at all)
     floor: int = MAX_CLASS  # F: the lowest class, -F (no token's step is more than 2^(F/2) times the component's)
+    joint: TensorBasis | None = None  # the layer's joint transform (pca:...:j): steps and tables are its components'
+    scale: torch.Tensor | None = None  # (2D,) with joint: the square roots of the layer weights it is scaled by
 
     @classmethod
     def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, pool: tuple[int, ...],
-                  strength: float = 0.0, floor: int = MAX_CLASS) -> EntropyPCACodec:
-        steps, tables = entropy_plan(basis, pool, bits_per_element)[layer]
+                  strength: float = 0.0, floor: int = MAX_CLASS, joint: bool = False) -> EntropyPCACodec:
+        steps, tables = entropy_plan(basis, pool, bits_per_element, joint)[layer]
+        if joint:
+            return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor, basis.joint[layer],
+                       basis.scale(layer))
         return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor)
+
+    def _analyse(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Each token's coordinates (tokens, 2D): in the basis, or with `joint` in the joint transform."""
+        coords = coordinates(keys, values, self.keys, self.values)
+        if self.joint is None:
+            return coords
+        mean, analysis, _, _ = self.joint.on(keys.device)
+        return (coords * self.scale.to(keys.device) - mean) @ analysis
+
+    def _synthesize(self, coords: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.joint is not None:
+            mean, _, directions, _ = self.joint.on(coords.device)
+            coords = (mean + coords @ directions.T) / self.scale.to(coords.device)
+        return synthesize(coords, self.keys, self.values, shape, dtype)
 
     @functools.cached_property
     def coded(self) -> torch.Tensor:
@@ -183,7 +209,7 @@ class EntropyPCACodec:
         if self.per_token and classes is None:
             raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
-        coords = coordinates(keys, values, self.keys, self.values)[:, self.coded.to(device)]
+        coords = self._analyse(keys, values)[:, self.coded.to(device)]
         steps = self.steps[self.coded].to(device)
         limits = LIMITS[self.tables[self.coded] - MIN_TABLE]  # (coded,): each component's table
         tail = torch.empty(0, dtype=torch.uint8, device=device)
@@ -214,7 +240,7 @@ class EntropyPCACodec:
         coords = torch.zeros(tokens, self.tables.numel(), device=device)
         values = indices + torch.sign(indices) * (0.5 - ROUNDING)  # each bin's midpoint
         coords[:, self.coded.to(device)] = values * steps
-        return synthesize(coords, self.keys, self.values, shape, dtype)
+        return self._synthesize(coords, shape, dtype)
 
     def _split(self, raw_size: int) -> tuple[int, int]:
         """(tokens, classes' bytes) of a raw payload of `raw_size` bytes (ValueError if none fits)."""

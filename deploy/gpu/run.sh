@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU runs recorded in results/gpu/: on a CUDA machine without network, from the repository
-# root, with the Python wheels kvwire needs in .whl/ and SmolLM2's GGUF file split in three parts
-# (.gguf1/a .gguf2/b .gguf3/c, `split -b 33000000`: one transfer to that machine carries 64 MiB
+# root, with the Python wheels kvwire needs in .whl/ and SmolLM2's GGUF file split in five parts
+# (.gp1/a .. .gp5/e, `split -b 20000000 -a 1`: one transfer to that machine carries 64 MiB
 # with the tree), brought over one per call while the machine stays warm:
 #   deploy/gpu/run.sh wheels .whl_t # keep some wheels in /tmp/whl first when the tree and .whl/ together pass
-#                                   # 64 MiB (session 9: transformers' wheel went over alone)
+#                                   # 64 MiB (session 9: transformers' wheel went over alone; session 11, with the
+#                                   # joint basis in the tree: .whl_t, then .whl_u with grpcio and zstandard)
 #   deploy/gpu/run.sh install       # the wheels (.whl/ and /tmp/whl), into /tmp/site (and .data/, a SQuAD file,
 #                                   # into /tmp/data); constriction's wheel is among them (pca:...:e)
-#   deploy/gpu/run.sh part .gguf1   # keep a part in /tmp/parts (carried paths vanish on the next call)
+#   deploy/gpu/run.sh part .gp1     # keep a part in /tmp/parts (carried paths vanish on the next call)
 #   deploy/gpu/run.sh kernels OUT   # Triton kernels against torch, and codec throughput
 #   python3 deploy/gpu/kernel_sweep.py   # tile shapes of the fast kernels (after install; PYTHONPATH as below)
 #   deploy/gpu/run.sh all OUT       # SmolLM2 from its parts, every GPU test, kvwire bench gpu
@@ -27,7 +28,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 KVWIRE_CACH
 
 smollm2() {  # join the parts, convert once into the cache, print the fingerprint and the shipped basis's
   mkdir -p /tmp/smollm2
-  cat /tmp/parts/a /tmp/parts/b /tmp/parts/c > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/parts/? > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   rm -rf /tmp/kvwire-cache/models/smollm2-135m
   python3 -c "
 from pathlib import Path

@@ -175,8 +175,8 @@ def _print_segments(result, deadline: float) -> None:
 def demo(
     samples: int = typer.Option(20, min=1, help="Number of answerable questions."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
-    profiles: str = typer.Option("raw,int8,int4:g32,q2c:0.5+int4:g32,pca:b4.8:w:e+text,pca:b3.05:w:e:i1:f3+text,"
-                                 "pca:b1.75:w:e:i1:f3+text",
+    profiles: str = typer.Option("raw,int8,int4:g32,q2c:0.5+int4:g32,pca:b4.8:w:e+text,pca:b3.05:w:e:j:i1:f3+text,"
+                                 "pca:b1.7:w:e:j:i1:f3+text",
                                  help="Comma-separated profiles; the first gets the per-question table."),
     rate: str = typer.Option("50mbit", help="Rate of the emulated link every transfer crosses (the relay); 'none' for plain loopback."),
     delay: str = typer.Option("10ms", help="One-way delay of the emulated link."),

@@ -53,7 +53,7 @@ DEFAULT_SWEEP_PROFILES = ("fp16,int8,int4:g32,int3,int2,nf4,svd:r32+int8,q2c:0.7
                           "q2c:1+pca:b3:k2.5+tier:0.15:int8,pca:b0.65:w+text,pca:b1.05+pca:b1.9@13-24+text,"
                           "pca:b1.35:w+text,pca:b2.8:w+text,pca:b5.5:w+text,pca:b0.8:w:e:i1+text,"
                           "pca:b1.75:w:e:i1+text,pca:b3.1:w:e:i1+text,pca:b4.8:w:e+text,pca:b1.75:w:e:i1:f3+text,"
-                          "pca:b3.05:w:e:i1:f3+text")
+                          "pca:b3.05:w:e:i1:f3+text,pca:b1.7:w:e:j:i1:f3+text,pca:b3.05:w:e:j:i1:f3+text")
 
 
 @app.command("sweep")
@@ -213,7 +213,10 @@ DEFAULT_FRONTIER_PROFILES = (
     "pca:b6.5:w:e:i1+text,"
     # round 7: a floor on the per-token step classes (pca:w:e:i1:fF: no token coarser than 2^(F/2) steps)
     "pca:b1.6:w:e:i1:f2+text,pca:b1.65:w:e:i1:f2+text,pca:b1.7:w:e:i1:f3+text,pca:b1.75:w:e:i1:f3+text,"
-    "pca:b0.9:w:e:i1:f2+text,pca:b2.95:w:e:i1:f2+text,pca:b3.05:w:e:i1:f3+text")
+    "pca:b0.9:w:e:i1:f2+text,pca:b2.95:w:e:i1:f2+text,pca:b3.05:w:e:i1:f3+text,"
+    # round 8: keys and values in one joint transform per layer (pca:w:e:j)
+    "pca:b1.65:w:e:j:i1:f3+text,pca:b1.7:w:e:j:i1:f3+text,pca:b3.05:w:e:j:i1:f3+text,pca:b3.15:w:e:j:i1:f3+text,"
+    "pca:b3.25:w:e:j:i1:f3+text")
 
 
 @app.command("frontier")
@@ -284,7 +287,8 @@ def calibrate(
                                  "pca:b1+protect:s4,q2c:1+pca:b0.5+tier:0.1:int4,pca:b1+protect:s4+pca:b2.5@13-24,"
                                  "pca:b0.65:w+text,pca:b1.05+pca:b1.9@13-24+text,pca:b2.8:w+text,pca:b5.5:w+text,"
                                  "pca:b0.8:w:e:i1+text,pca:b1.75:w:e:i1+text,pca:b3.1:w:e:i1+text,pca:b4.8:w:e+text,"
-                                 "pca:b1.75:w:e:i1:f3+text,pca:b3.05:w:e:i1:f3+text",
+                                 "pca:b1.75:w:e:i1:f3+text,pca:b3.05:w:e:i1:f3+text,pca:b1.7:w:e:j:i1:f3+text,"
+                                 "pca:b3.05:w:e:j:i1:f3+text",
                                  help="Profiles the planner may choose from."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),

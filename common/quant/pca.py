@@ -200,8 +200,8 @@ class Basis:
             if not all(f"joint.{i}.{t}" in tensors for i in range(layers) for t in ("mean", "directions", "std")):
                 raise ValueError(f"{name}: the joint transform must have a mean, directions and std for every layer")
             joint = [part("joint", i) for i in range(layers)]
-            if any(j.directions.shape != (width, width) for j in joint):
-                raise ValueError(f"{name}: a joint transform's directions must be {width} x {width}")
+            if any(j.directions.shape != (width, width) or j.mean.shape != (width,) or j.std.shape != (width,) for j in joint):
+                raise ValueError(f"{name}: a joint transform's directions must be {width} x {width}, its mean and std {width} long")
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
                    metadata, weights, joint)
 

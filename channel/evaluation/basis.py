@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -143,6 +143,20 @@ def layer_weights(loaded: LoadedModel, basis: Basis, samples: list[Sample], bits
     return kl.clamp(min=1e-12) / error
 
 
+def _calibration_kv(loaded: LoadedModel, samples: list[Sample], progress: Callable[[], None] | None
+                    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per sample, its prompt prefilled query-aware: each layer's keys (RoPE removed) and values,
+    (1, kv_heads, tokens, head_dim), but the sink tokens'. What a basis and its joint transform are fitted on."""
+    rope = loaded.codec_context.rope
+    for sample in samples:
+        kv = prefill_prompt(loaded, sample.context, sample.question).kv
+        kept = [positions[0] >= SINK_TOKENS for positions in kv.positions]
+        yield [(rope.remove(layer, k, positions)[:, :, keep], v[:, :, keep])
+               for layer, (k, v, positions, keep) in enumerate(zip(kv.keys, kv.values, kv.positions, kept))]
+        if progress:
+            progress()
+
+
 @torch.inference_mode()
 def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
               progress: Callable[[], None] | None = None, metric: bool = False, weight_samples: int = 0) -> Basis:
@@ -150,18 +164,13 @@ def fit_basis(loaded: LoadedModel, samples: list[Sample], path: Path,
     (but the sink tokens'), and write the basis fitted on them to `path`; `metric`: fitted for the
     error attention sees (`attention_metrics`), not the squared error; `weight_samples`: then measure
     the layer weights (`layer_weights`) on that many of the samples and write them in too."""
-    rope = loaded.codec_context.rope
     keys: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
     values: list[list[torch.Tensor]] = [[] for _ in range(loaded.fingerprint.num_layers)]
     with _QueryEnergy(loaded) if metric else contextlib.nullcontext() as queries:
-        for sample in samples:
-            kv = prefill_prompt(loaded, sample.context, sample.question).kv
-            for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-                kept = positions[0] >= SINK_TOKENS
-                keys[layer].append(token_rows(rope.remove(layer, k, positions))[kept].cpu())
-                values[layer].append(token_rows(v)[kept].cpu())
-            if progress:
-                progress()
+        for prompt in _calibration_kv(loaded, samples, progress):
+            for layer, (k, v) in enumerate(prompt):
+                keys[layer].append(token_rows(k).cpu())
+                values[layer].append(token_rows(v).cpu())
     metadata = {"model": loaded.name, "weights_sha256": loaded.fingerprint.weights_sha256,
                 "samples": len(samples), "tokens": sum(len(k) for k in keys[0]), "sink_tokens_left_out": SINK_TOKENS}
     key_metrics = value_metrics = None
@@ -186,16 +195,10 @@ def fit_joint(loaded: LoadedModel, basis: Basis, samples: list[Sample], path: Pa
     """Prefill each sample's prompt (query-aware) as `fit_basis` does, take every layer's coordinates in
     `basis` (but the sink tokens'), and write to `path` the basis with its joint transform
     (`Basis.fit_joint`) added, or replaced."""
-    rope = loaded.codec_context.rope
     samples_of: list[list[torch.Tensor]] = [[] for _ in range(basis.num_layers)]
-    for sample in samples:
-        kv = prefill_prompt(loaded, sample.context, sample.question).kv
-        for layer, (k, v, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-            kept = positions[0] >= SINK_TOKENS
-            free = rope.remove(layer, k, positions)
-            samples_of[layer].append(coordinates(free[:, :, kept], v[:, :, kept], basis.keys[layer], basis.values[layer]).cpu())
-        if progress:
-            progress()
+    for prompt in _calibration_kv(loaded, samples, progress):
+        for layer, (k, v) in enumerate(prompt):
+            samples_of[layer].append(coordinates(k, v, basis.keys[layer], basis.values[layer]).cpu())
     tensors = {k: v for k, v in basis.tensors().items() if not k.startswith("joint.")}
     tensors.update(basis.fit_joint([torch.cat(c) for c in samples_of]))
     metadata = {**basis.metadata, "joint_samples": len(samples), "joint_tokens": sum(len(c) for c in samples_of[0])}

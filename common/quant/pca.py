@@ -110,13 +110,10 @@ class Basis:
                         raise ValueError(f"{name} metric of layer {layer} is not positive definite")
                     centred = centred @ ((q * w.sqrt()) @ q.T)  # (x - m) S
                     inverse = (q / w.sqrt()) @ q.T  # S^-1
-                covariance = centred.T @ centred / max(1, x.shape[0] - 1)
-                eigenvalues, vectors = torch.linalg.eigh(covariance)
-                order = eigenvalues.argsort(descending=True)
-                vectors = vectors[:, order]
+                vectors, std = principal(centred)
                 tensors[f"{name}.{layer}.mean"] = mean.float()
                 tensors[f"{name}.{layer}.directions"] = (vectors if inverse is None else inverse @ vectors).to(torch.float16)
-                tensors[f"{name}.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
+                tensors[f"{name}.{layer}.std"] = std
         return tensors
 
     def scale(self, layer: int) -> torch.Tensor:
@@ -133,12 +130,10 @@ class Basis:
         for layer, c in enumerate(coordinates):
             x = c.double() * self.scale(layer).double()
             mean = x.mean(0)
-            centred = x - mean
-            eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(1, x.shape[0] - 1))
-            order = eigenvalues.argsort(descending=True)
+            vectors, std = principal(x - mean)
             tensors[f"joint.{layer}.mean"] = mean.float()
-            tensors[f"joint.{layer}.directions"] = vectors[:, order].to(torch.float16)
-            tensors[f"joint.{layer}.std"] = eigenvalues[order].clamp(min=0).sqrt().float()
+            tensors[f"joint.{layer}.directions"] = vectors.to(torch.float16)
+            tensors[f"joint.{layer}.std"] = std
         return tensors
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -233,6 +228,14 @@ class Basis:
             std, weight = self.pooled_weights(layers)
             return dict(zip(layers, allocate(std, bits_per_element, weight).view(len(layers), -1)))
         return self.cached(("bits", layers, bits_per_element), compute)
+
+def principal(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred samples (tokens, D), float64 -> the principal directions as columns, strongest first
+    (float64), and each one's standard deviation (float32)."""
+    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(1, centred.shape[0] - 1))
+    order = eigenvalues.argsort(descending=True)
+    return vectors[:, order], eigenvalues[order].clamp(min=0).sqrt().float()
+
 
 def allocate(std: torch.Tensor, bits_per_element: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Bits per component (int64, each 0..MAX_BITS) for components of standard deviation `std`,

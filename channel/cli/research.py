@@ -315,6 +315,9 @@ def calibrate(
 
     if joint and not basis:
         raise typer.BadParameter("the joint transform is part of the PCA basis: add --basis", param_hint="--joint")
+    if joint and (metric or weights):
+        raise typer.BadParameter("--joint adds to the shipped basis and fits nothing else: drop --metric and --weights",
+                                 param_hint="--joint")
     if basis:
         _fit_basis(model, data, exclude, samples, out, metric, weights, joint)
         return
@@ -351,9 +354,6 @@ def _fit_basis(model: str, data: Optional[Path], exclude: Optional[Path], sample
         if shipped is None or shipped.weights is None:
             raise typer.BadParameter(f"{model} has no shipped basis with layer weights to add a joint transform to; "
                                      "fit one with --basis --metric --weights N first", param_hint="--joint")
-        if metric or weights:
-            raise typer.BadParameter("--joint adds to the shipped basis and fits nothing else: drop --metric and --weights",
-                                     param_hint="--joint")
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("prefilling calibration prompts for the joint transform", total=len(dataset))
             fitted = fit_joint(loaded, shipped, dataset, target, progress=lambda: progress.advance(task))

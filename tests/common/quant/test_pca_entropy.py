@@ -149,7 +149,8 @@ def test_a_corrupt_range_code_is_data_loss(setup, tmp_path, damage):
     assert caught.value.code == grpc.StatusCode.DATA_LOSS
 
 
-@pytest.mark.parametrize("spec,message", [("pca:b1:e", "add w"), ("pca:b1:w:e:e", "repeated"), ("pca:b1:k1:w:e", "drop k")])
+@pytest.mark.parametrize("spec,message", [("pca:b1:e", "add w"), ("pca:b1:w:e:e", "repeated"), ("pca:b1:k1:w:e", "drop k"),
+                                          ("pca:b2:w:j", "add e"), ("pca:b2:j", "add e"), ("pca:b2:w:e:j:j", "repeated")])
 def test_bad_entropy_stages_are_refused(spec, message):
     with pytest.raises(ProfileError, match=message):
         parse_profile(spec)

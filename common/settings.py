@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = 512
     session_ttl_s: float = 600.0
     session_budget_bytes: int = 4 << 30
+    # A transfer stream that sends no frame for this long is dropped and its reservation freed.
+    stream_idle_s: float = 30.0
 
     # Security: a shared bearer token on every RPC and API call, and TLS when a certificate is set.
     token: str | None = None

@@ -30,6 +30,10 @@ from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
+MAX_TRANSFER_ID_CHARS = 128  # the receiver keeps used ids (idempotency): their size must be bounded
+MAX_OFFERED_PROFILES = 64  # a Negotiate request's offer list, parsed one profile at a time
+# A refusal's message: never the client's unbounded input back (gRPC drops trailers past 16 KiB).
+MAX_MESSAGE_CHARS = 1024
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
 ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that compress a tier's chunks
 
@@ -64,6 +68,14 @@ class WireError(Exception):
         self.code = code
 
 
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, cut to at most `limit` characters (saying how long it was) where it is longer."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} characters)"
+    return text[:max(0, limit - len(note))] + note
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an allocation failure: MemoryError, CUDA OOM, or torch's CPU allocator refusing."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
@@ -72,12 +84,18 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The specific gRPC status (and message) a handler answers an exception with: never UNKNOWN.
+    """The specific gRPC status (and message, at most MAX_MESSAGE_CHARS) a handler answers an exception
+    with: never UNKNOWN.
 
     WireError carries its own; a payload that does not decompress is DATA_LOSS; an allocation
     failure RESOURCE_EXHAUSTED; a ValueError (ProfileError, QuantError, the checks of KVState and
     prefill) INVALID_ARGUMENT; anything else is a bug of ours, INTERNAL.
     """
+    code, message = _status_for(exc)
+    return code, clip(message)
+
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, WireError):
         return exc.code, str(exc)
     if isinstance(exc, zstandard.ZstdError):
@@ -340,6 +358,9 @@ class Assembler:
         if header.segmented != self.segmented:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a segmented transfer goes through TransferSegments"
                             if header.segmented else "TransferSegments needs a segmented header")
+        if len(header.transfer_id) > MAX_TRANSFER_ID_CHARS:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer id of {len(header.transfer_id)} characters; "
+                            f"at most {MAX_TRANSFER_ID_CHARS}")
         if header.batch != 1:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"batch must be 1, got {header.batch}")
         if not 0 < header.seq_len <= self.limits.max_tokens:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
+import hashlib
 import logging
+import math
 import time
 
 import grpc
@@ -24,16 +27,49 @@ from common.proto import kvwire_pb2_grpc as pb_grpc
 from common.settings import Settings, get_settings
 from receiver.auth import BearerAuthInterceptor
 from receiver.metrics import ReceiverMetrics
-from receiver.sessions import SessionError, SessionStore
+from receiver.sessions import SESSION_OVERHEAD_BYTES, SessionError, SessionStore
 
 log = logging.getLogger("kvwire.receiver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
 DEFAULT_NEW_TOKENS = 64
 RECENT = 50
+# Negotiate's numbers: 0 asks for the default; anything else must be finite and at most these.
+NEGOTIATION_BOUNDS = {"bandwidth_bps": 1e15, "deadline_s": 86_400.0, "quality_floor": 1.0}
+# A question longer than this many characters per token of context cannot fit it: refused before
+# it is tokenized (tokenizing megabytes takes seconds).
+MAX_QUESTION_CHARS_PER_TOKEN = 16
 
 
 class AbortNegotiation(Exception):
     pass
+
+
+async def finish_in_thread(function, *args):
+    """function(*args) in a worker thread, awaited to its end even if the caller is cancelled (client
+    gone, deadline passed): a model pass cannot be interrupted, and the model lock its caller holds
+    must stay held until the pass is over. The cancellation is raised once it is."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([work])
+        raise
+
+
+def prefill_working_bytes(config, cached: int, new: int) -> int:
+    """The memory a prefill of `new` tokens on top of `cached` ones takes beyond the cache it adds:
+    the attention mask and one layer's scores, (new, cached + new) float32 each, and the activations
+    of the new tokens (float32). An estimate; its n^2 term is what must not escape the budget."""
+    text = config.get_text_config()
+    scores = 4 * new * (cached + new) * (1 + getattr(text, "num_attention_heads", 1))
+    activations = 4 * new * (4 * text.hidden_size + 2 * getattr(text, "intermediate_size", 4 * text.hidden_size))
+    return scores + activations
+
+
+def header_digest(header: pb.Header) -> bytes:
+    return hashlib.sha256(header.SerializeToString(deterministic=True)).digest()
 
 
 def log_rejection(rpc: str, code: grpc.StatusCode, message: str, exc: Exception) -> None:
@@ -69,8 +105,10 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # for the dashboard
         self.loaded: LoadedModel | None = None
         self._model_lock = asyncio.Lock()  # one decode at a time: the CPU has few cores to share
-        # Transfers are idempotent by transfer id: a retry of a finished one gets the same session.
-        self.completed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Transfers are idempotent by transfer id: a retry of a finished one (the same header) gets the
+        # same session. transfer id -> (session id, digest of its header); ids are bounded in length.
+        self.completed: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
+        self.streaming_ids: set[str] = set()  # transfer ids of streams in flight: one stream per id
         self.inflight_bytes = 0  # reserved by headers of transfers still streaming
 
     async def _model(self, context) -> LoadedModel:
@@ -89,7 +127,18 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         loaded = await self._model(context)
         reason = refusal(request.fingerprint, loaded.fingerprint, None)
         if reason:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{reason} (receiver model {loaded.name})")
+            raise wire.WireError(grpc.StatusCode.FAILED_PRECONDITION, f"{reason} (receiver model {loaded.name})")
+        check_negotiation_numbers(request)
+        if request.policy not in ("", "fixed", "auto"):
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"unknown policy {wire.clip(repr(request.policy), 80)}; use fixed or auto")
+        if len(request.profiles) > wire.MAX_OFFERED_PROFILES:
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, f"{len(request.profiles)} profiles offered; "
+                                 f"at most {wire.MAX_OFFERED_PROFILES}")
+        # Parsing the offers (and planning) derives codec plans: off the event loop, which serves health checks.
+        return await asyncio.to_thread(self._choose, loaded, request)
+
+    def _choose(self, loaded: LoadedModel, request: pb.NegotiateRequest) -> pb.NegotiateReply:
         offered, refused = [], []
         for spec in request.profiles:
             try:
@@ -102,13 +151,12 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             (refused if reason else offered).append(reason or str(profile))
         if request.policy == "auto":
             return self._plan(loaded, request, offered)
-        if request.policy not in ("", "fixed"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {request.policy!r}; use fixed or auto")
         if not offered and refused:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused[0])
+            raise wire.WireError(grpc.StatusCode.FAILED_PRECONDITION, refused[0])
         if not offered:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"none of the offered profiles is supported: {list(request.profiles)}")
+            first = wire.clip(repr(request.profiles[0]), 100) if request.profiles else "none"
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, f"none of the {len(request.profiles)} offered "
+                                 f"profiles is supported (the first: {first})")
         return pb.NegotiateReply(fingerprint=loaded.fingerprint, profile=offered[0], limits=self.limits.to_proto(),
                                  reason="fixed: the first offered profile this receiver decodes")
 
@@ -140,6 +188,43 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         async for ack in self._receive(request_iterator, context, segmented=True):
             yield ack
 
+    async def _frames(self, request_iterator):
+        """The stream's frames; a stream idle for KVWIRE_STREAM_IDLE_S is dropped, freeing its reservation."""
+        idle_s = self.settings.stream_idle_s
+        frames = request_iterator.__aiter__()
+        while True:
+            try:
+                frame = await asyncio.wait_for(frames.__anext__(), idle_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise wire.WireError(grpc.StatusCode.ABORTED, f"no frame for {idle_s:g} s (KVWIRE_STREAM_IDLE_S): "
+                                     "transfer dropped, nothing injected") from None
+            yield frame
+
+    def _repeated(self, header: pb.Header, digest: bytes) -> str | None:
+        """The session of a finished transfer this header repeats; refuses another header under a used id,
+        and a second stream of an id still in flight (the sender retries once the first has ended)."""
+        transfer_id = header.transfer_id
+        if transfer_id in self.streaming_ids:
+            raise wire.WireError(grpc.StatusCode.ABORTED, f"transfer {transfer_id!r} is in flight on another "
+                                 "stream; retry once it has ended")
+        previous = self.completed.get(transfer_id)
+        if previous is None or previous[0] not in self.sessions:
+            return None
+        if previous[1] != digest:
+            raise wire.WireError(grpc.StatusCode.ALREADY_EXISTS, f"transfer id {transfer_id!r} was used for a "
+                                 "different header; a new cache needs a new transfer id")
+        return previous[0]
+
+    def _check_seq_len(self, loaded: LoadedModel, seq_len: int) -> None:
+        """A cache must leave room for a prompt token and an answer token within the model's context:
+        checked at the header, before any chunk is decoded or text prefilled."""
+        limit, name = self._context_limit(loaded)
+        if seq_len + 2 > limit:
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, f"seq_len {seq_len} leaves no room for a prompt "
+                                 f"and an answer within {name}, {limit} tokens")
+
     async def _receive(self, request_iterator, context, segmented: bool | None):
         """Assemble one transfer (segmented: True or False to require that kind, None for either);
         yield an ack per segment in place (TransferSegments), then one carrying the reply."""
@@ -152,20 +237,27 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         kv = None
         acked = 0
         sent_as: collections.Counter[str] = collections.Counter()
+        claimed = None  # this stream's transfer id, once its header is in
         self.metrics.inflight.inc()
         try:
-            async for frame in request_iterator:
+            async for frame in self._frames(request_iterator):
                 began = time.perf_counter()
-                assembler.add(frame)
+                # Decoding a chunk (or deriving a header's codec plan) is heavy: off the event loop.
+                await asyncio.to_thread(assembler.add, frame)
                 busy += time.perf_counter() - began
-                if reserved == 0 and assembler.header is not None:
-                    previous = self.completed.get(assembler.header.transfer_id)
-                    if previous is not None and previous in self.sessions:
-                        log.info("transfer %s repeated: session %s", assembler.header.transfer_id, previous)
+                if claimed is None and assembler.header is not None:
+                    header = assembler.header
+                    self._check_seq_len(loaded, header.seq_len)
+                    digest = await asyncio.to_thread(header_digest, header)
+                    previous = self._repeated(header, digest)
+                    if previous is not None:
+                        log.info("transfer %s repeated: session %s", header.transfer_id, previous)
                         yield pb.SegmentAck(done=pb.TransferReply(session_id=previous,
                                                                   bytes_received=assembler.bytes_received))
                         return
-                    reserved = self._reserve(assembler.expected_bytes)
+                    claimed = header.transfer_id
+                    self.streaming_ids.add(claimed)
+                    reserved = self._reserve(assembler.expected_bytes + SESSION_OVERHEAD_BYTES)
                 for segment in assembler.take_segments():
                     began = time.perf_counter()
                     kv = await self._place(loaded, kv, segment)
@@ -208,8 +300,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             raise
         finally:
             self.inflight_bytes -= reserved
+            self.streaming_ids.discard(claimed)
             self.metrics.inflight.dec()
-        self.completed[assembler.header.transfer_id] = session.id
+        self.completed[assembler.header.transfer_id] = (session.id, digest)
         while len(self.completed) > 10_000:
             self.completed.popitem(last=False)
         seconds = time.perf_counter() - start
@@ -237,11 +330,17 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             raise wire.WireError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"{loaded.name} has sliding-window layers, which keep only their window: "
                                  "a text segment cannot be prefilled on top of received ones")
-        async with self._model_lock:
-            return await asyncio.to_thread(wire.place, loaded.model, kv, segment)
+        # The prefill's own working memory (its mask grows with n^2) is held in the budget while it runs.
+        working = self._reserve(prefill_working_bytes(loaded.config, kv.seq_len if kv else 0, len(segment.token_ids)))
+        try:
+            async with self._model_lock:
+                return await finish_in_thread(wire.place, loaded.model, kv, segment)
+        finally:
+            self.inflight_bytes -= working
 
     def _reserve(self, nbytes: int) -> int:
         """Hold memory for a transfer in flight; refuse (the client backs off) when the budget is taken."""
+        self.sessions.expire()  # sessions past their TTL hold nothing
         if nbytes > self.settings.session_budget_bytes:
             raise wire.WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"cache of {nbytes} bytes exceeds the session budget of {self.settings.session_budget_bytes}")
@@ -258,13 +357,13 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         try:
             session = self.sessions.get(request.session_id)
         except SessionError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, wire.clip(exc.args[0]))
         limit = self.settings.max_new_tokens
         max_new = request.max_new_tokens or min(DEFAULT_NEW_TOKENS, limit)
         if max_new > limit:
             raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"max_new_tokens {max_new} exceeds the limit of {limit} (KVWIRE_MAX_NEW_TOKENS)")
-        tail = self._tail(loaded, request)
+        tail = await asyncio.to_thread(self._tail, loaded, request)  # tokenizing is heavy: off the event loop
         kv = session.kv
         self._check_context(loaded, kv.seq_len, len(tail), max_new)  # before the lock: a refusal never waits
         session.generations += 1
@@ -272,7 +371,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             start = time.perf_counter()
             cache = kv.to_cache(loaded.config)
             injected = time.perf_counter()
-            tokens = await asyncio.to_thread(greedy_decode, loaded.model, cache, tail, kv.seq_len, max_new)
+            tokens = await finish_in_thread(greedy_decode, loaded.model, cache, tail, kv.seq_len, max_new)
             done = time.perf_counter()
         text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
         self.metrics.decode_seconds.observe(done - start)
@@ -292,18 +391,36 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                      f"token id {max(tail)} is outside the vocabulary of {vocab}")
             return tail
         if request.question:
+            limit, name = self._context_limit(loaded)
+            if len(request.question) > MAX_QUESTION_CHARS_PER_TOKEN * limit:
+                raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, f"question of {len(request.question)} characters "
+                                     f"cannot fit {name}, {limit} tokens")
             return question_ids(loaded.tokenizer, request.question)
         raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT, "give a question or token_ids")
 
-    def _check_context(self, loaded: LoadedModel, seq_len: int, tail: int, max_new: int) -> None:
-        """Refuse a generation that would run past the model's context or the receiver's max_tokens."""
+    def _context_limit(self, loaded: LoadedModel) -> tuple[int, str]:
+        """The most positions a session may reach, and what sets it: the model's context or max_tokens."""
         limit, name = self.settings.max_tokens, "the receiver's max_tokens (KVWIRE_MAX_TOKENS)"
         positions = getattr(loaded.config.get_text_config(), "max_position_embeddings", None)
         if positions and positions < limit:
             limit, name = positions, f"the context of {loaded.name} (max_position_embeddings)"
+        return limit, name
+
+    def _check_context(self, loaded: LoadedModel, seq_len: int, tail: int, max_new: int) -> None:
+        """Refuse a generation that would run past the model's context or the receiver's max_tokens."""
+        limit, name = self._context_limit(loaded)
         if seq_len + tail + max_new > limit:
             raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"{seq_len} cached + {tail} prompt + {max_new} new tokens exceed {name}, {limit} tokens")
+
+
+def check_negotiation_numbers(request: pb.NegotiateRequest) -> None:
+    """Bandwidth, deadline and quality floor: 0 (the default) or finite, positive and bounded."""
+    for name, high in NEGOTIATION_BOUNDS.items():
+        value = getattr(request, name)
+        if not (math.isfinite(value) and 0 <= value <= high):
+            raise wire.WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"{name} must be a finite number from 0 (the default) to {high:g}, got {value!r}")
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:

@@ -11,6 +11,16 @@ from dataclasses import dataclass, field
 from common.kvstate import KVState
 
 
+# What a session costs beyond its keys and values (its positions, the Python objects around them):
+# a session that keeps no tokens still counts, so the budget bounds their number too.
+SESSION_OVERHEAD_BYTES = 4096
+
+
+def session_cost(kv: KVState, overhead_bytes: int = SESSION_OVERHEAD_BYTES) -> int:
+    """The bytes a session holding `kv` counts against the budget."""
+    return kv.nbytes + overhead_bytes
+
+
 class SessionError(KeyError):
     pass
 
@@ -40,9 +50,11 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, ttl_s: float, budget_bytes: int, clock=time.monotonic):
+    def __init__(self, ttl_s: float, budget_bytes: int, clock=time.monotonic,
+                 overhead_bytes: int = SESSION_OVERHEAD_BYTES):
         self.ttl_s = ttl_s
         self.budget_bytes = budget_bytes
+        self.overhead_bytes = overhead_bytes
         self.clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.peak_bytes = 0
@@ -53,21 +65,25 @@ class SessionStore:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def cost(self, kv: KVState) -> int:
+        return session_cost(kv, self.overhead_bytes)
+
     @property
     def nbytes(self) -> int:
-        return sum(s.kv.nbytes for s in self._sessions.values())
+        return sum(self.cost(s.kv) for s in self._sessions.values())
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(s.kv.nbytes for s in self._sessions.values() if s.generations == 0)
+        return sum(self.cost(s.kv) for s in self._sessions.values() if s.generations == 0)
 
     def put(self, kv: KVState, profile: str, bytes_received: int) -> Session:
         """Store a cache, evicting the least recently used sessions that have been asked at least once."""
-        if kv.nbytes > self.budget_bytes:
-            raise MemoryError(f"cache of {kv.nbytes} bytes exceeds the session budget of {self.budget_bytes}")
+        cost = self.cost(kv)
+        if cost > self.budget_bytes:
+            raise MemoryError(f"cache of {cost} bytes exceeds the session budget of {self.budget_bytes}")
         self.expire()
         evictable = [sid for sid, s in self._sessions.items() if s.generations > 0]  # oldest first
-        while self.nbytes + kv.nbytes > self.budget_bytes:
+        while self.nbytes + cost > self.budget_bytes:
             if not evictable:
                 raise ReceiverBusy(f"receiver busy: {self.pinned_bytes} bytes held by sessions not yet asked")
             del self._sessions[evictable.pop(0)]

@@ -20,7 +20,7 @@ class Clock:
 
 def test_lru_eviction_under_the_byte_budget():
     clock = Clock()
-    store = SessionStore(ttl_s=100, budget_bytes=3 * 320, clock=clock)  # room for three 10-token caches
+    store = SessionStore(ttl_s=100, budget_bytes=3 * 320, clock=clock, overhead_bytes=0)  # room for three 10-token caches
     a, b, c = (store.put(state(10), "raw", 1) for _ in range(3))
     for session in (a, b, c):
         session.generations = 1  # asked once: evictable for room
@@ -62,7 +62,7 @@ def test_a_cache_larger_than_the_budget_is_refused():
 
 
 def test_sessions_not_yet_asked_are_never_evicted_for_room():
-    store = SessionStore(ttl_s=100, budget_bytes=2 * 320)
+    store = SessionStore(ttl_s=100, budget_bytes=2 * 320, overhead_bytes=0)
     first = store.put(state(10), "raw", 1)
     store.put(state(10), "raw", 1)
     with pytest.raises(ReceiverBusy, match="receiver busy"):

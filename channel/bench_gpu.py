@@ -16,9 +16,7 @@ speed and memory are those of the real shape.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import statistics
 import time
 
@@ -31,18 +29,11 @@ CODEC_PROFILES = ("int8", "int4", "int2", "nf4")
 KERNEL_PATHS = ("torch", "triton")
 
 
-@contextlib.contextmanager
 def kernels(path: str):
-    """Force one codec path (common.quant.kernels reads KVWIRE_KERNELS at each call)."""
-    before = os.environ.get("KVWIRE_KERNELS")
-    os.environ["KVWIRE_KERNELS"] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("KVWIRE_KERNELS", None)
-        else:
-            os.environ["KVWIRE_KERNELS"] = before
+    """Force one codec path in a block (common.quant.kernels.forced)."""
+    from common.quant.kernels import forced
+
+    return forced(path)
 
 
 def cuda_seconds(fn, repeat: int = 7, warmup: int = 3, sample_s: float = 0.02) -> float:

@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KERNEL_PATHS = ("auto", "torch", "triton")
 
 
 class Settings(BaseSettings):
@@ -18,6 +21,9 @@ class Settings(BaseSettings):
     # which dtype it computes (auto: bfloat16 on CUDA, float32 on the CPU).
     device: str = "auto"
     dtype: str = "auto"
+    # The codec path for the group-wise quantizers: auto (Triton kernels for CUDA tensors when triton
+    # imports), torch, or triton (see common/quant/kernels.py).
+    kernels: str = "auto"
 
     # Receiver limits, checked against each header before anything is allocated.
     max_frame_bytes: int = 8 << 20
@@ -36,9 +42,21 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = None  # what clients trust (PEM); defaults to tls_cert
 
+    # The channel relay's link when `kvwire channel` is given no --rate / --delay.
+    channel_rate: str = "100mbit"
+    channel_delay: str = "0ms"
+
     # Where the sender's HTTP API sends caches, and where the dashboard finds the latest sweep.
     receiver_target: str = "127.0.0.1:50051"
     sweep_dir: Path = Path("results/sweep")
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernel_path(cls, value: str) -> str:
+        value = value.strip().lower() or "auto"
+        if value not in KERNEL_PATHS:
+            raise ValueError(f"KVWIRE_KERNELS={value!r}; expected one of {', '.join(KERNEL_PATHS)}")
+        return value
 
 
 def get_settings(**overrides) -> Settings:

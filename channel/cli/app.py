@@ -46,13 +46,21 @@ def use_device(device: Optional[str], dtype: Optional[str]) -> None:
         raise typer.Exit(2) from None
 
 
-ModelOption = typer.Option(None, "--model", help="smollm2-135m (default), gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
+def _configured_model() -> str:
+    from common.settings import get_settings
+
+    return get_settings().model
+
+
+# Every command's --model: the settings' model (KVWIRE_MODEL) unless given.
+ModelOption = typer.Option(..., "--model", default_factory=_configured_model, show_default="KVWIRE_MODEL, else smollm2-135m",
+                           help="smollm2-135m, gemma3-270m, tiny-llama, tiny-gemma3, a HF id or a directory.")
 
 
 LinkOptions = dict(
-    rate=typer.Option("100mbit", envvar="KVWIRE_CHANNEL_RATE", help="Link rate, e.g. 20mbit (constant trace)."),
+    rate=typer.Option(None, help="Link rate, e.g. 20mbit (constant trace). Default: KVWIRE_CHANNEL_RATE, else 100mbit."),
     trace=typer.Option("constant", help="constant, markov, step:RATE1:RATE2:AT (e.g. step:100mbit:10mbit:1s) or a CSV of time,rate."),
-    delay=typer.Option("0ms", envvar="KVWIRE_CHANNEL_DELAY", help="One-way delay."),
+    delay=typer.Option(None, help="One-way delay. Default: KVWIRE_CHANNEL_DELAY, else 0ms."),
     jitter=typer.Option("0ms", help="Extra delay, uniform in [0, jitter]."),
     stall_rate=typer.Option(0.0, help="Stalls (retransmission timeouts) per second of transmission."),
     stall=typer.Option("200ms", help="Length of one stall."),

@@ -10,14 +10,14 @@ from typing import Optional
 
 import typer
 
-from channel.cli.app import _parse_profiles, bench_app, console
+from channel.cli.app import ModelOption, _parse_profiles, bench_app, console
 
 
 @bench_app.command("select")
 def bench_select(
     tokens: int = typer.Option(8192, help="Context length for kvwire's O(T) statistics."),
     eager_tokens: int = typer.Option(2048, help="Context length for the naive output_attentions=True run."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Prefill + Q2C/SnapKV selection: time and peak memory, O(T) statistics against eager attention maps."""
@@ -44,7 +44,7 @@ def bench_select(
 
 
 @bench_app.command("select-once", hidden=True)
-def bench_select_once(mode: str, tokens: int, model: str = typer.Option("smollm2-135m", "--model")) -> None:
+def bench_select_once(mode: str, tokens: int, model: str = ModelOption) -> None:
     import json
 
     from channel.bench import select_once
@@ -194,7 +194,7 @@ def bench_codec(
     repeats: int = typer.Option(3, min=1),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
 ) -> None:
     """Encode/decode throughput of each codec, side by side with a plain copy, plus size and error."""
     import json
@@ -237,7 +237,7 @@ def bench_entropy(
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     zstd_level: int = typer.Option(3, min=1, max=22),
     json_path: Optional[Path] = typer.Option(None, "--json"),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
 ) -> None:
     """Bits per element of each profile's codes: packed, after zstd, the order-0 entropy, and a static
     per-(layer, channel) model (what rANS with shipped tables reaches)."""
@@ -285,7 +285,7 @@ def bench_segments(
     bandwidth: Optional[str] = typer.Option(None, help="The rate the first segment is planned with "
                                                        "(default: send it as a probe, the smallest cache)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
 ) -> None:
     """Segmented (adaptive) against whole-cache transfers over real gRPC through the shaping relay:
     deadline hit rate and quality (F1 against the full-prompt answer, 0 when late)."""

@@ -12,13 +12,13 @@ import typer
 from channel.cli.app import (
     DeviceOption,
     DtypeOption,
+    ModelOption,
     _parse_profiles,
     console,
     study_app,
     use_device,
 )
 
-ModelName = typer.Option("smollm2-135m", "--model", help="smollm2-135m, gemma3-270m, or another model kvwire loads.")
 Data = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format file (default: the embedded subset).")
 
 
@@ -81,7 +81,7 @@ def info_plane_command(
     per_paragraph: int = typer.Option(2, min=1, help="Questions taken from each paragraph."),
     splits: int = typer.Option(3, min=2, help="Held-out splits by article (split r uses seed r)."),
     data: Optional[Path] = Data,
-    model: str = ModelName,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),
@@ -127,7 +127,7 @@ def ib_allocation_command(
     sensitivity_samples: int = typer.Option(12, min=1, help="Questions for the int2 per-layer sensitivity."),
     samples: int = typer.Option(40, min=1, help="Questions for the end-to-end comparison (other paragraphs)."),
     data: Optional[Path] = Data,
-    model: str = ModelName,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),
@@ -184,7 +184,7 @@ def rd_bound_command(
     samples: int = typer.Option(24, min=2, help="Questions for the covariances, bits and MSE."),
     task_samples: int = typer.Option(16, min=1, help="Of those, questions for KL and fidelity through the harness."),
     data: Optional[Path] = Data,
-    model: str = ModelName,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),

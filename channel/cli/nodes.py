@@ -29,7 +29,7 @@ def receiver_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (gRPC and HTTP)."),
     port: int = typer.Option(50051, help="gRPC port."),
     http_port: int = typer.Option(8080, help="HTTP port (health, metrics, sessions, dashboard); 0 for none."),
-    model: Optional[str] = ModelOption,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -82,7 +82,7 @@ def sender_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8081, help="HTTP port."),
     target: Optional[str] = typer.Option(None, help="Receiver host:port (default: KVWIRE_RECEIVER_TARGET)."),
-    model: Optional[str] = ModelOption,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -118,7 +118,7 @@ def sender_ask(
                                                        "segment with (default: send it as a probe, the smallest cache)."),
     calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                help="With --segments: the table to plan with (default: the model's)."),
-    model: Optional[str] = ModelOption,
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -195,7 +195,7 @@ def demo(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
     plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
     target: Optional[str] = typer.Option(None, help="Use this running receiver (or relay) instead of starting one."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -224,7 +224,7 @@ def demo(
 def channel(
     listen: str = typer.Option("127.0.0.1:50052", help="Address the relay accepts connections on."),
     upstream: str = typer.Option("127.0.0.1:50051", help="The receiver's address."),
-    rate: str = LinkOptions["rate"], trace: str = LinkOptions["trace"], delay: str = LinkOptions["delay"],
+    rate: Optional[str] = LinkOptions["rate"], trace: str = LinkOptions["trace"], delay: Optional[str] = LinkOptions["delay"],
     jitter: str = LinkOptions["jitter"], stall_rate: float = LinkOptions["stall_rate"], stall: str = LinkOptions["stall"],
     seed: int = LinkOptions["seed"],
     corrupt_per_mb: float = typer.Option(0.0, help="Fault injection: flip a random bit this often per MB sent upstream."),
@@ -232,7 +232,10 @@ def channel(
     """A TCP relay that shapes the real bytes of the gRPC connection (rate, delay, jitter, stalls)."""
     from channel.relay import run_relay
     from common.link import link_from_options
+    from common.settings import get_settings
 
+    settings = get_settings()
+    rate, delay = rate or settings.channel_rate, delay or settings.channel_delay
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         link_from_options(rate, trace, delay, jitter, stall_rate, stall, seed)
@@ -243,7 +246,7 @@ def channel(
 
 
 @app.command("prepare")
-def prepare(model: str = typer.Option("smollm2-135m", "--model"), device: Optional[str] = DeviceOption,
+def prepare(model: str = ModelOption, device: Optional[str] = DeviceOption,
             dtype: Optional[str] = DtypeOption) -> None:
     """Convert and cache a model's weights now (a Docker build step), and print its fingerprint."""
     use_device(device, dtype)
@@ -267,7 +270,7 @@ def loadtest(
                                            "connection through the relay three times, during the load; then "
                                            "compare the receiver's memory with its baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:

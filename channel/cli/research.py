@@ -10,6 +10,7 @@ import typer
 from channel.cli.app import (
     DeviceOption,
     DtypeOption,
+    ModelOption,
     _evaluate,
     _parse_profiles,
     app,
@@ -27,7 +28,7 @@ def eval_command(
     max_new_tokens: int = typer.Option(24, min=1, max=512),
     skip: int = typer.Option(0, min=0, help="Leave out the first N answerable questions (a held-out split)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -76,7 +77,7 @@ def sweep(
                                            "and quality."),
     statics: str = typer.Option("int8,int4:g32,q2c:0.5+int4:g32", help="Static profiles for --deadlines."),
     haystack: int = typer.Option(0, min=0, help="Use needle-in-a-haystack contexts of this many tokens instead of SQuAD."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -231,7 +232,7 @@ def frontier_command(
     samples: int = typer.Option(100, min=1, help="Held-out questions."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write results/frontier.json's format."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
 ) -> None:
@@ -293,7 +294,7 @@ def calibrate(
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     out: Optional[Path] = typer.Option(None, help="Where to write the table or basis (default: the model's shipped one)."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     basis: bool = typer.Option(False, "--basis", help="Fit the model's PCA basis (the pca stage) instead: one "
                                "prompt per paragraph of --data, skipping the paragraphs of --exclude."),
     metric: bool = typer.Option(False, "--metric", help="--basis: fit for the error attention sees (keys weighed by "
@@ -406,7 +407,7 @@ SQUAD_STUDIES = {
 
 def _register_squad_study(name: str, doc: str) -> None:
     def command(samples: int = StudySamples, data: Optional[Path] = StudyData,
-                model: str = typer.Option("smollm2-135m", "--model"),
+                model: str = ModelOption,
                 device: Optional[str] = DeviceOption,
                 dtype: Optional[str] = DtypeOption,
                 json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
@@ -427,7 +428,7 @@ def study_truncation(
     tokens: int = typer.Option(2048, help="Context length."),
     sinks: int = typer.Option(0, help="Also keep this many first tokens (sink + recent)."),
     fit_up_to: int = typer.Option(128, help="Fit on windows up to this; judge the extrapolation beyond."),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     json_path: Optional[Path] = typer.Option(None, "--json"),
@@ -458,7 +459,7 @@ def study_layers(
     samples: int = typer.Option(20, min=1),
     compress: str = typer.Option("q2c:0.25:layer", help="What compressing one layer means: a profile."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
-    model: str = typer.Option("smollm2-135m", "--model"),
+    model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     write: bool = typer.Option(False, help="Save as the model's shipped sensitivities (used by the adaptive budget)."),

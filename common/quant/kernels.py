@@ -8,7 +8,8 @@ Triton's interpreter, and the GPU run checked CUDA kernels against torch on the 
 exception: int1 sym's scale is mean |x|, whose float sum torch orders differently on each device;
 the kernels take that mean from torch on the tensor's device, so they match torch there.
 
-Dispatch: `use_kernels(quantizer, tensor)` is the only decision. KVWIRE_KERNELS picks the path:
+Dispatch: `use_kernels(quantizer, tensor)` is the only decision. KVWIRE_KERNELS (the settings'
+`kernels`, read once per process; `forced(path)` overrides it in a block) picks the path:
 - auto (default): the kernels for tensors on CUDA when triton imports, torch otherwise;
 - torch: always torch;
 - triton: always the kernels; on a CPU tensor that needs TRITON_INTERPRET=1 (set before triton
@@ -33,19 +34,40 @@ import os
 import torch
 
 from common.quant.base import QuantError, check_finite, group_view, num_groups
+from common.settings import KERNEL_PATHS, get_settings
 
 ENV = "KVWIRE_KERNELS"
-MODES = ("auto", "torch", "triton")
+MODES = KERNEL_PATHS
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ASYM, SYM, SIGN, NF4_KIND = range(4)  # the KIND of a launch (triton_kernels.ASYM, ...)
 TILE = 8192  # elements a program takes (about): large enough to stream, small enough for registers
 
 
+_forced: str | None = None  # set by `forced()`: benchmarks and tests compare the two paths in one process
+
+
+@functools.cache
+def _configured() -> str:
+    # Read once per process: the dispatch runs per tensor, and building the settings takes about a millisecond.
+    return get_settings().kernels
+
+
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV}={value!r}; expected one of {', '.join(MODES)}")
-    return value
+    """The path asked for: `forced()`'s, else the settings' (KVWIRE_KERNELS)."""
+    return _forced or _configured()
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    """Run the codecs on one path ("auto", "torch" or "triton") inside the block."""
+    global _forced
+    if path not in MODES:
+        raise ValueError(f"kernel path {path!r}; expected one of {', '.join(MODES)}")
+    before, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 @functools.cache

@@ -37,18 +37,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---- the comparisons, run in the subprocess ----
 
-@contextlib.contextmanager
 def path(name: str):
     """Run the quantizers' public methods on one path: "torch" or "triton"."""
-    old = os.environ.get(kernels.ENV)
-    os.environ[kernels.ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[kernels.ENV]
-        else:
-            os.environ[kernels.ENV] = old
+    return kernels.forced(name)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -408,14 +399,23 @@ def test_fp64_step_and_reciprocal_are_exact():
         assert np.array_equal((x.astype(np.float64) * (np.float64(1) / d)).astype(np.float32), x / np.float32(d)), d
 
 
+def configure(monkeypatch, value: str | None) -> None:
+    """KVWIRE_KERNELS as a fresh process would read it."""
+    if value is None:
+        monkeypatch.delenv(kernels.ENV, raising=False)
+    else:
+        monkeypatch.setenv(kernels.ENV, value)
+    kernels._configured.cache_clear()
+
+
 def test_dispatch(monkeypatch):
     cpu = torch.ones(2, 8)
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
-    monkeypatch.delenv(kernels.ENV, raising=False)
+    configure(monkeypatch, None)
     assert not kernels.use_kernels(Uniform(4), cpu)  # auto: CPU tensors stay on torch
-    monkeypatch.setenv(kernels.ENV, "torch")
+    configure(monkeypatch, "torch")
     assert not kernels.use_kernels(Uniform(4), cpu)
-    monkeypatch.setenv(kernels.ENV, "triton")
+    configure(monkeypatch, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.use_kernels(Uniform(4), cpu) and kernels.use_kernels(NF4(), cpu.to(torch.uint8), torch.bfloat16)
     for other in (Cast(), LowRank(4, Uniform(4))):
@@ -424,9 +424,14 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.use_kernels(Uniform(4), cpu)
-    monkeypatch.setenv(kernels.ENV, "fast")
+    configure(monkeypatch, "fast")
     with pytest.raises(ValueError, match="KVWIRE_KERNELS"):
         kernels.use_kernels(Uniform(4), cpu)
+    kernels._configured.cache_clear()
+    with kernels.forced("torch"):
+        assert not kernels.use_kernels(Uniform(4), cpu)
+    with pytest.raises(ValueError, match="kernel path"):
+        kernels.forced("fast").__enter__()
 
 
 if __name__ == "__main__":

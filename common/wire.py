@@ -496,6 +496,17 @@ class Assembler:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"layer {chunk.layer}: chunk [{chunk.token_start}, {chunk.token_end}) does not continue at "
                             f"token {pending.filled[chunk.layer]} of {kept}")
+        # The sender's chunks hold at most 1 MiB of its tokens in its dtype (chunk_tokens): a larger range
+        # would make a few bytes decode into many (a range coder or zstd of zeros), refused before that.
+        sent_dtype = DTYPES.get(self.header.fingerprint.dtype, self.dtype)
+        cap = chunk_tokens(fp.kv_heads, fp.head_dim, sent_dtype)
+        if chunk.token_end - chunk.token_start > cap:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk of "
+                            f"{chunk.token_end - chunk.token_start} tokens; at most {cap} (1 MiB of "
+                            f"{str(sent_dtype).removeprefix('torch.')})")
+        if len(chunk.payload) > MAX_CHUNK_BYTES:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk payload of "
+                            f"{len(chunk.payload)} bytes; at most {MAX_CHUNK_BYTES}")
         if zlib.crc32(chunk.payload) != chunk.crc32:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer} tokens [{chunk.token_start}, {chunk.token_end}): checksum mismatch")
         shape = (1, fp.kv_heads, chunk.token_end - chunk.token_start, fp.head_dim)

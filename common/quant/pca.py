@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,22 @@ class TensorBasis:
         return self._on[key]
 
 
+# What a basis keeps of the plans derived from it (bit allocations, entropy models), least recently
+# used dropped first: a header may name any bits value, and each new one derives a new plan.
+DERIVED_CACHE_BYTES = 16 << 20
+
+
+def derived_nbytes(value) -> int:
+    """The tensor bytes a derived plan holds (tensors inside dicts, lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(derived_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(derived_nbytes(v) for v in value)
+    return 0
+
+
 class Basis:
     """A model's PCA basis, per layer, for keys (RoPE removed) and values."""
 
@@ -81,7 +99,9 @@ class Basis:
         self.keys, self.values, self.digest, self.metadata = keys, values, digest, metadata
         self.weights = weights  # (layers, 2): the KL per unit of coordinate error of keys and values, or None
         self.joint = joint  # per layer, over the weighted coordinates of keys and values side by side, or None
-        self._derived: dict = {}
+        self._derived: OrderedDict = OrderedDict()  # key -> (plan, its bytes), least recently used first
+        self._derived_bytes = 0
+        self._derived_lock = threading.Lock()  # the receiver derives plans in worker threads
 
     @property
     def num_layers(self) -> int:
@@ -200,11 +220,24 @@ class Basis:
         return cls([part("keys", i) for i in range(layers)], [part("values", i) for i in range(layers)], digest,
                    metadata, weights, joint)
 
-    def cached(self, key, compute):
-        """compute(), once per `key`: what both nodes derive from the basis (allocations, entropy models)."""
-        if key not in self._derived:
-            self._derived[key] = compute()
-        return self._derived[key]
+    def cached(self, key, compute, limit_bytes: int | None = None):
+        """compute(), kept per `key`: what both nodes derive from the basis (allocations, entropy models).
+        At most `limit_bytes` (default DERIVED_CACHE_BYTES) are kept, least recently used dropped first."""
+        limit_bytes = DERIVED_CACHE_BYTES if limit_bytes is None else limit_bytes
+        with self._derived_lock:
+            if key in self._derived:
+                self._derived.move_to_end(key)
+                return self._derived[key][0]
+        value = compute()
+        size = derived_nbytes(value)
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = (value, size)
+                self._derived_bytes += size
+            while self._derived_bytes > limit_bytes and len(self._derived) > 1:
+                _, (_, dropped) = self._derived.popitem(last=False)
+                self._derived_bytes -= dropped
+        return value
 
     def pooled_weights(self, layers: tuple[int, ...], joint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The std and the layer weight of every component of `layers`, keys' then values' per layer, float64;

@@ -164,3 +164,189 @@ def test_concurrent_sends_of_one_id_make_one_session(llama_receiver, tiny_llama)
             ids = list(pool.map(lambda _: sender.send(big).session_id, range(4)))
     assert len(set(ids)) == 1
     assert len(llama_receiver.servicer.sessions) == before + 1
+
+
+# --- 1: text segments bounded by the model's context, their prefill in the budget, cancel waits for it ---
+
+def segmented(tiny_llama, seq_len: int, token_ids: list[int]) -> list[pb.Frame]:
+    encoder = wire.Encoder(tiny_llama.fingerprint, f"text-{time.perf_counter_ns()}")
+    return [encoder.header(seq_len), encoder.text_segment(token_ids, 0)]
+
+
+def test_a_text_segment_past_the_models_context_is_refused_at_the_header(llama_receiver, tiny_llama, monkeypatch):
+    prefills = []
+    monkeypatch.setattr(wire, "prefill_on_top", lambda *args: prefills.append(args))
+    frames = segmented(tiny_llama, 5000, [5] * 5000)  # tiny-llama's context is 4096
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        error = rpc_error(lambda: list(client.stream_segments(iter(frames))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == ("seq_len 5000 leaves no room for a prompt and an answer within the context of "
+                               "tiny-llama (max_position_embeddings), 4096 tokens")
+    assert prefills == [] and llama_receiver.servicer.inflight_bytes == 0
+
+
+def test_a_prefill_on_top_holds_its_working_memory_in_the_budget(llama_receiver, tiny_llama, monkeypatch):
+    from receiver.server import prefill_working_bytes
+    from receiver.sessions import SESSION_OVERHEAD_BYTES
+
+    servicer = llama_receiver.servicer
+    held = []
+
+    def recording_prefill(model, kv, token_ids):
+        held.append(servicer.inflight_bytes)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(wire, "prefill_on_top", recording_prefill)
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        error = rpc_error(lambda: list(client.stream_segments(iter(segmented(tiny_llama, 240, [5] * 200)))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop here" in error.details()
+    cache = 2 * 4 * 2 * 240 * 16 * 4  # the header's reservation: 240 tokens of tiny-llama at float32
+    assert held == [cache + SESSION_OVERHEAD_BYTES + prefill_working_bytes(tiny_llama.config, 0, 200)]
+    assert servicer.inflight_bytes == 0
+
+
+def test_a_prefill_that_does_not_fit_the_budget_is_refused(start_receiver, tiny_llama):
+    receiver = start_receiver("tiny-llama", session_budget_bytes=500_000)
+    with Client(receiver.target, timeout_s=30) as client:
+        error = rpc_error(lambda: list(client.stream_segments(iter(segmented(tiny_llama, 240, [5] * 200)))))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert receiver.servicer.inflight_bytes == 0
+
+
+def test_a_cancelled_transfer_keeps_the_model_lock_until_its_prefill_ends(llama_receiver, tiny_llama, monkeypatch):
+    lock = llama_receiver.servicer._model_lock
+    seen = {}
+
+    def slow_prefill(model, kv, token_ids):
+        time.sleep(1.5)
+        seen["locked_at_end"] = lock.locked()
+        raise ValueError("done")
+
+    monkeypatch.setattr(wire, "prefill_on_top", slow_prefill)
+    with Client(llama_receiver.target, timeout_s=0.5) as client:
+        error = rpc_error(lambda: list(client.stream_segments(iter(segmented(tiny_llama, 8, [5] * 8)))))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while "locked_at_end" not in seen:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert seen["locked_at_end"]  # nothing else ran on the model beside the prefill
+    while lock.locked():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+# --- 4: a stream that sends nothing is dropped, its reservation freed ---------------------------------
+
+def test_an_idle_stream_is_dropped_and_frees_its_reservation(start_receiver, frames):
+    import threading
+
+    receiver = start_receiver("tiny-llama", stream_idle_s=0.5)
+    release = threading.Event()
+
+    def header_then_silence():
+        yield fresh(frames)[0]
+        release.wait(10)
+
+    try:
+        with Client(receiver.target, timeout_s=20) as client:
+            start = time.monotonic()
+            error = rpc_error(lambda: client.send_frames(header_then_silence()))
+            assert time.monotonic() - start < 5
+    finally:
+        release.set()
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert "no frame for 0.5 s (KVWIRE_STREAM_IDLE_S)" in error.details()
+    assert receiver.servicer.inflight_bytes == 0
+
+
+# --- 7: the chunk cap, checked by the receiver from the chunk's declared range ------------------------
+
+def test_a_chunk_past_the_cap_is_refused_before_it_is_decoded(llama_receiver, tiny_llama, monkeypatch):
+    import zlib
+
+    import torch
+    import zstandard
+
+    seq_len = 4090
+    cap = wire.chunk_tokens(2, 16, torch.float32)
+    assert cap < seq_len
+    profile = parse_profile("int4")
+    positions = [torch.arange(seq_len).expand(2, -1) for _ in range(4)]
+    header = wire.Encoder(tiny_llama.fingerprint, f"big-{time.perf_counter_ns()}").header(seq_len, positions, profile)
+    codec = profile.tiers(0, seq_len, None)[0][2]
+    size = codec.payload_size((1, 2, seq_len, 16), torch.float32)
+    payload = zstandard.ZstdCompressor().compress(bytes(size))
+    chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=seq_len, raw_size=size,
+                                    crc32=zlib.crc32(payload), payload=payload))
+    decoded = []
+    real = wire.bounded_decompress
+
+    def recording_decompress(blob, expected):
+        decoded.append(expected)
+        return real(blob, expected)
+
+    monkeypatch.setattr(wire, "bounded_decompress", recording_decompress)
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        error = rpc_error(lambda: client.send_frames([header, chunk]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"layer 0: chunk of {seq_len} tokens; at most {cap} (1 MiB of float32)" in error.details()
+    assert size not in decoded and llama_receiver.servicer.inflight_bytes == 0
+
+
+# --- 5: heavy work is bounded or off the event loop ---------------------------------------------------
+
+def test_a_question_longer_than_the_context_is_refused_before_tokenizing(llama_receiver, frames, monkeypatch):
+    from receiver import server as server_module
+
+    tokenized = []
+    monkeypatch.setattr(server_module, "question_ids", lambda *args: tokenized.append(args))
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        session = client.send_frames(fresh(frames)).session_id
+        error = rpc_error(lambda: client.generate(session, question="why? " * 1_600_000))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "question of 8000000 characters cannot fit the context of tiny-llama " \
+                              "(max_position_embeddings), 4096 tokens"
+    assert tokenized == []
+
+
+def test_frames_are_decoded_off_the_event_loop(llama_receiver, frames, monkeypatch):
+    import threading
+
+    threads = set()
+    add = wire.Assembler.add
+
+    def recording_add(self, frame):
+        threads.add(threading.current_thread())
+        return add(self, frame)
+
+    monkeypatch.setattr(wire.Assembler, "add", recording_add)
+    with Client(llama_receiver.target, timeout_s=30) as client:
+        client.send_frames(fresh(frames))
+    assert threads and llama_receiver.thread not in threads
+
+
+# --- 3: the plans derived from a PCA basis are bounded (least recently used dropped, in bytes) ----------
+
+def test_derived_pca_plans_are_bounded_in_bytes():
+    import torch
+
+    from common.quant.pca import Basis
+
+    basis = Basis([], [], "digest", {})
+    limit = 1 << 20
+    computed = []
+
+    def plan(bits):
+        def compute():
+            computed.append(bits)
+            return {0: torch.zeros(64 << 10), 1: (torch.zeros(16), torch.zeros(16))}  # 256 KiB + 128 bytes
+        return basis.cached(("bits", (0, 1), bits), compute, limit_bytes=limit)
+
+    for i in range(40):  # a header per new bits value
+        plan(1 + i / 100)
+    assert basis._derived_bytes <= limit and len(basis._derived) == 3
+    plan(1.39)  # the most recent ones are kept
+    assert computed.count(1.39) == 1
+    plan(1.0)  # the oldest was dropped: derived again
+    assert computed.count(1.0) == 2

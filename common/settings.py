@@ -48,7 +48,7 @@ class Settings(BaseSettings):
 
     # Where the sender's HTTP API sends caches, and where the dashboard finds the latest sweep.
     receiver_target: str = "127.0.0.1:50051"
-    sweep_dir: Path = Path("results/sweep")
+    sweep_dir: Path = Path("kvwire-sweep")  # `kvwire sweep`'s default --report-dir
 
     @field_validator("kernels")
     @classmethod

@@ -66,8 +66,10 @@ def sweep(
     delay: str = typer.Option("10ms", help="One-way delay on every link."),
     samples: int = typer.Option(20, min=1),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
-    out: Path = typer.Option(Path("results/sweep.jsonl"), help="JSONL of points; rerunning skips what is there."),
-    report_dir: Path = typer.Option(Path("results/sweep"), help="Plots, summary JSON and the HTML report."),
+    out: Path = typer.Option(Path("kvwire-sweep/sweep.jsonl"), help="JSONL of points; rerunning skips what is there."),
+    report_dir: Path = typer.Option(Path("kvwire-sweep"), help="Plots, summary JSON and the HTML report."),
+    fit_s: float = typer.Option(1.0, "--fit-s", min=0.0, help="The best-profile table: the most faithful profile "
+                                                              "whose modeled transfer takes at most this long."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
     workers: int = typer.Option(1, min=1, help="Local processes for the model work."),
     runner: str = typer.Option("local", help="local, or ray (optional extra)."),
@@ -121,16 +123,24 @@ def sweep(
                                           progress=lambda n: progress.advance(task, n))
     console.print(f"{computed} (sample, profile) pairs computed, {already} already in {out}")
     ids = {s.id for s in dataset}
-    points = [p for p in map(json.loads, out.read_text().splitlines()) if p["sample_id"] in ids and p["profile"] in names]
+    wanted = {sweep_module.link_key(spec) for spec in links}  # the file may hold other runs' links too
+    points = [p for p in map(json.loads, out.read_text().splitlines())
+              if p["sample_id"] in ids and p["profile"] in names and p["link"] in wanted]
     summaries = sweep_module.summarize(points)
     plots = plot_sweep(summaries, report_dir)
-    best = [b for b in (sweep_module.best_at(summaries, rate) for rate in ("5mbit", "20mbit", "100mbit")) if b]
-    table = Table(title="best profile per bandwidth: the most faithful whose modeled transfer fits 1 s")
+    rates = [spec["rate"] for spec in links if spec["trace"] == "constant"]
+    best = sweep_module.best_per_rate(summaries, rates, fit_s)
+    table = Table(title=f"best profile per bandwidth: the most faithful whose modeled transfer fits {fit_s:g} s")
     for column in ("rate", "profile", "fidelity F1", "F1 gold", "bytes", "link s", "TTFT s", "text TTFT s"):
         table.add_column(column, justify="right")
     for b in best:
-        table.add_row(b["rate"], b["profile"], f"{b['fidelity_f1']:.3f}", f"{b['f1_gold']:.3f}", f"{b['bytes_mean']:,.0f}",
-                      f"{b['link_s']:.3f}", f"{b['ttft_s']:.2f}", f"{b['text_ttft_s']:.2f}")
+        if b["profile"]:
+            table.add_row(b["rate"], b["profile"], f"{b['fidelity_f1']:.3f}", f"{b['f1_gold']:.3f}",
+                          f"{b['bytes_mean']:,.0f}", f"{b['link_s']:.3f}", f"{b['ttft_s']:.2f}", f"{b['text_ttft_s']:.2f}")
+        else:
+            table.add_row(b["rate"], f"none: {b['reason']}", *[""] * 6)
+    if not rates:
+        table.caption = "no constant-rate link was asked for (--bandwidths is empty)"
     console.print(table)
     front = sweep_module.pareto_front(summaries)
     console.print(f"Pareto front (bytes vs fidelity): {', '.join(front)}")
@@ -178,7 +188,8 @@ def sweep(
     report = {"model": model, "samples": len(dataset), "profiles": names, "links": links, "summaries": summaries,
               "best": best, "pareto": front, "validation": validation, "deadlines": deadline_rows}
     (report_dir / "summary.json").write_text(json.dumps(report, indent=2))
-    html_report(summaries, plots, best, report_dir / "report.html", f"kvwire sweep: {model}, {len(dataset)} questions")
+    html_report(summaries, plots, best, report_dir / "report.html", f"kvwire sweep: {model}, {len(dataset)} questions",
+                fit_s)
     console.print(f"wrote {report_dir}/summary.json, report.html and {len(plots)} plots")
 
 

@@ -133,8 +133,10 @@ def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def html_report(summaries: list[dict], plots: dict[str, Path], best: list[dict], path: Path, title: str) -> None:
-    """One self-contained HTML file: the plots inlined, the summary and best-profile tables."""
+def html_report(summaries: list[dict], plots: dict[str, Path], best: list[dict], path: Path, title: str,
+                fit_s: float = 1.0) -> None:
+    """One self-contained HTML file: the plots inlined, the summary and best-profile tables (a row of
+    `best` with no profile gives its `reason`)."""
     import base64
     import html
 
@@ -149,11 +151,13 @@ def html_report(summaries: list[dict], plots: dict[str, Path], best: list[dict],
 
     rows = "".join("<tr>" + "".join(f"<td>{cell(s[c])}</td>" for c in columns) + "</tr>" for s in summaries)
     best_rows = "".join(f"<tr><td>{html.escape(b['rate'])}</td><td>{html.escape(b['profile'])}</td>"
-                        f"<td>{cell(b['fidelity_f1'])}</td><td>{cell(b['link_s'])}</td></tr>" for b in best)
+                        f"<td>{cell(b['fidelity_f1'])}</td><td>{cell(b['link_s'])}</td></tr>" if b["profile"] else
+                        f"<tr><td>{html.escape(b['rate'])}</td><td colspan=3>none: {html.escape(b['reason'])}</td></tr>"
+                        for b in best)
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><body>
 <h1>{html.escape(title)}</h1>{images}
-<h2>best profile per bandwidth (most faithful whose transfer fits 1 s)</h2>
+<h2>best profile per bandwidth (most faithful whose transfer fits {fit_s:g} s)</h2>
 <table><tr><th>rate</th><th>profile</th><th>fidelity F1</th><th>link s</th></tr>{best_rows}</table>
 <h2>all points</h2><table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table></body></html>""")

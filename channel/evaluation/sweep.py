@@ -164,6 +164,25 @@ def best_at(summaries: list[dict], rate: str, deadline_s: float = 1.0) -> dict |
     return max(fits, key=lambda s: (s["fidelity_f1"], -s["bytes_mean"]), default=None)
 
 
+def best_per_rate(summaries: list[dict], rates: list[str], deadline_s: float = 1.0) -> list[dict]:
+    """One row per requested constant `rates` entry: `best_at`'s pick, or a row with an empty profile
+    and the `reason` there is none (no points at that rate, or nothing fits `deadline_s`)."""
+    rows = []
+    for rate in rates:
+        best = best_at(summaries, rate, deadline_s)
+        at_rate = [s for s in summaries if s["rate"] == rate and s["trace"] == "constant"]
+        if best is not None:
+            rows.append({**best, "reason": ""})
+        elif not at_rate:
+            rows.append({"rate": rate, "profile": "", "reason": f"no points at {rate}"})
+        else:
+            quickest = min(at_rate, key=lambda s: s["link_s"])
+            rows.append({"rate": rate, "profile": "",
+                         "reason": f"no profile's transfer fits {deadline_s:g} s; the quickest, {quickest['profile']} "
+                                   f"({quickest['bytes_mean']:,.0f} bytes), takes {quickest['link_s']:.2f} s"})
+    return rows
+
+
 def model_points(points: list[dict]) -> dict[tuple[str, str], dict]:
     """One point per (sample, profile): the model-side figures, the same for every link."""
     return {(p["sample_id"], p["profile"]): p for p in points}

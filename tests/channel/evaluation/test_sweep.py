@@ -73,3 +73,40 @@ def test_families_keep_the_text_stage_apart():
     assert [family(s) for s in ("pca:b1+protect:s4", "pca:b1:w+text", "q2c:1+pca:b0.5+tier:0.1:int4+text:q",
                                 "q2c:0.5+int4", "int4+prerope+rot", "fp16")] == [
         "pca", "pca+text", "pca+tiers+text", "q2c+quant", "quantization+rot", "full"]
+
+
+def test_best_per_rate_ranks_the_requested_rates_and_says_why_a_row_is_empty():
+    summaries = [
+        {"profile": "fp16", "rate": "5mbit", "trace": "constant", "link_s": 8.0, "fidelity_f1": 1.0, "bytes_mean": 5e6},
+        {"profile": "int4", "rate": "5mbit", "trace": "constant", "link_s": 0.9, "fidelity_f1": 0.7, "bytes_mean": 5e5},
+        {"profile": "fp16", "rate": "1mbit", "trace": "constant", "link_s": 40.0, "fidelity_f1": 1.0, "bytes_mean": 5e6},
+        {"profile": "int4", "rate": "1mbit", "trace": "constant", "link_s": 4.0, "fidelity_f1": 0.7, "bytes_mean": 5e5},
+    ]
+    rows = sweep.best_per_rate(summaries, ["1mbit", "5mbit", "7mbit"])
+    assert [(r["rate"], r["profile"]) for r in rows] == [("1mbit", ""), ("5mbit", "int4"), ("7mbit", "")]
+    assert rows[0]["reason"] == "no profile's transfer fits 1 s; the quickest, int4 (500,000 bytes), takes 4.00 s"
+    assert rows[2]["reason"] == "no points at 7mbit"
+    assert sweep.best_per_rate(summaries, ["1mbit"], deadline_s=5.0)[0]["profile"] == "int4"
+
+
+def test_the_sweep_command_writes_outside_results_and_reports_only_the_links_asked_for(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from channel.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    common = ["sweep", "--model", "tiny-llama", "--samples", "1", "--profiles", "int8", "--traces", "",
+              "--max-new-tokens", "4"]
+    first = CliRunner().invoke(app, [*common, "--bandwidths", "100mbit,1kbit"])
+    assert first.exit_code == 0, first.output
+    assert "none: no profile's transfer fits 1 s; the quickest, int8:g32" in first.output  # 1 kbit/s: minutes
+    report = tmp_path / "kvwire-sweep"
+    assert len((report / "sweep.jsonl").read_text().splitlines()) == 2
+    assert {p.name for p in report.iterdir()} >= {"summary.json", "report.html", "rate_distortion.png"}
+    # Rerun asking for one of the two links: the file keeps both, the summary holds only the one asked for.
+    second = CliRunner().invoke(app, [*common, "--bandwidths", "100mbit", "--fit-s", "2"])
+    assert second.exit_code == 0, second.output
+    summary = json.loads((report / "summary.json").read_text())
+    assert [s["rate"] for s in summary["summaries"]] == ["100mbit"]
+    assert [(b["rate"], b["profile"]) for b in summary["best"]] == [("100mbit", "int8:g32")]
+    assert not (tmp_path / "results").exists()

@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.settings import Settings
 from common.auth import docs_options, protect_openapi, require_token
+from receiver.dashboard import login_page, may_view, require_view
+from receiver.dashboard import router as login_router
 from receiver.server import start_server
 from receiver.sessions import SessionError
 
@@ -87,15 +89,20 @@ def create_app(settings: Settings, grpc_host: str = "127.0.0.1", grpc_port: int 
         except SessionError as exc:
             raise HTTPException(404, str(exc)) from None
 
-    @app.get("/dashboard/sweep.png", dependencies=authed)
+    app.include_router(login_router)
+
+    @app.get("/dashboard/sweep.png", dependencies=[Depends(require_view)])
     async def sweep_plot(request: Request):
         path = request.app.state.settings.sweep_dir / "rate_distortion.png"
         if not path.exists():
             raise HTTPException(404, f"no sweep plot at {path}; run kvwire sweep")
         return FileResponse(path)
 
-    @app.get("/", response_class=HTMLResponse, dependencies=authed)
+    @app.get("/", response_class=HTMLResponse)
     async def dashboard(request: Request):
+        """The token by header, or the cookie /login sets (a browser); else 401 with the login form."""
+        if not may_view(request):
+            return login_page("This receiver needs its token.", 401)
         s = servicer(request)
         rows = "".join(
             f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(t['at']))}</td><td>{html.escape(t['profile'])}</td>"

@@ -50,6 +50,10 @@ class DeviceError(ValueError):
     """A device or dtype this machine cannot run."""
 
 
+class ContextTooLong(ValueError):
+    """A prompt that leaves no room for an answer within the model's positions."""
+
+
 def resolve_device(spec: str | None = None) -> torch.device:
     """`auto` (cuda when there is one), `cpu`, `cuda` or `cuda:N`; a clear error for a device that is not here."""
     spec = (spec or get_settings().device).strip().lower()
@@ -116,6 +120,17 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the model was trained for (max_position_embeddings), if its config says."""
+        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+    def check_prompt(self, tokens: int) -> None:
+        """ContextTooLong unless a prompt of `tokens` tokens leaves room for one answer token."""
+        if self.max_positions and tokens + 1 > self.max_positions:
+            raise ContextTooLong(f"the prompt is {tokens} tokens: with an answer it exceeds the context of "
+                                 f"{self.name}, {self.max_positions} tokens (max_position_embeddings)")
 
     @property
     def stop_ids(self) -> frozenset[int]:

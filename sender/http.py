@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from common.auth import docs_options, protect_openapi, require_token
 from common.link import link_from_options, parse_rate
-from common.models import load_model
+from common.models import ContextTooLong, load_model
 from common.planner import load_table
 from common.profile import ProfileError, parse_profile
 from common.select import SelectionError
@@ -129,7 +129,7 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
                                                      body.query_aware, body.max_new_tokens, bandwidth_bps,
                                                      body.deadline or 2.0 if profile == AUTO else None,
                                                      body.quality_floor, link)
-            except (SelectionError, FileNotFoundError) as exc:
+            except (SelectionError, ContextTooLong, FileNotFoundError) as exc:
                 asks.labels("bad_request").inc()
                 raise HTTPException(422, str(exc)) from None
             except grpc.RpcError as exc:

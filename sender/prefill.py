@@ -61,6 +61,7 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     are captured for the selection stages of `profiles`.
     """
     prompt = build_prompt(loaded.tokenizer, context, question)
+    loaded.check_prompt(len(prompt.ids))  # before any model work: RoPE past the trained positions is garbage
     seq_len = len(prompt.ids) - 1 if query_aware else len(prompt.context_ids)
     context_len = len(prompt.context_ids)
     row_sets = {}

@@ -131,7 +131,7 @@ def sender_ask(
     import grpc
 
     from common.link import parse_rate
-    from common.models import load_model
+    from common.models import ContextTooLong, load_model
     from common.planner import load_table
     from common.settings import get_settings
     from sender.client import Client
@@ -153,6 +153,9 @@ def sender_ask(
             else:
                 result = sender.ask(text, question, chosen, not query_agnostic, max_new_tokens, bandwidth_bps,
                                     deadline if chosen == AUTO else None)
+    except ContextTooLong as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     except grpc.RpcError as error:
         console.print(f"[red]receiver at {target} refused: {error.code().name}: {error.details()}[/red]")
         raise typer.Exit(1) from None

@@ -42,6 +42,8 @@ def test_ask_through_an_emulated_link_takes_the_link_time(sender):
     ({"context": CONTEXT, "question": "q", "profile": "q2c:0.5", "query_aware": False}, 422, "query-aware"),
     ({"context": CONTEXT, "question": "q", "segments": 32, "bandwidth": "2mbit"}, 422, "leave out bandwidth"),
     ({"context": CONTEXT, "question": "q", "segments": 32}, 422, "no calibration for tiny-llama"),
+    ({"context": "Normandy is in France. " * 1000, "question": "q", "profile": "int8"}, 422,
+     "exceeds the context of tiny-llama, 4096 tokens (max_position_embeddings)"),
 ])
 def test_bad_requests(sender, body, status, message):
     reply = sender.post("/v1/ask", json=body, headers=AUTH)

@@ -34,6 +34,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Redraw every plot in results/ (the ones docs/ shows) from the data beside it; no model runs.
+figures: install
+	$(BIN)/python -m channel.figures
+
 bench: install
 	$(BIN)/kvwire bench codec
 	$(BIN)/kvwire bench select

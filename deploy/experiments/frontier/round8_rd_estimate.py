@@ -2,7 +2,7 @@
 SmolLM2's KV coordinates coded per tensor (keys, values apart: the basis as shipped), per layer
 (keys and values jointly) and over groups of adjacent layers, at equal KL-weighted distortion.
 
-Run from the repository root: .venv/bin/python results/frontier/round8_rd_estimate.py
+Run from the repository root: .venv/bin/python deploy/experiments/frontier/round8_rd_estimate.py
 Each context token's coordinates in the shipped basis (RoPE removed, the template's head and the
 question left out), scaled by the square root of their layer weight, on 96 paragraphs of the tuning
 articles; the transforms are fitted on the first two thirds of the tokens and their spreads measured

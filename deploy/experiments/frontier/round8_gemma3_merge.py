@@ -1,6 +1,6 @@
 """Round 8's results/frontier_gemma3.json: round 7's document with the 6.25% and 12.5% rows replaced.
 
-Run from the repository root: .venv/bin/python results/frontier/round8_gemma3_merge.py
+Run from the repository root: .venv/bin/python deploy/experiments/frontier/round8_gemma3_merge.py
 The rows are round 7's picks coded in the joint transform (pca:bB:w:e:j), B lowered from 0.7 to 0.65
 at 6.25% because round 7's pick had come out over that budget on the held-out prompts (6.4%); 0.65 was
 not run on the tuning questions (0.7 was: round8_gemma3_tuning). Held out on the first 100 questions of

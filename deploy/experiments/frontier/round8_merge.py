@@ -1,6 +1,6 @@
 """Round 8's results/frontier.json: round 7's document with the 6.25% and 12.5% rows replaced.
 
-Run from the repository root: .venv/bin/python results/frontier/round8_merge.py
+Run from the repository root: .venv/bin/python deploy/experiments/frontier/round8_merge.py
 The picks are the frontier's rule (`channel.evaluation.frontier.pick`: the best tuning fidelity within
 the budget) over round 8's candidates (the joint stage, 48 tuning questions); their held-out figures
 pool the 200 held-out questions measured on the GPU (round8_heldout_{a,b}: questions 0-99 and 100-199

@@ -150,6 +150,12 @@ def _device(path: str, fields: dict, documents, message: str) -> tuple[str, str]
                 return _device_in(paragraph), f"the paragraph of {source} that names it (a guess)"
     if _device_in(message):
         return _device_in(message), "the commit message of the commit that added it (a guess)"
+    readme = documents[0][1]
+    results = readme[readme.find("\n## Results\n"):readme.find("\n## Layout\n")]
+    for section in re.split(r"\n(?=### )", results):
+        if _mentions(section, names) and not re.search(r"GPU|H100|H200|CUDA", section):
+            return ("CPU (the 2-core development machine)",
+                    f"the README at {README_COMMIT}: its Results are from the 2-core CPU unless a section says otherwise")
     return "unknown", "nothing names the device"
 
 

@@ -24,7 +24,9 @@ from transformers import DynamicCache
 
 from common.fingerprints import refusal
 from common.kvstate import KVState, prefill_on_top
-from common.profile import DTYPES, Profile, ProfileError, parse_profile
+from common.plan import DTYPES, CodecPlan
+from common.plan import runs as token_runs
+from common.profile import Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
@@ -160,9 +162,9 @@ def sliding_windows(config) -> dict[int, int]:
 
 def layer_headers(positions: list[torch.Tensor], profile: Profile | None = None) -> list[pb.LayerHeader]:
     """positions: per layer, (kv_heads, kept) original positions of the kept tokens, strictly increasing
-    per head within each of the profile's runs (see Profile.runs)."""
+    per head within each of the profile's runs (see common.plan.runs)."""
     for layer, kept in enumerate(positions):
-        runs = profile.runs(kept.shape[1]) if profile else [(0, kept.shape[1])]
+        runs = token_runs(profile, kept.shape[1])
         if any((kept[:, a:b].diff(dim=1) <= 0).any() for a, b in runs):
             raise ValueError(f"layer {layer}: kept positions must be strictly increasing per head")
     return [pb.LayerHeader(kept_tokens=p.shape[1], positions=encode_positions(p)) for p in positions]
@@ -201,19 +203,19 @@ class Encoder:
 
     def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
         """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
-        profile = profile.bind(self.context)
+        plan = CodecPlan.build(profile, self.context, kv.num_layers)
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-            yield from self.layer_chunks(layer, keys, values, positions, profile,
+            yield from self.layer_chunks(layer, keys, values, positions, plan,
                                          kv.importance[layer] if kv.importance else None)
 
     def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     profile: Profile, importance: torch.Tensor | None = None) -> Iterator[pb.Frame]:
+                     plan: CodecPlan, importance: torch.Tensor | None = None) -> Iterator[pb.Frame]:
         """One layer's keys and values (1, kv_heads, kept, head_dim) at `positions` (kv_heads, kept),
         encoded where they are (CPU or GPU); only the packed bytes come to the host. `importance`: the
         layer's share of the question's attention per position, for a pca:...:e:iG stage."""
         _, heads, kept, head_dim = keys.shape
         step = chunk_tokens(heads, head_dim, keys.dtype)
-        for first, last, codec in profile.tiers(layer, kept, self.context):  # a chunk never spans two tiers
+        for first, last, codec in plan.tiers(layer, kept):  # a chunk never spans two tiers
             tier = slice(first, last)
             raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance))
             compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
@@ -422,7 +424,8 @@ class Assembler:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"{self._profile}: a Hadamard rotation needs a "
                             f"power-of-two head_dim, and this model's is {fp.head_dim}")
         try:
-            tiers = [self._profile.tiers(i, n, self.context) for i, n in enumerate(kept)]
+            plan = CodecPlan.build(self._profile, self.context, fp.num_layers, bind=False)
+            tiers = [plan.tiers(i, n) for i, n in enumerate(kept)]
         except ProfileError as exc:  # a basis or RoPE this receiver lacks
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         expected = sum(codec.payload_size((1, fp.kv_heads, last - first, fp.head_dim), self.dtype)
@@ -467,7 +470,7 @@ class Assembler:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
         if not layer.kept_tokens:
             return positions
-        runs = self._profile.runs(layer.kept_tokens)
+        runs = token_runs(self._profile, layer.kept_tokens)
         if (any((positions[:, a + 1:b] <= positions[:, a:b - 1]).any() for a, b in runs)
                 or (positions.sort(dim=1).values.diff(dim=1) == 0).any()):
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: kept positions must increase strictly per head"

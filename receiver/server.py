@@ -19,6 +19,7 @@ from common import wire
 from common.fingerprints import refusal
 from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel, load_model
+from common.plan import unsupported
 from common.planner import load_table, plan
 from common.profile import ProfileError, parse_profile
 from common.prompts import question_ids
@@ -147,7 +148,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             except ProfileError:
                 continue
             # raw between different dtypes; a PCA basis this receiver does not hold
-            reason = refusal(request.fingerprint, loaded.fingerprint, profile) or profile.unsupported(loaded.codec_context)
+            reason = refusal(request.fingerprint, loaded.fingerprint, profile) or unsupported(profile, loaded.codec_context)
             (refused if reason else offered).append(reason or str(profile))
         if request.policy == "auto":
             return self._plan(loaded, request, offered)

@@ -9,6 +9,7 @@ import torch
 import zstandard
 
 from common.kvstate import KVState
+from common.plan import kv_codec
 from common.profile import parse_profile
 from common.quant.entropy import code_symbols, entropy_bits
 
@@ -58,7 +59,7 @@ def bench_codecs(kv: KVState, profiles: list[str], repeats: int = 3, zstd_level:
     rows = []
     for spec in profiles:
         profile = parse_profile(spec)
-        codecs = [profile.codec(i) for i in range(len(layers))]
+        codecs = [kv_codec(profile, i) for i in range(len(layers))]
         inputs = [(k.float(), v.float()) for k, v in layers]
         payloads = []
         encode_s = _best_time(lambda: payloads.__setitem__(slice(None), [c.encode(k, v) for c, (k, v) in zip(codecs, inputs)]),

@@ -21,6 +21,7 @@ import zstandard
 
 from channel.evaluation.squad import Sample
 from common.models import LoadedModel
+from common.plan import layer_codec
 from common.profile import Profile
 from common.quant.entropy import code_symbols, entropy_bits
 from common.quant.kv import CHANNEL, KVCodec, _matrix_shape
@@ -78,7 +79,7 @@ def entropy_study(loaded: LoadedModel, samples: list[Sample], profiles: list[Pro
         for index, kv in enumerate(caches):
             fitting = index < len(fit)
             for layer, (k, v, p) in enumerate(zip(kv.keys, kv.values, kv.positions)):
-                codec = profile.layer_codec(layer, context)
+                codec = layer_codec(profile, layer, context)
                 payload = codec.encode(k, v, p)
                 found = _streams(codec.codec, payload, tuple(k.shape))
                 if found is None:

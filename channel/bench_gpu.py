@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from common.plan import CodecPlan, kv_codec
 from common.profile import parse_profile
 
 RANDOM_MODEL = "llama-3.1-8b-random"
@@ -99,7 +100,7 @@ def codec_throughput(tokens: int, layers: int = 32, heads: int = 8, head_dim: in
         })
 
     for spec in profiles:
-        codec = parse_profile(spec).codec(0)
+        codec = kv_codec(parse_profile(spec), 0)
         for path in paths:
             with kernels(path):
                 payloads = [codec.encode(k, v) for k, v in zip(keys, values)]
@@ -133,7 +134,7 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
     from common.proto import kvwire_pb2 as pb
 
     profile = parse_profile(spec)
-    codec = profile.codec(0)
+    codec = kv_codec(profile, 0)
     step = wire.chunk_tokens(heads, head_dim, dtype)
     generator = torch.Generator("cuda").manual_seed(0)
     cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
@@ -150,8 +151,9 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
 
     def frames(threads: int):
         encoder = wire.Encoder(pb.Fingerprint(), zstd_threads=threads)
+        plan = CodecPlan.build(profile, None, layers)
         return [f.chunk.payload for layer, (k, v) in enumerate(cache)
-                for f in encoder.layer_chunks(layer, k, v, positions, profile)]
+                for f in encoder.layer_chunks(layer, k, v, positions, plan)]
 
     threads = wire.ZSTD_THREADS
     with kernels("triton"):

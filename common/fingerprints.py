@@ -9,6 +9,7 @@ another dtype cannot take as they are.
 
 from __future__ import annotations
 
+from common.plan import sends_raw as layer_sends_raw
 from common.profile import Profile
 from common.proto import kvwire_pb2 as pb
 
@@ -21,7 +22,7 @@ def same_weights(a: pb.Fingerprint, b: pb.Fingerprint) -> bool:
 
 def sends_raw(profile: Profile, num_layers: int) -> bool:
     """Whether any layer of `profile` travels in the sender's own dtype, bit for bit."""
-    return any(profile.sends_raw(layer) for layer in range(num_layers))
+    return any(layer_sends_raw(profile, layer) for layer in range(num_layers))
 
 
 def refusal(sender: pb.Fingerprint, receiver: pb.Fingerprint, profile: Profile | None) -> str | None:

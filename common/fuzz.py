@@ -32,7 +32,8 @@ from google.protobuf.message import DecodeError
 
 from common import wire
 from common.kvstate import KVState
-from common.profile import DTYPES, parse_profile
+from common.plan import DTYPES, kv_codec
+from common.profile import parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.select import GRANULARITIES, METHODS
 from common.select.budgets import BUDGETS
@@ -235,7 +236,7 @@ def random_chunks(kv: KVState, profile: str, fingerprint: pb.Fingerprint, encode
     exactly the size `profile` implies (when it parses; a short random payload when it does not)."""
     try:
         parsed = parse_profile(profile)
-        codecs = [parsed.codec(layer) for layer in range(kv.num_layers)]
+        codecs = [kv_codec(parsed, layer) for layer in range(kv.num_layers)]
     except ValueError:
         codecs = None
     compressor = zstandard.ZstdCompressor()

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from common.gguf_parts import PARTED, check_joined, join
-from common.profile import DTYPES
+from common.plan import DTYPES
 from common.prompts import is_chat, newline_ids
 from common.proto import kvwire_pb2 as pb
 from common.quant.pca import Basis

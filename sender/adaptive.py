@@ -21,6 +21,7 @@ import grpc
 
 from common import wire
 from common.kvstate import KVState
+from common.plan import kv_codec
 from common.profile import Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 
@@ -146,7 +147,7 @@ def segment_bounds(seq_len: int, segment_tokens: int) -> list[tuple[int, int]]:
 
 def payload_bytes(kv: KVState, profile: Profile) -> int:
     """Payload of `kv` under `profile` before zstd: an upper bound on what the link carries."""
-    return sum(profile.codec(i).payload_size(tuple(k.shape), kv.dtype) for i, k in enumerate(kv.keys))
+    return sum(kv_codec(profile, i).payload_size(tuple(k.shape), kv.dtype) for i, k in enumerate(kv.keys))
 
 
 def send_segments(

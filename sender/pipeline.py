@@ -25,6 +25,7 @@ from common import wire
 from common.kvstate import KVState, prefill
 from common.link import Link, pace
 from common.models import LoadedModel
+from common.plan import CodecPlan
 from common.profile import Profile, parse_profile
 from common.prompts import build_prompt
 from common.proto import kvwire_pb2 as pb
@@ -209,6 +210,7 @@ class Sender:
         prompt = build_prompt(self.loaded.tokenizer, context, question)
         ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
         encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)
+        plan = CodecPlan.build(agreed, self.loaded.codec_context, self.loaded.fingerprint.num_layers)  # once per transfer
         positions = wire.prefill_positions(self.loaded.config, len(ids), self.loaded.device)
         ready: queue.Queue = queue.Queue()
         side = torch.cuda.Stream(self.loaded.device) if self.loaded.device.type == "cuda" else None
@@ -227,7 +229,7 @@ class Sender:
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     if event is not None:
                         side.wait_event(event)
-                    yield from encoder.layer_chunks(layer, keys, values, positions[layer], agreed)
+                    yield from encoder.layer_chunks(layer, keys, values, positions[layer], plan)
             yield encoder.trailer()
 
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -9,6 +10,7 @@ import torch
 
 from common.kvstate import KVState, prefill
 from common.models import LoadedModel
+from common.plan import tier_sizes
 from common.profile import Profile
 from common.prompts import Prompt, build_prompt
 from common.select import METHODS, AttentionStats, SelectionError, apply_selection
@@ -109,4 +111,4 @@ def _selected(loaded: LoadedModel, pre: Prefilled, profile: Profile) -> KVState:
         raise SelectionError(f"{selection.method} needs the question inside the cache: send query-aware")
     sensitivities = shipped_sensitivities(loaded.name) if selection.budget == "adaptive" else None
     return apply_selection(pre.kv, selection, pre.stats, pre.context_len, loaded.sliding_layers, sensitivities,
-                           profile.tier_sizes if profile.importance else None, keep_tail=not profile.text_question)
+                           functools.partial(tier_sizes, profile) if profile.importance else None, keep_tail=not profile.text_question)

@@ -7,8 +7,9 @@ A code quantizer (`code_bits` set) lays its payload out as codes first: the firs
 `packed_size(rows * cols, code_bits)` bytes are the `rows * cols` codes in row-major
 order, packed by `common.quant.packing`; its parameters (scales, offsets) follow.
 
-A stage quantizer is one the profile grammar names (`int4:g32`, `nf4`, `fp16`): it parses
-and prints its own stage, and is listed in `common.quant.QUANTIZERS`.
+A stage quantizer is one the profile grammar names (`int4:g32`, `nf4`, `fp16`; the grammar's
+stages live in common.profile.stages.precision): it prints its own stage, and is listed in
+`common.quant.QUANTIZERS`.
 """
 
 from __future__ import annotations
@@ -51,37 +52,13 @@ class StageQuantizer(MatrixQuantizer, Protocol):
     examples: ClassVar[tuple[str, ...]]  # canonical specs, one per variant, for the generic tests
     grouped: ClassVar[bool]  # groups run along cols, so the profile's k=/v= layout options apply
 
-    @classmethod
-    def from_stage(cls, name: str, options: list[str]) -> StageQuantizer | None:
-        """The quantizer a stage `name:option:...` names (layout options k=/v= removed), None if the
-        name is not its own; QuantError on bad options."""
-        ...
-
     def spec(self) -> str:
-        """The canonical stage text: from_stage parses it back to an equal quantizer."""
+        """The canonical stage text (common.profile parses it back to an equal quantizer)."""
         ...
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """x: (rows, cols) -> (rows, cols) bound on |decode(encode(x), ..., torch.float32) - x|."""
         ...
-
-
-def group_options(options: list[str], group: int) -> tuple[int, bool | None]:
-    """The options of a grouped stage: gN, the group size (default `group`), and sym or asym
-    (None when neither is given) -> (group, symmetric)."""
-    symmetric, sized = None, False
-    for option in options:
-        if re.fullmatch(r"g\d+", option):
-            if sized:
-                raise QuantError("give the group size gN once")
-            group, sized = int(option[1:]), True
-        elif option in ("sym", "asym"):
-            if symmetric is not None:
-                raise QuantError("give sym or asym once")
-            symmetric = option == "sym"
-        else:
-            raise QuantError(f"unknown option {option!r}; options: gN, sym, asym, k=channel|token, v=channel|token")
-    return group, symmetric
 
 
 def check_group(group: int) -> None:

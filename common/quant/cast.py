@@ -10,10 +10,9 @@ from typing import ClassVar
 
 import torch
 
-from common.quant.base import QuantError, from_bytes, to_bytes
+from common.quant.base import from_bytes, to_bytes
 
 WIRE_DTYPES = {"raw": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-ALIASES = {"lossless": "raw"}
 
 
 @dataclass(frozen=True)
@@ -24,15 +23,6 @@ class Cast:
     stage_names: ClassVar[tuple[str, ...]] = tuple(WIRE_DTYPES)
     examples: ClassVar[tuple[str, ...]] = tuple(WIRE_DTYPES)
     grouped: ClassVar[bool] = False
-
-    @classmethod
-    def from_stage(cls, name: str, options: list[str]) -> Cast | None:
-        name = ALIASES.get(name, name)
-        if name not in WIRE_DTYPES:
-            return None
-        if options:
-            raise QuantError(f"{name} takes no options")
-        return cls(WIRE_DTYPES[name])
 
     def spec(self) -> str:
         return next(name for name, dtype in WIRE_DTYPES.items() if dtype == self.wire_dtype)

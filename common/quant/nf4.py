@@ -17,7 +17,6 @@ from common.quant.base import (
     check_finite,
     check_group,
     from_bytes,
-    group_options,
     group_view,
     num_groups,
     per_column,
@@ -48,15 +47,6 @@ class NF4:
 
     def __post_init__(self):
         check_group(self.group)
-
-    @classmethod
-    def from_stage(cls, name: str, options: list[str]) -> NF4 | None:
-        if name != "nf4":
-            return None
-        group, symmetric = group_options(options, DEFAULT_GROUP)
-        if symmetric is False:
-            raise QuantError("nf4 is symmetric by construction")
-        return cls(group)
 
     def spec(self) -> str:
         return f"nf4:g{self.group}"

@@ -10,7 +10,6 @@ Layout: packed codes, then fp16 parameters per group: (scale, min) when asymmetr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +21,6 @@ from common.quant.base import (
     check_finite,
     check_group,
     from_bytes,
-    group_options,
     group_view,
     num_groups,
     per_column,
@@ -50,15 +48,6 @@ class Uniform:
         if not 1 <= self.bits <= 8:
             raise QuantError(f"uniform quantization takes 1 to 8 bits, got {self.bits}")
         check_group(self.group)
-
-    @classmethod
-    def from_stage(cls, name: str, options: list[str]) -> Uniform | None:
-        match = re.fullmatch(r"int(\d+)", name)
-        if not match:
-            return None
-        bits = int(match[1])
-        group, symmetric = group_options(options, DEFAULT_GROUP)
-        return cls(bits, group, bits == 1 if symmetric is None else symmetric)
 
     def spec(self) -> str:
         text = f"int{self.bits}:g{self.group}"

@@ -3,12 +3,13 @@ import torch
 from channel.bench_entropy import _streams
 from common.profile import parse_profile
 from common.quant.pca import PCACodec, TensorBasis
+from common.plan import kv_codec
 
 
 def test_uniform_codes_split_into_one_stream_per_channel():
     keys, values = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     for spec in ("int4:g32", "int2:k=token:v=channel", "int3:g8"):
-        codec = parse_profile(spec).codec(0)
+        codec = kv_codec(parse_profile(spec), 0)
         payload = codec.encode(keys, values)
         symbols, ids, bits, other = _streams(codec, payload, tuple(keys.shape))
         assert symbols.numel() == ids.numel() == 2 * keys.numel()

@@ -3,7 +3,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.profile import Precision, Profile, ProfileError, parse_profile
+from common.plan import kv_codec
+from common.profile import Profile, ProfileError, parse_profile
+from common.profile.stages.precision import Int
+from common.profile.stages.svd import SVD
 from common.quant import QUANTIZERS
 from common.quant.lowrank import LowRank
 from common.quant.nf4 import NF4
@@ -45,10 +48,10 @@ def test_bad_specs_name_the_problem(spec, message):
 
 def test_codecs_per_layer():
     profile = parse_profile("svd:r16+int4:g32+int8@0")
-    assert profile.codec(0).quantizer == LowRank(16, Uniform(8, 32))
-    assert profile.codec(1).quantizer == LowRank(16, Uniform(4, 32))
-    assert parse_profile("nf4:k=token").codec(3).key_axis == "token"
-    assert parse_profile("nf4").codec(0).quantizer == NF4(64)
+    assert kv_codec(profile, 0).quantizer == LowRank(16, Uniform(8, 32))
+    assert kv_codec(profile, 1).quantizer == LowRank(16, Uniform(4, 32))
+    assert kv_codec(parse_profile("nf4:k=token"), 3).key_axis == "token"
+    assert kv_codec(parse_profile("nf4"), 0).quantizer == NF4(64)
     with pytest.raises(ProfileError, match="beyond"):
         parse_profile("int4+int8@0-40").check_layers(30)
     assert parse_profile("raw").lossless and not parse_profile("fp16").lossless
@@ -58,7 +61,8 @@ def test_codecs_per_layer():
        k=st.sampled_from(["channel", "token"]), v=st.sampled_from(["channel", "token"]),
        rank=st.one_of(st.none(), st.integers(1, 256)))
 def test_round_trip_property(bits, group, sym, k, v, rank):
-    profile = Profile(Precision(Uniform(bits, group, sym), k, v), rank)
+    profile = Profile.of([SVD(rank)] * (rank is not None) + [Int(bits, group, sym, k, v)])
+    assert profile.precision.quantizer == Uniform(bits, group, sym)
     assert parse_profile(str(profile)) == profile
 
 
@@ -93,9 +97,9 @@ def test_payload_sizes_are_exact():
     codes = 3 * 100 * 64 // 2
     keys = codes + (3 * 64) * 4 * 4  # per channel: 192 rows, ceil(100/32) = 4 groups, fp16 scale + min
     values = codes + (3 * 100) * 2 * 4  # per token: 300 rows, 64/32 = 2 groups
-    assert parse_profile("int4:g32").codec(0).payload_size(shape, torch.float32) == keys + values
-    assert parse_profile("raw").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 4
-    assert parse_profile("fp16").codec(0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 2
+    assert kv_codec(parse_profile("int4:g32"), 0).payload_size(shape, torch.float32) == keys + values
+    assert kv_codec(parse_profile("raw"), 0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 4
+    assert kv_codec(parse_profile("fp16"), 0).payload_size(shape, torch.float32) == 2 * 3 * 100 * 64 * 2
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -12,6 +12,7 @@ from common.kvstate import prefill
 from common.profile import ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant.base import QuantError
+from common.plan import kv_codec
 
 IDS = list(range(200, 260))
 
@@ -166,7 +167,7 @@ def test_compressed_round_trip_matches_codec(profile, tiny_llama):
     kv = prefill(tiny_llama.model, IDS)
     frames = list(wire.encode(kv, parse_profile(profile), tiny_llama.fingerprint))
     back = wire.decode(frames, tiny_llama.fingerprint)
-    codecs = [parse_profile(profile).codec(i) for i in range(kv.num_layers)]
+    codecs = [kv_codec(parse_profile(profile), i) for i in range(kv.num_layers)]
     for layer, codec in enumerate(codecs):
         k, v = codec.decode(codec.encode(kv.keys[layer], kv.values[layer]), tuple(kv.keys[layer].shape), torch.float32)
         assert torch.equal(back.keys[layer], k) and torch.equal(back.values[layer], v)

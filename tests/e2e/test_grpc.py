@@ -17,6 +17,7 @@ from common.proto import kvwire_pb2_grpc as pb_grpc
 from sender.client import Client
 from sender.pipeline import Sender
 from sender.prefill import prefill_prompt, select_tokens
+from common.plan import kv_codec
 
 CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
            "a region in France. They were descended from Norse raiders from Denmark, Iceland and Norway.")
@@ -167,7 +168,7 @@ def test_every_profile_through_the_receiver(llama_receiver, tiny_llama, profile)
     assert 0 < len(tokens) <= 12
     stored = llama_receiver.servicer.sessions.get(sent.session_id).kv
     for layer in range(stored.num_layers):
-        codec = parse_profile(profile).codec(layer)
+        codec = kv_codec(parse_profile(profile), layer)
         k, v = codec.decode(codec.encode(pre.kv.keys[layer], pre.kv.values[layer]), tuple(pre.kv.keys[layer].shape),
                             torch.float32)
         assert torch.equal(stored.keys[layer], k) and torch.equal(stored.values[layer], v)

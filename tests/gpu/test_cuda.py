@@ -12,6 +12,7 @@ from common.models import load_model
 from common.profile import parse_profile
 from sender.client import Client
 from sender.pipeline import Sender
+from common.plan import kv_codec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,7 +56,7 @@ def test_cpu_sender_to_gpu_receiver_int8_keeps_the_answers(start_receiver):
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4:g64:sym", "int3", "int2", "int1", "nf4", "int8:k=token:v=channel"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_kernels_are_bit_identical_to_torch_on_cuda(spec, dtype):
-    codec = parse_profile(spec).codec(0)
+    codec = kv_codec(parse_profile(spec), 0)
     generator = torch.Generator("cuda").manual_seed(0)
     for tokens in (1, 77, 1000):
         keys = torch.randn(1, 8, tokens, 128, device="cuda", dtype=dtype, generator=generator)

@@ -14,6 +14,7 @@ from common.kvstate import prefill
 from common.profile import parse_profile
 from common.proto import kvwire_pb2 as pb
 from sender.client import Client
+from common.plan import CodecPlan
 
 CONTEXT_IDS = list(range(300, 340))  # a 40-token cache
 
@@ -274,7 +275,7 @@ def test_a_chunk_past_the_cap_is_refused_before_it_is_decoded(llama_receiver, ti
     profile = parse_profile("int4")
     positions = [torch.arange(seq_len).expand(2, -1) for _ in range(4)]
     header = wire.Encoder(tiny_llama.fingerprint, f"big-{time.perf_counter_ns()}").header(seq_len, positions, profile)
-    codec = profile.tiers(0, seq_len, None)[0][2]
+    codec = CodecPlan.build(profile, None, 4).tiers(0, seq_len)[0][2]
     size = codec.payload_size((1, 2, seq_len, 16), torch.float32)
     payload = zstandard.ZstdCompressor().compress(bytes(size))
     chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=seq_len, raw_size=size,

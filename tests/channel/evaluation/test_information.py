@@ -28,6 +28,7 @@ from channel.evaluation.squad import Sample
 from common.kvstate import KVState
 from common.models import load_model
 from common.profile import parse_profile
+from common.plan import precision_for
 
 
 def _binary(n: int, signal: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,7 +113,7 @@ def test_plans_are_profiles_that_give_each_layer_its_bits():
     assert result["ib-ranked"][2] == max(result["measured"]) and result["ib-ranked"][1] == min(result["measured"])
     for bits in result.values():
         profile = parse_profile(plan_spec(bits))
-        assert [profile.precision_for(layer).quantizer.spec() for layer in range(5)] == [f"int{b}:g32" for b in bits]
+        assert [precision_for(profile, layer).quantizer.spec() for layer in range(5)] == [f"int{b}:g32" for b in bits]
     with pytest.raises(ValueError, match="not the same model"):
         plans([1.0, 2.0], [1.0], 3, seed=0)
 

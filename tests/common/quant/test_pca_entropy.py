@@ -17,6 +17,7 @@ import constriction
 from common.quant.pca_entropy import DROPPED, ROUNDING, EntropyPCACodec, entropy_plan, expected_bits, table
 from common.quant.transform import CodecContext
 from tests.common.quant.test_transforms import round_trip, setup, weighted  # noqa: F401 (a fixture)
+from common.plan import layer_codec
 
 
 def laplace_indices(scale: float, count: int, seed: int = 0) -> np.ndarray:
@@ -107,7 +108,7 @@ def test_wire_round_trip(setup, tmp_path):
         profile = parse_profile(frames[0].header.profile)
         assert str(profile).startswith(f"pca:b{bits:g}:w:e:h{basis.digest}")
         chunks = [f.chunk for f in frames if f.WhichOneof("kind") == "chunk"]
-        codecs = [profile.layer_codec(i, ctx) for i in range(layers)]
+        codecs = [layer_codec(profile, i, ctx) for i in range(layers)]
         assert all(c.entropy_coded for c in codecs)
         shapes = [tuple(k.shape) for k in kv.keys]  # a sliding-window layer keeps its last tokens only
         assert sum(c.raw_size for c in chunks) == sum(c.payload_size(s, kv.dtype) for c, s in zip(codecs, shapes))
@@ -129,7 +130,7 @@ def test_a_layer_weighed_to_nothing_codes_to_nothing(setup, tmp_path):
     basis = weighted(context.basis, tmp_path / "w.safetensors", [[1e-12, 1e-12] if i == 0 else [1.0, 1.0] for i in range(layers)])
     ctx = CodecContext(context.rope, basis)
     frames, back = round_trip(loaded, ctx, kv, "pca:b1:w:e")
-    assert parse_profile(frames[0].header.profile).layer_codec(0, ctx).codec.coded.numel() == 0
+    assert layer_codec(parse_profile(frames[0].header.profile), 0, ctx).codec.coded.numel() == 0
     assert all(len(f.chunk.payload) == 0 for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.layer == 0)
     assert torch.isfinite(back.keys[0]).all()
 
@@ -187,13 +188,13 @@ def test_a_floored_stage_codes_its_classes_end_to_end(tiny_llama, tmp_path):
     kv = select_tokens(tiny_llama, pre, floored)
     kv = replace(kv, importance=[torch.logspace(-3, 1, pre.kv.seq_len)] * kv.num_layers)
     shares = kv.importance[0][kv.positions[0][0]]
-    low, high = (p.layer_codec(0, ctx).codec.classes(shares) for p in (floored, free))
+    low, high = (layer_codec(p, 0, ctx).codec.classes(shares) for p in (floored, free))
     assert int(low.min()) == -1 and int(high.min()) < -1 and torch.equal(low, high.clamp(min=-1))
     sizes = []
     for profile in (floored, free):
         frames = list(wire.encode(kv, profile, tiny_llama.fingerprint, context=ctx))
         back = wire.decode(frames, tiny_llama.fingerprint, context=ctx)
-        codec = profile.layer_codec(0, ctx)
+        codec = layer_codec(profile, 0, ctx)
         keys, values = codec.decode(codec.encode(kv.keys[0], kv.values[0], kv.positions[0], codec.codec.classes(shares)),
                                     tuple(kv.keys[0].shape), kv.positions[0], kv.dtype)
         assert torch.equal(keys, back.keys[0]) and torch.equal(values, back.values[0])
@@ -219,7 +220,7 @@ def test_per_token_steps_end_to_end(tiny_llama, tmp_path):
     kv = replace(kv, importance=[torch.logspace(-2, 1, pre.kv.seq_len)] * kv.num_layers)
     frames = list(wire.encode(kv, profile, tiny_llama.fingerprint, context=ctx))
     back = wire.decode(frames, tiny_llama.fingerprint, context=ctx)
-    codec = profile.layer_codec(0, ctx)
+    codec = layer_codec(profile, 0, ctx)
     assert codec.per_token
     shape = tuple(kv.keys[0].shape)
     assert codec.payload_size(shape, kv.dtype) == shape[2] * (2 * codec.codec.coded.numel() + 1)

@@ -12,6 +12,7 @@ from common.quant.pca import Basis, coordinates
 from common.quant.pca_entropy import EntropyPCACodec
 from common.quant.transform import CodecContext
 from tests.common.quant.test_transforms import prefill, round_trip, setup, weighted  # noqa: F401 (a fixture)
+from common.plan import layer_codec, unsupported
 
 SAMPLES = [Sample(f"j{i}", f"The river {name} runs {i * 7} miles past the old mill of {name}ville, "
                   f"where the miller kept {i + 3} goats and a blue cart.", f"How long is the {name}?", ("miles",))
@@ -86,7 +87,7 @@ def test_joint_wire_round_trip(joint_context):
         frames, back = round_trip(loaded, context, kv, f"pca:b{bits:g}:w:e:j")
         profile = parse_profile(frames[0].header.profile)
         assert str(profile).startswith(f"pca:b{bits:g}:w:e:j:h{context.basis.digest}")
-        codecs = [profile.layer_codec(i, context) for i in range(layers)]
+        codecs = [layer_codec(profile, i, context) for i in range(layers)]
         assert all(c.codec.joint is not None for c in codecs)
         shapes = [tuple(k.shape) for k in kv.keys]
         for i, codec in enumerate(codecs):
@@ -117,7 +118,7 @@ def test_a_basis_without_the_joint_transform_is_refused(setup, tmp_path):
     plain = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
     ctx = CodecContext(context.rope, plain)
     profile = parse_profile("pca:b2:w:e:j").bind(ctx)
-    assert "kvwire calibrate --basis --joint" in profile.unsupported(ctx)
+    assert "kvwire calibrate --basis --joint" in unsupported(profile, ctx)
     with pytest.raises(ProfileError, match="joint transform"):
         list(wire.encode(kv, profile, loaded.fingerprint, context=ctx))
     joint = with_joint(plain, kv_coordinates(ctx, kv), tmp_path / "j.safetensors")

@@ -18,6 +18,7 @@ from common.quant.lowrank import LowRank
 from common.quant.nf4 import NF4, NF4_CODE_BOOK
 from common.quant.packing import pack, packed_size, unpack
 from common.quant.uniform import Uniform
+from common.plan import precision_for
 
 FP16_EPS = 2.0**-10  # relative spacing of fp16 parameters
 
@@ -51,7 +52,7 @@ def test_every_registered_quantizer(cls, spec, x, dtype):
     """Each example of each registered quantizer: its spec round-trips, its payload is exactly size()
     bytes, and decoding restores shape and dtype within the quantizer's own error bound."""
     assert str(parse_profile(spec)) == spec
-    q = parse_profile(spec).precision_for(0).quantizer
+    q = precision_for(parse_profile(spec), 0).quantizer
     assert type(q) is cls and q.spec() == spec
     x = torch.from_numpy(x).to(dtype)
     blob = q.encode(x)

@@ -11,6 +11,8 @@ from common.quant import rotation
 from common.quant.pca import MAX_BITS, Basis, PCACodec, allocate
 from common.quant.rope import Rope
 from common.quant.transform import CodecContext
+from common.plan import layer_codec, tier_sizes, unsupported
+from common.plan import CodecPlan
 
 IDS = list(range(300, 372))
 
@@ -90,7 +92,8 @@ def test_round_trip_is_byte_exact_in_size(setup, spec):
     loaded, context, kv = setup
     frames, back = round_trip(loaded, context, kv, spec)
     profile = parse_profile(frames[0].header.profile)
-    tiers = [profile.tiers(i, kv.kept_tokens(i), context) for i in range(kv.num_layers)]
+    plan = CodecPlan.build(profile, context, kv.num_layers, bind=False)
+    tiers = [plan.tiers(i, kv.kept_tokens(i)) for i in range(kv.num_layers)]
     declared = sum(c.payload_size((1, loaded.fingerprint.kv_heads, b - a, loaded.fingerprint.head_dim), kv.dtype)
                    for layer in tiers for a, b, c in layer)
     assert sum(f.chunk.raw_size for f in frames if f.WhichOneof("kind") == "chunk") == declared
@@ -116,7 +119,7 @@ def test_per_layer_pca_bits(setup):
     profile = parse_profile("pca:b0.5+pca:b3:k2@1").bind(context)
     assert str(parse_profile(str(profile))) == str(profile)
     shape = (1, loaded.fingerprint.kv_heads, 16, loaded.fingerprint.head_dim)
-    sizes = [profile.layer_codec(i, context).payload_size(shape, kv.dtype) for i in range(3)]
+    sizes = [layer_codec(profile, i, context).payload_size(shape, kv.dtype) for i in range(3)]
     low = PCACodec.for_layer(context.basis, 0, 0.5).payload_size(shape, kv.dtype)
     high = PCACodec.for_layer(context.basis, 1, 3, 2).payload_size(shape, kv.dtype)
     assert sizes == [low, high, PCACodec.for_layer(context.basis, 2, 0.5).payload_size(shape, kv.dtype)] and high > 4 * low
@@ -215,7 +218,7 @@ def test_importance_tiers_code_the_top_tokens_finer(tiny_llama):
             assert torch.equal(p, q)  # every token, in position order again
         errors.append(sum(float((a - b).square().mean()) for a, b in zip(back.values, pre.kv.values)))
         if profile.importance:
-            sizes = profile.tier_sizes(pre.kv.seq_len)
+            sizes = tier_sizes(profile, pre.kv.seq_len)
             top = kv.positions[0][0, :sizes[0]]
             # the question, then the sink tokens, are in the top tier
             assert set(range(pre.context_len, pre.kv.seq_len)) | set(range(4)) <= set(top.tolist())
@@ -321,7 +324,7 @@ def test_weighted_pca_pools_its_layers(setup, tmp_path):
     weighted_context = CodecContext(context.rope, heavy)
     profile = parse_profile("pca:b1:w").bind(weighted_context)
     assert str(parse_profile(str(profile))) == str(profile)
-    bits = [profile.layer_codec(i, weighted_context).codec.bits for i in range(layers)]
+    bits = [layer_codec(profile, i, weighted_context).codec.bits for i in range(layers)]
     assert sum(int(b.sum()) for b in bits) == sum(b.numel() for b in bits)  # 1 bit per element over the pool
     assert int(bits[1].sum()) > 2 * int(bits[0].sum()) and int(bits[1].sum()) > 2 * int(bits[2].sum())
     frames, back = round_trip(loaded, weighted_context, kv, "pca:b1:w")
@@ -331,14 +334,14 @@ def test_weighted_pca_pools_its_layers(setup, tmp_path):
     assert sum(map(wire.wire_bytes, frames)) > 0
     # A per-layer stage is a pool of its own: layer 1 at 3 bits, the others share 1 bit per element.
     split = parse_profile("pca:b1:w+pca:b3:w@1").bind(weighted_context)
-    bits = [split.layer_codec(i, weighted_context).codec.bits for i in range(layers)]
+    bits = [layer_codec(split, i, weighted_context).codec.bits for i in range(layers)]
     assert int(bits[1].sum()) == 3 * bits[1].numel()
     assert sum(int(b.sum()) for i, b in enumerate(bits) if i != 1) == bits[0].numel() * (layers - 1)
     # A basis without weights refuses a weighted stage, with its reason.
     refused = parse_profile("pca:b1:w").bind(context)
-    assert "holds none" in refused.unsupported(context)
+    assert "holds none" in unsupported(refused, context)
     with pytest.raises(ProfileError, match="holds none"):
-        refused.layer_codec(0, context)
+        layer_codec(refused, 0, context)
     for spec, message in (("pca:b1:w:w", "repeated"), ("pca:b1:k1:w", "drop k")):
         with pytest.raises(ProfileError, match=message):
             parse_profile(spec)

@@ -27,6 +27,7 @@ from common.link import Link, pace
 from common.models import LoadedModel
 from common.plan import CodecPlan
 from common.profile import Profile, parse_profile
+from common.profile.presets import AUTO, DEFAULT_PROFILE, resolve
 from common.prompts import build_prompt
 from common.proto import kvwire_pb2 as pb
 from sender.adaptive import (
@@ -39,7 +40,8 @@ from sender.adaptive import (
 from sender.client import Client, TransferResult, retryable
 from sender.prefill import Prefilled, needs_question, prefill_prompt, select_tokens
 
-AUTO = "auto"  # let the receiver's planner pick the profile for the link and deadline
+# AUTO ("auto") lets the receiver's planner pick the profile for the link and deadline.
+ASSUMED_BANDWIDTH_BPS = 100e6  # what `auto` plans for when nothing was measured or given (the receiver's default too)
 log = logging.getLogger("kvwire.sender")
 
 
@@ -79,6 +81,10 @@ class AskResult:
         return self.bytes_sent / self.fp16_bytes
 
 
+def _is_auto(profile) -> bool:
+    return isinstance(profile, str) and profile.strip().lower() == AUTO
+
+
 def _result(reply, sent, pre: Prefilled, profile: str, **stages) -> AskResult:
     """An ask's result: what every way of asking fills alike, and its own `stages`."""
     return AskResult(answer=reply.text, token_ids=list(reply.token_ids), profile=profile, session_id=sent.session_id,
@@ -95,7 +101,7 @@ class Sender:
         self.zstd_level = zstd_level
         self.attempts = attempts
 
-    def negotiate(self, profile: Profile | str, context_tokens: int = 0, query_aware: bool = True,
+    def negotiate(self, profile: Profile | str | dict, context_tokens: int = 0, query_aware: bool = True,
                   bandwidth_bps: float | None = None, deadline_s: float | None = None,
                   quality_floor: float = 0.0) -> tuple[Profile, str | None]:
         """The profile both sides use, and the receiver's reason when it planned one (`AUTO`).
@@ -104,14 +110,20 @@ class Sender:
         client's estimate of the link; query-agnostic asks offer only profiles that work
         without the question in the cache.
         """
-        if profile != AUTO:
-            profile = profile.bind(self.loaded.codec_context)  # a pca profile names the basis it is coded in
+        if not _is_auto(profile):
+            profile = resolve(profile, self.loaded.name).bind(self.loaded.codec_context)  # a pca profile names the basis it is coded in
             agreed = self._retrying(lambda: self.client.negotiate(self.loaded.fingerprint, [str(profile)])).profile
             return (profile if agreed == str(profile) else parse_profile(agreed)), None
         offered = [] if query_aware else self._query_agnostic_profiles()
+        assumed = None
+        if bandwidth_bps is None and self.client.bandwidth.estimate() is None:
+            bandwidth_bps = ASSUMED_BANDWIDTH_BPS
+            assumed = (f"auto: no bandwidth measured or given; planned for {ASSUMED_BANDWIDTH_BPS / 1e6:g} Mbit/s "
+                       "(pass --bandwidth, or bandwidth_bps, for your link)")
+            log.warning(assumed)
         reply = self._retrying(lambda: self.client.negotiate(self.loaded.fingerprint, offered, "auto", context_tokens,
                                                              bandwidth_bps, deadline_s or 0.0, quality_floor))
-        return parse_profile(reply.profile), reply.reason
+        return parse_profile(reply.profile), (f"{assumed}; {reply.reason}" if assumed else reply.reason)
 
     def _retrying(self, call):
         """A unary call, again while the receiver is away or busy (see client.retryable)."""
@@ -156,16 +168,18 @@ class Sender:
                                         max_new_tokens=max_new_tokens)
         return self.client.generate(session_id, question=question, max_new_tokens=max_new_tokens)
 
-    def ask(self, context: str, question: str, profile: Profile | str = AUTO, query_aware: bool = True,
+    def ask(self, context: str, question: str, profile: Profile | str | dict = DEFAULT_PROFILE, query_aware: bool = True,
             max_new_tokens: int = 64, bandwidth_bps: float | None = None, deadline_s: float | None = None,
             quality_floor: float = 0.0, link: Link | None = None, prefilled: Prefilled | None = None) -> AskResult:
         """Answer `question` about `context` at the receiver, sending the context's cache under `profile`.
 
-        `prefilled`: a prefill of this context and question made earlier (its attention
-        statistics must cover the profile's selection). `link`: emulate a link in process.
+        `profile`: a preset name (lossless, int8, balanced, compact, auto), compact text
+        (`int4:g32`), the long form ({"stages": [...]}) or a `Profile`; a preset resolves here, for
+        this sender's model. `prefilled`: a prefill of this context and question made earlier (its
+        attention statistics must cover the profile's selection). `link`: emulate a link in process.
         """
         tokens = 0
-        if profile == AUTO:
+        if _is_auto(profile):
             tokens = prefilled.kv.seq_len if prefilled else len(build_prompt(self.loaded.tokenizer, context, question).ids)
         agreed, reason = self.negotiate(profile, tokens, query_aware, bandwidth_bps, deadline_s, quality_floor)
         pre = prefilled or self.prefill(context, question, query_aware, [agreed])

@@ -256,7 +256,7 @@ def _coerce(field_name: str, o: Option, value: Any) -> Any:
         try:
             return int(value) if o.kind is int else float(value)
         except ValueError:
-            raise ProfileError(f"{what} {value!r} is not a number") from None
+            raise ProfileError(f"{what} ({field_name}) {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (o.kind is int and not isinstance(value, int)):
         raise ProfileError(f"{field_name} ({what}) takes {'an integer' if o.kind is int else 'a number'}, got {value!r}")
     return o.kind(value)

@@ -19,7 +19,7 @@ class Tier(Stage):
     fraction: float = option("fraction: of each layer's kept tokens in this tier", kind=float, low=0, high=1,
                              positional=True, range_message="tier fraction must lie in [0, 1], got {value}")
     precision: Any = option("precision: the precision stage of the tier's tokens (a compact precision stage, "
-                            "or its long form)", kind=object)
+                            "or its long form)", kind=object, positional=True)
 
     name: ClassVar[str] = "tier"
     summary: ClassVar[str] = "the selection's top fraction of each layer's kept tokens travels at its own precision"

@@ -399,3 +399,39 @@ def bench_gpu(
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {json_path}")
+
+
+STARTUP_COMMANDS = {
+    "kvwire --help": ["--help"],
+    "a profile error (sender ask --profile int9)": ["sender", "ask", "--profile", "int9", "--context", "x", "--question", "x"],
+    "kvwire receiver health (nothing listening)": ["receiver", "health", "--target", "127.0.0.1:9"],
+}
+
+
+@bench_app.command("startup")
+def bench_startup(repeats: int = typer.Option(3, min=1, help="Runs of each command; the table gives their median."),
+                  json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Wall time from launch to exit of the commands that must answer at once (help, bad input, health)."""
+    import json
+    import shutil
+    import statistics
+    import subprocess
+
+    from rich.table import Table
+
+    kvwire = shutil.which("kvwire") or str(Path(sys.executable).with_name("kvwire"))
+    table = Table(title=f"start-up, wall seconds, median of {repeats} (each in a fresh process)")
+    for column in ("command", "exit code", "median s", "runs s"):
+        table.add_column(column, justify="left" if column == "command" else "right")
+    rows = []
+    for label, args in STARTUP_COMMANDS.items():
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            code = subprocess.run([kvwire, *args], capture_output=True).returncode
+            runs.append(time.perf_counter() - start)
+        rows.append({"command": label, "exit_code": code, "median_s": statistics.median(runs), "runs_s": runs})
+        table.add_row(label, str(code), f"{statistics.median(runs):.2f}", " ".join(f"{r:.2f}" for r in runs))
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))

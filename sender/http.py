@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import time
 
@@ -22,7 +23,8 @@ from common.auth import docs_options, protect_openapi, require_token
 from common.link import link_from_options, parse_rate
 from common.models import ContextTooLong, load_model
 from common.planner import load_table
-from common.profile import ProfileError, parse_profile
+from common.profile import MAX_PROFILE_CHARS, ProfileError
+from common.profile.presets import DEFAULT_PROFILE, resolve
 from common.select import SelectionError
 from common.settings import Settings
 from sender.client import Client
@@ -34,10 +36,21 @@ RECEIVER_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 422, grpc.StatusCode.FAILED
                    grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 
 
+def checked_profile(profile: str | dict | list) -> str | dict | list:
+    """A profile's text, or its long form, no longer than the receiver takes (its canonical form is
+    checked again against the header's cap)."""
+    size = len(profile) if isinstance(profile, str) else len(json.dumps(profile))
+    if size > 4 * MAX_PROFILE_CHARS:
+        raise ValueError(f"profile of {size} characters; at most {4 * MAX_PROFILE_CHARS}")
+    return profile
+
+
 class AskRequest(BaseModel):
     context: str = Field(min_length=1)
     question: str = Field(min_length=1)
-    profile: str = Field("int8", description="A profile, or 'auto': the planner picks one for bandwidth and deadline.")
+    profile: str | dict | list = Field(DEFAULT_PROFILE, description=(
+        "A preset (lossless, int8, balanced, compact; auto: the planner picks one for bandwidth and deadline), a "
+        "profile such as int4:g32, or its long form {\"stages\": [{\"stage\": \"int\", \"bits\": 4}]}."))
     bandwidth: str | None = Field(None, description="Emulate a link of this rate in process, e.g. 20mbit; "
                                   "with 'auto', the rate the plan assumes (default: what this sender "
                                   "measured on earlier asks, else the receiver's default of 100mbit).")
@@ -113,7 +126,7 @@ def create_app(settings: Settings, model: str | None = None) -> FastAPI:
             link = link_from_options(body.bandwidth) if body.bandwidth else None
             bandwidth_bps = parse_rate(body.bandwidth) if body.bandwidth else None
             table = load_table(sender.loaded.name) if body.segments else None
-            profile = AUTO if body.profile == AUTO else parse_profile(body.profile)
+            profile = AUTO if body.profile == AUTO else resolve(checked_profile(body.profile), sender.loaded.name)
         except (ProfileError, ValueError, FileNotFoundError) as exc:
             raise HTTPException(422, str(exc)) from None
         start = time.perf_counter()

@@ -85,12 +85,44 @@ def _evaluate(model: str, data: Optional[Path], samples: int, names: list[str], 
     return rows, dataset
 
 
-def _parse_profiles(text: str) -> list:
-    """The CLI's edge: comma-separated specs become `Profile`s here, once."""
-    from common.profile import ProfileError, parse_profile
+def _parse_profiles(text: str, model: Optional[str] = None, option: str = "--profiles") -> list:
+    """The CLI's edge: comma-separated specs or presets become `Profile`s here, once (presets for `model`,
+    default KVWIRE_MODEL). A bad one is a usage error (exit 2) naming `option`."""
+    from common.profile import ProfileError
+    from common.profile.presets import resolve
 
     names = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        return [parse_profile(name) for name in names]
+        return [resolve(name, model or _configured_model()) for name in names]
     except ProfileError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--profiles") from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _profile_option(profile: str, profile_file: Optional[Path], model: str, allow_auto: bool = True):
+    """`--profile` (a preset, compact text or JSON long form) or `--profile-file` (the long form as a JSON
+    file) -> a Profile, or "auto"; a bad one is a usage error (exit 2) naming the option and the field."""
+    import json
+
+    from common.profile import ProfileError, parse_profile
+    from common.profile.presets import AUTO
+
+    if profile_file is not None:
+        try:
+            return parse_profile(json.loads(profile_file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"{profile_file} is not JSON: {exc}", param_hint="--profile-file") from None
+        except ProfileError as exc:
+            raise typer.BadParameter(f"{profile_file}: {exc}", param_hint="--profile-file") from None
+    if allow_auto and profile.strip().lower() == AUTO:
+        return AUTO
+    if profile.strip().startswith(("{", "[")):
+        try:
+            return parse_profile(profile)
+        except ProfileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--profile") from None
+    return _parse_profiles(profile, model, "--profile")[0]
+
+
+ProfileFileOption = typer.Option(None, "--profile-file", exists=True, dir_okay=False,
+                                 help="The profile's JSON long form ({\"stages\": [{\"stage\": \"int\", \"bits\": 4}]}), "
+                                      "instead of --profile; `kvwire profiles` lists the stages and their fields.")

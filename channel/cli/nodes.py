@@ -15,7 +15,9 @@ from channel.cli.app import (
     DtypeOption,
     LinkOptions,
     ModelOption,
+    ProfileFileOption,
     _parse_profiles,
+    _profile_option,
     app,
     console,
     receiver_app,
@@ -105,8 +107,10 @@ def sender_ask(
     context: Optional[str] = typer.Option(None, help="The context text."),
     context_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the context from a file."),
     target: str = typer.Option("127.0.0.1:50051", help="Receiver host:port."),
-    profile: str = typer.Option("raw", help="Compression profile, or auto: the receiver plans for --bandwidth "
-                                            "and --deadline."),
+    profile: str = typer.Option("balanced", help="A preset (lossless, int8, balanced, compact, auto: the receiver "
+                                                 "plans for --bandwidth and --deadline), a profile such as int4:g32, "
+                                                 "or its JSON long form; `kvwire profiles` lists them."),
+    profile_file: Optional[Path] = ProfileFileOption,
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(64, min=1, max=512),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
@@ -126,7 +130,7 @@ def sender_ask(
     # Bad arguments are answered before torch and the model stack are imported (start-up is seconds).
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
-    chosen = "auto" if profile.strip().lower() == "auto" else _parse_profiles(profile)[0]
+    chosen = _profile_option(profile, profile_file, model)
     use_device(device, dtype)
     import grpc
 
@@ -263,7 +267,8 @@ def prepare(model: str = ModelOption, device: Optional[str] = DeviceOption,
 def loadtest(
     concurrency: int = typer.Option(16, min=1),
     transfers: int = typer.Option(200, min=1),
-    profile: str = typer.Option("raw"),
+    profile: str = typer.Option("raw", help="A preset or profile (see `kvwire profiles`)."),
+    profile_file: Optional[Path] = ProfileFileOption,
     rate: Optional[str] = typer.Option(None, help="Put every transfer through the shaping relay at this rate."),
     samples: int = typer.Option(8, min=1, help="Distinct contexts, cycled."),
     max_new_tokens: int = typer.Option(4, min=1, max=512),
@@ -287,7 +292,7 @@ def loadtest(
     from channel import loadtest as lt
     from common.models import load_model
 
-    names = _parse_profiles(profile)
+    names = [_profile_option(profile, profile_file, model, allow_auto=False)]
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
     match = re.fullmatch(r"(\d+)(kib|mib|gib)", budget.lower())
     if not match:

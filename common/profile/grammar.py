@@ -29,6 +29,8 @@ def parse_profile(spec: str | Profile | dict | list) -> Profile:
     if not isinstance(spec, str):
         raise ProfileError(f"a profile is text or its long form (an object), got {type(spec).__name__}")
     text = spec.strip()
+    if len(text) > MAX_PROFILE_CHARS:
+        raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
     if text.startswith(("{", "[")):
         try:
             return profile_from_json(json.loads(text))
@@ -37,8 +39,6 @@ def parse_profile(spec: str | Profile | dict | list) -> Profile:
     text = text.lower()
     if not text:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
-    if len(text) > MAX_PROFILE_CHARS:
-        raise ProfileError(f"profile of {len(text)} characters; at most {MAX_PROFILE_CHARS}")
     stages = []
     for stage_text in text.split("+"):
         match = _STAGE.match(stage_text)

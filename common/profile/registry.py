@@ -29,7 +29,10 @@ def stage_for(name: str) -> type[Stage]:
     for stage in STAGES:
         if stage.matches(name):
             return stage
-    raise ProfileError(f"unknown stage {name!r}; known: {known_names()}")
+    from common.profile.presets import AUTO, PRESETS
+
+    raise ProfileError(f"unknown stage {name!r}; known: {known_names()} (or, at the sender, a preset: "
+                       f"{', '.join([*PRESETS, AUTO])})")
 
 
 def stage_class(long_name) -> type[Stage]:

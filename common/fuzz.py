@@ -34,12 +34,19 @@ from common import wire
 from common.kvstate import KVState
 from common.plan import DTYPES, kv_codec
 from common.profile import parse_profile
+from common.profile.registry import STAGES
+from common.profile.stage import Option, Stage, options_of
+from common.profile.stages.pca import PCA
+from common.profile.stages.precision import NF4, Cast, Int, Raw
+from common.profile.stages.selection import Selection
+from common.profile.stages.svd import SVD
+from common.profile.stages.tier import Tier
 from common.proto import kvwire_pb2 as pb
-from common.select import GRANULARITIES, METHODS
-from common.select.budgets import BUDGETS
+from common.select import METHODS
 
 FUZZ_LIMITS = wire.Limits(max_frame_bytes=1 << 20, max_transfer_bytes=8 << 20, max_tokens=4096)
 FAILURE_STATUSES = ("UNKNOWN", "INTERNAL")
+PRECISIONS = (Raw, Cast, Int, NF4)
 MAX_RANDOM_PAYLOAD = 1 << 18  # a grammar transfer's chunk bigger than this gets a short payload instead
 Send = Callable[[list[pb.Frame]], str]  # frames -> "OK" or the status name a client got
 
@@ -134,7 +141,7 @@ def parse_frames(blobs: list[bytes]) -> list[pb.Frame] | None:
         return None
 
 
-# --- profiles drawn from the grammar (common/profile.py), extremes included -------------------------
+# --- profiles drawn from the grammar's registry (common/profile/), extremes included -------------------------
 
 def random_number(rng: random.Random) -> int:
     """A group size, rank or count: small ones (1..256), the edges of the caps (4096), anything in
@@ -156,34 +163,69 @@ def garbage(rng: random.Random) -> str:
                       ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))])
 
 
-def random_precision(rng: random.Random) -> str:
-    """A precision stage: a cast, intN (N in 0..9) or nf4 with groups, sym/asym, axes; or a near miss."""
-    kind = rng.randrange(8)
-    if kind == 0:
-        name = rng.choice(["raw", "lossless", "fp16", "bf16"])
-    elif kind < 5:
-        name = f"int{rng.randrange(10)}"
-    elif kind < 7:
-        name = "nf4"
+def random_value(rng: random.Random, option: Option) -> str:
+    """A value for a field of a stage: inside its bounds mostly, on or past them, or an extreme."""
+    if option.kind is str and option.letter:  # a hash
+        return rng.choice(["0123456789abcdef", "f" * 15, "g" * 16, rng.randbytes(8).hex()])
+    low = 0 if option.low is None else option.low
+    high = 2 ** 16 if option.high is None else option.high
+    draw = rng.random()
+    if draw < 0.6:
+        value = rng.uniform(low, high) if option.kind is float else rng.randint(int(low), int(high))
+    elif draw < 0.9:  # the edges, and just past the top
+        value = rng.choice([max(low - 1, 0), low, high, high, high + 1])
     else:
-        name = rng.choice(["int", "int10", "int01", "nf3", "fp8", "svd", "float"])
-    options = [f"g{random_number(rng)}", "sym", "asym", "k=channel", "k=token", "v=channel", "v=token", "g0", "g1"]
-    chosen = rng.sample(options, rng.choice([0, 1, 1, 2, 3]))
+        return str(random_number(rng)) if option.kind is int else rng.choice(["nan", "inf", "1e3", "0.0", "8.5"])
+    return f"{value:.3g}" if option.kind is float else str(int(value))
+
+
+def random_options(rng: random.Random, stage: type[Stage]) -> list[str]:
+    """Some of the stage's options (every kind of option the registry describes), in a random order."""
+    tokens = []
+    for name, option, default in options_of(stage):
+        required = default is None and name not in ("layers", "digest", "key_bits", "floor", "symmetric")
+        if option.in_name or option.positional or name == "layers" or rng.random() < (0.05 if required else 0.5):
+            continue
+        if option.words:
+            tokens.append(rng.choice(list(option.words)))
+        elif option.flag:
+            tokens.append(option.flag)
+        elif option.assign:
+            tokens.append(f"{option.assign}={rng.choice(option.choices) if rng.random() < 0.9 else 'chan'}")
+        elif option.letter:
+            tokens.append(f"{option.letter}{random_value(rng, option)}")
+        elif option.spelled and stage is PCA:
+            tokens += rng.choice([["w"], ["w", "e"], ["w", "e", "j"], ["w", "e"], ["w", "e", "j"], ["e"], ["j"]])
+    rng.shuffle(tokens)
+    return tokens
+
+
+def random_stage(rng: random.Random, stage: type[Stage] | None = None) -> str:
+    """A stage of the registry (any kind unless given) with some of its options; sometimes a near miss."""
+    stage = stage or rng.choice(STAGES)
+    if stage is Int:
+        name = f"int{rng.randrange(10)}"
+    elif stage is Selection:
+        name = rng.choice([*METHODS, "q2x"])
+    else:
+        name = rng.choice(stage.names())
+    if stage is Selection:
+        keep = rng.choice([f"{rng.random():.3g}", "1.0", "1", "0", "1.5", "nan", "inf", "-1", "1e-9",
+                           f"{random_number(rng)}t", "0t", "t"])
+        known = METHODS[name].grammar_options if name in METHODS else {}
+        own = [*(f"{k}{random_number(rng)}" for k, (_, kind) in known.items() if kind is not str),
+               *(f"{k}{rng.random():.2f}" for k, (_, kind) in known.items() if kind is not str),
+               *(k for k, (_, kind) in known.items() if kind is str)]
+        options = [keep, *random_options(rng, stage), *rng.sample(own, min(len(own), rng.choice([0, 1, 2])))]
+    elif stage is Tier:
+        options = [rng.choice(["0.1", "0.6", "1", "1.5", "nan", "-0.1"])]
+        if rng.random() < 0.95:
+            options.append(random_stage(rng, rng.choice(PRECISIONS)))
+    else:
+        options = random_options(rng, stage)
     if rng.random() < 0.05:
-        chosen.append(garbage(rng))
-    return ":".join([name, *chosen])
-
-
-def random_selection(rng: random.Random) -> str:
-    """A selection stage: a method, what to keep, granularity, budget and the method's own options."""
-    method = rng.choice([*METHODS, "q2x"])
-    keep = rng.choice([f"{rng.random():.3g}", "1.0", "1", "0", "1.5", "nan", "inf", "-1", "1e-9",
-                       f"{random_number(rng)}t", "0t", "t"])
-    known = METHODS[method].grammar_options if method in METHODS else {}
-    options = [*GRANULARITIES, *BUDGETS, *(f"{name}{random_number(rng)}" for name in known),
-               *(f"{name}{rng.random():.2f}" for name in known), *known]
-    chosen = rng.sample(options, min(len(options), rng.choice([0, 1, 2, 3])))
-    return ":".join([method, keep, *chosen])
+        options.append(garbage(rng))
+    return ":".join([name, *options])
 
 
 def random_layers(rng: random.Random, num_layers: int) -> str:
@@ -194,32 +236,22 @@ def random_layers(rng: random.Random, num_layers: int) -> str:
     return f"@{first}-{rng.choice([first, first + 1, rng.randrange(num_layers + 2), random_number(rng)])}"
 
 
-def random_transform(rng: random.Random) -> str:
-    """A stage that needs the model (prerope, rot, pca), a protect or a tier stage; in range or not."""
-    number = lambda: rng.choice([f"{rng.random() * 9:.3g}", "0", "8", "8.5", "1e3", str(random_number(rng))])  # noqa: E731
-    return rng.choice([
-        "prerope", "prerope:x", "rot", f"rot:seed{rng.choice([0, 7, 2**32 - 1, 2**32, random_number(rng)])}",
-        f"pca:b{number()}", f"pca:b{number()}:k{number()}",
-        f"pca:b2:h{rng.choice(['0123456789abcdef', 'f' * 15, 'g' * 16, rng.randbytes(8).hex()])}",
-        f"protect:s{random_number(rng)}:r{rng.randrange(64)}", f"protect:r{rng.randrange(64)}", "protect",
-        f"tier:{rng.choice(['0.1', '0.6', '1', '1.5', 'nan', '-0.1'])}:{random_precision(rng)}", "tier:0.1",
-    ])
-
-
 def random_profile(rng: random.Random, num_layers: int = 4) -> str:
-    """A profile drawn from the grammar: selection, svd, precision, override and model-dependent stages,
-    sometimes garbled."""
+    """A profile drawn from the grammar's registry: a selection, svd, a precision, per-layer stages and any
+    other stages with any of their options, sometimes garbled."""
     stages = []
     if rng.random() < 0.3:
-        stages.append(random_selection(rng))
+        stages.append(random_stage(rng, Selection))
     if rng.random() < 0.3:
-        stages.append(f"svd:r{random_number(rng)}")
+        stages.append(random_stage(rng, SVD))
     if rng.random() < 0.8:
-        stages.append(random_precision(rng))
+        stages.append(random_stage(rng, rng.choice([*PRECISIONS, PCA])))
     for _ in range(rng.choice([0, 0, 1, 2])):
-        stages.append(random_precision(rng) + random_layers(rng, num_layers))
+        stages.append(random_stage(rng, rng.choice([*PRECISIONS, PCA])) + random_layers(rng, num_layers))
     for _ in range(rng.choice([0, 0, 0, 1, 2])):
-        stages.append(random_transform(rng))
+        stages.append(random_stage(rng))
+    if rng.random() < 0.1:
+        stages.append(random_stage(rng, Tier))
     rng.shuffle(stages)
     text = "+".join(stages) or "raw"
     if rng.random() < 0.1:

@@ -117,3 +117,43 @@ def test_the_parser_imports_without_torch():
     code = "import sys, common.profile; common.profile.parse_profile('pca:b1.7:w:e:j:i1+text'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_fuzzer_draws_every_stage_and_every_option():
+    """common.fuzz's generator comes from the registry: over a few thousand profiles it writes every
+    stage kind, and every option of each (letters, words, flags, k=/v=, pca's w, e, j)."""
+    import random
+
+    from common import fuzz
+    from common.profile.registry import stage_for
+    from common.profile.stage import options_of
+    from common.profile.stages.pca import PCA
+
+    rng = random.Random(0)
+    seen: dict[type, set[str]] = {}
+    for _ in range(4000):
+        for stage_text in fuzz.random_profile(rng).split("+"):
+            name, *options = stage_text.split("@")[0].split(":")
+            try:
+                cls = stage_for(name)
+            except ProfileError:
+                continue
+            seen.setdefault(cls, set()).update(options)
+    assert set(seen) == set(STAGES)
+    for cls, tokens in seen.items():
+        for field_name, option, _ in options_of(cls):
+            if option.in_name or option.positional or field_name in ("layers", "options"):
+                continue
+            if option.words:
+                assert set(option.words) <= tokens, (cls.name, field_name)
+            elif option.flag:
+                assert option.flag in tokens, (cls.name, field_name)
+            elif option.assign:
+                assert any(t.startswith(option.assign + "=") for t in tokens), (cls.name, field_name)
+            elif option.letter:
+                assert any(t.startswith(option.letter) and t[len(option.letter):][:1].isdigit() for t in tokens), \
+                    (cls.name, field_name)
+    assert {"w", "e", "j"} <= seen[PCA]
+    selection_tokens = seen[stage_for("q2c")]
+    for method in METHODS.values():
+        assert all(any(t.startswith(k) for t in selection_tokens) for k in method.grammar_options), method

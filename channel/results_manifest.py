@@ -102,6 +102,19 @@ def _candidates(text: str) -> list[str]:
     return [span for span in spans if COMMAND_START.match(span)]
 
 
+GENERIC_WORDS = {"smollm2", "gemma3", "cpu", "h100", "h200", "round", "session"}
+GPU_RUNS = (("kernel_sweep", "python3 deploy/gpu/kernel_sweep.py"), ("kernel_tests", "deploy/gpu/run.sh kernels OUT"),
+            ("codec_gpu", "deploy/gpu/run.sh kernels OUT"), ("gpu_tests_smollm2", "deploy/gpu/run.sh smollm2 OUT"),
+            ("gpu_tests", "deploy/gpu/run.sh all OUT (or tiny)"), ("bench_gpu", "deploy/gpu/run.sh all OUT (or tiny)"))
+
+
+def _gpu_run(path: str) -> str | None:
+    if not path.startswith("results/gpu/"):
+        return None
+    name = Path(path).name
+    return next((command for prefix, command in GPU_RUNS if name.startswith(prefix)), None)
+
+
 def _command(path: str, fields: dict, documents, message: str) -> tuple[str, str]:
     if isinstance(fields.get("command"), str):
         return fields["command"], "the JSON's command field"
@@ -115,6 +128,16 @@ def _command(path: str, fields: dict, documents, message: str) -> tuple[str, str
         first_line = (ast.get_docstring(ast.parse(text)) or "\n").splitlines()[0] if source.endswith(".py") else ""
         if source.startswith("deploy/") and path in first_line:  # "Round 8's results/frontier.json: ..."
             return f".venv/bin/python {source}", f"{source}'s docstring names the file"
+    # A paragraph that names the file and holds one command that shares a word of the file's name
+    # ("capkv" in capkv_100.json): nearly always the command that wrote it.
+    words = {w for w in re.split(r"[_./]", Path(path).stem) if len(w) >= 3 and w not in GENERIC_WORDS}
+    for source, text in documents:
+        for paragraph in text.split("\n\n"):
+            in_paragraph = {c for c in _candidates(paragraph) if len(c.split()) >= 3}
+            if len(in_paragraph) == 1 and _mentions(paragraph, names):
+                command = in_paragraph.pop()
+                if any(word in command for word in words):
+                    return command, f"the one command of the paragraph of {source} that names the file (a guess)"
     for source, text in documents:
         for section in re.split(r"\n(?=#+ )", text):
             heading, _, body = section.partition("\n")
@@ -122,6 +145,9 @@ def _command(path: str, fields: dict, documents, message: str) -> tuple[str, str
             heading_commands = [c for c in _candidates(heading) if len(c.split()) >= 3 or c.startswith("make ")]
             if len(heading_commands) == 1 and _mentions(body, names):
                 return heading_commands[0], f"the heading of the section of {source} that names the file (a guess)"
+    gpu_run = _gpu_run(path)
+    if gpu_run:
+        return gpu_run, "deploy/gpu/run.sh's mode that writes a file of this name (a guess from the name)"
     for source, span in commands:
         if _sibling(path).search(span):
             return span, f"a command in {source} that names a file of the same stem (a guess: its console output or plot)"

@@ -62,7 +62,7 @@ def _layers(cls: type[Stage], match: re.Match) -> tuple[int, int] | None:
     if match["first"] is None:
         return None
     if not cls.layered:
-        raise ProfileError(getattr(cls, "no_layers_message", f"{cls.name} takes no layer range"))
+        raise ProfileError(cls.no_layers_message or f"{cls.name} takes no layer range")
     first = int(match["first"])
     last = int(match["last"]) if match["last"] is not None else first
     return first, last

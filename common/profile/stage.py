@@ -107,6 +107,7 @@ class Stage:
     repeatable: ClassVar[bool] = False  # may appear more than once without @A-B (tiers)
     exclusive: ClassVar[str | None] = None  # stages sharing this slot may appear once (the precisions)
     examples: ClassVar[tuple[str, ...]] = ()
+    no_layers_message: ClassVar[str | None] = None  # the message for an @A-B on a stage that takes none
 
     # --- the compact text form ---------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.profile.stage import ProfileError, Stage, option
+from common.profile.stage import ProfileError, Stage, exact, option
 from common.profile.stages.precision import LAYERS_DOC
 
 MAX_BITS = 8.0  # common.quant.pca.MAX_BITS
@@ -117,8 +117,6 @@ class PCA(Stage):
         return self.mode == "joint"
 
     def compact(self) -> str:
-        from common.profile.stage import exact
-
         parts = [f"pca:b{exact(self.bits)}"]
         if self.key_bits is not None:
             parts.append(f"k{exact(self.key_bits)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from common.profile.stage import ProfileError, Stage, option
+from common.profile.stage import ProfileError, Stage, exact, option
 from common.profile.stages.precision import Precision
 
 _USAGE = "a tier is tier:FRACTION:PRECISION, e.g. tier:0.1:int8"
@@ -52,8 +52,6 @@ class Tier(Stage):
             raise ProfileError("a tier's precision takes no layer range")
 
     def compact(self) -> str:
-        from common.profile.stage import exact
-
         return f"tier:{exact(self.fraction)}:{self.precision.compact()}"
 
     def long_form(self) -> dict:

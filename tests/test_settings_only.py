@@ -79,3 +79,11 @@ def test_every_model_option_defaults_to_kvwire_model(monkeypatch):
     walk(typer.main.get_command(app), "")
     assert len(defaults) >= 16
     assert {path: model for path, model in defaults.items() if model != "gemma3-270m"} == {}
+
+
+def test_docs_configuration_lists_every_setting():
+    from common.settings import Settings
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`KVWIRE_{name.upper()}`" not in text]
+    assert missing == []

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.settings import Settings
 from common.auth import docs_options, protect_openapi, require_token
-from receiver.dashboard import login_page, may_view, require_view
+from receiver.dashboard import COOKIE, login_page, may_view, require_view
 from receiver.dashboard import router as login_router
 from receiver.server import start_server
 from receiver.sessions import SessionError
@@ -113,6 +113,8 @@ def create_app(settings: Settings, grpc_host: str = "127.0.0.1", grpc_port: int 
         chart = ('<img src="/dashboard/sweep.png" style="max-width:100%">' if sweep_plot.exists()
                  else f"<p>No sweep yet: run <code>kvwire sweep --report-dir {html.escape(str(sweep_plot.parent))}</code>.</p>")
         model = s.loaded.name if s.loaded else "loading…"
+        logout = ('<form method="post" action="/logout"><input type="submit" value="Log out"></form>'
+                  if COOKIE in request.cookies else "")
         return f"""<!doctype html><html><head><meta charset="utf-8"><title>kvwire receiver</title>
 <meta http-equiv="refresh" content="5"><style>body{{font-family:sans-serif;margin:2em;color:#222}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px}}
@@ -122,6 +124,6 @@ th{{background:#f0f0f0}}.stat{{display:inline-block;margin-right:2em;font-size:1
 <div class="stat">memory <b>{s.sessions.nbytes / 2**20:,.1f} MiB</b> of {s.sessions.budget_bytes / 2**20:,.0f}</div>
 <h2>recent transfers</h2><table><tr><th>time</th><th>profile</th><th>tokens</th><th>bytes</th><th>transfer s</th>
 <th>decode s</th><th>answer</th></tr>{rows}</table>
-<h2>accuracy against bytes (latest sweep)</h2>{chart}</body></html>"""
+<h2>accuracy against bytes (latest sweep)</h2>{chart}{logout}</body></html>"""
 
     return app

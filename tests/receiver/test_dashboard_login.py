@@ -51,6 +51,7 @@ def test_the_token_in_the_form_opens_the_dashboard_and_only_the_dashboard(tmp_pa
         assert TOKEN not in set_cookie  # the cookie proves the token without holding it
         page = browser.get("/")  # the client sends the cookie back, as a browser does
         assert page.status_code == 200 and "recent transfers" in page.text
+        assert '<form method="post" action="/logout">' in page.text
         # The API still wants the bearer header: a cookie the browser sends by itself deletes nothing.
         assert browser.get("/v1/sessions").status_code == 401
         assert browser.delete("/v1/sessions/x").status_code == 401

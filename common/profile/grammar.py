@@ -36,6 +36,8 @@ def parse_profile(spec: str | Profile | dict | list) -> Profile:
             return profile_from_json(json.loads(text))
         except json.JSONDecodeError as exc:
             raise ProfileError(f"profile long form is not JSON: {exc}") from None
+        except RecursionError:
+            raise ProfileError("profile long form is nested too deeply") from None
     text = text.lower()
     if not text:
         raise ProfileError("empty profile; try raw, int8 or int4:g32")
@@ -87,10 +89,9 @@ def precision_from_json(value: str | dict) -> Precision:
     if isinstance(value, str):
         name, *options = value.lower().split(":")
         return parse_precision(name, options)
-    stage = stage_from_json(value)
-    if not isinstance(stage, Precision):
-        raise ProfileError(f"precision takes a precision stage, not {stage.name}")
-    return stage
+    if isinstance(value, dict) and not issubclass(stage_class(value.get("stage")), Precision):
+        raise ProfileError(f"precision takes a precision stage, not {value.get('stage')!r}")  # (before any nesting)
+    return stage_from_json(value)
 
 
 def stage_from_json(value: dict) -> Stage:

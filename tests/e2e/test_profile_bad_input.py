@@ -42,7 +42,16 @@ LONG_ONLY = [
     ({"stages": [{"stage": "zip"}]}, "unknown stage 'zip'"),
     ({"stages": [{"bits": 4}]}, "a \"stage\" name"),
     ({"stage": "int"}, "no field 'stage'"),
+    ({"stages": [{"stage": "tier", "fraction": 0.1, "precision": {"stage": "tier"}}]},
+     "precision takes a precision stage, not 'tier'"),
 ]
+
+
+@pytest.mark.parametrize("text,message", [("[" * 2000, "nested too deeply"), ('{"stages": [', "not JSON"),
+                                          ("{" + " " * 3000 + "}", "at most 2048")])
+def test_hostile_json_text_is_a_profile_error(text, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(text)
 
 
 @pytest.mark.parametrize("long_form,text,message", CASES, ids=[c[1] for c in CASES])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from channel.cli.app import ModelOption, app, console
 
 

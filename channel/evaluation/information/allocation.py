@@ -86,9 +86,10 @@ def ib_allocation(loaded: LoadedModel, plane: dict, sensitivity: list[float], sa
                   progress: Callable[[], None] | None = None) -> dict:
     ib = ib_weights(plane, target)
     bits = plans(ib, sensitivity, uniform_bits, seed)
-    canonical = {name: str(parse_profile(plan_spec(b))) for name, b in bits.items()}
-    unique = list(dict.fromkeys(canonical.values()))  # two plans may coincide: run each profile once
-    rows = evaluate(loaded, samples, [parse_profile(spec) for spec in unique], max_new_tokens, progress=progress)
+    parsed = {name: parse_profile(plan_spec(b)) for name, b in bits.items()}
+    canonical = {name: str(profile) for name, profile in parsed.items()}
+    unique = list({str(profile): profile for profile in parsed.values()}.values())  # two plans may coincide: run each once
+    rows = evaluate(loaded, samples, unique, max_new_tokens, progress=progress)
     by_profile = {s["profile"]: s for s in aggregate(rows)}
     summaries = [{"plan": name, **by_profile[spec]} for name, spec in canonical.items()]
     comparisons = {f"{a} - {b}": {metric: _paired(rows, canonical[a], canonical[b], metric)

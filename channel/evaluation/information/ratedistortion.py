@@ -31,7 +31,8 @@ from channel.evaluation.squad import Sample
 from common import wire
 from common.kvstate import KVState
 from common.models import LoadedModel
-from common.profile import Profile, parse_profile
+from common.profile import Profile
+from common.profile.stages.precision import Cast, Raw
 from sender.prefill import prefill_prompt, select_tokens
 
 DEFAULT_RD_PROFILES = ("int8,int4:g32,int3,int2,int1,nf4,svd:r32,svd:r16,svd:r8,svd:r32+int8,svd:r16+int8,"
@@ -79,6 +80,7 @@ def measure_codecs(loaded: LoadedModel, samples: list[Sample], profiles: list[Pr
                    progress: Callable[[], None] | None = None) -> tuple[list[dict], list[KVState]]:
     """Per profile: bits per element on the wire and MSE (overall, keys, values), over all samples."""
     totals = {str(p): {"bits": 0.0, "keys": 0.0, "values": 0.0, "elements": 0} for p in profiles}
+    by_name = {str(p): p for p in profiles}
     states = []
     for sample in samples:
         pre = prefill_prompt(loaded, sample.context, sample.question, True, profiles)
@@ -93,7 +95,7 @@ def measure_codecs(loaded: LoadedModel, samples: list[Sample], profiles: list[Pr
                 total[key] += errors[key]
         if progress:
             progress()
-    rows = [{"profile": name, "family": family(name), "bits_per_element": t["bits"] / t["elements"],
+    rows = [{"profile": name, "family": family(by_name[name]), "bits_per_element": t["bits"] / t["elements"],
              "mse": (t["keys"] + t["values"]) / t["elements"], "mse_keys": 2 * t["keys"] / t["elements"],
              "mse_values": 2 * t["values"] / t["elements"]} for name, t in totals.items()]
     return rows, states
@@ -145,12 +147,14 @@ def _discordant(rows: list[dict], limit: int = 6) -> list[dict]:
     return sorted(pairs, key=lambda p: -p["mse_ratio"])[:limit]
 
 
-def family(spec: str) -> str:
-    """quantization, svd, selection, or hybrid (selection with a lossy codec)."""
-    profile = parse_profile(spec)
-    lossy_codec = profile.rank is not None or spec.split("+")[-1] not in ("fp16", "bf16", "raw")
+def family(profile: Profile) -> str:
+    """quantization, svd, selection, or hybrid (selection with a lossy codec): by the profile's last stage
+    in canonical order, as the names in results/ were classified."""
+    last = profile.stages[-1] if profile.stages else None
+    plain = last is None or (isinstance(last, (Raw, Cast)) and last.layers is None)
+    lossy_codec = profile.rank is not None or not plain
     if profile.selection is not None:
-        return "hybrid" if lossy_codec and len(spec.split("+")) > 1 else "selection"
+        return "hybrid" if lossy_codec and len(profile.stages) > 1 else "selection"
     return "svd" if profile.rank is not None else "quantization"
 
 

@@ -26,7 +26,7 @@ from common.fingerprints import refusal
 from common.kvstate import KVState, prefill_on_top
 from common.plan import DTYPES, CodecPlan
 from common.plan import runs as token_runs
-from common.profile import Profile, ProfileError, parse_profile
+from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rotation
 from common.quant.transform import CodecContext, LayerCodec
@@ -180,6 +180,16 @@ def prefill_positions(config, seq_len: int, device: torch.device | None = None) 
             for layer in range(text.num_hidden_layers)]
 
 
+def header_profile(profile: Profile, context: CodecContext | None) -> str:
+    """The profile as a header carries it: canonical, with group sizes and the basis hash filled in.
+    A receiver parses at most MAX_PROFILE_CHARS of it, so the sender refuses a longer one itself."""
+    text = str(profile.bind(context))
+    if len(text) > MAX_PROFILE_CHARS:
+        raise ProfileError(f"profile of {len(text)} characters in its canonical form (group sizes and basis hash "
+                           f"filled in); a receiver parses at most {MAX_PROFILE_CHARS}")
+    return text
+
+
 class Encoder:
     """Sender side: the frames of one transfer, counting what its trailer declares."""
 
@@ -197,7 +207,7 @@ class Encoder:
         segmented one (neither)."""
         return pb.Frame(header=pb.Header(
             transfer_id=self.transfer_id, fingerprint=self.fingerprint,
-            profile=str(profile.bind(self.context)) if profile else "",
+            profile=header_profile(profile, self.context) if profile else "",
             seq_len=seq_len, batch=1, layers=layer_headers(positions, profile) if positions is not None else [],
             segmented=positions is None))
 
@@ -234,7 +244,7 @@ class Encoder:
         if profile.selection is not None:
             raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
         part = kv.token_range(start, end)
-        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=str(profile.bind(self.context)),
+        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=header_profile(profile, self.context),
                                           layers=layer_headers(part.positions)))
         yield from self.chunks(part, profile)
 

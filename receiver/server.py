@@ -80,6 +80,17 @@ def log_rejection(rpc: str, code: grpc.StatusCode, message: str, exc: Exception)
         log.warning("%s rejected (%s): %s", rpc, code.name, message)
 
 
+async def abort(context, code: grpc.StatusCode, message: str) -> None:
+    """End the call with a status. If the call is over already (its deadline passed, the client left),
+    nobody can hear one: grpc refuses to send it, and the handler ends as cancelled instead."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # noqa: BLE001 - grpc's ExecuteBatchError or UsageError: the call has ended
+        raise asyncio.CancelledError from None
+
+
 def answers_with_status(handler):
     """A unary handler whose every exception becomes a specific status (wire.status_for), never UNKNOWN."""
 
@@ -92,7 +103,7 @@ def answers_with_status(handler):
         except Exception as exc:  # noqa: BLE001 - mapped to a status, INTERNAL for the unexpected
             code, message = wire.status_for(exc)
             log_rejection(handler.__name__, code, message, exc)
-            await context.abort(code, message)
+            await abort(context, code, message)
 
     return wrapper
 
@@ -271,17 +282,15 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             if not assembler.done:
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
-                    # The stream ended because the caller's deadline passed, not because it was cut short.
-                    self.metrics.transfers.labels("deadline_exceeded").inc()
-                    log.warning("transfer deadline passed after %d bytes; partial cache dropped", assembler.bytes_received)
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"deadline passed after {assembler.bytes_received} bytes; nothing injected")
+                    # The stream ended because the caller's deadline passed, not because it was cut short:
+                    # the caller has its DEADLINE_EXCEEDED already (counted and logged below).
+                    raise asyncio.CancelledError
                 raise wire.WireError(grpc.StatusCode.DATA_LOSS,
                                      "stream ended before the trailer: transfer incomplete, nothing injected")
             # A segmented transfer's profile, for the dashboard: tokens per segment profile.
             profile = assembler.header.profile or ", ".join(f"{name} ({tokens} tokens)" for name, tokens in sent_as.items())
             session = self.sessions.put(kv, profile, assembler.bytes_received)
-        except grpc.aio.AbortError:  # a status chosen above (deadline passed)
+        except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure gets a specific status (wire.status_for)
             # Free the reservation before the client hears: a retry must not find the receiver busy with it.
@@ -292,7 +301,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             self.metrics.rejected_frames.labels(code.name).inc()
             self.metrics.transfers.labels("rejected").inc()
             self.metrics.bytes_received.inc(assembler.bytes_received)
-            await context.abort(code, message)
+            await abort(context, code, message)
         except asyncio.CancelledError:
             # Client gone or deadline passed: the partial cache is dropped, never injected.
             remaining = context.time_remaining()

@@ -435,3 +435,30 @@ def bench_startup(repeats: int = typer.Option(3, min=1, help="Runs of each comma
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    duration: float = typer.Option(300.0, min=1, help="Seconds of honest load beside the attackers."),
+    baseline: float = typer.Option(120.0, min=1, help="Seconds of the same honest load alone, first."),
+    model: str = ModelOption,
+    profile: str = typer.Option("int8", help="The honest senders' profile."),
+    concurrency: int = typer.Option(8, min=1, help="Honest senders."),
+    attackers: int = typer.Option(3, min=1, help="Hostile clients, each looping over the attacks of issue 31."),
+    ttl: float = typer.Option(20.0, help="The receiver's session TTL (KVWIRE_SESSION_TTL_S): the end RSS is taken after it."),
+    idle: float = typer.Option(5.0, help="The receiver's stream idle timeout (KVWIRE_STREAM_IDLE_S)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures here too."),
+) -> None:
+    """Honest transfers (answers checked) while hostile clients attack one receiver process on loopback:
+    completion, p99 against the same load alone, worst /healthz and gRPC health latency, receiver RSS."""
+    import json
+
+    from channel.soak import run_soak
+
+    figures = run_soak(model, profile, concurrency, attackers, duration, baseline, ttl_s=ttl, idle_s=idle,
+                       progress=console.print)
+    text = json.dumps(figures, indent=2)
+    console.print(text, markup=False, soft_wrap=True)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")

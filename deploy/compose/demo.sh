@@ -14,7 +14,7 @@
 # seconds into the demo (a crash, as the OOM killer would), to show the restart and the sender's retries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-say() { echo "compose-demo: $*" >&2; }
+say() { echo "compose-demo [+${SECONDS}s]: $*" >&2; }
 
 if docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
@@ -44,11 +44,11 @@ if [ -z "$base" ]; then
     else
         say "Docker Hub is out of reach: the base image comes from the Debian mirror"
         base=kvwire-base:bookworm
-        deploy/compose/base-image.sh "$base"
+        deploy/compose/base-image.sh "$base" >&2
     fi
 fi
 if [ "${KVWIRE_WHEELHOUSE:-1}" != 0 ]; then
-    deploy/compose/wheelhouse.sh "$base"
+    deploy/compose/wheelhouse.sh "$base" >&2
 else
     rm -f deploy/wheels/*.whl
 fi

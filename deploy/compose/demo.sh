@@ -57,7 +57,7 @@ docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0  # the classic
 log=$(mktemp /tmp/kvwire-build.XXXXXX.log)
 say "building kvwire:latest on $base (log: $log)"
 start=$SECONDS
-if ! docker build -f deploy/Dockerfile --build-arg BASE="$base" -t kvwire:latest . >"$log" 2>&1; then
+if ! docker build --force-rm -f deploy/Dockerfile --build-arg BASE="$base" -t kvwire:latest . >"$log" 2>&1; then
     grep -v -e '^ ---> ' -e '^Removing intermediate' "$log" | tail -25 >&2
     say "the image did not build (whole log: $log)"; exit 1
 fi

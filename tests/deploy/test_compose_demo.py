@@ -108,7 +108,7 @@ def test_the_output_files_come_through_the_bind_mount(demo):
 def test_a_build_without_its_model_fails_naming_it(demo):
     result, _, _ = demo
     base = re.search(r"building kvwire:latest on (\S+)", result.stderr).group(1)
-    build = subprocess.run(["docker", "build", "-f", "deploy/Dockerfile", "--build-arg", f"BASE={base}",
+    build = subprocess.run(["docker", "build", "--force-rm", "-f", "deploy/Dockerfile", "--build-arg", f"BASE={base}",
                             "--build-arg", "KVWIRE_MODEL=no-such-model", "."], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "DOCKER_BUILDKIT": "0"}, timeout=1800)
     assert build.returncode != 0

@@ -143,6 +143,29 @@ def start_receiver(model: str, env: dict) -> tuple[subprocess.Popen, str, int]:
     return process, target, http_port
 
 
+def environment() -> dict:
+    """Where and when the figures were taken: CPU, versions, date and commit."""
+    import datetime
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "transformers", "grpcio", "protobuf")}}
+
+
+def expire_sessions(http_port: int, token: str) -> int:
+    """Ask the receiver for its sessions (which drops the expired ones); how many are left."""
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/sessions",
+                                     headers={"authorization": f"Bearer {token}"})
+    left = len(json.loads(urllib.request.urlopen(request, timeout=30).read())["sessions"])
+    time.sleep(2.0)  # the memory is given back in a thread of the receiver's own
+    return left
+
+
 def run_soak(model: str = "smollm2-135m", profile_spec: str = "int8", concurrency: int = 8, attackers: int = 3,
              duration_s: float = 300.0, baseline_s: float = 120.0, samples: int = 8, max_new_tokens: int = 8,
              ttl_s: float = 20.0, idle_s: float = 5.0, budget_bytes: int = 1 << 30, progress=print) -> dict:
@@ -164,7 +187,10 @@ def run_soak(model: str = "smollm2-135m", profile_spec: str = "int8", concurrenc
     watcher = context.Process(target=monitor, args=(process.pid, http_port, target, phases, results), daemon=True)
     watcher.start()
     try:
-        honest_load(target, token, loaded, profile, prepared, 2, 5.0, Phase("warmup"))
+        # The start: after the same honest load has run a while and its sessions expired (as at the end).
+        honest_load(target, token, loaded, profile, prepared, concurrency, 20.0, Phase("warmup"))
+        time.sleep(ttl_s + idle_s + 2)
+        expire_sessions(http_port, token)
         rss_start = rss(process.pid)
         progress(f"baseline: {concurrency} honest senders for {baseline_s:.0f} s")
         baseline = Phase("baseline")
@@ -183,10 +209,7 @@ def run_soak(model: str = "smollm2-135m", profile_spec: str = "int8", concurrenc
         progress(f"waiting {ttl_s + idle_s + 2:.0f} s for the sessions to expire")
         phases.value = b"expiry"
         time.sleep(ttl_s + idle_s + 2)
-        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/sessions",
-                                         headers={"authorization": f"Bearer {token}"})
-        left = len(json.loads(urllib.request.urlopen(request, timeout=30).read())["sessions"])
-        time.sleep(1.0)
+        left = expire_sessions(http_port, token)
         rss_end = rss(process.pid)
         phases.value = b"stop"
         watcher.join(timeout=30)
@@ -199,7 +222,7 @@ def run_soak(model: str = "smollm2-135m", profile_spec: str = "int8", concurrenc
     base, hot = baseline.summary(), attacked.summary()
     worst = health.get("hostile", {})
     return {
-        "model": model, "profile": profile_spec, "concurrency": concurrency, "attackers": attackers,
+        "environment": environment(), "model": model, "profile": profile_spec, "concurrency": concurrency, "attackers": attackers,
         "duration_s": duration_s, "baseline_s": baseline_s, "session_ttl_s": ttl_s, "stream_idle_s": idle_s,
         "session_budget_bytes": budget_bytes, "baseline": base, "hostile": hot, "attacks": attacks,
         "health": health, "sessions_left_after_expiry": left,

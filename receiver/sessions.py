@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -36,6 +37,32 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+_trimming = threading.Lock()
+_trim_state = {"running": False, "again": False}
+
+
+def release_freed_memory_soon() -> None:
+    """release_freed_memory in a thread of its own: trimming a large heap can take a long while, and
+    the store is used on the event loop that also answers health checks. One trim runs at a time;
+    a request during it runs one more trim after it."""
+    with _trimming:
+        if _trim_state["running"]:
+            _trim_state["again"] = True
+            return
+        _trim_state["running"] = True
+    threading.Thread(target=_trim_until_done, name="kvwire-trim", daemon=True).start()
+
+
+def _trim_until_done() -> None:
+    while True:
+        release_freed_memory()
+        with _trimming:
+            if not _trim_state["again"]:
+                _trim_state["running"] = False
+                return
+            _trim_state["again"] = False
 
 
 @dataclass
@@ -115,7 +142,7 @@ class SessionStore:
     def delete(self, session_id: str) -> None:
         if self._sessions.pop(session_id, None) is None:
             raise SessionError(f"unknown or expired session {session_id!r}")
-        release_freed_memory()
+        release_freed_memory_soon()
 
     def expire(self) -> None:
         deadline = self.clock() - self.ttl_s
@@ -123,4 +150,4 @@ class SessionStore:
         for sid in expired:
             del self._sessions[sid]
         if expired:
-            release_freed_memory()
+            release_freed_memory_soon()

@@ -70,3 +70,24 @@ def test_sessions_not_yet_asked_are_never_evicted_for_room():
     first.generations = 1
     store.put(state(10), "raw", 1)  # now the asked one makes room
     assert first.id not in store
+
+
+def test_expiry_gives_memory_back_off_the_callers_thread(monkeypatch):
+    """Trimming a large heap takes long: the store runs on the event loop, so it trims in a thread of its own."""
+    import threading
+    import time
+
+    from receiver import sessions
+
+    trimmed = []
+    monkeypatch.setattr(sessions, "release_freed_memory", lambda: trimmed.append(threading.current_thread()))
+    clock = Clock()
+    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
+    store.put(state(4), "raw", 1)
+    clock.t = 30
+    store.expire()
+    deadline = time.monotonic() + 5
+    while not trimmed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert threading.current_thread() not in trimmed

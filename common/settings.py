@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KERNEL_PATHS = ("auto", "torch", "triton")
@@ -48,6 +48,9 @@ class Settings(BaseSettings):
 
     # Where the sender's HTTP API sends caches, and where the dashboard finds the latest sweep.
     receiver_target: str = "127.0.0.1:50051"
+    # How many times a sender makes a call the receiver could not take (away, busy, damaged bytes),
+    # with exponential backoff from 0.2 s to 5 s: 6 ride out about 6 s, 16 about 56 s (a restart).
+    send_attempts: int = Field(6, ge=1, le=100)
     sweep_dir: Path = Path("kvwire-sweep")  # `kvwire sweep`'s default --report-dir
 
     @field_validator("kernels")

@@ -26,7 +26,7 @@ class Session:
     """A connection to one receiver with one loaded model; `ask` as often as you like, then `close`."""
 
     def __init__(self, target: str | None = None, model: str | LoadedModel | None = None, *,
-                 device: str | None = None, dtype: str | None = None, zstd_level: int = 3, attempts: int = 6,
+                 device: str | None = None, dtype: str | None = None, zstd_level: int = 3, attempts: int | None = None,
                  timeout_s: float = 120.0):
         from common.models import load_model
         from common.settings import get_settings

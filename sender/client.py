@@ -48,8 +48,9 @@ class Client:
     """A receiver's gRPC API. `token` goes out as a bearer token; `tls_ca` (PEM) turns TLS on."""
 
     def __init__(self, target: str, timeout_s: float = 120.0, token: str | None = None, tls_ca: Path | None = None,
-                 tls_server_name: str | None = None):
+                 tls_server_name: str | None = None, attempts: int = 6):
         self.target = target
+        self.attempts = attempts  # the default of call_with_retry and send_with_retry
         self.timeout_s = timeout_s
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
         if tls_ca is not None:
@@ -64,7 +65,7 @@ class Client:
     @classmethod
     def from_settings(cls, settings, target: str | None = None, timeout_s: float = 120.0) -> Client:
         ca = settings.tls_ca or settings.tls_cert
-        return cls(target or settings.receiver_target, timeout_s, settings.token, ca)
+        return cls(target or settings.receiver_target, timeout_s, settings.token, ca, attempts=settings.send_attempts)
 
     def close(self) -> None:
         self.channel.close()
@@ -124,7 +125,7 @@ class Client:
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start,
                               assemble_s=reply.assemble_seconds)
 
-    def send_with_retry(self, make_frames, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+    def send_with_retry(self, make_frames, attempts: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep) -> TransferResult:
         """`make_frames()` yields the same transfer (same transfer id) each time it is called."""
         def send(attempt: int) -> TransferResult:
@@ -134,9 +135,11 @@ class Client:
 
         return self.call_with_retry(send, attempts, backoff_s, max_backoff_s, sleep)
 
-    def call_with_retry(self, call, attempts: int = 6, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+    def call_with_retry(self, call, attempts: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep):
-        """`call(attempt)`, again after a retryable failure, with exponential backoff and jitter."""
+        """`call(attempt)`, again after a retryable failure, with exponential backoff and jitter, at most
+        `attempts` times in all (default: this client's, KVWIRE_SEND_ATTEMPTS)."""
+        attempts = attempts or self.attempts
         for attempt in range(1, attempts + 1):
             try:
                 return call(attempt)

@@ -95,11 +95,11 @@ def _result(reply, sent, pre: Prefilled, profile: str, **stages) -> AskResult:
 class Sender:
     """Asks one receiver (through `client`) about contexts prefilled with `loaded`."""
 
-    def __init__(self, loaded: LoadedModel, client: Client, zstd_level: int = 3, attempts: int = 6):
+    def __init__(self, loaded: LoadedModel, client: Client, zstd_level: int = 3, attempts: int | None = None):
         self.loaded = loaded
         self.client = client
         self.zstd_level = zstd_level
-        self.attempts = attempts
+        self.attempts = attempts or client.attempts  # default: KVWIRE_SEND_ATTEMPTS, through the client
 
     def negotiate(self, profile: Profile | str | dict, context_tokens: int = 0, query_aware: bool = True,
                   bandwidth_bps: float | None = None, deadline_s: float | None = None,

@@ -152,7 +152,8 @@ def environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"command": " ".join(["kvwire", *sys.argv[1:]]),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit, "device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             **{name: version(name) for name in ("torch", "transformers", "grpcio", "protobuf")}}
 

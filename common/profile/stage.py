@@ -160,6 +160,9 @@ class Stage:
         raise ProfileError(f"unknown option {text!r} for {name}; options: "
                            + ", ".join(o.compact for _, o in fields if not o.positional))
 
+    def __str__(self) -> str:
+        return self.compact()
+
     def compact(self) -> str:
         """The canonical text of the stage (its @A-B included)."""
         parts = [self.compact_name()]

@@ -137,9 +137,7 @@ class Selection(Stage):
 
     @property
     def resolved_granularity(self) -> str:
-        from common.select import METHODS
-
-        return self.granularity or METHODS[self.method].default_granularity
+        return self.as_selection().resolved_granularity
 
     def needs(self, seq_len: int, context_len: int) -> dict[str, range]:
         return self.as_selection().needs(seq_len, context_len)

@@ -114,7 +114,8 @@ def layer_codec(profile: Profile, layer: int, context: CodecContext | None) -> L
         pool = (tuple(i for i in range(basis.num_layers) if _pca_group(profile, i) == group)
                 if stage.weighted else None)
         codec = (EntropyPCACodec.for_layer(basis, layer, stage.bits, pool, stage.importance,
-                                           MAX_CLASS if stage.floor is None else stage.floor, stage.joint)
+                                           MAX_CLASS if stage.floor is None else stage.floor, stage.joint,
+                                           stage.rans)
                  if stage.entropy
                  else PCACodec.for_layer(basis, layer, stage.bits, stage.key_bits, pool))
     rope = context.rope if profile.needs_context else None

@@ -227,26 +227,50 @@ class Encoder:
         step = chunk_tokens(heads, head_dim, keys.dtype)
         for first, last, codec in plan.tiers(layer, kept):  # a chunk never spans two tiers
             tier = slice(first, last)
-            raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance))
-            compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
-            payloads = _compressing(os.getpid(), self.zstd_threads).map(compress, raws)
-            for start, raw, payload in zip(range(first, last, step), raws, payloads):
+            if codec.coded_in_place:  # pca:...:a: coded where the cache is, no zstd over the code
+                sized = codec.code_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance)
+            else:
+                raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step,
+                                                importance))
+                compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
+                sized = zip(map(len, raws), _compressing(os.getpid(), self.zstd_threads).map(compress, raws))
+            for start, (raw_size, payload) in zip(range(first, last, step), sized):
                 end = min(start + step, last)
                 if len(payload) > MAX_CHUNK_BYTES:
                     raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
                 self.num_chunks += 1
                 self.payload_bytes += len(payload)
-                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
+                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=raw_size,
                                               crc32=zlib.crc32(payload), payload=payload))
 
     def kv_segment(self, kv: KVState, start: int, end: int, profile: Profile) -> Iterator[pb.Frame]:
         """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""
+        part = kv.token_range(start, end)
+        yield self.segment(start, end, part.positions, profile)
+        yield from self.chunks(part, profile)
+
+    def segment(self, start: int, end: int, positions: list[torch.Tensor], profile: Profile) -> pb.Frame:
+        """The declaration of a cache segment of tokens [start, end) whose layers keep `positions`."""
         if profile.selection is not None:
             raise ProfileError(f"segments carry precision stages only, not a selection: {profile}")
-        part = kv.token_range(start, end)
-        yield pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=header_profile(profile, self.context),
-                                          layers=layer_headers(part.positions)))
-        yield from self.chunks(part, profile)
+        return pb.Frame(segment=pb.Segment(token_start=start, token_end=end, profile=header_profile(profile, self.context),
+                                           layers=layer_headers(positions)))
+
+    def opening(self, profile: Profile, seq_len: int, positions: list[torch.Tensor],
+                head_ids: list[int] | None = None) -> list[pb.Frame]:
+        """The frames before the first chunk of a cache of `seq_len` tokens whose layers keep `positions`
+        (a layer-pipelined sender knows them before its prefill runs: see prefill_positions).
+
+        Whole: the header. Under text:h: a segmented header, `head_ids` (the template's head) as a text
+        segment, and the declaration of the cache segment after it. Either way the chunks then carry
+        each layer's tokens at positions from cache_start() on, coded under `profile.as_cache`.
+        """
+        start = cache_start(profile, seq_len, head_ids)
+        if not start:
+            return [self.header(seq_len, positions, profile)]
+        cached = [p[:, span(p, start, seq_len)] for p in positions]
+        return [self.header(seq_len), self.text_segment(list(head_ids), 0),
+                self.segment(start, seq_len, cached, profile.as_cache)]
 
     def text_segment(self, token_ids: list[int], start: int) -> pb.Frame:
         """Tokens [start, start + len(token_ids)) as text, for the receiver to prefill."""
@@ -269,17 +293,28 @@ def encode(
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
     encoder = Encoder(fingerprint, transfer_id, zstd_level, context)
-    if profile.text_head:
-        if not 0 < len(head_ids or ()) < kv.seq_len:
-            raise ProfileError(f"{profile}: text:h needs the template's head, some but not all of the "
-                               f"{kv.seq_len} tokens, and got {len(head_ids or ())}")
-        yield encoder.header(kv.seq_len)
-        yield encoder.text_segment(list(head_ids), 0)
-        yield from encoder.kv_segment(kv, len(head_ids), kv.seq_len, profile.as_cache)
-    else:
-        yield encoder.header(kv.seq_len, kv.positions, profile)
-        yield from encoder.chunks(kv, profile)
+    yield from encoder.opening(profile, kv.seq_len, kv.positions, head_ids)
+    start = cache_start(profile, kv.seq_len, head_ids)
+    yield from encoder.chunks(kv.token_range(start, kv.seq_len) if start else kv, profile.as_cache)
     yield encoder.trailer()
+
+
+def cache_start(profile: Profile, seq_len: int, head_ids: list[int] | None) -> int:
+    """The first token of a `seq_len`-token transfer that travels as cache: after the template's head
+    (`head_ids`) under text:h, else 0."""
+    if not profile.text_head:
+        return 0
+    if not 0 < len(head_ids or ()) < seq_len:
+        raise ProfileError(f"{profile}: text:h needs the template's head, some but not all of the "
+                           f"{seq_len} tokens, and got {len(head_ids or ())}")
+    return len(head_ids)
+
+
+def span(positions: torch.Tensor, start: int, end: int) -> slice:
+    """Which of a layer's kept tokens lie at positions [start, end): positions (kv_heads, kept), shared
+    by the heads and increasing (as a prefill leaves them)."""
+    lo, hi = torch.searchsorted(positions[0].contiguous(), torch.tensor([start, end], device=positions.device)).tolist()
+    return slice(lo, hi)
 
 
 @dataclass
@@ -532,13 +567,16 @@ class Assembler:
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
         try:
-            raw = (codec.codec.decompress(chunk.payload, expected) if codec.entropy_coded
-                   else bounded_decompress(chunk.payload, expected))
+            if codec.coded_in_place:  # pca:...:a: decoded on this node's device
+                payload = codec.codec.uncode([chunk.payload], [shape[2]], self.device)[0]
+            else:
+                raw = (codec.codec.decompress(chunk.payload, expected) if codec.entropy_coded
+                       else bounded_decompress(chunk.payload, expected))
+                # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
+                payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                payload = payload.to(self.device)
         except (zstandard.ZstdError, ValueError) as exc:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-        # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
-        payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        payload = payload.to(self.device)
         positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end].to(self.device)
         keys, values = codec.decode(payload, shape, positions, self.dtype)
         pending.keys[chunk.layer].append(keys)

@@ -61,6 +61,7 @@ import constriction
 import numpy as np
 import torch
 
+from common.quant import rans
 from common.quant.base import QuantError
 from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
 
@@ -87,13 +88,9 @@ def expected_bits(scale: torch.Tensor) -> torch.Tensor:
     return binary(zero) + (1 - zero) * (1 + binary(ratio) / (1 - ratio))
 
 
-@functools.cache
-def table(index: int) -> tuple[constriction.stream.model.Categorical, int]:
-    """The coder's model for scale 2^(index / TABLE_STEPS), and its largest index K (symbols are q + K).
-
-    Built from two exponentials and exact IEEE products, rounded to 2^-FREQUENCY_BITS, so that
-    both nodes build the same table.
-    """
+def laplace(index: int) -> tuple[np.ndarray, int]:
+    """The probabilities of the indices -K .. K under table `index` (scale 2^(index / TABLE_STEPS)
+    steps), and K: from two exponentials and exact IEEE products, so that both nodes build the same."""
     scale = 2.0 ** (index // TABLE_STEPS) * 2.0 ** ((index % TABLE_STEPS) / TABLE_STEPS)
     top = min(INDEX_MAX, max(2, math.ceil(TAIL * scale)))
     zero = -math.expm1(-(1 - ROUNDING) / scale)
@@ -101,12 +98,43 @@ def table(index: int) -> tuple[constriction.stream.model.Categorical, int]:
     magnitude = np.empty(top)  # P(|q| = i), i = 1 .. top
     magnitude[0] = (1 - zero) * (1 - ratio)
     magnitude[1:] = magnitude[0] * np.cumprod(np.full(top - 1, ratio))
-    probabilities = np.concatenate([magnitude[::-1] / 2, [zero], magnitude / 2])
+    return np.concatenate([magnitude[::-1] / 2, [zero], magnitude / 2]), top
+
+
+@functools.cache
+def table(index: int) -> tuple[constriction.stream.model.Categorical, int]:
+    """The range coder's model for table `index`, rounded to 2^-FREQUENCY_BITS, and its largest index K
+    (symbols are q + K)."""
+    probabilities, top = laplace(index)
     frequencies = np.floor(probabilities * 2.0**FREQUENCY_BITS) + 1
     return constriction.stream.model.Categorical(frequencies / frequencies.sum(), perfect=False), top
 
 
 LIMITS = torch.tensor([float(table(index)[1]) for index in range(MIN_TABLE, MAX_TABLE + 1)])  # K of each table
+
+
+@functools.cache
+def limits_on(device: torch.device) -> torch.Tensor:
+    return LIMITS.to(device)
+
+
+@functools.cache
+def rans_models(device: torch.device) -> rans.Models:
+    """Every table's quantized rANS model (pca:...:a), on `device` (built once per process)."""
+    if device.type != "cpu":
+        return rans_models(torch.device("cpu")).to(device)
+    return rans.Models.build([laplace(index) for index in range(MIN_TABLE, MAX_TABLE + 1)])
+
+
+def rans_coder(device: torch.device):
+    """The rANS implementation for tensors on `device`: the kernels on CUDA (unless KVWIRE_KERNELS=torch),
+    the torch reference elsewhere."""
+    from common.quant import kernels
+
+    if device.type == "cuda" and kernels.mode() != "torch" and kernels.triton_available():
+        from common.quant import rans_triton
+        return rans_triton
+    return rans
 CLASS_MODEL = constriction.stream.model.Categorical(np.full(2 * MAX_CLASS + 1, 1 / (2 * MAX_CLASS + 1)), perfect=False)
 
 
@@ -156,15 +184,17 @@ class EntropyPCACodec:
     floor: int = MAX_CLASS  # F: the lowest class, -F (no token's step is more than 2^(F/2) times the component's)
     joint: TensorBasis | None = None  # the layer's joint transform (pca:...:j): steps and tables are its components'
     scale: torch.Tensor | None = None  # (2D,) with joint: the square roots of the layer weights it is scaled by
+    rans: bool = False  # pca:...:a: coded by common.quant.rans where the indices are, not by the range coder
 
     @classmethod
     def for_layer(cls, basis: Basis, layer: int, bits_per_element: float, pool: tuple[int, ...],
-                  strength: float = 0.0, floor: int = MAX_CLASS, joint: bool = False) -> EntropyPCACodec:
+                  strength: float = 0.0, floor: int = MAX_CLASS, joint: bool = False,
+                  rans: bool = False) -> EntropyPCACodec:
         steps, tables = entropy_plan(basis, pool, bits_per_element, joint)[layer]
         if joint:
             return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor, basis.joint[layer],
-                       basis.scale(layer))
-        return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor)
+                       basis.scale(layer), rans)
+        return cls(basis.keys[layer], basis.values[layer], steps, tables, strength, floor, rans=rans)
 
     def _analyse(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Each token's coordinates (tokens, 2D): in the basis, or with `joint` in the joint transform."""
@@ -197,6 +227,13 @@ class EntropyPCACodec:
         extra = self.strength / 2 * torch.log2(share / share.mean())
         return (2 * extra).round().clamp(-self.floor, MAX_CLASS).to(torch.int8)
 
+    def table_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
+        """(tokens, coded) int64 on `device`: the table of each index, the component's moved by the token's class."""
+        base = self.tables[self.coded].to(device)
+        if classes is None:
+            return base.expand(tokens, -1)
+        return (base[None, :] + CLASS_TABLES * classes.to(device).long()[:, None]).clamp(MIN_TABLE, MAX_TABLE)
+
     def _tables(self, classes: np.ndarray) -> np.ndarray:
         """(tokens, coded) the model of each index: the component's, moved by the token's class."""
         return np.clip(self.tables[self.coded].numpy()[None, :] + CLASS_TABLES * classes[:, None].astype(np.int64),
@@ -216,10 +253,10 @@ class EntropyPCACodec:
         limits = LIMITS[self.tables[self.coded] - MIN_TABLE]  # (coded,): each component's table
         tail = torch.empty(0, dtype=torch.uint8, device=device)
         if self.per_token:  # (tokens, coded): each token's class moves its step and table
-            classes = classes.to(torch.int8)
-            limits = LIMITS[torch.from_numpy(self._tables(classes.cpu().numpy())) - MIN_TABLE]
-            steps = steps * torch.exp2(-classes.to(device).float() / 2).unsqueeze(1)
-            tail = classes.to(device).view(torch.uint8)
+            classes = classes.to(device=device, dtype=torch.int8)
+            limits = limits_on(device)[self.table_of(classes, classes.numel(), device) - MIN_TABLE]
+            steps = steps * torch.exp2(-classes.float() / 2).unsqueeze(1)
+            tail = classes.view(torch.uint8)
         scaled = coords / steps
         indices = torch.sign(scaled) * torch.floor(scaled.abs() + ROUNDING)
         limits = limits.to(device)
@@ -252,11 +289,59 @@ class EntropyPCACodec:
         tokens = raw_size // per
         return tokens, tokens * self.per_token
 
+    def code(self, raw: torch.Tensor, tokens: int, step: int) -> list[bytes]:
+        """pca:...:a: the payloads of tokens [0, step), [step, 2 step), ... of the raw payload of `tokens` tokens
+        that `encode` gave (uint8, on its device), each its tokens' classes (int8, with a strength) then the
+        rANS code of its indices, coded in one call where the raw payload is."""
+        coded, device = self.coded.numel(), raw.device
+        split = tokens * 2 * coded
+        indices = raw[:split].view(torch.int16)
+        classes = raw[split:].view(torch.int8) if self.per_token else None
+        models = self.table_of(classes, tokens, device) - MIN_TABLE
+        starts = range(0, tokens, step)
+        counts = [min(step, tokens - start) * coded for start in starts]
+        codes = rans_coder(device).encode(indices, models.flatten(), rans_models(device), counts)
+        if classes is None:
+            return codes
+        heads = classes.cpu().numpy().tobytes()
+        return [heads[start:start + step] + code for start, code in zip(starts, codes)]
+
+    def uncode(self, payloads: list[bytes], tokens: list[int], device: torch.device) -> list[torch.Tensor]:
+        """pca:...:a: the raw payload (uint8, on `device`) of each chunk of `tokens[i]` tokens, decoded from
+        `payloads` in one call on `device` (ValueError for a payload this stage cannot have written)."""
+        coded = self.coded.numel()
+        heads, codes = [], []
+        for payload, count in zip(payloads, tokens):
+            head = count if self.per_token else 0
+            if len(payload) < head:
+                raise ValueError(f"a payload of {len(payload)} bytes for the classes of {count} tokens")
+            heads.append(np.frombuffer(payload, dtype=np.int8, count=head))
+            codes.append(payload[head:])
+        classes = None
+        if self.per_token:
+            flat = np.concatenate(heads)
+            if flat.size and np.abs(flat.astype(np.int64)).max() > MAX_CLASS:
+                raise ValueError(f"a token class outside +-{MAX_CLASS}")
+            classes = torch.from_numpy(flat).to(device)
+        models = self.table_of(classes, sum(tokens), device) - MIN_TABLE
+        symbols = rans_coder(device).decode(codes, models.flatten(), rans_models(device), [n * coded for n in tokens])
+        out, at, token = [], 0, 0
+        for count in tokens:
+            part = [symbols[at:at + count * coded].to(torch.int16).view(torch.uint8)]
+            if classes is not None:
+                part.append(classes[token:token + count].view(torch.uint8))
+            out.append(torch.cat(part))
+            at, token = at + count * coded, token + count
+        return out
+
     def compress(self, raw: bytes) -> bytes:
-        """The range code of a raw payload (its indices within their tables' ranges, as `encode` leaves them)."""
+        """The range code of a raw payload (its indices within their tables' ranges, as `encode` leaves them);
+        with rANS (pca:...:a), `code`'s payload of it."""
         if not self.coded.numel():
             return b""
         tokens, tail = self._split(len(raw))
+        if self.rans:
+            return self.code(torch.frombuffer(bytearray(raw), dtype=torch.uint8), tokens, max(tokens, 1))[0]
         encoder = constriction.stream.queue.RangeEncoder()
         classes = np.zeros(tokens, dtype=np.int8)
         if tail:  # the classes first: the decoder needs them to know the indices' models
@@ -275,6 +360,8 @@ class EntropyPCACodec:
                 raise ValueError(f"this layer codes no component, and the chunk holds {len(blob)} bytes for {size}")
             return b""
         tokens, tail = self._split(size)
+        if self.rans:
+            return self.uncode([blob], [tokens], torch.device("cpu"))[0].numpy().tobytes()
         if len(blob) % 4 or (size and not blob):
             raise ValueError(f"a range code of {len(blob)} bytes is not whole 32-bit words")
         decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(blob, dtype="<u4").astype(np.uint32))

@@ -71,16 +71,35 @@ class LayerCodec:
         if not self.transformed and isinstance(self.codec, KVCodec):
             yield from self.codec.encode_chunks(keys, values, step)
             return
-        classes = None
-        if self.per_token:
-            if importance is None:
-                raise ValueError(f"layer {self.layer}: pca:...:e:iG needs the question's attention, which this "
-                                 "cache does not carry (prefill it query-aware, with the profile)")
-            # over the whole range; a per-head selection keeps other tokens per head: their mean share
-            classes = self.codec.classes(importance.to(positions.device)[positions].mean(0))
+        classes = self.classes(importance, positions)
         yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part],
                                                        None if classes is None else classes[part]),
                               keys.shape[2], step)
+
+    @property
+    def coded_in_place(self) -> bool:
+        """Whether the codec entropy-codes a tier's chunks where the cache is, in one call (pca:...:a)."""
+        return self.entropy_coded and self.codec.rans
+
+    def code_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int,
+                    importance: torch.Tensor | None = None) -> list[tuple[int, bytes]]:
+        """`coded_in_place`: (raw size, payload) of tokens [0, step), [step, 2 * step), ...: the indices of
+        every token at once where the cache is, then their rANS codes (EntropyPCACodec.code)."""
+        tokens = keys.shape[2]
+        raw = self.encode(keys, values, positions, self.classes(importance, positions))
+        per = raw.numel() // tokens if tokens else 0
+        payloads = self.codec.code(raw, tokens, step)
+        return [(per * min(step, tokens - start), payload) for start, payload in zip(range(0, tokens, step), payloads)]
+
+    def classes(self, importance: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+        """Each token's step class, where `per_token`, from each position's share of the question's attention."""
+        if not self.per_token:
+            return None
+        if importance is None:
+            raise ValueError(f"layer {self.layer}: pca:...:e:iG needs the question's attention, which this "
+                             "cache does not carry (prefill it query-aware, with the profile)")
+        # over the whole range; a per-head selection keeps other tokens per head: their mean share
+        return self.codec.classes(importance.to(positions.device)[positions].mean(0))
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

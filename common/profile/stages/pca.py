@@ -5,7 +5,8 @@ how (the compact form's flags in brackets):
 - `plain`: each layer on its own, K bits per key element (`kK`, default B; the values get 2B - K);
 - `weighted` [w]: over all the layers the stage codes, by the basis's calibrated layer weights;
 - `entropy` [w:e]: one weighted step for every component, range-coded under the basis's model,
-  B bits per element expected (`common.quant.pca_entropy`);
+  B bits per element expected (`common.quant.pca_entropy`); `a` codes them with rANS
+  (`common.quant.rans`) instead, on the cache's device;
 - `joint` [w:e:j]: as entropy, in the basis's joint transform of each layer's keys and values
   (kvwire calibrate --basis --joint).
 With entropy or joint, `iG` steps each token by its share of the question's attention (G how
@@ -41,6 +42,8 @@ class PCA(Stage):
                    spelled="w | w:e | w:e:j")
     importance: float = option("importance strength: how far the question's attention moves each token's step "
                                "(entropy and joint modes)", 0.0, kind=float, low=0, high=MAX_STRENGTH, letter="i")
+    rans: bool = option("rANS: the entropy coder of interleaved lanes that runs where the cache is (on a GPU too), "
+                        "instead of the range coder on the CPU (entropy and joint modes)", False, kind=bool, flag="a")
     floor: int | None = option("lowest step class: no token's step coarser than 2^(F/2) times the component's "
                                "(with importance; default 8)", None, kind=int, low=0, high=MAX_CLASS, letter="f")
     digest: str | None = option("basis hash: the fitted basis the stage codes in (filled in by the sender)", None,
@@ -54,7 +57,7 @@ class PCA(Stage):
     layered: ClassVar[bool] = True
     layer_order: ClassVar[int] = 0
     examples: ClassVar[tuple[str, ...]] = ("pca:b2", "pca:b2:k1.5", "pca:b2.8:w+text", "pca:b3:w:e:j",
-                                           "pca:b1.7:w:e:j:i1:f3+text", "pca:b0.5+pca:b2@13-24")
+                                           "pca:b1.7:w:e:j:i1:f3+text", "pca:b1.7:w:e:j:a:i1:f3+text", "pca:b0.5+pca:b2@13-24")
     needs_rope: ClassVar[bool] = True
 
     @classmethod
@@ -81,6 +84,8 @@ class PCA(Stage):
             low, high = max(0.0, 2 * self.bits - MAX_BITS), min(2 * self.bits, MAX_BITS)
             if not low <= self.key_bits <= high:
                 raise ProfileError(f"bits per key element must lie in [{low:g}, {high:g}], got {self.key_bits:g}")
+        if self.rans and not self.entropy:
+            raise ProfileError("a (the rANS coder) codes what e steps; add e, e.g. pca:b2:w:e:a")
         if self.importance and not self.entropy:
             raise ProfileError("i (per-token steps by the question's attention) needs e, e.g. pca:b2:w:e:i1 "
                                "(importance takes the entropy or joint mode)")
@@ -121,6 +126,8 @@ class PCA(Stage):
         if self.key_bits is not None:
             parts.append(f"k{exact(self.key_bits)}")
         parts += _FLAGS[self.mode]
+        if self.rans:
+            parts.append("a")
         if self.importance:
             parts.append(f"i{exact(self.importance)}")
         if self.floor is not None:

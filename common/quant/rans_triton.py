@@ -1,0 +1,163 @@
+"""The GPU kernels of `common.quant.rans`: one program per chunk, its lanes side by side.
+
+They write what the torch reference writes (the encoder: every lane's state and its words in the
+reference's (step, sub-step, lane) scratch, which `rans._pack` compacts; the decoder: the symbols),
+in the same integer arithmetic, so the bytes are the same bit for bit
+(tests/common/quant/test_rans.py runs them in Triton's interpreter against the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.quant import rans
+
+
+# Every program runs STEPS steps, the layout's most rounded up to a power of two (a chunk's lanes idle
+# past their own): a loop bound that is not a constant does not run in Triton's interpreter, which CI
+# tests the kernels in, and the rounding bounds the variants compiled.
+
+
+@triton.jit
+def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, lane_start_of,
+            total_lanes, words, emitted, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    first = tl.load(first_of + c)
+    count = tl.load(count_of + c)
+    lanes = tl.load(lanes_of + c)
+    lane_start = tl.load(lane_start_of + c)
+    lane = tl.arange(0, BLOCK)
+    valid = lane < lanes
+    state = tl.full((BLOCK,), 65536, tl.int64)
+    for i in range(0, STEPS):
+        k = STEPS - 1 - i
+        position = k * lanes + lane
+        live = valid & (position < count)
+        symbol = tl.load(symbols + first + position, mask=live, other=0).to(tl.int64)
+        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int64)
+        shift = tl.load(shift_of + m, mask=live, other=0)
+        offset = tl.load(offset_of + m, mask=live, other=0)
+        top = symbol >> shift
+        low = symbol - (top << shift)
+        high = top + offset
+        at = lane_start + lane
+        # the low step (sub-step 1), then the high step (0): the decoder reads them the other way round
+        f = tl.full((BLOCK,), 1, tl.int64) << (16 - shift)
+        out = live & (state >= (f << 16))
+        tl.store(words + (2 * k + 1) * total_lanes + at, (state & 0xFFFF).to(tl.int32), mask=valid)
+        tl.store(emitted + (2 * k + 1) * total_lanes + at, out.to(tl.int8), mask=valid)
+        state = tl.where(out, state >> 16, state)
+        state = tl.where(live, ((state // f) << 16) + state % f + (low << (16 - shift)), state)
+        f = tl.load(freq + m * width + high, mask=live, other=1)
+        start = tl.load(cum + m * width + high, mask=live, other=0)
+        out = live & (state >= (f << 16))
+        tl.store(words + 2 * k * total_lanes + at, (state & 0xFFFF).to(tl.int32), mask=valid)
+        tl.store(emitted + 2 * k * total_lanes + at, out.to(tl.int8), mask=valid)
+        state = tl.where(out, state >> 16, state)
+        state = tl.where(live, ((state // f) << 16) + state % f + start, state)
+    tl.store(states + lane_start + lane, state, mask=valid)
+
+
+@triton.jit
+def _renormalize(state, live, words, cursor, end, bad):
+    need = live & (state < 65536)
+    taken = need.to(tl.int64)
+    at = cursor + tl.cumsum(taken, 0) - taken
+    bad = bad | (need & (at >= end))
+    word = tl.load(words + at, mask=need & (at < end), other=0).to(tl.int64) & 0xFFFF
+    state = tl.where(need, (state << 16) | word, state)
+    return state, cursor + tl.sum(taken, 0), bad
+
+
+@triton.jit
+def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offset_of, freq, cum, lookup, width,
+            first_of, count_of, lanes_of, lane_start_of, out, flags, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    first = tl.load(first_of + c)
+    count = tl.load(count_of + c)
+    lanes = tl.load(lanes_of + c)
+    lane_start = tl.load(lane_start_of + c)
+    cursor = tl.load(word_start_of + c)
+    end = tl.load(word_end_of + c)
+    lane = tl.arange(0, BLOCK)
+    valid = lane < lanes
+    state = tl.load(states + lane_start + lane, mask=valid, other=65536)
+    bad = lane < 0
+    for k in range(0, STEPS):
+        position = k * lanes + lane
+        live = valid & (position < count)
+        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int64)
+        shift = tl.load(shift_of + m, mask=live, other=0)
+        offset = tl.load(offset_of + m, mask=live, other=0)
+        slot = state & 0xFFFF
+        high = tl.load(lookup + m * 65536 + slot, mask=live, other=0).to(tl.int64)
+        f = tl.load(freq + m * width + high, mask=live, other=1)
+        start = tl.load(cum + m * width + high, mask=live, other=0)
+        state = tl.where(live, f * (state >> 16) + slot - start, state)
+        state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
+        slot = state & 0xFFFF
+        low = slot >> (16 - shift)
+        state = tl.where(live, ((state >> 16) << (16 - shift)) + slot - (low << (16 - shift)), state)
+        state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
+        tl.store(out + first + position, ((high - offset) << shift) + low, mask=live)
+    bad = bad | (valid & (state != 65536))
+    tl.store(flags + c, ((tl.max(bad.to(tl.int32), 0) + (cursor != end).to(tl.int32)) > 0).to(tl.int8))
+
+
+def _block(layout: rans.Layout) -> int:
+    return max(16, triton.next_power_of_2(max(layout.lanes, default=1)))
+
+
+def _steps(layout: rans.Layout) -> int:
+    return triton.next_power_of_2(max(layout.steps, 1))
+
+
+def _chunk_table(layout: rans.Layout, device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(v, dtype=torch.int64, device=device)
+                 for v in (layout.starts, layout.counts, layout.lanes, layout.lane_starts))
+
+
+def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> list[bytes]:
+    """`rans.encode`, on the kernels."""
+    layout = rans.Layout(tuple(counts))
+    if not layout.counts or not sum(layout.counts):
+        return [b"" for _ in layout.counts]
+    device = symbols.device
+    models = models.to(device)
+    total_lanes = sum(layout.lanes)
+    words = torch.zeros(_steps(layout), 2, total_lanes, dtype=torch.int32, device=device)
+    emitted = torch.zeros(_steps(layout), 2, total_lanes, dtype=torch.int8, device=device)
+    states = torch.empty(total_lanes, dtype=torch.int64, device=device)
+    first, count, lanes, lane_start = _chunk_table(layout, device)
+    _encode[(len(layout.counts),)](symbols.contiguous(), models_of.contiguous(), models.shift, models.offset,
+                                   models.freq, models.cum, models.freq.shape[1], first, count, lanes, lane_start,
+                                   total_lanes, words, emitted, states, STEPS=_steps(layout), BLOCK=_block(layout))
+    emitted = emitted.bool()
+    chunk = layout.lane_table(device)[0]
+    return rans._pack(layout, states, words[emitted].long(), emitted, chunk)
+
+
+def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> torch.Tensor:
+    """`rans.decode`, on the kernels."""
+    layout = rans.Layout(tuple(counts))
+    device = models_of.device
+    total = sum(layout.counts)
+    if any(code and not n for code, n in zip(codes, layout.counts)):
+        raise ValueError("a code of bytes for no symbols")
+    if not total:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    models = models.to(device)
+    states, words, word_starts = rans._unpack(layout, codes, device)
+    word_ends = torch.cat([word_starts[1:], torch.tensor([words.numel()], device=device)])
+    first, count, lanes, lane_start = _chunk_table(layout, device)
+    out = torch.zeros(total, dtype=torch.int64, device=device)
+    flags = torch.zeros(len(layout.counts), dtype=torch.int8, device=device)
+    _decode[(len(layout.counts),)](states, words if words.numel() else torch.zeros(1, dtype=torch.int64, device=device),
+                                   word_starts, word_ends, models_of.contiguous(), models.shift, models.offset,
+                                   models.freq, models.cum, models.lookup, models.freq.shape[1], first, count, lanes,
+                                   lane_start, out, flags, STEPS=_steps(layout), BLOCK=_block(layout))
+    if bool(flags.any()):
+        raise ValueError("not a code of this stage: its lanes do not end where its words do")
+    return out

@@ -1,0 +1,203 @@
+"""The rANS coder of pca:...:a (common.quant.rans): round trips, rate, the kernels bit for bit, bad codes."""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import constriction
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from common import wire
+from common.plan import layer_codec
+from common.profile import ProfileError, parse_profile
+from common.quant import rans
+from common.quant.pca_entropy import MAX_TABLE, MIN_TABLE, laplace, rans_models, table
+from common.quant.transform import CodecContext
+from tests.common.quant.test_transforms import round_trip, setup, weighted  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def sample(models: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One index per entry of `models` (table numbers from 0), drawn from that table's distribution."""
+    g = np.random.default_rng(seed)
+    out = np.zeros(models.size, dtype=np.int64)
+    for m in np.unique(models):
+        p, top = laplace(int(m) + MIN_TABLE)
+        picked = models == m
+        out[picked] = g.choice(np.arange(-top, top + 1), size=int(picked.sum()), p=p / p.sum())
+    return out
+
+
+def case(counts, low=0, high=MAX_TABLE - MIN_TABLE + 1, seed=0):
+    models = np.random.default_rng(seed + 1).integers(low, high, sum(counts))
+    return torch.from_numpy(sample(models, seed)), torch.from_numpy(models)
+
+
+@pytest.mark.parametrize("counts", [[1], [7, 0, 3], [rans.LANE + 1, 5000, 0, 1], [3 * rans.LANE]])
+def test_round_trip(counts):
+    symbols, models = case(counts)
+    codes = rans.encode(symbols, models, rans_models(torch.device("cpu")), counts)
+    assert [len(c) >= rans.code_bytes_min(n) for c, n in zip(codes, counts)] == [True] * len(counts)
+    assert torch.equal(rans.decode(codes, models, rans_models(torch.device("cpu")), counts), symbols)
+    # each chunk is a code of its own: decoding one alone gives its symbols
+    start = sum(counts[:-1])
+    alone = rans.decode(codes[-1:], models[start:], rans_models(torch.device("cpu")), counts[-1:])
+    assert torch.equal(alone, symbols[start:])
+
+
+def test_every_model_reaches_its_extremes():
+    """The largest and smallest index of every table (split tables included) round trip."""
+    tops = [laplace(m + MIN_TABLE)[1] for m in range(MAX_TABLE - MIN_TABLE + 1)]
+    symbols = torch.tensor([s for top in tops for s in (-top, top, 0, -1)], dtype=torch.int64)
+    models = torch.tensor([m for m in range(len(tops)) for _ in range(4)])
+    models_cpu = rans_models(torch.device("cpu"))
+    codes = rans.encode(symbols, models, models_cpu, [symbols.numel()])
+    assert torch.equal(rans.decode(codes, models, models_cpu, [symbols.numel()]), symbols)
+
+
+@pytest.mark.parametrize("low,high", [(0, 113), (20, 60), (28, 40)])
+def test_the_rate_is_within_two_percent_of_the_range_coder(low, high):
+    """Against the range coder of the same tables (pca_entropy.table) on a chunk of 200,000 indices,
+    low-scale tables included, where the lanes' states weigh most."""
+    counts = [200_000]
+    symbols, models = case(counts, low, high, seed=3)
+    codes = rans.encode(symbols, models, rans_models(torch.device("cpu")), counts)
+    encoder = constriction.stream.queue.RangeEncoder()
+    s, m = symbols.numpy(), models.numpy()
+    for index in np.unique(m):
+        model, top = table(int(index) + MIN_TABLE)
+        encoder.encode((s[m == index] + top).astype(np.int32), model)
+    range_bits = 32 * encoder.get_compressed().size
+    assert 8 * len(codes[0]) < 1.02 * range_bits
+
+
+def test_models_are_rebuilt_identically():
+    built = [rans.Models.build([laplace(i) for i in range(MIN_TABLE, MAX_TABLE + 1)]) for _ in range(2)]
+    for a, b in zip(vars(built[0]).values(), vars(built[1]).values()):
+        assert torch.equal(a, b)
+    assert bool((built[0].freq.sum(1) == rans.TOTAL).all()) and bool((built[0].freq[built[0].freq > 0] >= 1).all())
+
+
+@pytest.mark.parametrize("damage", ["cut a word", "extra word", "low state", "empty", "bytes for nothing"])
+def test_a_bad_code_is_a_value_error(damage):
+    counts = [3000, 0]
+    symbols, models = case(counts, 20, 60)
+    models_cpu = rans_models(torch.device("cpu"))
+    codes = rans.encode(symbols, models, models_cpu, counts)
+    code = codes[0]
+    if damage == "cut a word":
+        codes = [code[:-2], b""]
+    elif damage == "extra word":
+        codes = [code + b"\0\0", b""]
+    elif damage == "low state":
+        codes = [b"\1\0\0\0" + code[4:], b""]
+    elif damage == "empty":
+        codes = [b"", b""]
+    else:
+        codes = [code, b"\0\0"]
+    with pytest.raises(ValueError):
+        rans.decode(codes, models, models_cpu, counts)
+
+
+def test_flipped_bits_mostly_fail_the_end_state_check():
+    """The lanes must end at the state they began in: a flipped bit of the words is caught nearly always
+    (the chunk's CRC32 guards the transport; this guards the decoder's own bounds)."""
+    counts = [3000]
+    symbols, models = case(counts, 20, 60)
+    models_cpu = rans_models(torch.device("cpu"))
+    code = rans.encode(symbols, models, models_cpu, counts)[0]
+    caught = 0
+    for at in range(8, 108):
+        try:
+            rans.decode([code[:at] + bytes([code[at] ^ 0x10]) + code[at + 1:]], models, models_cpu, counts)
+        except ValueError:
+            caught += 1
+    assert caught >= 90
+
+
+INTERPRETED = """
+import json, os, sys
+import numpy as np, torch
+from common.quant import rans, rans_triton
+from common.quant.pca_entropy import rans_models
+from tests.common.quant.test_rans import case
+rans.LANE = 16  # many lanes per chunk, few steps: the interpreter is slow
+results = {}
+models = rans_models(torch.device("cpu"))
+for counts in ([1], [40, 0, 17], [100, 33, 64]):
+    symbols, m = case(counts, 0, 113, seed=len(counts))
+    ref = rans.encode(symbols, m, models, counts)
+    ker = rans_triton.encode(symbols, m, models, counts)
+    back = rans_triton.decode(ref, m, models, counts)
+    results[str(counts)] = [ref == ker, bool(torch.equal(back, symbols))]
+symbols, m = case([100], 20, 60)
+code = rans.encode(symbols, m, models, [100])[0]
+try:
+    rans_triton.decode([code[:-2]], m, models, [100])
+    results["cut"] = False
+except ValueError:
+    results["cut"] = True
+json.dump(results, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_kernels_write_and_read_the_reference_bytes(tmp_path):
+    """common.quant.rans_triton in Triton's interpreter, against the torch reference, bit for bit."""
+    pytest.importorskip("triton")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(report)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(report.read_text())
+    assert results == {"[1]": [True, True], "[40, 0, 17]": [True, True], "[100, 33, 64]": [True, True], "cut": True}
+
+
+def test_the_a_flag():
+    assert str(parse_profile("pca:b1.7:w:e:j:a:i1:f3")) == "pca:b1.7:w:e:j:a:i1:f3"
+    assert parse_profile("pca:b2:w:e:a").pca.rans and not parse_profile("pca:b2:w:e").pca.rans
+    with pytest.raises(ProfileError, match="add e"):
+        parse_profile("pca:b2:w:a")
+
+
+@pytest.mark.parametrize("spec", ["pca:b2:w:e", "pca:b0.5:w:e", "pca:b2:w:e:i1"])
+def test_rans_decodes_what_the_range_coder_decodes(setup, tmp_path, spec):
+    """The same indices either way: the receiver's cache is the same, only the bytes differ."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    if ":i" in spec:
+        from dataclasses import replace
+        kv = replace(kv, importance=[torch.logspace(-2, 1, kv.seq_len)] * kv.num_layers)
+    frames, back = round_trip(loaded, ctx, kv, spec)
+    frames_a, back_a = round_trip(loaded, ctx, kv, spec.replace(":e", ":e:a"))
+    assert parse_profile(frames_a[0].header.profile).pca.rans
+    for a, b in zip(back.keys + back.values, back_a.keys + back_a.values):
+        assert torch.equal(a, b)
+    chunks = [f.chunk for f in frames if f.WhichOneof("kind") == "chunk"]
+    chunks_a = [f.chunk for f in frames_a if f.WhichOneof("kind") == "chunk"]
+    assert [c.raw_size for c in chunks] == [c.raw_size for c in chunks_a]
+    assert sum(len(c.payload) for c in chunks_a) < 1.1 * sum(len(c.payload) for c in chunks) + 8 * len(chunks)
+    codec = layer_codec(parse_profile(frames_a[0].header.profile), 0, ctx)
+    assert codec.coded_in_place
+
+
+@pytest.mark.parametrize("damage", ["cut a word", "all ones", "empty"])
+def test_a_corrupt_rans_chunk_is_data_loss(setup, tmp_path, damage):
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    frames = list(wire.encode(kv, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=ctx))
+    chunk = next(f.chunk for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.payload)
+    chunk.payload = {"cut a word": chunk.payload[:-2], "all ones": b"\xff" * len(chunk.payload), "empty": b""}[damage]
+    chunk.crc32 = zlib.crc32(chunk.payload)
+    with pytest.raises(wire.WireError) as caught:
+        wire.decode(frames, loaded.fingerprint, context=ctx)
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS

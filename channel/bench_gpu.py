@@ -247,3 +247,43 @@ def environment() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "triton": triton_version, "model": RANDOM_MODEL,
             "weights": "random (seeded): Llama-3.1-8B's architecture and shape, not its weights"}
+
+
+def grpc_ceiling(nbytes: int = 1 << 30, frame_bytes: int = 1 << 20, frames: bool = False) -> float:
+    """The most gRPC itself carries on this machine's loopback, bit/s: one client stream of `frame_bytes`
+    messages to a server in this process, no relay and no codec. `frames`: as kvwire's Frame messages
+    (a chunk's payload, serialized and parsed on each side), not raw bytes."""
+    from concurrent import futures
+
+    import grpc
+
+    from common.proto import kvwire_pb2 as pb
+
+    count = max(1, nbytes // frame_bytes)
+    payload = bytes(frame_bytes)
+    message = pb.Frame(chunk=pb.Chunk(payload=payload)) if frames else payload
+    encode, decode = (pb.Frame.SerializeToString, pb.Frame.FromString) if frames else (None, None)
+    size = (lambda m: len(m.chunk.payload)) if frames else len
+
+    def push(requests, context):
+        return sum(size(m) for m in requests).to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler("kvwire.bench.Sink", {
+        "Push": grpc.stream_unary_rpc_method_handler(push, request_deserializer=decode)})
+    options = [("grpc.max_receive_message_length", 2 * frame_bytes + (1 << 20)),
+               ("grpc.max_send_message_length", 2 * frame_bytes + (1 << 20))]
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler], options=options)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            call = channel.stream_unary("/kvwire.bench.Sink/Push", request_serializer=encode)
+            call(iter([message] * 4))  # the connection up and warm
+            start = time.perf_counter()
+            received = int.from_bytes(call(message for _ in range(count)), "little")
+            seconds = time.perf_counter() - start
+    finally:
+        server.stop(0)
+    if received != count * frame_bytes:
+        raise RuntimeError(f"the sink counted {received} bytes of {count * frame_bytes}")
+    return received * 8 / seconds

@@ -91,13 +91,20 @@ def basis_path(model: str) -> Path:
     return Path(str(resources.files("common") / "data" / f"basis-{model}.safetensors"))
 
 
+def fitted_basis_path(model: str) -> Path | None:
+    """Where a basis of `model` fitted on this machine lives (KVWIRE_BASIS_DIR), if that folder is set."""
+    folder = get_settings().basis_dir
+    return folder / f"basis-{model}.safetensors" if folder else None
+
+
 def load_basis(model: str, fingerprint: pb.Fingerprint) -> Basis | None:
-    """The shipped basis of `model`, if there is one and it was fitted on these weights."""
-    path = basis_path(model)
-    if not path.exists():
-        return None
-    basis = Basis.load(path)
-    return basis if basis.metadata.get("weights_sha256") == fingerprint.weights_sha256 else None
+    """The basis of `model` fitted on these weights: one in KVWIRE_BASIS_DIR, else the shipped one, if any."""
+    for path in (fitted_basis_path(model), basis_path(model)):
+        if path is not None and path.exists():
+            basis = Basis.load(path)
+            if basis.metadata.get("weights_sha256") == fingerprint.weights_sha256:
+                return basis
+    return None
 
 
 @dataclass
@@ -116,6 +123,10 @@ class LoadedModel:
     def codec_context(self) -> CodecContext:
         """What the stages that need the model use: its RoPE, and the PCA basis shipped for these weights."""
         return CodecContext.for_model(self.model, load_basis(self.name, self.fingerprint))
+
+    def reload_basis(self) -> None:
+        """Read the basis again on the next use of `codec_context` (after one was fitted into KVWIRE_BASIS_DIR)."""
+        self.__dict__.pop("codec_context", None)
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # The codec path for the group-wise quantizers: auto (Triton kernels for CUDA tensors when triton
     # imports), torch, or triton (see common/quant/kernels.py).
     kernels: str = "auto"
+    # A folder of PCA bases fitted on this machine (basis-MODEL.safetensors), read before the shipped
+    # ones: `kvwire bench gpu --recompute` fits the random model's here, for its sender and receiver.
+    basis_dir: Path | None = None
 
     # Receiver limits, checked against each header before anything is allocated.
     max_frame_bytes: int = 8 << 20

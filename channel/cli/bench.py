@@ -327,14 +327,27 @@ def bench_segments(
 def bench_gpu(
     tokens: str = typer.Option("4096,32768", help="Context lengths for the codec and selection figures."),
     ask_tokens: int = typer.Option(4096, help="Context length of the asks over gRPC."),
-    rates: str = typer.Option("1gbit,10gbit,100gbit", help="Relay rates for the asks."),
+    rates: str = typer.Option("1gbit,10gbit,25gbit", help="Relay rates for the asks and the recompute table "
+                                                        "(`direct`: no relay); a rate over the relay's ceiling runs unshaped, said so."),
     profile: str = typer.Option("int8", help="Profile of the asks."),
     long_tokens: str = typer.Option("32768,131072", help="Prefill + selection lengths (peak memory); "
                                                          "one that does not fit is reported as such."),
+    sections: str = typer.Option("codec,asks,selection,recompute",
+                                 help="Which to run: codec (int kernels), asks, selection, recompute (KV against recompute)."),
+    contexts: str = typer.Option("4096,32768,131072", help="recompute: context lengths of the table."),
+    frontier: str = typer.Option("pca:b2:w:e:j,pca:b1:w:e:j", help="recompute: the frontier profiles (about 12.5% "
+                                 "and 6.25% of fp16), comma-separated."),
+    baseline: str = typer.Option("int4", help="recompute: the precision profile beside them ('' for none)."),
+    codec_tokens: int = typer.Option(32768, help="recompute: the context whose cache the frontier codec rows code "
+                                                 "(one of --contexts; 0: none)."),
+    calibration_tokens: int = typer.Option(4096, help="recompute: tokens of the random model's basis fit."),
+    max_row_s: float = typer.Option(60.0, help="recompute: skip a row predicted to take longer (said so)."),
+    budget_s: float = typer.Option(0.0, help="recompute: start no row after this many seconds of the table (0: no limit)."),
+    basis_dir: Optional[Path] = typer.Option(None, help="recompute: where the fitted basis goes (default: a temporary folder)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Codec GB/s against a device copy, ask stages and TTFT pipelined against not, and long-context
-    prefill memory, on CUDA, at Llama-3.1-8B's KV shape (random weights)."""
+    """Codec GB/s against a device copy, ask stages and TTFT pipelined against not, long-context
+    prefill memory, and KV against recompute, on CUDA, at Llama-3.1-8B's KV shape (random weights)."""
     import json
 
     import torch
@@ -347,58 +360,114 @@ def bench_gpu(
     if not torch.cuda.is_available():
         console.print("[red]kvwire bench gpu needs a CUDA device; this machine has none[/red]")
         raise typer.Exit(2)
+    chosen = {s.strip() for s in sections.split(",") if s.strip()}
+    unknown = chosen - {"codec", "asks", "selection", "recompute"}
+    if unknown:
+        raise typer.BadParameter(f"unknown sections {', '.join(sorted(unknown))}", param_hint="--sections")
     report = {"environment": gpu.environment(), "codec": [], "asks": [], "selection": []}
     console.print(report["environment"])
-    table = Table(title="codec at Llama-3.1-8B's KV shape (bf16 input): GB/s and ratio to a device copy")
-    for column in ("tokens", "profile", "kernels", "launch", "copy GB/s", "encode GB/s", "x copy", "decode GB/s", "x copy"):
-        table.add_column(column, justify="right")
-    for n in [int(t) for t in tokens.split(",")]:
-        for row in gpu.codec_throughput(n):
-            report["codec"].append(row)
-            table.add_row(str(n), row["profile"], row["kernels"], row["launch"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
-                          f"{row['encode_vs_copy']:.2f}", f"{row['decode_gbps']:.0f}", f"{row['decode_vs_copy']:.2f}")
-    console.print(table)
-    report["wire_encode"] = [gpu.wire_encode(int(n)) for n in tokens.split(",")]
-    for row in report["wire_encode"]:
-        console.print(f"the wire's encode, {row['tokens']} tokens, {row['profile']}, {row['chunks']} chunks to host bytes: "
-                      f"one range at a time {row['one_range_at_a_time_s'] * 1e3:.1f} ms, encode_chunks "
-                      f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x); its frames with zstd on one thread "
-                      f"{row['frames_zstd_serial_s'] * 1e3:.1f} ms, on {row['zstd_threads']} "
-                      f"{row['frames_zstd_parallel_s'] * 1e3:.1f} ms ({row['frames_speedup']:.1f}x)")
+
+    def write() -> None:
+        if json_path:
+            json_path.write_text(json.dumps(report, indent=2))
+
+    if "codec" in chosen:
+        table = Table(title="codec at Llama-3.1-8B's KV shape (bf16 input): GB/s and ratio to a device copy")
+        for column in ("tokens", "profile", "kernels", "launch", "copy GB/s", "encode GB/s", "x copy", "decode GB/s", "x copy"):
+            table.add_column(column, justify="right")
+        for n in [int(t) for t in tokens.split(",")]:
+            for row in gpu.codec_throughput(n):
+                report["codec"].append(row)
+                table.add_row(str(n), row["profile"], row["kernels"], row["launch"], f"{row['copy_gbps']:.0f}", f"{row['encode_gbps']:.0f}",
+                              f"{row['encode_vs_copy']:.2f}", f"{row['decode_gbps']:.0f}", f"{row['decode_vs_copy']:.2f}")
+        console.print(table)
+        report["wire_encode"] = [gpu.wire_encode(int(n)) for n in tokens.split(",")]
+        for row in report["wire_encode"]:
+            console.print(f"the wire's encode, {row['tokens']} tokens, {row['profile']}, {row['chunks']} chunks to host bytes: "
+                          f"one range at a time {row['one_range_at_a_time_s'] * 1e3:.1f} ms, encode_chunks "
+                          f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x); its frames with zstd on one thread "
+                          f"{row['frames_zstd_serial_s'] * 1e3:.1f} ms, on {row['zstd_threads']} "
+                          f"{row['frames_zstd_parallel_s'] * 1e3:.1f} ms ({row['frames_speedup']:.1f}x)")
     report["relay_ceiling_bps"] = gpu.relay_ceiling()
+    report["grpc_loopback_bps"] = {"raw bytes, 1 MiB messages": gpu.grpc_ceiling(),
+                                   "kvwire Frames, 1 MiB chunks": gpu.grpc_ceiling(frames=True)}
     console.print(f"relay ceiling: {report['relay_ceiling_bps'] / 1e9:.2f} Gbit/s")
+    for what, bps in report["grpc_loopback_bps"].items():
+        console.print(f"gRPC on loopback without the relay ({what}): {bps / 1e9:.2f} Gbit/s")
     loaded = load_model(gpu.RANDOM_MODEL, "cuda", "bfloat16")
     question = "Who gave their name to Normandy?"
-    big = str(64 << 30)
-    process, target = start_receiver_process(gpu.RANDOM_MODEL, {
-        "KVWIRE_DEVICE": "cuda", "KVWIRE_DTYPE": "bfloat16", "KVWIRE_MAX_TOKENS": "262144",
-        "KVWIRE_MAX_TRANSFER_BYTES": big, "KVWIRE_SESSION_BUDGET_BYTES": big, "KVWIRE_MAX_FRAME_BYTES": str(16 << 20)})
+    if "asks" in chosen:
+        big = str(64 << 30)
+        process, target = start_receiver_process(gpu.RANDOM_MODEL, {
+            "KVWIRE_DEVICE": "cuda", "KVWIRE_DTYPE": "bfloat16", "KVWIRE_MAX_TOKENS": "262144",
+            "KVWIRE_MAX_TRANSFER_BYTES": big, "KVWIRE_SESSION_BUDGET_BYTES": big, "KVWIRE_MAX_FRAME_BYTES": str(16 << 20)})
+        try:
+            context = gpu.synthetic_context(loaded.tokenizer, ask_tokens)
+            report["asks"] = gpu.ask_stages(loaded, context, question, profile, rates.split(","), target)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        table = Table(title=f"ask stages over gRPC through the relay, {profile}, seconds")
+        for column in ("rate", "tokens", "MB", "prefill", "encode", "send", "(assemble)", "inject", "1st token", "TTFT",
+                       "TTFT piped"):
+            table.add_column(column, justify="right")
+        for row in report["asks"]:
+            table.add_row(row["rate"], str(row["tokens"]), f"{row['bytes'] / 1e6:.0f}", f"{row['prefill_s']:.3f}",
+                          f"{row['encode_s']:.3f}", f"{row['send_s']:.3f}", f"{row['assemble_s']:.3f}", f"{row['inject_s']:.3f}",
+                          f"{row['first_token_s']:.3f}", f"{row['ttft_unpipelined_s']:.3f}", f"{row['ttft_pipelined_s']:.3f}")
+        console.print(table)
+    if "selection" in chosen:
+        for n in [int(t) for t in long_tokens.split(",")]:
+            try:
+                row = gpu.selection_memory(loaded, gpu.synthetic_context(loaded.tokenizer, n), question)
+            except torch.OutOfMemoryError as exc:
+                row = {"tokens": n, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+                torch.cuda.empty_cache()
+            report["selection"].append(row)
+            console.print(row)
+    write()
+    if "recompute" in chosen:
+        _recompute_table(loaded, report, write, [int(t) for t in contexts.split(",")], rates.split(","),
+                         [p for p in [baseline, *frontier.split(",")] if p.strip()], codec_tokens, calibration_tokens,
+                         max_row_s, budget_s, basis_dir)
+    if json_path:
+        console.print(f"wrote {json_path}")
+
+
+def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: list[str], profiles: list[str],
+                     codec_tokens: int, calibration_tokens: int, max_row_s: float, budget_s: float,
+                     basis_dir: Optional[Path]) -> None:
+    """`kvwire bench gpu`'s KV-against-recompute table (channel.bench_recompute), into report["recompute"]."""
+    import tempfile
+
+    from channel import bench_recompute as table
+    from channel.nodes import start_receiver_process
+
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        console.print(f"[{time.monotonic() - started:6.1f} s] {line}", highlight=False)
+
+    folder = basis_dir or Path(tempfile.mkdtemp(prefix="kvwire-basis-"))
+    basis = table.fit_random_basis(loaded, folder, calibration_tokens)
+    say(f"basis {basis['digest']} fitted on {basis['tokens']} tokens in {basis['seconds']:.1f} s "
+        f"(layer weights {basis['layer_weights']})")
+    process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), "cuda", "bfloat16"))
     try:
-        context = gpu.synthetic_context(loaded.tokenizer, ask_tokens)
-        report["asks"] = gpu.ask_stages(loaded, context, question, profile, rates.split(","), target)
+        def checkpoint(partial: dict) -> None:
+            report["recompute"] = {**partial, "basis": basis}
+            write()
+
+        result = table.kv_against_recompute(loaded, target, contexts, rates, profiles, report["relay_ceiling_bps"],
+                                            max_row_s, budget_s or None, codec_tokens or None, say, checkpoint)
     finally:
         process.terminate()
         process.wait(timeout=60)
-    table = Table(title=f"ask stages over gRPC through the relay, {profile}, seconds")
-    for column in ("rate", "tokens", "MB", "prefill", "encode", "send", "(assemble)", "inject", "1st token", "TTFT",
-                   "TTFT piped"):
-        table.add_column(column, justify="right")
-    for row in report["asks"]:
-        table.add_row(row["rate"], str(row["tokens"]), f"{row['bytes'] / 1e6:.0f}", f"{row['prefill_s']:.3f}",
-                      f"{row['encode_s']:.3f}", f"{row['send_s']:.3f}", f"{row['assemble_s']:.3f}", f"{row['inject_s']:.3f}",
-                      f"{row['first_token_s']:.3f}", f"{row['ttft_unpipelined_s']:.3f}", f"{row['ttft_pipelined_s']:.3f}")
-    console.print(table)
-    for n in [int(t) for t in long_tokens.split(",")]:
-        try:
-            row = gpu.selection_memory(loaded, gpu.synthetic_context(loaded.tokenizer, n), question)
-        except torch.OutOfMemoryError as exc:
-            row = {"tokens": n, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-            torch.cuda.empty_cache()
-        report["selection"].append(row)
-        console.print(row)
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-        console.print(f"wrote {json_path}")
+    result.update(basis=basis, ceilings={"the relay": report["relay_ceiling_bps"],
+                                         **{f"gRPC on loopback ({k})": v for k, v in report["grpc_loopback_bps"].items()}})
+    report["recompute"] = result
+    table.print_report(console, result)
+    write()
 
 
 STARTUP_COMMANDS = {

@@ -203,3 +203,31 @@ def fit_joint(loaded: LoadedModel, basis: Basis, samples: list[Sample], path: Pa
     tensors.update(basis.fit_joint([torch.cat(c) for c in samples_of]))
     metadata = {**basis.metadata, "joint_samples": len(samples), "joint_tokens": sum(len(c) for c in samples_of[0])}
     return Basis.save(tensors, metadata, path)
+
+
+@torch.inference_mode()
+def fit_unweighted(loaded: LoadedModel, samples: list[Sample], path: Path,
+                   progress: Callable[[], None] | None = None) -> Basis:
+    """`fit_basis` and then `fit_joint` on the same prompts in one pass, on the model's device (the
+    eigendecompositions too), with every layer weight 1.0: the pooled allocation of `pca:bB:w` then
+    minimizes the plain squared coordinate error instead of the answer's KL (`layer_weights` runs two
+    teacher-forced passes per layer and prompt, and a random model's KL means nothing anyway).
+    For `kvwire bench gpu --recompute`, which fits Llama-3.1-8B's random twin in seconds."""
+    layers = loaded.fingerprint.num_layers
+    prompts = list(_calibration_kv(loaded, samples, progress))
+    keys = [torch.cat([token_rows(p[layer][0]) for p in prompts]) for layer in range(layers)]
+    values = [torch.cat([token_rows(p[layer][1]) for p in prompts]) for layer in range(layers)]
+    tensors = {k: v.cpu() for k, v in Basis.fit(keys, values).items()}
+    del keys, values
+    for layer in range(layers):
+        tensors[f"keys.{layer}.weight"], tensors[f"values.{layer}.weight"] = torch.ones(1), torch.ones(1)
+    metadata = {"model": loaded.name, "weights_sha256": loaded.fingerprint.weights_sha256, "samples": len(samples),
+                "tokens": sum(p[0][0].shape[2] for p in prompts), "sink_tokens_left_out": SINK_TOKENS,
+                "weight_measure": "none: every layer weight 1.0"}
+    basis = Basis.from_bytes(Basis.serialize(tensors, metadata))
+    basis.weights = basis.weights.to(loaded.device)  # so that fit_joint scales the coordinates where they are
+    joint = [torch.cat([coordinates(*p[layer], basis.keys[layer], basis.values[layer]) for p in prompts])
+             for layer in range(layers)]
+    tensors.update({k: v.cpu() for k, v in basis.fit_joint(joint).items()})
+    metadata.update(joint_samples=len(samples), joint_tokens=metadata["tokens"])
+    return Basis.save(tensors, metadata, path)

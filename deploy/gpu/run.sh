@@ -21,6 +21,11 @@
 #   deploy/gpu/run.sh eval OUT      # SmolLM2 from its parts (once per machine): kvwire eval, fp32 on CUDA, of
 #                                   # PROFILES on the 24 tuning questions (TUNE=N: the first N from there; HELD_OUT=N: N of the held-out ones,
 #                                   # from the SKIP-th), into OUT/eval.json and OUT/eval.txt
+#   deploy/gpu/run.sh recompute OUT # issue 28's "KV against recompute" table alone (llama-3.1-8b-random, its basis fitted
+#                                   # on the spot; no SmolLM2 needed), with the relay's and gRPC's loopback ceilings and the
+#                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
+#                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
+#                                   # (s of table rows), LIMIT (s, the whole command); into OUT/bench_recompute.{json,txt}
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -100,6 +105,14 @@ tiny)
   python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "not smollm2 and not cpu_sender and not triton" 2>&1 \
     | tee "$2/gpu_tests.txt"
   python3 -m channel.cli bench gpu --rates 1gbit,10gbit --json "$2/bench_gpu.json" 2>&1 | tee "$2/bench_gpu.txt"
+  ;;
+recompute)
+  mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/ 2>/dev/null || true
+  timeout "${LIMIT:-530}" python3 -m channel.cli bench gpu --sections recompute \
+    --contexts "${CONTEXTS:-4096,32768,131072}" --rates "${RATES:-10gbit,25gbit,1gbit}" \
+    --frontier "${FRONTIER:-pca:b2:w:e:j,pca:b1:w:e:j}" --codec-tokens "${CODEC_TOKENS:-32768}" \
+    --max-row-s "${MAX_ROW_S:-40}" --budget-s "${BUDGET:-420}" --basis-dir /tmp/kvwire-basis \
+    --json "$2/bench_recompute.json" 2>&1 | grep -v "Loading weights" | tee "$2/bench_recompute.txt"
   ;;
 all)
   smollm2

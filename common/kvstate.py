@@ -8,6 +8,7 @@ number of kept tokens.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -135,9 +136,13 @@ def prefill(model: PreTrainedModel, input_ids: list[int], on_layer=None) -> KVSt
     cache = DynamicCache(config=model.config)
     hooks = []
     if on_layer is not None:
+        # Hooks belong to the model, which another thread may be running at the same time (an
+        # in-process receiver prefilling a text segment): only this thread's forward is ours.
+        thread = threading.get_ident()
         for index, block in enumerate(model.get_decoder().layers):
             def done(module, args, output, index=index):
-                on_layer(index, cache.layers[index].keys, cache.layers[index].values)
+                if threading.get_ident() == thread:
+                    on_layer(index, cache.layers[index].keys, cache.layers[index].values)
 
             hooks.append(block.register_forward_hook(done))
     try:

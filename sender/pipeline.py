@@ -6,6 +6,13 @@ Frames leave the sender from one place, `Sender.transfer` (whole caches, retried
 stable transfer id) or `Sender.transfer_segments` (segmented streams), both through the
 client. Profiles arrive here parsed (`Profile`); a profile the receiver picks is parsed once,
 where its reply enters.
+
+`Sender.ask_pipelined` is the same ask with the prefill overlapping the stream: each layer is coded
+and sent as soon as it has run, in the frames `ask` would send. The frontier profiles
+(pca:...:e:j:iG+text:h:q) pipeline too: the template's head travels first as text, and a layer's
+per-token step classes come from its own share of the question's attention, which is complete when
+that layer has run, because the question is prefilled with the context (no first pass; the bytes
+and the answer are those of `ask`). Only a selection cannot pipeline: it ranks the whole cache.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import grpc
 import torch
 
 from common import wire
-from common.kvstate import KVState, prefill
+from common.kvstate import KVState
 from common.link import Link, pace
 from common.models import LoadedModel
 from common.plan import CodecPlan
@@ -38,7 +45,7 @@ from sender.adaptive import (
     send_segments,
 )
 from sender.client import Client, TransferResult, retryable
-from sender.prefill import Prefilled, needs_question, prefill_prompt, select_tokens
+from sender.prefill import Prefilled, needs_question, prefill_built, prefill_prompt, select_tokens
 
 # AUTO ("auto") lets the receiver's planner pick the profile for the link and deadline.
 ASSUMED_BANDWIDTH_BPS = 100e6  # what `auto` plans for when nothing was measured or given (the receiver's default too)
@@ -146,6 +153,12 @@ class Sender:
                                    self.loaded.codec_context))
         return self.send(frames, link, attempts)
 
+    def encode(self, pre: Prefilled, profile: Profile) -> tuple[KVState, list[pb.Frame]]:
+        """The cache that travels (after the profile's selection and text stages) and its frames."""
+        kv = select_tokens(self.loaded, pre, profile)
+        return kv, list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
+                                    self.loaded.codec_context, pre.head_ids))
+
     def send(self, frames: list[pb.Frame], link: Link | None = None, attempts: int | None = None) -> TransferResult:
         """Stream encoded frames (one transfer id), retrying retryable failures; `link` paces them in process."""
         make = (lambda: pace(frames, link, wire.wire_bytes)) if link else (lambda: iter(frames))
@@ -184,9 +197,7 @@ class Sender:
         agreed, reason = self.negotiate(profile, tokens, query_aware, bandwidth_bps, deadline_s, quality_floor)
         pre = prefilled or self.prefill(context, question, query_aware, [agreed])
         start = time.perf_counter()
-        kv = select_tokens(self.loaded, pre, agreed)
-        frames = list(wire.encode(kv, agreed, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
-                                   self.loaded.codec_context, pre.head_ids))
+        kv, frames = self.encode(pre, agreed)
         encode_s = time.perf_counter() - start
         attempts = 0  # transfer attempts, over every time the cache was sent
         for attempt in range(1, self.attempts + 1):
@@ -208,48 +219,70 @@ class Sender:
                        attempts=attempts, prefill_s=pre.seconds, encode_s=encode_s, transfer_s=sent.seconds,
                        resends=attempt - 1, plan=reason)
 
-    def ask_pipelined(self, context: str, question: str, profile: Profile, max_new_tokens: int = 64) -> AskResult:
-        """Like `ask`, but layer l streams while later layers are still being prefilled (query-aware).
+    def ask_pipelined(self, context: str, question: str, profile: Profile | str | dict,
+                      max_new_tokens: int = 64) -> AskResult:
+        """Like `ask` (query-aware), but layer l streams while later layers are still being prefilled.
 
-        Every token travels, so the profile has precision stages only. The receiver assembles each
-        layer as its chunks arrive and injects once all are in. If the stream fails, the finished
-        cache is sent again the ordinary way, with retries.
+        The frames are those `ask` sends for the same profile, byte for byte: the header goes out
+        before the prefill starts (every layer's positions are known from the prompt's length), and
+        under text:h the template's head travels first, as a text segment the receiver prefills while
+        the layers stream; under text:q the question follows as the generate call's tokens, as in
+        `ask`. Per-token steps (pca:...:e:iG) read layer l's share of the question's attention, which
+        is complete once layer l has run (the question is prefilled with the context): no first pass.
+        A selection ranks tokens over the whole cache, so it is refused. If the stream fails, the
+        finished cache is sent again the ordinary way, with retries.
         """
+        if _is_auto(profile):
+            raise ValueError("auto: the receiver may plan a selection, which pipelined streaming cannot send; "
+                             "name a profile")
         agreed, _ = self.negotiate(profile)
-        if agreed.selection is not None or agreed.text_head or agreed.text_question:
-            raise ValueError(f"{agreed}: pipelined streaming sends every token's cache, so no selection or text stage")
-        if agreed.needs_importance:
-            raise ValueError(f"{agreed}: per-token steps (pca:...:e:iG) need the question's attention in every layer, "
-                             "and pipelined streaming sends a layer before the question reaches the later ones; use ask")
+        if agreed.selection is not None:
+            raise ValueError(f"{agreed}: pipelined streaming sends a layer before the later ones exist, so no "
+                             "selection stage (it ranks tokens over the whole cache); use ask")
         prompt = build_prompt(self.loaded.tokenizer, context, question)
-        ids = prompt.ids[:-1]  # the receiver feeds the last prompt token
+        self.loaded.check_prompt(len(prompt.ids))  # before the header leaves
+        seq_len = len(prompt.ids) - 1  # the receiver feeds the last prompt token
+        end = len(prompt.context_ids) if agreed.text_question else seq_len  # the cache that travels: [0, end)
+        head_ids = prompt.ids[:prompt.head_len]
         encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)
-        plan = CodecPlan.build(agreed, self.loaded.codec_context, self.loaded.fingerprint.num_layers)  # once per transfer
-        positions = wire.prefill_positions(self.loaded.config, len(ids), self.loaded.device)
+        plan = CodecPlan.build(agreed.as_cache, self.loaded.codec_context, self.loaded.fingerprint.num_layers)  # once
+        positions = wire.prefill_positions(self.loaded.config, seq_len, self.loaded.device)
+        sent_positions = [p[:, wire.span(p, 0, end)] for p in positions]
+        opening = encoder.opening(agreed, end, sent_positions, head_ids)  # a bad text:h fails here, not mid-stream
+        start_token = wire.cache_start(agreed, end, head_ids)
+        spans = [wire.span(p, start_token, end) for p in positions]
         ready: queue.Queue = queue.Queue()
         side = torch.cuda.Stream(self.loaded.device) if self.loaded.device.type == "cuda" else None
 
-        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor | None) -> None:
             event = None
-            if side is not None:  # encode on a side stream once the layer is computed
+            if side is not None:  # encode on a side stream once the layer (and its importance) is computed
                 event = torch.cuda.Event()
                 event.record()
-            ready.put((layer, keys, values, event))
+            ready.put((layer, keys, values, importance, event))
 
         def frames():
-            yield encoder.header(len(ids), positions, agreed)
+            yield from opening
             for _ in range(len(positions)):
-                layer, keys, values, event = ready.get()
+                layer, keys, values, importance, event = ready.get()
+                if layer is None:  # the prefill failed: end the stream short (the receiver refuses it)
+                    return
+                kept = spans[layer]
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     if event is not None:
                         side.wait_event(event)
-                    yield from encoder.layer_chunks(layer, keys, values, positions[layer], plan)
+                    yield from encoder.layer_chunks(layer, keys[:, :, kept], values[:, :, kept],
+                                                    positions[layer][:, kept], plan, importance)
             yield encoder.trailer()
 
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             streaming = pool.submit(self.client.send_frames, frames())
-            kv = prefill(self.loaded.model, ids, on_layer)
+            try:
+                pre = prefill_built(self.loaded, prompt, True, [agreed], on_layer)
+            except BaseException:
+                ready.put((None, None, None, None, None))
+                raise
             prefill_s = time.perf_counter() - start
             try:
                 sent = streaming.result()
@@ -257,10 +290,10 @@ class Sender:
                 if not retryable(error):
                     raise
                 log.warning("pipelined stream failed (%s); sending the cache again", error.code().name)
-                sent = self.transfer(kv, agreed)
-        pre = Prefilled(prompt, kv, len(prompt.context_ids), None, prefill_s)
-        reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, True, max_new_tokens))
-        return _result(reply, sent, pre, str(agreed), kept_tokens=kv.seq_len, attempts=sent.attempts,
+                sent = self.send(self.encode(pre, agreed)[1])
+        reply = self._retrying(lambda: self.generate(sent.session_id, pre, question, True, max_new_tokens, end))
+        kept_tokens = round(sum(p.shape[1] for p in sent_positions) / len(sent_positions))
+        return _result(reply, sent, pre, str(agreed), kept_tokens=kept_tokens, attempts=sent.attempts,
                        prefill_s=prefill_s, encode_s=0.0,  # inside the stream
                        transfer_s=time.perf_counter() - start)
 

@@ -62,7 +62,20 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
     covers the context only, and the question travels as text. Attention statistics
     are captured for the selection stages of `profiles`.
     """
-    prompt = build_prompt(loaded.tokenizer, context, question)
+    return prefill_built(loaded, build_prompt(loaded.tokenizer, context, question), query_aware, profiles)
+
+
+def prefill_built(loaded: LoadedModel, prompt: Prompt, query_aware: bool = True, profiles: list[Profile] = (),
+                  on_layer=None) -> Prefilled:
+    """`prefill_prompt` of a prompt already built. `on_layer(layer, keys, values, importance)`, if given,
+    is called as soon as each layer has run, with its final cache tensors and, when a profile steps
+    tokens by the question (pca:...:e:iG), that layer's importance (else None).
+
+    The question is prefilled with the context, so layer l's share of the question's attention is
+    complete once layer l has run: the attention statistics of a layer are taken inside its own
+    attention, before any later layer starts. A layer-pipelined sender can code layer l while the
+    later layers prefill, with the same importance as a whole prefill's.
+    """
     loaded.check_prompt(len(prompt.ids))  # before any model work: RoPE past the trained positions is garbage
     seq_len = len(prompt.ids) - 1 if query_aware else len(prompt.context_ids)
     context_len = len(prompt.context_ids)
@@ -76,17 +89,29 @@ def prefill_prompt(loaded: LoadedModel, context: str, question: str, query_aware
             raise SelectionError("pca:...:e:iG steps tokens by the question's attention: send query-aware")
         row_sets[QUESTION] = range(context_len, seq_len)
     stats = AttentionStats(row_sets) if row_sets else None
+    shares: dict[int, torch.Tensor] = {}
+
+    def share(layer: int) -> torch.Tensor:
+        """Each position's share of the question's attention in `layer`, summed over heads. The statistics
+        skip sliding-window layers (Gemma-3), whose tokens then share one step."""
+        if layer not in shares:
+            found = stats.mass.get(QUESTION, {})
+            if layer in found:
+                shares[layer] = found[layer].float().sum(0)
+            elif layer in loaded.sliding_layers:
+                shares[layer] = torch.ones(seq_len, device=loaded.device)
+            else:
+                raise SelectionError(f"no question attention was captured for layer {layer}")
+        return shares[layer]
+
+    def layer_done(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        on_layer(layer, keys, values, share(layer) if importance else None)
+
     start = time.perf_counter()
     with collecting(stats):
-        kv = prefill(loaded.model, prompt.ids[:seq_len])
-    if importance:  # each position's share of the question's attention, summed over heads; the statistics
-        # skip sliding-window layers (Gemma-3), whose tokens then share one step
-        found = stats.mass.get(QUESTION, {})
-        missing = set(range(kv.num_layers)) - set(found) - set(loaded.sliding_layers)
-        if missing:
-            raise SelectionError(f"no question attention was captured for layers {sorted(missing)}")
-        even = torch.ones(kv.seq_len, device=kv.keys[0].device)
-        kv = replace(kv, importance=[found[layer].float().sum(0) if layer in found else even for layer in range(kv.num_layers)])
+        kv = prefill(loaded.model, prompt.ids[:seq_len], layer_done if on_layer else None)
+    if importance:
+        kv = replace(kv, importance=[share(layer) for layer in range(kv.num_layers)])
     return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)
 
 

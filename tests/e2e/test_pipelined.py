@@ -1,13 +1,23 @@
 """Layer-pipelined streaming: layer l goes out while later layers prefill; the answer is unchanged."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from channel.relay import BackgroundRelay
-from common.kvstate import reference_generate
+from common.kvstate import prefill, reference_generate
 from common.link import link_from_options
+from common.plan import CodecPlan
 from common.profile import parse_profile
+from common.proto import kvwire_pb2 as pb
+from common.quant.transform import CodecContext
 from sender.client import Client
 from sender.pipeline import Sender
+from tests.common.quant.test_pca_joint import kv_coordinates, with_joint
+from tests.common.quant.test_transforms import fitted_basis, weighted
 
 CONTEXT = " ".join(f"Fact {i}: the Normans built castle number {i} in Normandy." for i in range(20))
 QUESTION = "Who built the castles?"
@@ -39,5 +49,97 @@ def test_receiver_reports_its_work_apart_from_the_wait(llama_receiver, tiny_llam
 
 
 def test_pipelined_refuses_selection(llama_receiver, tiny_llama):
-    with Client(llama_receiver.target) as client, pytest.raises(ValueError, match="no selection"):
-        Sender(tiny_llama, client).ask_pipelined(CONTEXT, QUESTION, parse_profile("q2c:0.5+int8"))
+    with Client(llama_receiver.target) as client:
+        with pytest.raises(ValueError, match="no selection"):
+            Sender(tiny_llama, client).ask_pipelined(CONTEXT, QUESTION, parse_profile("q2c:0.5+int8"))
+        with pytest.raises(ValueError, match="auto"):
+            Sender(tiny_llama, client).ask_pipelined(CONTEXT, QUESTION, "auto")
+
+
+@pytest.fixture
+def frontier_llama(tiny_llama, tmp_path, monkeypatch):
+    """tiny-llama with a basis fitted on its own prefills (other tokens than the asks'), layer weights
+    and the joint transform: what the frontier profiles need. The in-process receiver loads the same
+    model object, so both nodes hold this basis."""
+    rope = tiny_llama.codec_context.rope
+    basis = fitted_basis(tiny_llama, tmp_path / "b.safetensors")
+    basis = weighted(basis, tmp_path / "w.safetensors", [[4.0, 1.0] if i % 2 else [1.0, 9.0]
+                                                         for i in range(basis.num_layers)])
+    fits = [kv_coordinates(CodecContext(rope, basis), prefill(tiny_llama.model, list(range(start, start + 80))))
+            for start in (500, 700, 900)]
+    basis = with_joint(basis, [torch.cat(layer) for layer in zip(*fits)], tmp_path / "j.safetensors")
+    monkeypatch.setattr(tiny_llama, "codec_context", CodecContext(rope, basis))
+    return tiny_llama
+
+
+def recording(client: Client) -> list[pb.Frame]:
+    """Every frame `client` streams from now on, in order, its transfer id blanked (each transfer has its own)."""
+    frames, send = [], client.send_frames
+
+    def send_frames(stream):
+        def kept():
+            for frame in stream:
+                copy = pb.Frame()
+                copy.CopyFrom(frame)
+                if copy.HasField("header"):
+                    copy.header.transfer_id = ""
+                frames.append(copy.SerializeToString())
+                yield frame
+        return send(kept())
+
+    client.send_frames = send_frames
+    return frames
+
+
+@pytest.mark.parametrize("spec", ["pca:b1.7:w:e:j:i1:f3+text", "pca:b2:w:e:j:i4", "pca:b1:w:e:i4+protect:s4+text:q",
+                                  "int4:g32+text:h"])
+def test_pipelined_frontier_sends_what_ask_sends(spec, frontier_llama, llama_receiver):
+    """A frontier profile pipelines: the head first as text, the question as the generate call's tokens,
+    every layer's per-token classes from its own share of the question's attention. The frames are
+    ask's, byte for byte (transfer id aside), so the receiver holds the same cache and answers alike."""
+    loaded = frontier_llama
+    with Client(llama_receiver.target) as client:
+        sent = recording(client)
+        sender = Sender(loaded, client, attempts=1)
+        plain = sender.ask(CONTEXT, QUESTION, parse_profile(spec), max_new_tokens=8)
+        asked_frames = list(sent)
+        sent.clear()
+        piped = sender.ask_pipelined(CONTEXT, QUESTION, parse_profile(spec), max_new_tokens=8)
+    assert piped.profile == plain.profile and piped.attempts == 1
+    assert sent == asked_frames
+    assert piped.bytes_sent == plain.bytes_sent and piped.frames == plain.frames
+    assert piped.token_ids == plain.token_ids and piped.kept_tokens == plain.kept_tokens
+    first = pb.Frame.FromString(sent[0]).header
+    profile = parse_profile(spec)
+    assert first.segmented == profile.text_head
+    if profile.text_head:  # the template's head travels first, as text
+        assert list(pb.Frame.FromString(sent[1]).segment.token_ids) == plain.prefilled.head_ids
+    piped_kv, plain_kv = (llama_receiver.servicer.sessions.get(r.session_id).kv for r in (piped, plain))
+    assert piped_kv.seq_len == plain_kv.seq_len == (plain.prefilled.context_len if profile.text_question else plain.seq_len)
+    assert all(torch.equal(a, b) for a, b in zip(piped_kv.keys + piped_kv.values, plain_kv.keys + plain_kv.values))
+    if profile.pca is not None and profile.pca.importance == 4:
+        # The random model's question attends almost evenly: at i1 every token is class 0, at i4 the
+        # classes differ from token to token, so the attention measured per layer reached the coder.
+        plan = CodecPlan.build(profile.as_cache, loaded.codec_context, loaded.fingerprint.num_layers)
+        shares = piped.prefilled.kv.importance
+        for layer, codec in enumerate(plan.codecs):
+            assert len(set(codec.codec.classes(shares[layer][:piped_kv.seq_len]).tolist())) > 1, layer
+
+
+def test_sender_ask_cli_pipelined(llama_receiver, tmp_path):
+    """`kvwire sender ask --pipelined`: the answer and the bytes of the plain ask; flags it cannot
+    combine with are usage errors, before the model loads."""
+    context = tmp_path / "context.txt"
+    context.write_text(CONTEXT)
+    base = [sys.executable, "-m", "channel.cli", "sender", "ask", "--question", QUESTION, "--context-file",
+            str(context), "--target", llama_receiver.target, "--model", "tiny-llama", "--max-new-tokens", "4"]
+    outputs = [subprocess.run(base + ["--profile", "int8+text:h:q"] + extra, capture_output=True, text=True, timeout=300,
+                              env={**os.environ}, check=False) for extra in ([], ["--pipelined"])]
+    for result in outputs:
+        assert result.returncode == 0, result.stderr
+    assert "pipelined" in outputs[1].stdout
+    assert [line for line in outputs[0].stdout.splitlines() if "bytes in" in line][0].split(" bytes")[0] == \
+        [line for line in outputs[1].stdout.splitlines() if "bytes in" in line][0].split(" bytes")[0]
+    for extra in (["--profile", "auto"], ["--segments", "64"], ["--query-agnostic"]):
+        bad = subprocess.run(base + ["--pipelined"] + extra, capture_output=True, text=True, timeout=300, check=False)
+        assert bad.returncode == 2 and "--pipelined" in bad.stdout + bad.stderr, extra

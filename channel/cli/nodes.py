@@ -122,6 +122,8 @@ def sender_ask(
                                                        "segment with (default: send it as a probe, the smallest cache)."),
     calibration: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                help="With --segments: the table to plan with (default: the model's)."),
+    pipelined: bool = typer.Option(False, help="Stream each layer as the prefill produces it (query-aware; the "
+                                               "same bytes as without; any profile but a selection or auto)."),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
@@ -130,7 +132,13 @@ def sender_ask(
     # Bad arguments are answered before torch and the model stack are imported (start-up is seconds).
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
+    if pipelined and (segments or query_agnostic):
+        raise typer.BadParameter("--pipelined streams the whole query-aware cache: not with --segments or "
+                                 "--query-agnostic", param_hint="--pipelined")
     chosen = _profile_option(profile, profile_file, model)
+    if pipelined and (isinstance(chosen, str) or chosen.selection is not None):  # a str is auto
+        raise typer.BadParameter(f"{chosen}: a selection (which auto may plan) ranks the whole cache, so it cannot "
+                                 "pipeline; name a profile without one", param_hint="--pipelined")
     use_device(device, dtype)
     import grpc
 
@@ -154,6 +162,8 @@ def sender_ask(
             if segments:
                 result = sender.ask_segments(text, question, None, deadline, segments, bandwidth_bps, max_new_tokens,
                                              table)
+            elif pipelined:
+                result = sender.ask_pipelined(text, question, chosen, max_new_tokens)
             else:
                 result = sender.ask(text, question, chosen, not query_agnostic, max_new_tokens, bandwidth_bps,
                                     deadline if chosen == AUTO else None)
@@ -171,6 +181,7 @@ def sender_ask(
     console.print(f"{result.bytes_sent:,} bytes in {result.frames} frames for {result.seq_len} tokens as "
                   f"{result.profile}; prefill "
                   f"{result.prefill_s:.2f} s, transfer {result.transfer_s:.2f} s"
+                  + (" (pipelined: from the prefill's start)" if pipelined else "")
                   + (f" ({'met' if result.transfer_s <= deadline else 'missed'} the deadline)" if segments else "")
                   + f", decode {result.decode_s:.2f} s")
 

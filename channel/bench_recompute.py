@@ -334,8 +334,11 @@ def describe(row: dict) -> str:
     head = f"{row['tokens']} tokens, {row['case']}, {row['profile']}, {row['link']}: "
     if row["status"] != "ok":
         return head + row["status"]
+    stages = ", ".join(f"{name} {row[key]:.3f}" for name, key in (
+        ("prefill", "prefill_s"), ("encode", "encode_s"), ("send", "send_s"), ("assemble (in send)", "assemble_s"),
+        ("inject", "inject_s"), ("1st token", "first_token_s")) if row.get(key) is not None)
     return head + (f"TTFT {row['ttft_s']:.3f} s ({row['vs_recompute']:.2f}x recompute's {row['recompute_s']:.3f} s), "
-                   f"{row['bytes'] / 1e6:.1f} MB ({row['ratio_vs_fp16']:.2%} of fp16), wall {row['wall_s']:.1f} s")
+                   f"{row['bytes'] / 1e6:.1f} MB ({row['ratio_vs_fp16']:.2%} of fp16); {stages}; wall {row['wall_s']:.1f} s")
 
 
 def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[str], profiles: list[str],
@@ -343,7 +346,7 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
                          codec_tokens: int | None = None, say: Callable[[str], None] = print,
                          checkpoint: Callable[[dict], None] | None = None) -> dict:
     """The table, against a receiver at `target` (started with `receiver_env`, on the same device).
-    `checkpoint(report)` after each context, so that a run cut short still leaves its rows."""
+    `checkpoint(report)` after each row, so that a run cut short still leaves its rows."""
     from sender.prefill import prefill_prompt
 
     deadline = time.monotonic() + budget_s if budget_s else None
@@ -369,6 +372,8 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
             f"prefill + first token {rec['prefill_first_token_s']:.3f}; peak {rec['peak_gib'] or 0:.1f} GiB)")
         recompute_s = rec["ttft_s"]
         pre = prefill_prompt(loaded, context, QUESTION)
+        if loaded.device.type == "cuda":  # the prefill's working memory back, for the receiver on the same GPU
+            torch.cuda.empty_cache()
         say(f"{tokens} tokens: the sender's prefill {pre.seconds:.3f} s ({pre.kv.seq_len} tokens cached)")
         if codec_tokens == tokens:
             for row in frontier_codec(loaded, pre.kv, profiles):
@@ -383,6 +388,8 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
                     row = runner.run(case, profile, tokens, link,
                                      lambda asker, c=CASES[case], p=profile: c(asker, pre, QUESTION, p), recompute_s)
                     report["rows"].append(row)
+                    if checkpoint:
+                        checkpoint(report)
                     if case == "at sender, plain":
                         plain.append(row)
         for row in plain:  # the prefill, then the plain transfer: sequential, so derived rather than run again
@@ -398,8 +405,8 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
                 report["rows"].append(runner.run(
                     "on demand, pipelined", profile, tokens, link,
                     lambda asker, p=profile: on_demand_pipelined(asker, context, QUESTION, p), recompute_s))
-        if checkpoint:
-            checkpoint(report)
+                if checkpoint:
+                    checkpoint(report)
     return report
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 import torch
 
@@ -143,3 +144,27 @@ def test_sender_ask_cli_pipelined(llama_receiver, tmp_path):
     for extra in (["--profile", "auto"], ["--segments", "64"], ["--query-agnostic"]):
         bad = subprocess.run(base + ["--pipelined"] + extra, capture_output=True, text=True, timeout=300, check=False)
         assert bad.returncode == 2 and "--pipelined" in bad.stdout + bad.stderr, extra
+
+
+def test_a_failed_pipelined_stream_is_sent_again_as_ask_sends_it(frontier_llama, llama_receiver):
+    """The stream breaks after its first frames (UNAVAILABLE): the finished prefill is encoded and sent
+    again, ask's frames under a new transfer id, and the answer is ask's."""
+    from tests.sender.test_retry import Refusal
+
+    spec = "pca:b1.7:w:e:j:i1:f3+text"
+    with Client(llama_receiver.target) as client:
+        sender = Sender(frontier_llama, client, attempts=2)
+        plain = sender.ask(CONTEXT, QUESTION, parse_profile(spec), max_new_tokens=8)
+        sent = recording(client)
+        send, broken = client.send_frames, []
+
+        def breaking(stream):
+            if not broken:
+                broken.append([next(stream) for _ in range(3)])
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, "link down")
+            return send(stream)
+
+        client.send_frames = breaking
+        piped = sender.ask_pipelined(CONTEXT, QUESTION, parse_profile(spec), max_new_tokens=8)
+    assert len(broken[0]) == 3 and piped.bytes_sent == plain.bytes_sent and piped.token_ids == plain.token_ids
+    assert pb.Frame.FromString(sent[0]).HasField("header") and len(sent) == plain.frames

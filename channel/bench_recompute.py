@@ -58,20 +58,25 @@ def paragraphs() -> list[str]:
 
 
 def text_of(tokenizer, tokens: int, start: int = 0) -> str:
-    """About `tokens` tokens of the paragraphs, cycled from the `start`-th."""
+    """At most `tokens` tokens (and nearly that many) of the paragraphs, cycled from the `start`-th."""
     parts = paragraphs()
+    lengths = [len(tokenizer(text).input_ids) for text in parts]
     out, count, i = [], 0, start
-    while count < tokens:
-        text = parts[i % len(parts)]
-        count += len(tokenizer(text).input_ids) + 2
-        out.append(text)
+    while count < tokens + 64:  # a little over (separators, merges at the joins), then cut to `tokens`
+        out.append(parts[i % len(parts)])
+        count += lengths[i % len(parts)] + 1
         i += 1
-    return "\n\n".join(out)
+    ids = tokenizer("\n\n".join(out)).input_ids
+    return tokenizer.decode(ids[:tokens])
+
+
+PROMPT_ROOM = 128  # tokens of a context length left for the template, the question and the answer
 
 
 def bench_text(tokenizer, tokens: int) -> str:
-    """The benchmark's context: the paragraphs from the middle on (the basis is fitted from the first ones)."""
-    return text_of(tokenizer, tokens, len(paragraphs()) // 2)
+    """The benchmark's context, for a prompt of about `tokens` tokens that fits a model of that many
+    positions: the paragraphs from the middle on (the basis is fitted from the first ones)."""
+    return text_of(tokenizer, tokens - PROMPT_ROOM, len(paragraphs()) // 2)
 
 
 def fit_random_basis(loaded, folder: Path, tokens: int = 4096, prompts: int = 2) -> dict:
@@ -141,7 +146,7 @@ def links(rates: list[str], ceiling_bps: float) -> list[dict]:
             out.append({"label": rate, "rate": rate, "bps": parse_rate(rate), "relay": True})
     if above:
         out.append({"label": f"{'/'.join(above)} > ceiling: unshaped", "rate": "1000gbit", "bps": None, "relay": True,
-                    "asked": above, "note": f"{', '.join(above)} exceed the relay's measured ceiling of "
+                    "asked": above, "note": f"{', '.join(above)} exceed{'s' if len(above) == 1 else ''} the relay's measured ceiling of "
                                             f"{ceiling_bps / 1e9:.2f} Gbit/s: run unshaped, at what the relay carries"})
     return sorted(out, key=lambda link: -(link["bps"] or float("inf")))
 

@@ -452,7 +452,8 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     basis = table.fit_random_basis(loaded, folder, calibration_tokens)
     say(f"basis {basis['digest']} fitted on {basis['tokens']} tokens in {basis['seconds']:.1f} s "
         f"(layer weights {basis['layer_weights']})")
-    process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), "cuda", "bfloat16"))
+    process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), loaded.device.type,
+                                                                             loaded.fingerprint.dtype))
     try:
         def checkpoint(partial: dict) -> None:
             report["recompute"] = {**partial, "basis": basis}

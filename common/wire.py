@@ -14,7 +14,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -340,6 +340,7 @@ class _Pending:
     filled: list[int]
     keys: list[list[torch.Tensor]]
     values: list[list[torch.Tensor]]
+    held: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # per layer: rANS chunks (tokens, payload)
 
 
 class Assembler:
@@ -566,25 +567,45 @@ class Assembler:
         expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
-        try:
-            if codec.coded_in_place:  # pca:...:a: decoded on this node's device
-                payload = codec.codec.uncode([chunk.payload], [shape[2]], self.device)[0]
-            else:
+        if codec.coded_in_place:
+            # pca:...:a: a tier's chunks wait (as their codes) until its last arrives, then decode in one call on
+            # this node's device, and its keys and values are synthesized at once
+            held = pending.held.setdefault(chunk.layer, [])
+            held.append((shape[2], chunk.payload))
+            if chunk.token_end == tier[1]:
+                del pending.held[chunk.layer]
+                self._decode_tier(chunk.layer, tier, held)
+        else:
+            try:
                 raw = (codec.codec.decompress(chunk.payload, expected) if codec.entropy_coded
                        else bounded_decompress(chunk.payload, expected))
-                # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
-                payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-                payload = payload.to(self.device)
-        except (zstandard.ZstdError, ValueError) as exc:
-            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-        positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end].to(self.device)
-        keys, values = codec.decode(payload, shape, positions, self.dtype)
-        pending.keys[chunk.layer].append(keys)
-        pending.values[chunk.layer].append(values)
+            except (zstandard.ZstdError, ValueError) as exc:
+                raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
+            # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
+            payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end].to(self.device)
+            keys, values = codec.decode(payload.to(self.device), shape, positions, self.dtype)
+            pending.keys[chunk.layer].append(keys)
+            pending.values[chunk.layer].append(values)
         pending.filled[chunk.layer] = chunk.token_end
         self._num_chunks += 1
         self._payload_bytes += len(chunk.payload)
         self._complete_if_filled()
+
+    def _decode_tier(self, layer: int, tier: tuple[int, int, LayerCodec], held: list[tuple[int, bytes]]) -> None:
+        """The keys and values of a tier's tokens [first, last) from its chunks' rANS codes."""
+        first, last, codec = tier
+        fp = self.fingerprint
+        tokens = [n for n, _ in held]
+        try:
+            raws = codec.codec.uncode([payload for _, payload in held], tokens, self.device)
+        except ValueError as exc:
+            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {layer}: payload does not decompress: {exc}") from None
+        positions = self._pending.positions[layer][:, first:last].to(self.device)
+        keys, values = codec.decode(codec.codec.join(raws, tokens), (1, fp.kv_heads, last - first, fp.head_dim),
+                                    positions, self.dtype)
+        self._pending.keys[layer].append(keys)
+        self._pending.values[layer].append(values)
 
     def _complete_if_filled(self) -> None:
         pending = self._pending

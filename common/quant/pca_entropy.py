@@ -334,6 +334,14 @@ class EntropyPCACodec:
             at, token = at + count * coded, token + count
         return out
 
+    def join(self, raws: list[torch.Tensor], tokens: list[int]) -> torch.Tensor:
+        """The raw payload of consecutive chunks' tokens at once (their indices, then their classes), from
+        each chunk's (`uncode`'s)."""
+        if not self.per_token:
+            return torch.cat(raws)
+        split = [2 * self.coded.numel() * n for n in tokens]
+        return torch.cat([raw[:at] for raw, at in zip(raws, split)] + [raw[at:] for raw, at in zip(raws, split)])
+
     def compress(self, raw: bytes) -> bytes:
         """The range code of a raw payload (its indices within their tables' ranges, as `encode` leaves them);
         with rANS (pca:...:a), `code`'s payload of it."""

@@ -138,6 +138,15 @@ class Layout:
         return max((-(-n // k) for n, k in zip(self.counts, self.lanes) if n), default=0)
 
 
+def scratch_index(layout: Layout, steps: int, device: torch.device) -> torch.Tensor:
+    """Per lane: where its words of step 0's high step go in an encoder's scratch, whose words lie chunk by
+    chunk, and in a chunk by step, sub-step (high, low), lane; + (2 k + sub) * its chunk's lanes for the others.
+    Compacted, the scratch is every chunk's words in the order its decoder reads them."""
+    chunk, index, lanes, _ = layout.lane_table(device)
+    lane_starts = torch.tensor(layout.lane_starts, dtype=torch.int64, device=device)
+    return lane_starts[chunk] * 2 * steps + index
+
+
 def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, counts: list[int]) -> list[bytes]:
     """Each chunk's code: `symbols` (the chunks' indices, flat, int) under `models_of` (each symbol's
     model, int), on their device (plain torch: the reference of the GPU kernel)."""
@@ -151,8 +160,10 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, count
     total = symbols.numel()
     steps = layout.steps
     state = torch.full_like(index, LOW)
-    words = torch.zeros(steps, 2, index.numel(), dtype=torch.int64, device=device)
-    emitted = torch.zeros(steps, 2, index.numel(), dtype=torch.bool, device=device)
+    words = torch.zeros(2 * steps * index.numel(), dtype=torch.int64, device=device)
+    emitted = torch.zeros(2 * steps * index.numel(), dtype=torch.bool, device=device)
+    base = scratch_index(layout, steps, device)
+    written = torch.zeros_like(index)  # per lane: its words
     ends = first + torch.tensor(layout.counts, dtype=torch.int64, device=device)[chunk]
     for k in range(steps - 1, -1, -1):
         position = first + index + k * lanes
@@ -167,27 +178,30 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, count
                                  torch.bitwise_left_shift(low, PROB_BITS - shift))),
                             (0, (models.freq[m, high], models.cum[m, high]))):
             out = live & (state >= (f << 16))
-            words[k, sub] = state & WORD
-            emitted[k, sub] = out
+            words[base + (2 * k + sub) * lanes] = state & WORD
+            emitted[base + (2 * k + sub) * lanes] = out
+            written += out
             state = torch.where(out, state >> 16, state)
             state = torch.where(live, ((state // f) << PROB_BITS) + state % f + c, state)
-    stream = words[emitted]  # decode order: step, high then low, lane
-    return _pack(layout, state, stream, emitted, chunk)
+    return _pack(layout, state, words, emitted, written)
 
 
-def _pack(layout: Layout, state: torch.Tensor, stream: torch.Tensor, emitted: torch.Tensor,
-          chunk: torch.Tensor) -> list[bytes]:
-    """Split the lanes' states and the (step, sub, lane)-ordered words into each chunk's code."""
-    owner = chunk.expand_as(emitted)[emitted]  # each word's chunk, in stream order
-    order = torch.argsort(owner, stable=True)
-    per_chunk = torch.bincount(owner, minlength=len(layout.counts)).tolist()
-    words = stream[order].cpu().numpy().astype("<u2")
-    states = state.to(torch.int64).cpu().numpy().astype("<u4")
-    out, word_at = [], 0
+def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: torch.Tensor,
+          written: torch.Tensor) -> list[bytes]:
+    """Each chunk's code from the lanes' final states, the encoder's scratch (`scratch_index`) and each lane's
+    count of words: one copy of 2 bytes a word to the host."""
+    per_chunk = torch.zeros(len(layout.counts), dtype=torch.int64, device=written.device).index_add_(
+        0, layout.lane_table(written.device)[0], written.long()).tolist()
+    stream = words[emitted]
+    if stream.dtype != torch.int16:
+        stream = stream.to(torch.int32).view(torch.int16)[0::2]  # the low 16 bits (little endian)
+    stream = stream.cpu().numpy().tobytes()
+    states = state.to(torch.int64).cpu().numpy().astype("<u4").tobytes()
+    out, at = [], 0
     for c, n in enumerate(layout.counts):
-        lo, hi = layout.lane_starts[c], layout.lane_starts[c] + layout.lanes[c]
-        out.append(states[lo:hi].tobytes() + words[word_at:word_at + per_chunk[c]].tobytes() if n else b"")
-        word_at += per_chunk[c]
+        lo, hi = 4 * layout.lane_starts[c], 4 * (layout.lane_starts[c] + layout.lanes[c])
+        out.append(states[lo:hi] + stream[2 * at:2 * (at + per_chunk[c])] if n else b"")
+        at += per_chunk[c]
     return out
 
 
@@ -249,18 +263,19 @@ def _renormalize(state, live, chunk, cursor, word_ends, words, overrun):
 
 
 def _unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every lane's state, every chunk's words back to back, and where each chunk's words start."""
+    """Every lane's state (int64), every chunk's words back to back (int16, their 16 bits), and where
+    each chunk's words start."""
     states, words, starts, at = [], [], [], 0
     for code, n, lanes in zip(codes, layout.counts, layout.lanes):
         head = 4 * lanes
         if len(code) < head or (len(code) - head) % 2:
             raise ValueError(f"a code of {len(code)} bytes for {n} symbols: {head} bytes of lane states, then whole words")
-        states.append(np.frombuffer(code, dtype="<u4", count=lanes).astype(np.int64))
-        words.append(np.frombuffer(code, dtype="<u2", offset=head).astype(np.int64))
+        states.append(np.frombuffer(code, dtype="<u4", count=lanes))
+        words.append(np.frombuffer(code, dtype="<i2", offset=head))
         starts.append(at)
         at += words[-1].size
-    state = torch.from_numpy(np.concatenate(states)).to(device)
-    if not bool(((state >= LOW) & (state < (1 << 32))).all()):
+    state = torch.from_numpy(np.concatenate(states).astype(np.int64)).to(device)
+    if not bool((state >= LOW).all()):
         raise ValueError("not a code of this stage: a lane's state is below 2^16")
     return (state, torch.from_numpy(np.concatenate(words)).to(device),
             torch.tensor(starts, dtype=torch.int64, device=device))

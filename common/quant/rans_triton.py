@@ -22,7 +22,7 @@ from common.quant import rans
 
 @triton.jit
 def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, lane_start_of,
-            total_lanes, words, emitted, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+            words, emitted, written, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     first = tl.load(first_of + c)
     count = tl.load(count_of + c)
@@ -30,43 +30,49 @@ def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of,
     lane_start = tl.load(lane_start_of + c)
     lane = tl.arange(0, BLOCK)
     valid = lane < lanes
-    state = tl.full((BLOCK,), 65536, tl.int64)
+    base = lane_start * 2 * STEPS + lane  # rans.scratch_index
+    state = tl.full((BLOCK,), 65536, tl.uint32)
+    total = tl.zeros((BLOCK,), tl.int32)
     for i in range(0, STEPS):
         k = STEPS - 1 - i
         position = k * lanes + lane
         live = valid & (position < count)
-        symbol = tl.load(symbols + first + position, mask=live, other=0).to(tl.int64)
-        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int64)
-        shift = tl.load(shift_of + m, mask=live, other=0)
-        offset = tl.load(offset_of + m, mask=live, other=0)
+        symbol = tl.load(symbols + first + position, mask=live, other=0).to(tl.int32)
+        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
+        shift = tl.load(shift_of + m, mask=live, other=0).to(tl.int32)
+        offset = tl.load(offset_of + m, mask=live, other=0).to(tl.int32)
         top = symbol >> shift
-        low = symbol - (top << shift)
+        low = (symbol - (top << shift)).to(tl.uint32)
         high = top + offset
-        at = lane_start + lane
         # the low step (sub-step 1), then the high step (0): the decoder reads them the other way round
-        f = tl.full((BLOCK,), 1, tl.int64) << (16 - shift)
-        out = live & (state >= (f << 16))
-        tl.store(words + (2 * k + 1) * total_lanes + at, (state & 0xFFFF).to(tl.int32), mask=valid)
-        tl.store(emitted + (2 * k + 1) * total_lanes + at, out.to(tl.int8), mask=valid)
+        f = (tl.full((BLOCK,), 1, tl.int32) << (16 - shift)).to(tl.uint32)
+        out = live & ((state >> 16) >= f)
+        tl.store(words + base + (2 * k + 1) * lanes, state.to(tl.int16), mask=valid)
+        tl.store(emitted + base + (2 * k + 1) * lanes, out.to(tl.int8), mask=valid)
+        total += out.to(tl.int32)
         state = tl.where(out, state >> 16, state)
-        state = tl.where(live, ((state // f) << 16) + state % f + (low << (16 - shift)), state)
-        f = tl.load(freq + m * width + high, mask=live, other=1)
-        start = tl.load(cum + m * width + high, mask=live, other=0)
-        out = live & (state >= (f << 16))
-        tl.store(words + 2 * k * total_lanes + at, (state & 0xFFFF).to(tl.int32), mask=valid)
-        tl.store(emitted + 2 * k * total_lanes + at, out.to(tl.int8), mask=valid)
+        q = state // f
+        state = tl.where(live, (q << 16) + (state - q * f) + (low << (16 - shift).to(tl.uint32)), state)
+        f = tl.load(freq + m * width + high, mask=live, other=1).to(tl.uint32)
+        start = tl.load(cum + m * width + high, mask=live, other=0).to(tl.uint32)
+        out = live & ((state >> 16) >= f)
+        tl.store(words + base + 2 * k * lanes, state.to(tl.int16), mask=valid)
+        tl.store(emitted + base + 2 * k * lanes, out.to(tl.int8), mask=valid)
+        total += out.to(tl.int32)
         state = tl.where(out, state >> 16, state)
-        state = tl.where(live, ((state // f) << 16) + state % f + start, state)
-    tl.store(states + lane_start + lane, state, mask=valid)
+        q = state // f
+        state = tl.where(live, (q << 16) + (state - q * f) + start, state)
+    tl.store(states + lane_start + lane, state.to(tl.int64), mask=valid)
+    tl.store(written + lane_start + lane, total, mask=valid)
 
 
 @triton.jit
 def _renormalize(state, live, words, cursor, end, bad):
     need = live & (state < 65536)
-    taken = need.to(tl.int64)
+    taken = need.to(tl.int32)
     at = cursor + tl.cumsum(taken, 0) - taken
     bad = bad | (need & (at >= end))
-    word = tl.load(words + at, mask=need & (at < end), other=0).to(tl.int64) & 0xFFFF
+    word = (tl.load(words + at, mask=need & (at < end), other=0).to(tl.int32) & 0xFFFF).to(tl.uint32)
     state = tl.where(need, (state << 16) | word, state)
     return state, cursor + tl.sum(taken, 0), bad
 
@@ -83,25 +89,26 @@ def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offs
     end = tl.load(word_end_of + c)
     lane = tl.arange(0, BLOCK)
     valid = lane < lanes
-    state = tl.load(states + lane_start + lane, mask=valid, other=65536)
+    state = tl.load(states + lane_start + lane, mask=valid, other=65536).to(tl.uint32)
     bad = lane < 0
     for k in range(0, STEPS):
         position = k * lanes + lane
         live = valid & (position < count)
-        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int64)
-        shift = tl.load(shift_of + m, mask=live, other=0)
-        offset = tl.load(offset_of + m, mask=live, other=0)
+        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
+        shift = tl.load(shift_of + m, mask=live, other=0).to(tl.int32)
+        offset = tl.load(offset_of + m, mask=live, other=0).to(tl.int32)
         slot = state & 0xFFFF
-        high = tl.load(lookup + m * 65536 + slot, mask=live, other=0).to(tl.int64)
-        f = tl.load(freq + m * width + high, mask=live, other=1)
-        start = tl.load(cum + m * width + high, mask=live, other=0)
+        high = tl.load(lookup + m * 65536 + slot, mask=live, other=0).to(tl.int32)
+        f = tl.load(freq + m * width + high, mask=live, other=1).to(tl.uint32)
+        start = tl.load(cum + m * width + high, mask=live, other=0).to(tl.uint32)
         state = tl.where(live, f * (state >> 16) + slot - start, state)
         state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
         slot = state & 0xFFFF
-        low = slot >> (16 - shift)
-        state = tl.where(live, ((state >> 16) << (16 - shift)) + slot - (low << (16 - shift)), state)
+        up = (16 - shift).to(tl.uint32)
+        low = slot >> up
+        state = tl.where(live, ((state >> 16) << up) + slot - (low << up), state)
         state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
-        tl.store(out + first + position, ((high - offset) << shift) + low, mask=live)
+        tl.store(out + first + position, (((high - offset) << shift) + low.to(tl.int32)).to(tl.int16), mask=live)
     bad = bad | (valid & (state != 65536))
     tl.store(flags + c, ((tl.max(bad.to(tl.int32), 0) + (cursor != end).to(tl.int32)) > 0).to(tl.int8))
 
@@ -127,16 +134,16 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, 
     device = symbols.device
     models = models.to(device)
     total_lanes = sum(layout.lanes)
-    words = torch.zeros(_steps(layout), 2, total_lanes, dtype=torch.int32, device=device)
-    emitted = torch.zeros(_steps(layout), 2, total_lanes, dtype=torch.int8, device=device)
+    steps = _steps(layout)
+    words = torch.empty(2 * steps * total_lanes, dtype=torch.int16, device=device)
+    emitted = torch.zeros(2 * steps * total_lanes, dtype=torch.int8, device=device)
+    written = torch.empty(total_lanes, dtype=torch.int32, device=device)
     states = torch.empty(total_lanes, dtype=torch.int64, device=device)
     first, count, lanes, lane_start = _chunk_table(layout, device)
     _encode[(len(layout.counts),)](symbols.contiguous(), models_of.contiguous(), models.shift, models.offset,
                                    models.freq, models.cum, models.freq.shape[1], first, count, lanes, lane_start,
-                                   total_lanes, words, emitted, states, STEPS=_steps(layout), BLOCK=_block(layout))
-    emitted = emitted.bool()
-    chunk = layout.lane_table(device)[0]
-    return rans._pack(layout, states, words[emitted].long(), emitted, chunk)
+                                   words, emitted, written, states, STEPS=steps, BLOCK=_block(layout))
+    return rans._pack(layout, states, words, emitted.bool(), written)
 
 
 def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> torch.Tensor:
@@ -152,12 +159,12 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, cou
     states, words, word_starts = rans._unpack(layout, codes, device)
     word_ends = torch.cat([word_starts[1:], torch.tensor([words.numel()], device=device)])
     first, count, lanes, lane_start = _chunk_table(layout, device)
-    out = torch.zeros(total, dtype=torch.int64, device=device)
+    out = torch.zeros(total, dtype=torch.int16, device=device)
     flags = torch.zeros(len(layout.counts), dtype=torch.int8, device=device)
-    _decode[(len(layout.counts),)](states, words if words.numel() else torch.zeros(1, dtype=torch.int64, device=device),
+    _decode[(len(layout.counts),)](states, words if words.numel() else torch.zeros(1, dtype=torch.int16, device=device),
                                    word_starts, word_ends, models_of.contiguous(), models.shift, models.offset,
                                    models.freq, models.cum, models.lookup, models.freq.shape[1], first, count, lanes,
                                    lane_start, out, flags, STEPS=_steps(layout), BLOCK=_block(layout))
     if bool(flags.any()):
         raise ValueError("not a code of this stage: its lanes do not end where its words do")
-    return out
+    return out.long()

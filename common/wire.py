@@ -29,9 +29,11 @@ from common.plan import runs as token_runs
 from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rotation
+from common.quant.pca_entropy import code_many
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
+RANS_BATCH = 1 << 27  # pca:...:a: symbols the sender codes in one call (its scratch: 6 bytes each)
 MAX_TRANSFER_ID_CHARS = 128  # the receiver keeps used ids (idempotency): their size must be bounded
 MAX_OFFERED_PROFILES = 64  # a Negotiate request's offer list, parsed one profile at a time
 # A refusal's message: never the client's unbounded input back (gRPC drops trailers past 16 KiB).
@@ -214,9 +216,42 @@ class Encoder:
     def chunks(self, kv: KVState, profile: Profile) -> Iterator[pb.Frame]:
         """The payload of `kv` under `profile`, layer by layer, in chunks of at most MAX_CHUNK_BYTES."""
         plan = CodecPlan.build(profile, self.context, kv.num_layers)
+        if all(len(tiers) == 1 and tiers[0][2].coded_in_place
+               for tiers in (plan.tiers(i, k.shape[2]) for i, k in enumerate(kv.keys))):
+            yield from self._coded_in_place(kv, plan)
+            return
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
             yield from self.layer_chunks(layer, keys, values, positions, plan,
                                          kv.importance[layer] if kv.importance else None)
+
+    def _coded_in_place(self, kv: KVState, plan: CodecPlan) -> Iterator[pb.Frame]:
+        """pca:...:a on every layer's tokens: each layer's indices where the cache is, then the rANS codes of
+        several layers' chunks in one call (up to RANS_BATCH symbols: the coder's lanes run side by side)."""
+        _, heads, _, head_dim = kv.keys[0].shape
+        step = chunk_tokens(heads, head_dim, kv.dtype)
+        batch = []
+        for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+            codec = plan.codecs[layer]
+            raw = codec.encode(keys, values, positions,
+                               codec.classes(kv.importance[layer] if kv.importance else None, positions))
+            batch.append((layer, codec, raw, keys.shape[2]))
+            if sum(c.codec.coded.numel() * n for _, c, _, n in batch) >= RANS_BATCH or layer == kv.num_layers - 1:
+                coded = code_many([(c.codec, r, n, step) for _, c, r, n in batch])
+                for (i, _, r, n), payloads in zip(batch, coded):
+                    per = r.numel() // n if n else 0
+                    yield from self._frames(i, 0, n, step, [(per * min(step, n - s), p)
+                                                             for s, p in zip(range(0, n, step), payloads)])
+                batch = []
+
+    def _frames(self, layer: int, first: int, last: int, step: int, sized) -> Iterator[pb.Frame]:
+        for start, (raw_size, payload) in zip(range(first, last, step), sized):
+            end = min(start + step, last)
+            if len(payload) > MAX_CHUNK_BYTES:
+                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+            self.num_chunks += 1
+            self.payload_bytes += len(payload)
+            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=raw_size,
+                                          crc32=zlib.crc32(payload), payload=payload))
 
     def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                      plan: CodecPlan, importance: torch.Tensor | None = None) -> Iterator[pb.Frame]:
@@ -234,14 +269,7 @@ class Encoder:
                                                 importance))
                 compress = codec.codec.compress if codec.entropy_coded else functools.partial(_compress, self.zstd_level)
                 sized = zip(map(len, raws), _compressing(os.getpid(), self.zstd_threads).map(compress, raws))
-            for start, (raw_size, payload) in zip(range(first, last, step), sized):
-                end = min(start + step, last)
-                if len(payload) > MAX_CHUNK_BYTES:
-                    raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
-                self.num_chunks += 1
-                self.payload_bytes += len(payload)
-                yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=raw_size,
-                                              crc32=zlib.crc32(payload), payload=payload))
+            yield from self._frames(layer, first, last, step, sized)
 
     def kv_segment(self, kv: KVState, start: int, end: int, profile: Profile) -> Iterator[pb.Frame]:
         """Tokens [start, end) of `kv` as a segment at `profile` (precision stages only)."""

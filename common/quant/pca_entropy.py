@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import constriction
@@ -62,7 +63,7 @@ import numpy as np
 import torch
 
 from common.quant import rans
-from common.quant.base import QuantError
+from common.quant.base import QuantError, check_finite
 from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
 
 ROUNDING = 0.2  # |c| / Delta in [i - 0.2, i + 0.8) codes as i: the zero bin spans +-0.8 steps
@@ -75,6 +76,8 @@ FREQUENCY_BITS = 24  # probabilities are rounded to multiples of 2^-24 before th
 MAX_STRENGTH = 4.0  # pca:...:e:iG, G at most 4
 MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times the component's
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
+FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
+FOLDED_LOCK = threading.Lock()
 
 
 def expected_bits(scale: torch.Tensor) -> torch.Tensor:
@@ -248,7 +251,7 @@ class EntropyPCACodec:
         if self.per_token and classes is None:
             raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
-        coords = self._analyse(keys, values)[:, self.coded.to(device)]
+        coords = self._folded_analysis(keys, values) if self.rans else self._analyse(keys, values)[:, self.coded.to(device)]
         steps = self.steps[self.coded].to(device)
         limits = LIMITS[self.tables[self.coded] - MIN_TABLE]  # (coded,): each component's table
         tail = torch.empty(0, dtype=torch.uint8, device=device)
@@ -276,10 +279,67 @@ class EntropyPCACodec:
             steps = steps * torch.exp2(-classes.float() / 2).unsqueeze(1)
             payload = payload[:-tokens]
         indices = payload.view(torch.int16).view(tokens, self.coded.numel()).float()
-        coords = torch.zeros(tokens, self.tables.numel(), device=device)
         values = indices + torch.sign(indices) * (0.5 - ROUNDING)  # each bin's midpoint
+        if self.rans:
+            return self._folded_synthesis(values * steps, shape, dtype)
+        coords = torch.zeros(tokens, self.tables.numel(), device=device)
         coords[:, self.coded.to(device)] = values * steps
         return self._synthesize(coords, shape, dtype)
+
+    def folded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pca:...:a: the transforms as one matrix each way, over the coded components only, on `device`:
+        (analysis (2D, coded), bias (coded,), synthesis (coded, 2D), mean (2D,)), so that a token's coded
+        coordinates are x @ analysis - bias and its reconstruction c @ synthesis + mean, x its keys' then
+        values' elements. The maps of `_analyse` and `_synthesize` in fewer products (float64 on `device`,
+        rounded to float32): the reconstruction matches theirs to float32 rounding, not bit for bit.
+        Kept with the layer's key basis, FOLDED_KEPT of them per layer (a header may name any bits)."""
+        coded = self.coded
+        key = ("folded", self.joint is not None, hash(coded.numpy().tobytes()), str(device))
+        kept = self.keys._on
+        with FOLDED_LOCK:
+            if key in kept:
+                kept[key] = kept.pop(key)  # most recently used last
+                return kept[key]
+
+        def on(t):
+            return t.to(device=device, dtype=torch.float64)
+
+        analysis = torch.block_diag(on(self.keys.analysis), on(self.values.analysis))
+        directions = torch.block_diag(on(self.keys.directions), on(self.values.directions)).T
+        mean = torch.cat([on(self.keys.mean), on(self.values.mean)])
+        bias = mean @ analysis
+        if self.joint is not None:
+            scale, joint_mean = on(self.scale), on(self.joint.mean)
+            joint_analysis = on(self.joint.analysis)
+            analysis = (analysis * scale) @ joint_analysis
+            bias = (bias * scale + joint_mean) @ joint_analysis
+            mean = mean + (joint_mean / scale) @ directions
+            directions = (on(self.joint.directions).T / scale) @ directions
+        coded = coded.to(device)
+        value = (analysis[:, coded].float().contiguous(), bias[coded].float(), directions[coded].float().contiguous(),
+                 mean.float())
+        with FOLDED_LOCK:
+            kept[key] = value
+            folds = [k for k in kept if isinstance(k, tuple) and k[0] == "folded"]
+            for old in folds[:-FOLDED_KEPT]:
+                del kept[old]
+        return value
+
+    def _folded_analysis(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        _, heads, tokens, dim = keys.shape
+        check_finite(keys, limit=None)
+        check_finite(values, limit=None)
+        analysis, bias, _, _ = self.folded(keys.device)
+        width = heads * dim
+        flat = [part[0].float().transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
+        return torch.addmm(flat[1] @ analysis[width:], flat[0], analysis[:width]) - bias
+
+    def _folded_synthesis(self, coords: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype):
+        _, heads, tokens, dim = shape
+        _, _, synthesis, mean = self.folded(coords.device)
+        x = torch.addmm(mean, coords, synthesis)
+        return tuple(part.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype)
+                     for part in (x[:, :heads * dim], x[:, heads * dim:]))
 
     def _split(self, raw_size: int) -> tuple[int, int]:
         """(tokens, classes' bytes) of a raw payload of `raw_size` bytes (ValueError if none fits)."""
@@ -293,18 +353,7 @@ class EntropyPCACodec:
         """pca:...:a: the payloads of tokens [0, step), [step, 2 step), ... of the raw payload of `tokens` tokens
         that `encode` gave (uint8, on its device), each its tokens' classes (int8, with a strength) then the
         rANS code of its indices, coded in one call where the raw payload is."""
-        coded, device = self.coded.numel(), raw.device
-        split = tokens * 2 * coded
-        indices = raw[:split].view(torch.int16)
-        classes = raw[split:].view(torch.int8) if self.per_token else None
-        models = self.table_of(classes, tokens, device) - MIN_TABLE
-        starts = range(0, tokens, step)
-        counts = [min(step, tokens - start) * coded for start in starts]
-        codes = rans_coder(device).encode(indices, models.flatten(), rans_models(device), counts)
-        if classes is None:
-            return codes
-        heads = classes.cpu().numpy().tobytes()
-        return [heads[start:start + step] + code for start, code in zip(starts, codes)]
+        return code_many([(self, raw, tokens, step)])[0]
 
     def uncode(self, payloads: list[bytes], tokens: list[int], device: torch.device) -> list[torch.Tensor]:
         """pca:...:a: the raw payload (uint8, on `device`) of each chunk of `tokens[i]` tokens, decoded from
@@ -323,7 +372,7 @@ class EntropyPCACodec:
             if flat.size and np.abs(flat.astype(np.int64)).max() > MAX_CLASS:
                 raise ValueError(f"a token class outside +-{MAX_CLASS}")
             classes = torch.from_numpy(flat).to(device)
-        models = self.table_of(classes, sum(tokens), device) - MIN_TABLE
+        models = (self.table_of(classes, sum(tokens), device) - MIN_TABLE).to(torch.int16)
         symbols = rans_coder(device).decode(codes, models.flatten(), rans_models(device), [n * coded for n in tokens])
         out, at, token = [], 0, 0
         for count in tokens:
@@ -386,6 +435,29 @@ class EntropyPCACodec:
         if not decoder.maybe_exhausted():
             raise ValueError("the range code does not end where its indices do")
         return indices.tobytes() + (classes.tobytes() if tail else b"")
+
+
+def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> list[list[bytes]]:
+    """`EntropyPCACodec.code` of several (codec, raw payload, tokens, step), in one call of the coder."""
+    if not parts:
+        return []
+    device = parts[0][1].device
+    symbols, models, counts, heads = [], [], [], []
+    for codec, raw, tokens, step in parts:
+        coded = codec.coded.numel()
+        split = tokens * 2 * coded
+        classes = raw[split:].view(torch.int8) if codec.per_token else None
+        symbols.append(raw[:split].view(torch.int16))
+        models.append((codec.table_of(classes, tokens, device) - MIN_TABLE).to(torch.int16).flatten())
+        counts.append([min(step, tokens - start) * coded for start in range(0, tokens, step)])
+        heads.append(classes.cpu().numpy().tobytes() if classes is not None else None)
+    codes = rans_coder(device).encode(torch.cat(symbols), torch.cat(models), rans_models(device),
+                                      [n for c in counts for n in c])
+    out, at = [], 0
+    for (_, _, tokens, step), chunk_counts, head in zip(parts, counts, heads):
+        mine, at = codes[at:at + len(chunk_counts)], at + len(chunk_counts)
+        out.append(mine if head is None else [head[s:s + step] + c for s, c in zip(range(0, tokens, step), mine)])
+    return out
 
 
 def _groups(tables: np.ndarray) -> list[tuple[int, np.ndarray]]:

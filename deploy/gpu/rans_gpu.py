@@ -18,7 +18,8 @@ import torch
 from channel.bench_gpu import cuda_seconds, warm_up
 from common.quant import rans, rans_triton
 from common.quant.pca import Basis
-from common.quant.pca_entropy import MAX_TABLE, MIN_TABLE, EntropyPCACodec, laplace, rans_models
+from common.quant.pca_entropy import MIN_TABLE, EntropyPCACodec, code_many, laplace, rans_models
+from common.wire import RANS_BATCH
 
 LAYERS, HEADS, HEAD_DIM = 32, 8, 128
 D = HEADS * HEAD_DIM
@@ -86,8 +87,14 @@ def codec_speed(basis: Basis, tokens: int, bits: float, step: int = 255) -> dict
     def indices():
         return [c.encode(k, v, cl) for c, (k, v), cl in zip(codecs, cache, classes)]
 
-    def encode():
-        return [c.code(raw, tokens, step) for c, raw in zip(codecs, indices())]
+    def encode():  # as the wire's sender does with a whole cache: layers coded together, up to RANS_BATCH symbols
+        out, batch = [], []
+        for c, raw in zip(codecs, indices()):
+            batch.append((c, raw, tokens, step))
+            if sum(b[0].coded.numel() * tokens for b in batch) >= RANS_BATCH:
+                out += code_many(batch)
+                batch = []
+        return out + code_many(batch)
 
     payloads = encode()
     counts = [min(step, tokens - s) for s in range(0, tokens, step)]

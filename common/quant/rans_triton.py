@@ -107,7 +107,8 @@ def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offs
         up = (16 - shift).to(tl.uint32)
         low = slot >> up
         state = tl.where(live, ((state >> 16) << up) + slot - (low << up), state)
-        state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
+        if tl.max((live & (state < 65536)).to(tl.int32), 0) > 0:  # only split models' low steps can need a word
+            state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
         tl.store(out + first + position, (((high - offset) << shift) + low.to(tl.int32)).to(tl.int16), mask=live)
     bad = bad | (valid & (state != 65536))
     tl.store(flags + c, ((tl.max(bad.to(tl.int32), 0) + (cursor != end).to(tl.int32)) > 0).to(tl.int8))

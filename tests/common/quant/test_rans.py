@@ -203,3 +203,20 @@ def test_a_corrupt_rans_chunk_is_data_loss(setup, tmp_path, damage):
     with pytest.raises(wire.WireError) as caught:
         wire.decode(frames, loaded.fingerprint, context=ctx)
     assert caught.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_out_of_memory_while_decoding_is_resource_exhausted(setup, tmp_path, monkeypatch):
+    """A device that cannot hold a tier's symbols: the allocation failure surfaces as itself, which the
+    receiver answers RESOURCE_EXHAUSTED (and frees the reservation: tests/receiver/test_server.py)."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    frames = list(wire.encode(kv, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=ctx))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(rans, "decode", no_memory)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        wire.decode(frames, loaded.fingerprint, context=ctx)
+    assert wire.status_for(caught.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -91,3 +91,31 @@ def test_expiry_gives_memory_back_off_the_callers_thread(monkeypatch):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert threading.current_thread() not in trimmed
+
+
+def test_expiry_frees_what_reference_cycles_hold(monkeypatch):
+    """A call grpc.aio ends with an abort leaves its handler's frames (its request, its tensors) in a
+    reference cycle. With automatic collection off (a full one may not come for minutes), expiry alone
+    must free them."""
+    import gc
+    import weakref
+
+    from receiver import sessions
+
+    trims = []
+    monkeypatch.setattr(sessions, "release_freed_memory_soon", lambda: trims.append(sessions.release_freed_memory()))
+    clock = Clock()
+    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
+    store.put(state(4), "raw", 1)
+    clock.t = 30
+    gc.disable()
+    try:
+        cycle = {"tensor": torch.zeros(1000)}
+        cycle["self"] = cycle
+        held = weakref.ref(cycle["tensor"])
+        del cycle
+        assert held() is not None
+        store.expire()
+        assert trims and held() is None
+    finally:
+        gc.enable()

@@ -14,19 +14,24 @@ we measure, in bits per element of the cache:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import zstandard
 
+from common import wire
+
 from channel.evaluation.squad import Sample
 from common.models import LoadedModel
-from common.plan import layer_codec
-from common.profile import Profile
+from common.plan import CodecPlan, layer_codec
+from common.profile import Profile, parse_profile
 from common.quant.entropy import code_symbols, entropy_bits
 from common.quant.kv import CHANNEL, KVCodec, _matrix_shape
 from common.quant.packing import packed_size, unpack
 from common.quant.pca import PCACodec
+from common.quant.pca_entropy import laplace
 from sender.prefill import prefill_prompt
 
 
@@ -115,3 +120,61 @@ def verdict(rows: list[dict], threshold: float = 0.10) -> str:
                 f"worth an entropy-coding stage")
     return (f"a static per-(layer, channel) model saves at most {saving:.0%} over zstd ({best['profile']}), "
             f"under the {threshold:.0%} bar: zstd stays")
+
+
+@torch.inference_mode()
+def coder_study(loaded: LoadedModel, samples: list[Sample], profiles: list[Profile],
+                progress: Callable[[], None] | None = None) -> list[dict]:
+    """Each entropy-coded pca profile (pca:...:e, no text stage) with the range coder and with rANS
+    (pca:...:a), on real prompts' caches through the wire's sender (wire.encode): bits per element of the
+    cache and encode seconds per prompt on this machine; both against the rate the basis's model predicts
+    for the indices (their cross-entropy under the tables, what an ideal coder of those tables reaches)."""
+    context = loaded.codec_context
+    bound = [profile.bind(context) for profile in profiles]
+    for profile in bound:
+        if not profile.entropy_coded or profile.pca.rans or profile.text_head or profile.text_question:
+            raise ValueError(f"{profile}: give a range-coded pca:...:w:e stage without a text stage")
+    caches = []
+    for sample in samples:
+        caches.append(prefill_prompt(loaded, sample.context, sample.question, True, bound).kv)
+        if progress:
+            progress()
+    elements = sum(2 * k.numel() for kv in caches for k in kv.keys)
+    rows = []
+    for profile in bound:
+        row = {"profile": str(profile)}
+        for coder, spec in (("range", profile), ("rans", parse_profile(str(profile).replace(":e", ":e:a", 1)))):
+            start, sent = time.perf_counter(), 0
+            for kv in caches:
+                frames = wire.encode(kv, spec, loaded.fingerprint, context=context)
+                sent += sum(len(f.chunk.payload) for f in frames if f.WhichOneof("kind") == "chunk")
+            row[f"{coder}_bits"] = 8 * sent / elements
+            row[f"{coder}_encode_s"] = (time.perf_counter() - start) / len(caches)
+        plan = CodecPlan.build(profile, context, caches[0].num_layers)
+        predicted = 0.0
+        for kv in caches:
+            for layer, (k, v, p) in enumerate(zip(kv.keys, kv.values, kv.positions)):
+                codec = plan.codecs[layer]
+                if codec.codec.coded.numel():
+                    raw = codec.encode(k, v, p, codec.classes(kv.importance[layer] if kv.importance else None, p))
+                    predicted += _model_bits(codec.codec, raw.cpu().numpy().tobytes(), k.shape[2])
+        row.update(model_bits=predicted / elements, prompts=len(caches))
+        row.update(range_vs_model=row["range_bits"] / row["model_bits"], rans_vs_model=row["rans_bits"] / row["model_bits"],
+                   rans_vs_range=row["rans_bits"] / row["range_bits"])
+        rows.append(row)
+    return rows
+
+
+def _model_bits(codec, raw: bytes, tokens: int) -> float:
+    """The cross-entropy, in bits, of a raw payload's indices under their tables (pca_entropy.laplace)."""
+    coded = codec.coded.numel()
+    indices = np.frombuffer(raw, dtype="<i2", count=tokens * coded).reshape(tokens, coded).astype(np.int64)
+    classes = (np.frombuffer(raw, dtype=np.int8, offset=2 * tokens * coded) if codec.per_token
+               else np.zeros(tokens, np.int8))
+    tables = codec._tables(classes)
+    bits = 0.0
+    for index in np.unique(tables):
+        probabilities, top = laplace(int(index))
+        picked = tables == index
+        bits += float(-np.log2(probabilities[indices[picked] + top] / probabilities.sum()).sum())
+    return bits

@@ -273,6 +273,52 @@ def bench_entropy(
         json_path.write_text(json.dumps({"model": model, "rows": rows, "verdict": verdict(rows)}, indent=2))
 
 
+@bench_app.command("coders")
+def bench_coders(
+    profiles: str = typer.Option("pca:b1.7:w:e:j:i1:f3,pca:b3.05:w:e:j:i1:f3,pca:b2:w:e",
+                                 help="Comma-separated range-coded pca:...:e profiles (no text stage)."),
+    samples: int = typer.Option(8, min=1, help="Prompts (SQuAD contexts and questions)."),
+    skip: int = typer.Option(0, min=0, help="Start this far into the questions."),
+    data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    model: str = ModelOption,
+) -> None:
+    """The entropy coders of pca:...:e side by side on real caches: the range coder (CPU) against rANS
+    (pca:...:a, any device), bits per element and encode seconds, both against the model's rate."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from channel.bench_entropy import coder_study
+    from channel.evaluation.squad import load_squad
+    from common.models import load_model
+
+    names = _parse_profiles(profiles)
+    loaded = load_model(model)
+    dataset = load_squad(data, limit=samples, skip=skip)
+    if not dataset:
+        raise typer.BadParameter(f"no questions left after skipping {skip}", param_hint="--skip")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("prefilling", total=len(dataset))
+        try:
+            rows = coder_study(loaded, dataset, names, progress=lambda: progress.advance(task))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--profiles") from None
+    table = Table(title=f"entropy coders: {model}, {len(dataset)} prompts (bits per element of the cache; "
+                        f"encode seconds per prompt on this machine)")
+    for column in ("profile", "model rate", "range", "range / model", "rANS", "rANS / model", "rANS / range",
+                   "range s", "rANS s"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for r in rows:
+        table.add_row(r["profile"], f"{r['model_bits']:.4f}", f"{r['range_bits']:.4f}", f"{r['range_vs_model']:.4f}",
+                      f"{r['rans_bits']:.4f}", f"{r['rans_vs_model']:.4f}", f"{r['rans_vs_range']:.4f}",
+                      f"{r['range_encode_s']:.2f}", f"{r['rans_encode_s']:.2f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "samples": len(dataset), "skip": skip, "rows": rows}, indent=2))
+
+
 @bench_app.command("segments")
 def bench_segments(
     tokens: int = typer.Option(1024, min=64, help="Needle-in-a-haystack contexts of this many tokens."),

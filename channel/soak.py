@@ -4,9 +4,10 @@ attacks of issue 31, against one receiver process on loopback.
 Two phases in one run: the honest load alone (the baseline), then the same load beside the
 attackers. Every honest answer is checked against the one its cache gives in process. A monitor
 process probes `/healthz` and the gRPC health service throughout, and samples the receiver's
-resident memory; at the end, once the sessions have expired, it is compared with the start.
-The attackers and the monitor run in processes of their own, so neither shares the honest
-clients' interpreter lock (their latencies would be the client's, not the receiver's).
+resident memory (at the end, once the sessions have expired, it is compared with the start) and
+the machine's load average (other work on the cores stretches every latency). The attackers and
+the monitor run in processes of their own, so neither shares the honest clients' interpreter lock
+(their latencies would be the client's, not the receiver's).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def monitor(pid: int, http_port: int, target: str, phases, results) -> None:
         if phase == "stop":
             break
         row = worst.setdefault(phase, {"healthz_max_s": 0.0, "grpc_health_max_s": 0.0, "probes": 0, "failed": 0,
-                                       "rss_max_bytes": 0})
+                                       "rss_max_bytes": 0, "load1_max": 0.0})
         start = time.perf_counter()
         try:
             urllib.request.urlopen(url, timeout=5).read()
@@ -119,6 +120,7 @@ def monitor(pid: int, http_port: int, target: str, phases, results) -> None:
             row["failed"] += 1
         row["grpc_health_max_s"] = max(row["grpc_health_max_s"], time.perf_counter() - start)
         row["rss_max_bytes"] = max(row["rss_max_bytes"], rss(pid) or 0)
+        row["load1_max"] = max(row["load1_max"], os.getloadavg()[0])
         row["probes"] += 1
         time.sleep(PROBE_EVERY_S)
     channel.close()

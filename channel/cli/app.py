@@ -21,7 +21,8 @@ app.add_typer(receiver_app, name="receiver")
 app.add_typer(sender_app, name="sender")
 app.add_typer(bench_app, name="bench")
 app.add_typer(study_app, name="study")
-console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and CI
+console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)  # wide tables in logs and CI; no
+# emoji codes: a profile such as pca:b1:w:e:j:a:i1 holds ":a:"
 
 
 DeviceOption = typer.Option(None, "--device", help="auto (cuda when there is one), cpu, cuda or cuda:N "

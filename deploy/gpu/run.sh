@@ -6,6 +6,7 @@
 #   deploy/gpu/run.sh wheels .whl_t # keep some wheels in /tmp/whl first when the tree and .whl/ together pass
 #                                   # 64 MiB (session 9: transformers' wheel went over alone; session 11, with the
 #                                   # joint basis in the tree: .whl_t, then .whl_u with grpcio and zstandard)
+#   (session 12: the machine's grpcio 1.84.0 refuses grpcio-health-checking 1.85.1: carry grpcio 1.85.3 too)
 #   deploy/gpu/run.sh install       # the wheels (.whl/ and /tmp/whl), into /tmp/site (and .data/, a SQuAD file,
 #                                   # into /tmp/data); constriction's wheel is among them (pca:...:e)
 #   deploy/gpu/run.sh part .gp1     # keep a part in /tmp/parts (carried paths vanish on the next call)

@@ -220,3 +220,12 @@ def test_out_of_memory_while_decoding_is_resource_exhausted(setup, tmp_path, mon
     with pytest.raises(torch.OutOfMemoryError) as caught:
         wire.decode(frames, loaded.fingerprint, context=ctx)
     assert wire.status_for(caught.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_cli_prints_the_a_flag_as_text():
+    """Rich turns ":a:" into an emoji unless told not to; the CLI's console is."""
+    from channel.cli.app import console
+
+    with console.capture() as captured:
+        console.print("pca:b1:w:e:j:a:i1")
+    assert "pca:b1:w:e:j:a:i1" in captured.get()

@@ -212,17 +212,15 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: 
     layout = Layout(tuple(counts))
     device = models_of.device
     total = sum(layout.counts)
-    if any(code and not n for code, n in zip(codes, layout.counts)):
-        raise ValueError("a code of bytes for no symbols")
     if not total:
+        check_empty(codes, layout)
         return torch.zeros(0, dtype=torch.int64, device=device)
     models = models.to(device)
     models_of = models_of.long()
-    states, words, word_starts = _unpack(layout, codes, device)
+    states, words, word_starts, word_ends = unpack(layout, codes, device)
     chunk, index, lanes, first = layout.lane_table(device)
     ends = first + torch.tensor(layout.counts, dtype=torch.int64, device=device)[chunk]
     cursor = word_starts.clone()  # per chunk: its next word
-    word_ends = torch.cat([word_starts[1:], torch.tensor([words.numel()], device=device)])
     state = states
     out = torch.zeros(total, dtype=torch.int64, device=device)
     overrun = torch.zeros((), dtype=torch.bool, device=device)
@@ -263,9 +261,17 @@ def _renormalize(state, live, chunk, cursor, word_ends, words, overrun):
     return state, cursor + before, overrun
 
 
-def _unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every lane's state (int64), every chunk's words back to back (int16, their 16 bits), and where
-    each chunk's words start."""
+def check_empty(codes: list[bytes], layout: Layout) -> None:
+    """A chunk of no symbols has an empty code."""
+    if any(code and not n for code, n in zip(codes, layout.counts)):
+        raise ValueError("a code of bytes for no symbols")
+
+
+def unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What both decoders start from (ValueError for a code of the wrong shape): every lane's state
+    (int64), every chunk's words back to back (int16, their 16 bits), and where each chunk's words
+    start and end."""
+    check_empty(codes, layout)
     states, words, starts, at = [], [], [], 0
     for code, n, lanes in zip(codes, layout.counts, layout.lanes):
         head = 4 * lanes
@@ -279,4 +285,5 @@ def _unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[t
     if not bool((state >= LOW).all()):
         raise ValueError("not a code of this stage: a lane's state is below 2^16")
     return (state, torch.from_numpy(np.concatenate(words)).to(device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
+            torch.tensor(starts, dtype=torch.int64, device=device),
+            torch.tensor([*starts[1:], at], dtype=torch.int64, device=device))

@@ -21,15 +21,19 @@ from common.quant import rans
 
 
 @triton.jit
+def _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK: tl.constexpr):
+    """This program's chunk: its index, first symbol, symbols, lanes, first lane; the lanes' offsets and
+    which of them the chunk has."""
+    c = tl.program_id(0)
+    lanes = tl.load(lanes_of + c)
+    lane = tl.arange(0, BLOCK)
+    return c, tl.load(first_of + c), tl.load(count_of + c), lanes, tl.load(lane_start_of + c), lane, lane < lanes
+
+
+@triton.jit
 def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, lane_start_of,
             words, emitted, written, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    first = tl.load(first_of + c)
-    count = tl.load(count_of + c)
-    lanes = tl.load(lanes_of + c)
-    lane_start = tl.load(lane_start_of + c)
-    lane = tl.arange(0, BLOCK)
-    valid = lane < lanes
+    c, first, count, lanes, lane_start, lane, valid = _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK)
     base = lane_start * 2 * STEPS + lane  # rans.scratch_index
     state = tl.full((BLOCK,), 65536, tl.uint32)
     total = tl.zeros((BLOCK,), tl.int32)
@@ -80,15 +84,9 @@ def _renormalize(state, live, words, cursor, end, bad):
 @triton.jit
 def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offset_of, freq, cum, lookup, width,
             first_of, count_of, lanes_of, lane_start_of, out, flags, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    first = tl.load(first_of + c)
-    count = tl.load(count_of + c)
-    lanes = tl.load(lanes_of + c)
-    lane_start = tl.load(lane_start_of + c)
+    c, first, count, lanes, lane_start, lane, valid = _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK)
     cursor = tl.load(word_start_of + c)
     end = tl.load(word_end_of + c)
-    lane = tl.arange(0, BLOCK)
-    valid = lane < lanes
     state = tl.load(states + lane_start + lane, mask=valid, other=65536).to(tl.uint32)
     bad = lane < 0
     for k in range(0, STEPS):
@@ -152,13 +150,11 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, cou
     layout = rans.Layout(tuple(counts))
     device = models_of.device
     total = sum(layout.counts)
-    if any(code and not n for code, n in zip(codes, layout.counts)):
-        raise ValueError("a code of bytes for no symbols")
     if not total:
+        rans.check_empty(codes, layout)
         return torch.zeros(0, dtype=torch.int64, device=device)
     models = models.to(device)
-    states, words, word_starts = rans._unpack(layout, codes, device)
-    word_ends = torch.cat([word_starts[1:], torch.tensor([words.numel()], device=device)])
+    states, words, word_starts, word_ends = rans.unpack(layout, codes, device)
     first, count, lanes, lane_start = _chunk_table(layout, device)
     out = torch.zeros(total, dtype=torch.int16, device=device)
     flags = torch.zeros(len(layout.counts), dtype=torch.int8, device=device)

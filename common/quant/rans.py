@@ -19,20 +19,25 @@ of which reads at most one word. The encoder runs the lanes backwards from the s
 decoder runs them forwards and must end each lane at 2^16 (a check that catches most corrupted
 codes).
 
+Groups. A chunk's lanes are cut into groups of GROUP (the last may be smaller), and each group's
+words lie together, so that groups decode independently: a GPU runs one warp per group, however
+few chunks a call has.
+
 Format of one chunk's code, little endian:
 
     u32 state of each lane, lane order
-    u16 words in the order the decoder reads them: by symbol step k, then high step before low step,
-        then lane
+    u32 words of each group, group order
+    u16 words, group by group; in a group, in the order its decoder reads them: by symbol step k,
+        then high step before low step, then lane
 
-so the decoder of step k finds the words of the lanes that need one at the cursor, in lane order
-(a prefix sum over the lanes that renormalize). Nothing else travels: N and each symbol's model
-come from the stage and the chunk's shape, as for the range coder.
+so the decoder of step k finds the words of the group's lanes that need one at the group's cursor,
+in lane order (a prefix sum over the lanes that renormalize). Nothing else travels: N and each
+symbol's model come from the stage and the chunk's shape, as for the range coder.
 
-Cost: 32 bits per lane (0.016 bits per symbol at LANE 2048) and the frequency rounding; `kvwire
-bench coders` measures it against the range coder (within 3% of the tables' rate on SmolLM2). The
-reference here is plain torch and runs on any device; `common.quant.rans_triton` holds the GPU
-kernels, tested against it bit for bit.
+Cost: 32 bits per lane and 32 per group (0.016 bits per symbol at LANE 2048, GROUP 32) and the
+frequency rounding; `kvwire bench coders` measures it against the range coder (within 3% of the
+tables' rate on SmolLM2). The reference here is plain torch and runs on any device;
+`common.quant.rans_triton` holds the GPU kernels, tested against it bit for bit.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ TOTAL = 1 << PROB_BITS
 LOW = 1 << 16  # the state's lower bound; a renormalization moves 16 bits
 WORD = 0xFFFF
 LANE = 2048  # symbols per lane
+GROUP = 32  # lanes per group (a GPU warp)
 MAX_HIGH = 127  # most magnitudes of a split model's high part
 
 
@@ -102,21 +108,31 @@ def lanes_of(n: int) -> int:
     return -(-n // LANE) if n else 0
 
 
+def groups_of(lanes: int) -> int:
+    return -(-lanes // GROUP)
+
+
 def code_bytes_min(n: int) -> int:
-    """The least bytes a code of `n` symbols can have: its lanes' states."""
-    return 4 * lanes_of(n)
+    """The least bytes a code of `n` symbols can have: its lanes' states and its groups' word counts."""
+    lanes = lanes_of(n)
+    return 4 * (lanes + groups_of(lanes))
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [0, *np.cumsum(sizes)[:-1].tolist()] if sizes else []
 
 
 @dataclass(frozen=True)
 class Layout:
     """Several chunks coded in one call: chunk c holds symbols [starts[c], starts[c] + counts[c]) of
-    the flat symbol tensor, and lanes [lane_starts[c], lane_starts[c] + lanes[c])."""
+    the flat symbol tensor, lanes [lane_starts[c], lane_starts[c] + lanes[c]) and groups
+    [group_starts[c], group_starts[c] + groups[c])."""
 
     counts: tuple[int, ...]
 
     @functools.cached_property
     def starts(self) -> list[int]:
-        return [0, *np.cumsum(self.counts)[:-1].tolist()] if self.counts else []
+        return _offsets(self.counts)
 
     @functools.cached_property
     def lanes(self) -> list[int]:
@@ -124,28 +140,58 @@ class Layout:
 
     @functools.cached_property
     def lane_starts(self) -> list[int]:
-        return [0, *np.cumsum(self.lanes)[:-1].tolist()] if self.counts else []
+        return _offsets(self.lanes)
 
-    def lane_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per lane: its chunk, its index in the chunk, its chunk's lane count and first symbol (int64)."""
-        chunk = torch.repeat_interleave(torch.arange(len(self.counts)), torch.tensor(self.lanes, dtype=torch.int64))
-        lanes = torch.tensor(self.lanes, dtype=torch.int64)[chunk]
-        index = torch.arange(chunk.numel()) - torch.tensor(self.lane_starts, dtype=torch.int64)[chunk]
-        first = torch.tensor(self.starts, dtype=torch.int64)[chunk]
-        return tuple(t.to(device) for t in (chunk, index, lanes, first))
+    @functools.cached_property
+    def groups(self) -> list[int]:
+        return [groups_of(n) for n in self.lanes]
+
+    @functools.cached_property
+    def group_starts(self) -> list[int]:
+        return _offsets(self.groups)
+
+    @functools.cached_property
+    def _group_arrays(self) -> dict[str, np.ndarray]:
+        def per_group(values):
+            return np.asarray(values, dtype=np.int64)[chunk]
+
+        chunk = np.repeat(np.arange(len(self.counts), dtype=np.int64), self.groups)
+        at = (np.arange(chunk.size) - per_group(self.group_starts)) * GROUP  # its first lane in the chunk
+        lanes = per_group(self.lanes)
+        return {"first": per_group(self.starts), "count": per_group(self.counts), "lanes": lanes, "at": at,
+                "size": np.minimum(GROUP, lanes - at), "lane_start": per_group(self.lane_starts) + at}
+
+    def group_table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per group (int64): its chunk's first symbol, symbols and lanes; its first lane in the chunk, its
+        lanes, its first lane of all."""
+        g = self._group_arrays
+        return tuple(torch.from_numpy(g[k]).to(device) for k in ("first", "count", "lanes", "at", "size", "lane_start"))
+
+    @functools.cached_property
+    def _lane_group(self) -> np.ndarray:
+        return np.repeat(np.arange(self._group_arrays["size"].size), self._group_arrays["size"])
+
+    def lane_table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per lane (int64): its group, its index in its chunk, its chunk's lanes, first symbol and end."""
+        g, group = self._group_arrays, self._lane_group
+        index = np.arange(group.size) - g["lane_start"][group] + g["at"][group]
+        first = g["first"][group]
+        return tuple(torch.from_numpy(a).to(device) for a in (group, index, g["lanes"][group], first,
+                                                                 first + g["count"][group]))
 
     @property
     def steps(self) -> int:
         return max((-(-n // k) for n, k in zip(self.counts, self.lanes) if n), default=0)
 
 
-def scratch_index(layout: Layout, steps: int, device: torch.device) -> torch.Tensor:
-    """Per lane: where its words of step 0's high step go in an encoder's scratch, whose words lie chunk by
-    chunk, and in a chunk by step, sub-step (high, low), lane; + (2 k + sub) * its chunk's lanes for the others.
-    Compacted, the scratch is every chunk's words in the order its decoder reads them."""
-    chunk, index, lanes, _ = layout.lane_table(device)
-    lane_starts = torch.tensor(layout.lane_starts, dtype=torch.int64, device=device)
-    return lane_starts[chunk] * 2 * steps + index
+def scratch_index(layout: Layout, steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per lane: where its word of step 0's high step goes in an encoder's scratch, and the stride to step k's
+    sub-step s (+ (2 k + s) * stride). The scratch's words lie group by group, and in a group by step, sub-step
+    (high, low), lane: compacted, it is every chunk's words in the order its decoder reads them."""
+    g, group = layout._group_arrays, layout._lane_group
+    start = g["lane_start"][group]
+    base = start * 2 * steps + np.arange(group.size) - start
+    return torch.from_numpy(base).to(device), torch.from_numpy(g["size"][group]).to(device)
 
 
 def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, counts: list[int]) -> list[bytes]:
@@ -157,15 +203,14 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, count
     device = symbols.device
     models = models.to(device)
     symbols, models_of = symbols.long(), models_of.long()
-    chunk, index, lanes, first = layout.lane_table(device)
+    _, index, lanes, first, ends = layout.lane_table(device)
     total = symbols.numel()
     steps = layout.steps
     state = torch.full_like(index, LOW)
     words = torch.zeros(2 * steps * index.numel(), dtype=torch.int64, device=device)
     emitted = torch.zeros(2 * steps * index.numel(), dtype=torch.bool, device=device)
-    base = scratch_index(layout, steps, device)
+    base, stride = scratch_index(layout, steps, device)
     written = torch.zeros_like(index)  # per lane: its words
-    ends = first + torch.tensor(layout.counts, dtype=torch.int64, device=device)[chunk]
     for k in range(steps - 1, -1, -1):
         position = first + index + k * lanes
         live = position < ends
@@ -179,8 +224,8 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, count
                                  torch.bitwise_left_shift(low, PROB_BITS - shift))),
                             (0, (models.freq[m, high], models.cum[m, high]))):
             out = live & (state >= (f << 16))
-            words[base + (2 * k + sub) * lanes] = state & WORD
-            emitted[base + (2 * k + sub) * lanes] = out
+            words[base + (2 * k + sub) * stride] = state & WORD
+            emitted[base + (2 * k + sub) * stride] = out
             written += out
             state = torch.where(out, state >> 16, state)
             state = torch.where(live, ((state // f) << PROB_BITS) + state % f + c, state)
@@ -191,18 +236,23 @@ def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: tor
           written: torch.Tensor) -> list[bytes]:
     """Each chunk's code from the lanes' final states, the encoder's scratch (`scratch_index`) and each lane's
     count of words: one copy of 2 bytes a word to the host."""
-    per_chunk = torch.zeros(len(layout.counts), dtype=torch.int64, device=written.device).index_add_(
-        0, layout.lane_table(written.device)[0], written.long()).tolist()
+    device = written.device
+    per_group = torch.zeros(sum(layout.groups), dtype=torch.int64, device=device).index_add_(
+        0, torch.from_numpy(layout._lane_group).to(device), written.long())
     stream = words[emitted]
     if stream.dtype != torch.int16:
         stream = stream.to(torch.int32).view(torch.int16)[0::2]  # the low 16 bits (little endian)
     stream = stream.cpu().numpy().tobytes()
+    per_group = per_group.cpu().numpy()
+    group_words = per_group.astype("<u4").tobytes()
     states = state.to(torch.int64).cpu().numpy().astype("<u4").tobytes()
     out, at = [], 0
     for c, n in enumerate(layout.counts):
-        lo, hi = 4 * layout.lane_starts[c], 4 * (layout.lane_starts[c] + layout.lanes[c])
-        out.append(states[lo:hi] + stream[2 * at:2 * (at + per_chunk[c])] if n else b"")
-        at += per_chunk[c]
+        lanes, groups = slice(4 * layout.lane_starts[c], 4 * (layout.lane_starts[c] + layout.lanes[c])), \
+            slice(4 * layout.group_starts[c], 4 * (layout.group_starts[c] + layout.groups[c]))
+        size = int(per_group[layout.group_starts[c]:layout.group_starts[c] + layout.groups[c]].sum())
+        out.append(states[lanes] + group_words[groups] + stream[2 * at:2 * (at + size)] if n else b"")
+        at += size
     return out
 
 
@@ -218,9 +268,8 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: 
     models = models.to(device)
     models_of = models_of.long()
     states, words, word_starts, word_ends = unpack(layout, codes, device)
-    chunk, index, lanes, first = layout.lane_table(device)
-    ends = first + torch.tensor(layout.counts, dtype=torch.int64, device=device)[chunk]
-    cursor = word_starts.clone()  # per chunk: its next word
+    group, index, lanes, first, ends = layout.lane_table(device)
+    cursor = word_starts.clone()  # per group: its next word
     state = states
     out = torch.zeros(total, dtype=torch.int64, device=device)
     overrun = torch.zeros((), dtype=torch.bool, device=device)
@@ -233,11 +282,11 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: 
         slot = state & (TOTAL - 1)
         high = models.lookup[m, slot].long()
         state = torch.where(live, models.freq[m, high] * (state >> PROB_BITS) + slot - models.cum[m, high], state)
-        state, cursor, overrun = _renormalize(state, live, chunk, cursor, word_ends, words, overrun)
+        state, cursor, overrun = _renormalize(state, live, group, cursor, word_ends, words, overrun)
         slot = state & (TOTAL - 1)
         low = slot >> (PROB_BITS - shift)
         state = torch.where(live, (state >> PROB_BITS << (PROB_BITS - shift)) + slot - (low << (PROB_BITS - shift)), state)
-        state, cursor, overrun = _renormalize(state, live, chunk, cursor, word_ends, words, overrun)
+        state, cursor, overrun = _renormalize(state, live, group, cursor, word_ends, words, overrun)
         value = ((high - models.offset[m]) << shift) + low
         out[at[live]] = value[live]
     if bool(overrun) or not bool((cursor == word_ends).all()) or not bool((state == LOW).all()):
@@ -245,17 +294,17 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: 
     return out
 
 
-def _renormalize(state, live, chunk, cursor, word_ends, words, overrun):
-    """Each live lane whose state fell below 2^16 reads its chunk's next word, lanes in order."""
+def _renormalize(state, live, group, cursor, word_ends, words, overrun):
+    """Each live lane whose state fell below 2^16 reads its group's next word, lanes in order."""
     need = live & (state < LOW)
     if not bool(need.any()):
         return state, cursor, overrun
     taken = torch.cumsum(need.long(), 0)
-    before = torch.zeros_like(cursor).index_add_(0, chunk, need.long())  # per chunk: how many read now
-    base = torch.cumsum(before, 0) - before  # words read now by earlier chunks' lanes
-    rank = taken - 1 - base[chunk]  # this lane's rank among its chunk's readers
-    at = cursor[chunk] + rank
-    overrun = overrun | (need & (at >= word_ends[chunk])).any()
+    before = torch.zeros_like(cursor).index_add_(0, group, need.long())  # per group: how many read now
+    base = torch.cumsum(before, 0) - before  # words read now by earlier groups' lanes
+    rank = taken - 1 - base[group]  # this lane's rank among its group's readers
+    at = cursor[group] + rank
+    overrun = overrun | (need & (at >= word_ends[group])).any()
     word = words[at.clamp(max=max(words.numel() - 1, 0))].long() & WORD if words.numel() else torch.zeros_like(state)
     state = torch.where(need, (state << 16) | word, state)
     return state, cursor + before, overrun
@@ -269,21 +318,24 @@ def check_empty(codes: list[bytes], layout: Layout) -> None:
 
 def unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[torch.Tensor, ...]:
     """What both decoders start from (ValueError for a code of the wrong shape): every lane's state
-    (int64), every chunk's words back to back (int16, their 16 bits), and where each chunk's words
+    (int64), every group's words back to back (int16, their 16 bits), and where each group's words
     start and end."""
     check_empty(codes, layout)
-    states, words, starts, at = [], [], [], 0
-    for code, n, lanes in zip(codes, layout.counts, layout.lanes):
-        head = 4 * lanes
+    states, words, counts = [], [], []
+    for code, n, lanes, groups in zip(codes, layout.counts, layout.lanes, layout.groups):
+        head = 4 * (lanes + groups)
         if len(code) < head or (len(code) - head) % 2:
-            raise ValueError(f"a code of {len(code)} bytes for {n} symbols: {head} bytes of lane states, then whole words")
+            raise ValueError(f"a code of {len(code)} bytes for {n} symbols: {head} bytes of lane states and group "
+                             "sizes, then whole words")
+        counts.append(np.frombuffer(code, dtype="<u4", offset=4 * lanes, count=groups).astype(np.int64))
+        if 2 * int(counts[-1].sum()) != len(code) - head:
+            raise ValueError(f"a code whose groups count {int(counts[-1].sum())} words, and that holds "
+                             f"{(len(code) - head) // 2}")
         states.append(np.frombuffer(code, dtype="<u4", count=lanes))
         words.append(np.frombuffer(code, dtype="<i2", offset=head))
-        starts.append(at)
-        at += words[-1].size
     state = torch.from_numpy(np.concatenate(states).astype(np.int64)).to(device)
     if not bool((state >= LOW).all()):
         raise ValueError("not a code of this stage: a lane's state is below 2^16")
+    ends = np.cumsum(np.concatenate(counts))
     return (state, torch.from_numpy(np.concatenate(words)).to(device),
-            torch.tensor(starts, dtype=torch.int64, device=device),
-            torch.tensor([*starts[1:], at], dtype=torch.int64, device=device))
+            torch.from_numpy(ends - np.concatenate(counts)).to(device), torch.from_numpy(ends).to(device))

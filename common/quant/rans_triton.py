@@ -1,8 +1,8 @@
-"""The GPU kernels of `common.quant.rans`: one program per chunk, its lanes side by side.
+"""The GPU kernels of `common.quant.rans`: one program (a warp) per group of lanes.
 
 They write what the torch reference writes (the encoder: every lane's state and its words in the
-reference's (step, sub-step, lane) scratch, which `rans._pack` compacts; the decoder: the symbols),
-in the same integer arithmetic, so the bytes are the same bit for bit
+reference's (group, step, sub-step, lane) scratch, which `rans._pack` compacts; the decoder: the
+symbols), in the same integer arithmetic, so the bytes are the same bit for bit
 (tests/common/quant/test_rans.py runs them in Triton's interpreter against the reference).
 """
 
@@ -21,28 +21,35 @@ from common.quant import rans
 
 
 @triton.jit
-def _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK: tl.constexpr):
-    """This program's chunk: its index, first symbol, symbols, lanes, first lane; the lanes' offsets and
-    which of them the chunk has."""
-    c = tl.program_id(0)
-    lanes = tl.load(lanes_of + c)
+def _group(first_of, count_of, lanes_of, at_of, size_of, lane_start_of, BLOCK: tl.constexpr):
+    """This program's group: its chunk's first symbol, symbols and lanes, its first lane of all; its lanes'
+    indices in the chunk, and which of them the group has."""
+    g = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
-    return c, tl.load(first_of + c), tl.load(count_of + c), lanes, tl.load(lane_start_of + c), lane, lane < lanes
+    return (g, tl.load(first_of + g), tl.load(count_of + g), tl.load(lanes_of + g), tl.load(lane_start_of + g),
+            tl.load(at_of + g) + lane, lane, lane < tl.load(size_of + g))
 
 
 @triton.jit
-def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, lane_start_of,
-            words, emitted, written, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    c, first, count, lanes, lane_start, lane, valid = _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK)
+def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, at_of, size_of,
+            lane_start_of, words, emitted, written, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    g, first, count, lanes, lane_start, index, lane, valid = _group(first_of, count_of, lanes_of, at_of, size_of,
+                                                                  lane_start_of, BLOCK)
+    size = tl.load(size_of + g)
     base = lane_start * 2 * STEPS + lane  # rans.scratch_index
     state = tl.full((BLOCK,), 65536, tl.uint32)
     total = tl.zeros((BLOCK,), tl.int32)
+    # each step loads the next step's symbols and models, so that no step waits on its own loads
+    position = (STEPS - 1) * lanes + index
+    live = valid & (position < count)
+    symbol = tl.load(symbols + first + position, mask=live, other=0).to(tl.int32)
+    m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
     for i in range(0, STEPS):
         k = STEPS - 1 - i
-        position = k * lanes + lane
-        live = valid & (position < count)
-        symbol = tl.load(symbols + first + position, mask=live, other=0).to(tl.int32)
-        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
+        ahead = position - lanes
+        live_ahead = valid & (ahead >= 0) & (ahead < count)
+        symbol_ahead = tl.load(symbols + first + ahead, mask=live_ahead, other=0).to(tl.int32)
+        m_ahead = tl.load(models_of + first + ahead, mask=live_ahead, other=0).to(tl.int32)
         shift = tl.load(shift_of + m, mask=live, other=0).to(tl.int32)
         offset = tl.load(offset_of + m, mask=live, other=0).to(tl.int32)
         top = symbol >> shift
@@ -51,8 +58,8 @@ def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of,
         # the low step (sub-step 1), then the high step (0): the decoder reads them the other way round
         f = (tl.full((BLOCK,), 1, tl.int32) << (16 - shift)).to(tl.uint32)
         out = live & ((state >> 16) >= f)
-        tl.store(words + base + (2 * k + 1) * lanes, state.to(tl.int16), mask=valid)
-        tl.store(emitted + base + (2 * k + 1) * lanes, out.to(tl.int8), mask=valid)
+        tl.store(words + base + (2 * k + 1) * size, state.to(tl.int16), mask=valid)
+        tl.store(emitted + base + (2 * k + 1) * size, out.to(tl.int8), mask=valid)
         total += out.to(tl.int32)
         state = tl.where(out, state >> 16, state)
         q = state // f
@@ -60,12 +67,13 @@ def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of,
         f = tl.load(freq + m * width + high, mask=live, other=1).to(tl.uint32)
         start = tl.load(cum + m * width + high, mask=live, other=0).to(tl.uint32)
         out = live & ((state >> 16) >= f)
-        tl.store(words + base + 2 * k * lanes, state.to(tl.int16), mask=valid)
-        tl.store(emitted + base + 2 * k * lanes, out.to(tl.int8), mask=valid)
+        tl.store(words + base + 2 * k * size, state.to(tl.int16), mask=valid)
+        tl.store(emitted + base + 2 * k * size, out.to(tl.int8), mask=valid)
         total += out.to(tl.int32)
         state = tl.where(out, state >> 16, state)
         q = state // f
         state = tl.where(live, (q << 16) + (state - q * f) + start, state)
+        position, live, symbol, m = ahead, live_ahead, symbol_ahead, m_ahead
     tl.store(states + lane_start + lane, state.to(tl.int64), mask=valid)
     tl.store(written + lane_start + lane, total, mask=valid)
 
@@ -83,16 +91,22 @@ def _renormalize(state, live, words, cursor, end, bad):
 
 @triton.jit
 def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offset_of, freq, cum, lookup, width,
-            first_of, count_of, lanes_of, lane_start_of, out, flags, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    c, first, count, lanes, lane_start, lane, valid = _chunk(first_of, count_of, lanes_of, lane_start_of, BLOCK)
-    cursor = tl.load(word_start_of + c)
-    end = tl.load(word_end_of + c)
+            first_of, count_of, lanes_of, at_of, size_of, lane_start_of, out, flags, STEPS: tl.constexpr,
+            BLOCK: tl.constexpr):
+    g, first, count, lanes, lane_start, index, lane, valid = _group(first_of, count_of, lanes_of, at_of, size_of,
+                                                                  lane_start_of, BLOCK)
+    cursor = tl.load(word_start_of + g)
+    end = tl.load(word_end_of + g)
     state = tl.load(states + lane_start + lane, mask=valid, other=65536).to(tl.uint32)
     bad = lane < 0
+    position = index
+    live = valid & (position < count)
+    m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
     for k in range(0, STEPS):
-        position = k * lanes + lane
-        live = valid & (position < count)
-        m = tl.load(models_of + first + position, mask=live, other=0).to(tl.int32)
+        # the next step's models, loaded a step ahead: no step waits on its own
+        ahead = position + lanes
+        live_ahead = valid & (ahead < count)
+        m_ahead = tl.load(models_of + first + ahead, mask=live_ahead, other=0).to(tl.int32)
         shift = tl.load(shift_of + m, mask=live, other=0).to(tl.int32)
         offset = tl.load(offset_of + m, mask=live, other=0).to(tl.int32)
         slot = state & 0xFFFF
@@ -108,21 +122,13 @@ def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offs
         if tl.max((live & (state < 65536)).to(tl.int32), 0) > 0:  # only split models' low steps can need a word
             state, cursor, bad = _renormalize(state, live, words, cursor, end, bad)
         tl.store(out + first + position, (((high - offset) << shift) + low.to(tl.int32)).to(tl.int16), mask=live)
+        position, live, m = ahead, live_ahead, m_ahead
     bad = bad | (valid & (state != 65536))
-    tl.store(flags + c, ((tl.max(bad.to(tl.int32), 0) + (cursor != end).to(tl.int32)) > 0).to(tl.int8))
-
-
-def _block(layout: rans.Layout) -> int:
-    return max(16, triton.next_power_of_2(max(layout.lanes, default=1)))
+    tl.store(flags + g, ((tl.max(bad.to(tl.int32), 0) + (cursor != end).to(tl.int32)) > 0).to(tl.int8))
 
 
 def _steps(layout: rans.Layout) -> int:
     return triton.next_power_of_2(max(layout.steps, 1))
-
-
-def _chunk_table(layout: rans.Layout, device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.tensor(v, dtype=torch.int64, device=device)
-                 for v in (layout.starts, layout.counts, layout.lanes, layout.lane_starts))
 
 
 def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> list[bytes]:
@@ -138,10 +144,9 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, 
     emitted = torch.zeros(2 * steps * total_lanes, dtype=torch.int8, device=device)
     written = torch.empty(total_lanes, dtype=torch.int32, device=device)
     states = torch.empty(total_lanes, dtype=torch.int64, device=device)
-    first, count, lanes, lane_start = _chunk_table(layout, device)
-    _encode[(len(layout.counts),)](symbols.contiguous(), models_of.contiguous(), models.shift, models.offset,
-                                   models.freq, models.cum, models.freq.shape[1], first, count, lanes, lane_start,
-                                   words, emitted, written, states, STEPS=steps, BLOCK=_block(layout))
+    _encode[(sum(layout.groups),)](symbols.contiguous(), models_of.contiguous(), models.shift, models.offset,
+                                   models.freq, models.cum, models.freq.shape[1], *layout.group_table(device),
+                                   words, emitted, written, states, STEPS=steps, BLOCK=rans.GROUP, num_warps=1)
     return rans._pack(layout, states, words, emitted.bool(), written)
 
 
@@ -155,13 +160,13 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, cou
         return torch.zeros(0, dtype=torch.int64, device=device)
     models = models.to(device)
     states, words, word_starts, word_ends = rans.unpack(layout, codes, device)
-    first, count, lanes, lane_start = _chunk_table(layout, device)
     out = torch.zeros(total, dtype=torch.int16, device=device)
-    flags = torch.zeros(len(layout.counts), dtype=torch.int8, device=device)
-    _decode[(len(layout.counts),)](states, words if words.numel() else torch.zeros(1, dtype=torch.int16, device=device),
+    flags = torch.zeros(sum(layout.groups), dtype=torch.int8, device=device)
+    _decode[(sum(layout.groups),)](states, words if words.numel() else torch.zeros(1, dtype=torch.int16, device=device),
                                    word_starts, word_ends, models_of.contiguous(), models.shift, models.offset,
-                                   models.freq, models.cum, models.lookup, models.freq.shape[1], first, count, lanes,
-                                   lane_start, out, flags, STEPS=_steps(layout), BLOCK=_block(layout))
+                                   models.freq, models.cum, models.lookup, models.freq.shape[1],
+                                   *layout.group_table(device), out, flags, STEPS=_steps(layout), BLOCK=rans.GROUP,
+                                   num_warps=1)
     if bool(flags.any()):
         raise ValueError("not a code of this stage: its lanes do not end where its words do")
     return out.long()

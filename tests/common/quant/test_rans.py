@@ -85,8 +85,26 @@ def test_models_are_rebuilt_identically():
     assert bool((built[0].freq.sum(1) == rans.TOTAL).all()) and bool((built[0].freq[built[0].freq > 0] >= 1).all())
 
 
-@pytest.mark.parametrize("damage", ["cut a word", "extra word", "low state", "empty", "bytes for nothing"])
-def test_a_bad_code_is_a_value_error(damage):
+@pytest.mark.parametrize("groups", [1, 3])
+def test_groups_decode_alone(monkeypatch, groups):
+    """A chunk of several groups: each group's words lie together, after the lanes' states and the groups'
+    word counts, so the code has the same size whatever the grouping."""
+    monkeypatch.setattr(rans, "GROUP", -(-rans.lanes_of(5 * rans.LANE + 7) // groups))
+    counts = [5 * rans.LANE + 7]
+    symbols, models = case(counts, 20, 60)
+    models_cpu = rans_models(torch.device("cpu"))
+    code = rans.encode(symbols, models, models_cpu, counts)[0]
+    assert rans.Layout(tuple(counts)).groups == [groups]
+    assert torch.equal(rans.decode([code], models, models_cpu, counts), symbols)
+    lanes = rans.lanes_of(counts[0])
+    sizes = np.frombuffer(code, dtype="<u4", offset=4 * lanes, count=groups)
+    assert 2 * int(sizes.sum()) == len(code) - 4 * (lanes + groups)
+
+
+@pytest.mark.parametrize("damage", ["cut a word", "extra word", "low state", "empty", "bytes for nothing",
+                                    "a word moved between groups"])
+def test_a_bad_code_is_a_value_error(monkeypatch, damage):
+    monkeypatch.setattr(rans, "GROUP", 1)  # two lanes, two groups
     counts = [3000, 0]
     symbols, models = case(counts, 20, 60)
     models_cpu = rans_models(torch.device("cpu"))
@@ -100,6 +118,9 @@ def test_a_bad_code_is_a_value_error(damage):
         codes = [b"\1\0\0\0" + code[4:], b""]
     elif damage == "empty":
         codes = [b"", b""]
+    elif damage == "a word moved between groups":
+        sizes = np.frombuffer(code, dtype="<u4", offset=8, count=2).astype(np.int64) + [1, -1]
+        codes = [code[:8] + sizes.astype("<u4").tobytes() + code[16:], b""]
     else:
         codes = [code, b"\0\0"]
     with pytest.raises(ValueError):
@@ -128,7 +149,7 @@ import numpy as np, torch
 from common.quant import rans, rans_triton
 from common.quant.pca_entropy import rans_models
 from tests.common.quant.test_rans import case
-rans.LANE = 16  # many lanes per chunk, few steps: the interpreter is slow
+rans.LANE, rans.GROUP = 16, 4  # many lanes and groups per chunk, few steps: the interpreter is slow
 results = {}
 models = rans_models(torch.device("cpu"))
 for counts in ([1], [40, 0, 17], [100, 33, 64]):

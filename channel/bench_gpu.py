@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import zlib
 
 import torch
+import zstandard
 
 from common.plan import CodecPlan, kv_codec
 from common.profile import parse_profile
@@ -287,3 +289,84 @@ def grpc_ceiling(nbytes: int = 1 << 30, frame_bytes: int = 1 << 20, frames: bool
     if received != count * frame_bytes:
         raise RuntimeError(f"the sink counted {received} bytes of {count * frame_bytes}")
     return received * 8 / seconds
+
+
+def synced_seconds(fn, device: torch.device, repeat: int = 3):
+    """(result, seconds) of `fn()`: the best of `repeat` runs, the device synchronized around each."""
+    best, result = math.inf, None
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.device = "cuda", layers: int = 32,
+                   heads: int = 8, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, context=None,
+                   repeat: int = 3) -> dict:
+    """The frame path of a whole cache of random KV on `device`, both ways: `wire.encode` (codes, zstd,
+    CRC, Frames), the Frames to bytes and back, and an Assembler building the cache on `device`; as GB/s
+    of `dtype` input. `context`: the CodecContext a profile's stages need (a basis for pca, RoPE).
+
+    Beside the totals, each stage of the path timed on its own over the same chunks (`stages_s`):
+    the codec's encode and decode, zstd both ways (decompress: the chunks not stored; compress: every
+    chunk, as if none were stored), CRC, the copy of a payload into a tensor, its copy to the device,
+    and protobuf. They need not add up to the totals (the zstd pool runs in parallel);
+    they say where a chunk's time goes."""
+    from common import wire
+    from common.kvstate import KVState
+    from common.proto import kvwire_pb2 as pb
+
+    device = torch.device(device)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, heads, tokens, head_dim)
+    kv = KVState([torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)],
+                 [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(layers)],
+                 [torch.arange(tokens, device=device).expand(heads, -1)] * layers, tokens)
+    nbytes = 2 * layers * heads * tokens * head_dim * dtype.itemsize
+    name = str(dtype).removeprefix("torch.")
+    fingerprint = pb.Fingerprint(architecture="bench", num_layers=layers, kv_heads=heads, head_dim=head_dim, dtype=name)
+    limits = wire.Limits(max_frame_bytes=64 << 20, max_transfer_bytes=1 << 40, max_tokens=1 << 24)
+    profile = parse_profile(spec)
+
+    def decode(frames):
+        return wire.decode(frames, fingerprint, limits, device=device, context=context)
+
+    frames, encode_s = synced_seconds(lambda: list(wire.encode(kv, profile, fingerprint, context=context)), device, repeat)
+    blobs, serialize_s = synced_seconds(lambda: [f.SerializeToString() for f in frames], device, repeat)
+    parsed, parse_s = synced_seconds(lambda: [pb.Frame.FromString(b) for b in blobs], device, repeat)
+    decoded, decode_s = synced_seconds(lambda: decode(parsed), device, repeat)
+    chunks = [f.chunk for f in parsed if f.WhichOneof("kind") == "chunk"]
+    payloads = [c.payload for c in chunks]
+    stages = {"protobuf_serialize": serialize_s, "protobuf_parse": parse_s}
+    _, stages["crc32"] = synced_seconds(lambda: [zlib.crc32(p) for p in payloads], device, repeat)
+    plan = CodecPlan.build(profile.bind(context) if context else profile, context, layers)
+    if not plan.entropy_coded:
+        raws, stages["zstd_decompress"] = synced_seconds(lambda: [wire.chunk_raw(c.payload, c.raw_size) for c in chunks],
+                                                         device, repeat)
+        compressor = zstandard.ZstdCompressor(level=wire.Encoder(fingerprint).zstd_level)
+        _, stages["zstd_compress_every_chunk_one_thread"] = synced_seconds(lambda: [compressor.compress(r) for r in raws],
+                                                               device, repeat)
+        tensors, stages["bytes_to_tensor"] = synced_seconds(
+            lambda: [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws], device, repeat)
+        on_device, stages["host_to_device"] = synced_seconds(lambda: [t.to(device) for t in tensors], device, repeat)
+        step = wire.chunk_tokens(heads, head_dim, dtype)
+        _, stages["codec_encode"] = synced_seconds(
+            lambda: [r for i, (k, v, p) in enumerate(zip(kv.keys, kv.values, kv.positions))
+                     for r in plan.codecs[i].encode_chunks(k, v, p, step)], device, repeat)
+        _, stages["codec_decode"] = synced_seconds(
+            lambda: [plan.codecs[c.layer].decode(t, (1, heads, c.token_end - c.token_start, head_dim),
+                                                 kv.positions[c.layer][:, c.token_start:c.token_end], dtype)
+                     for c, t in zip(chunks, on_device)], device, repeat)
+    exact = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values, kv.keys + kv.values))
+    wire_total = sum(len(b) + wire.GRPC_MESSAGE_PREFIX for b in blobs)
+    return {"device": str(device), "tokens": tokens, "profile": str(profile), "layers": layers, "heads": heads,
+            "head_dim": head_dim, "dtype": name, "input_bytes": nbytes, "wire_bytes": wire_total,
+            "chunks": len(chunks), "stored_chunks": sum(len(c.payload) == c.raw_size for c in chunks),
+            "payload_bytes": sum(map(len, payloads)), "raw_bytes": sum(c.raw_size for c in chunks),
+            "encode_s": encode_s, "decode_s": decode_s, "encode_gbps": nbytes / encode_s / 1e9,
+            "decode_gbps": nbytes / decode_s / 1e9, "lossless": exact, "stages_s": stages}

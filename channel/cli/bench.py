@@ -434,6 +434,11 @@ def bench_gpu(
                           f"{row['encode_chunks_s'] * 1e3:.1f} ms ({row['speedup']:.1f}x); its frames with zstd on one thread "
                           f"{row['frames_zstd_serial_s'] * 1e3:.1f} ms, on {row['zstd_threads']} "
                           f"{row['frames_zstd_parallel_s'] * 1e3:.1f} ms ({row['frames_speedup']:.1f}x)")
+        report["wire_roundtrip"] = [gpu.wire_roundtrip(int(n), "int4:g32", "cuda") for n in tokens.split(",")]
+        for row in report["wire_roundtrip"]:
+            console.print(f"the frame path both ways, {row['tokens']} tokens, {row['profile']}: encode "
+                          f"{row['encode_gbps']:.2f} GB/s, decode {row['decode_gbps']:.2f} GB/s of bf16 input; stages (s): "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in row["stages_s"].items()))
     report["relay_ceiling_bps"] = gpu.relay_ceiling()
     report["grpc_loopback_bps"] = {"raw bytes, 1 MiB messages": gpu.grpc_ceiling(),
                                    "kvwire Frames, 1 MiB chunks": gpu.grpc_ceiling(frames=True)}

@@ -26,7 +26,10 @@ class Rope:
         self.rotary = inner.rotary_emb
         text = model.config.get_text_config()
         self.layer_types = getattr(text, "layer_types", None)
-        self.takes_layer_type = "layer_type" in self.rotary.forward.__code__.co_varnames
+        # a layer type names one of several rotations (Gemma 3's); a model of one (Qwen2's layer_types are all
+        # "full_attention") takes none
+        self.takes_layer_type = ("layer_type" in self.rotary.forward.__code__.co_varnames
+                                 and isinstance(getattr(self.rotary, "rope_type", None), dict))
 
     def _cos_sin(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (kv_heads, tokens) -> cos, sin (1, kv_heads, tokens, head_dim), float32."""

@@ -63,6 +63,30 @@ def test_removed_rope_is_the_key_projection(setup):
         torch.testing.assert_close(context.rope.apply(i, projected, positions, keys.dtype), keys, atol=1e-5, rtol=1e-4)
 
 
+def test_rope_of_a_model_with_one_rotation_and_layer_types():
+    """Qwen2 names every layer's type ("full_attention") but has one rotation: pre-RoPE keys are still the
+    key projection's output (the rotary module takes no layer type there)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    assert config.layer_types == ["full_attention"] * 2
+    model = Qwen2ForCausalLM(config).eval()
+    captured = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        kv = prefill(model, [1, 5, 9, 2, 7, 3])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rope = Rope(model)
+    for i, (keys, positions) in enumerate(zip(kv.keys, kv.positions)):
+        projected = captured[i].reshape(1, -1, 2, 16).transpose(1, 2)
+        torch.testing.assert_close(rope.remove(i, keys, positions), projected.float(), atol=1e-5, rtol=1e-4)
+
+
 def test_rotation_is_orthonormal_and_seeded():
     x = torch.randn(3, 5, 64)
     y = rotation.rotate(x, 7)

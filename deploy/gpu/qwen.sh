@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# Issue 30's measurements on qwen2.5-coder-1.5b, on a CUDA machine (docs/qwen.md). Not yet run: no
-# GPU was lent when this was written. Before these, in the same warm machine: the wheels
+# Issue 30's measurements on qwen2.5-coder-1.5b, on a CUDA machine (docs/qwen.md; run on an H100 in
+# session 14: prepare, basis and frontier; longcontext not yet). Before these, in the same warm machine: the wheels
 # (deploy/gpu/run.sh wheels/install), a SQuAD file in .data/ (run.sh install copies it to
 # /tmp/data), and the GGUF (deploy/gpu/ship_qwen.sh piece ... then join). Each step is one device
 # call of at most 10 minutes; OUT is the call's $OUT.
 #   deploy/gpu/qwen.sh prepare OUT      # convert once into the cache; fingerprint, shape
 #   deploy/gpu/qwen.sh basis OUT        # PCA basis (--metric --weights 32) then its joint transform, on
-#                                       # paragraphs outside the embedded subset; OUT/basis-qwen2.5-coder-1.5b.safetensors
+#                                       # paragraphs outside the embedded subset, where the shipped one is not
+#                                       # in the tree (deploy/gpu/run.sh's devtree keeps it out of the 64 MiB):
+#                                       # into $KVWIRE_BASIS_DIR and OUT
 #   deploy/gpu/qwen.sh eval OUT         # fp16, int8, int4, q2c:0.5+int4, snapkv:0.5 on HELD_OUT (200) questions
 #   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier: tuned on TUNE (24) questions of the SQuAD file,
 #                                       # measured on HELD_OUT (200) of the embedded subset beside the eval
 #                                       # step's five baselines: OUT/frontier_qwen.json
 #   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 4K, 16K, 32K tokens: OUT/longcontext_qwen.json
-# The basis lives in this machine's copy of the tree (common/data/) once fitted: later steps use it.
+#   deploy/gpu/qwen.sh all OUT          # prepare, then (once /tmp/bg/issue28.done exists, or after WAIT s: the GPU is
+#                                       # shared) basis, frontier and longcontext, each step's files in OUT as it ends;
+#                                       # run detached (deploy/gpu/run.sh bg qwen "deploy/gpu/qwen.sh all /tmp/bg/qwen"),
+#                                       # with calls that collect (deploy/gpu/run.sh collect) every few minutes: the
+#                                       # machine goes back 30 s after the last call ends
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 KVWIRE_CACHE_DIR=/tmp/kvwire-cache
+# The basis is fitted into KVWIRE_BASIS_DIR, outside the tree: each device call copies the tree afresh and
+# removes from it what this machine's checkout does not hold (a fitted basis there vanished mid-run once)
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 KVWIRE_CACHE_DIR=/tmp/kvwire-cache \
+  KVWIRE_BASIS_DIR=/tmp/kvwire-basis
 MODEL=qwen2.5-coder-1.5b
 RUN="python3 -m channel.cli"
 SQUAD=/tmp/data/squad-v2-dev-public.json
-BASIS=common/data/basis-$MODEL.safetensors
+BASIS=$KVWIRE_BASIS_DIR/basis-$MODEL.safetensors
+# the frontier's candidates: the entropy-coded joint stage with per-token steps (SmolLM2's picks at 6.25% and
+# 12.5%) over a range of rates, rANS-coded where the cache is (:a, on the GPU)
+CANDIDATES=${CANDIDATES:-$(for b in 0.4 0.7 1.1 1.6 2.3 3.3 4.6; do printf 'pca:b%s:w:e:j:a:i1:f3,' $b; done | sed 's/,$//')}
 OUT=${2:?"give the output folder: the device call's \$OUT"}
 
 case "$1" in
-prepare)
-  $RUN prepare --model $MODEL --device cuda --dtype bfloat16 2>&1 | tee "$OUT/prepare.txt"
+prepare)  # converting is CPU work: the GPU may still be busy with another run
+  $RUN prepare --model $MODEL --device cpu --dtype float32 2>&1 | tee "$OUT/prepare.txt"
   ;;
 basis)  # float32 for the fit, as the shipped bases were; the weights' hash does not depend on the dtype
+  mkdir -p "$KVWIRE_BASIS_DIR"
   $RUN calibrate --basis --metric --weights 32 --model $MODEL --data $SQUAD --samples 128 \
     --device cuda --dtype float32 --out $BASIS 2>&1 | tee "$OUT/basis.txt"
   $RUN calibrate --basis --joint --model $MODEL --data $SQUAD --samples 128 \
@@ -38,15 +51,35 @@ eval)
     | tee "$OUT/eval_qwen.txt"
   ;;
 frontier)
-  [ -f $BASIS ] || { echo "no basis in this tree: run the basis step first (or carry its file)" >&2; exit 2; }
+  [ -f $BASIS ] || [ -f common/data/basis-$MODEL.safetensors ] \
+    || { echo "no basis: run the basis step first (or carry common/data/basis-$MODEL.safetensors)" >&2; exit 2; }
   $RUN frontier --model $MODEL --device cuda --dtype bfloat16 --tune-data $SQUAD --tune-skip 510 \
+    --profiles "$CANDIDATES" --max-new-tokens "${NEW_TOKENS:-16}" \
     --baselines fp16,int8,int4:g32,q2c:0.5+int4:g32,snapkv:0.5+fp16 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-200}" --json "$OUT/frontier_qwen.json" 2>&1 \
     | tee "$OUT/frontier_qwen.txt"
   ;;
 longcontext)  # 32512 tokens is the most that leaves room for the template and answer in 32768 positions
+  # beside the fixed profiles, the frontier's picks at 6.25% and 3.125% where the frontier step has run
+  picks=$(python3 -c "
+import json, sys
+try:
+    rows = json.load(open('$OUT/frontier_qwen.json'))['frontier']
+except (OSError, KeyError):
+    sys.exit()
+print(','.join(r['profile'] for r in rows if r['profile'] and r['budget'] <= 0.0625))")
   $RUN longcontext --model $MODEL --device cuda --dtype bfloat16 --lengths "${LENGTHS:-4096,16384,32000}" \
-    --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}" --json "$OUT/longcontext_qwen.json" 2>&1 \
-    | tee "$OUT/longcontext_qwen.txt"
+    --depths "${DEPTHS:-0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1}" --multikey "${MULTIKEY:-10}" \
+    --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}${picks:+,$picks}" \
+    --json "$OUT/longcontext_qwen.json" 2>&1 | tee "$OUT/longcontext_qwen.txt"
+  ;;
+all)
+  mkdir -p "$OUT"
+  "$0" prepare "$OUT"
+  for _ in $(seq "${WAIT:-600}"); do [ -f /tmp/bg/issue28.done ] && break; sleep 1; done
+  nvidia-smi --query-gpu=name,memory.used --format=csv | tee "$OUT/gpu.txt"
+  [ -f common/data/basis-$MODEL.safetensors ] || "$0" basis "$OUT"
+  "$0" frontier "$OUT" || true
+  "$0" longcontext "$OUT"
   ;;
 *)
   sed -n '2,15p' "$0" >&2

@@ -126,6 +126,7 @@ def codec_speed(basis: Basis, tokens: int, bits: float, step: int = 255) -> dict
     decode_per_chunk()
     torch.cuda.synchronize()
     per_chunk_s = (time.perf_counter() - start) * LAYERS / 4
+    profiles = profiled({"encode": encode, "decode": decode_batched}) if PROFILE else {}
     sent = sum(len(q) for p in payloads for q in p)
     error = sum(float((a.float() - b.float()).square().mean()) for (a, _), b in zip(cache, back)) / LAYERS
     out = {"tokens": tokens, "bits": bits, "input_bytes": nbytes, "payload_bytes": sent, "ratio_vs_bf16": sent / nbytes,
@@ -133,10 +134,38 @@ def codec_speed(basis: Basis, tokens: int, bits: float, step: int = 255) -> dict
            "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
            "encode_vs_copy": copy_s / encode_s, "decode_vs_copy": copy_s / decode_s,
            "decode_per_chunk_s": per_chunk_s, "encode_s": encode_s, "decode_s": decode_s, "key_mse": error,
-           "gpu_encoded_cpu_decoded_equal": same, "gpu_encoded_gpu_decoded_equal": same_gpu}
+           "gpu_encoded_cpu_decoded_equal": same, "gpu_encoded_gpu_decoded_equal": same_gpu, "profile": profiles}
     print(out, flush=True)
     del cache
     torch.cuda.empty_cache()
+    return out
+
+
+PROFILE = True
+
+
+def profiled(calls: dict) -> dict:
+    """Where each call's time goes: the wall, the device's busy time, and the top operators by device time
+    (torch.profiler), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, call in calls.items():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        rows = [{"op": e.key[:60], "calls": e.count, "device_ms": e.self_device_time_total / 1e3,
+                 "cpu_ms": e.self_cpu_time_total / 1e3} for e in top]
+        busy = sum(e.self_device_time_total for e in events) / 1e3
+        out[name] = {"wall_ms": wall * 1e3, "device_busy_ms": busy, "top": rows}
+        print(f"profile {name}: wall {wall * 1e3:.1f} ms, device busy {busy:.1f} ms", flush=True)
+        for r in rows:
+            print(f"   {r['device_ms']:9.2f} ms device {r['cpu_ms']:9.2f} ms cpu {r['calls']:6d}x  {r['op']}", flush=True)
     return out
 
 

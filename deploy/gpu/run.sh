@@ -27,6 +27,12 @@
 #                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
 #                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
 #                                   # (s of table rows), LIMIT (s, the whole command); into OUT/bench_recompute.{json,txt}
+#   deploy/gpu/run.sh bg NAME CMD   # CMD detached (setsid: it outlives the call, until the machine goes back), its
+#                                   # output in /tmp/bg/NAME.log and its exit status in /tmp/bg/NAME.done; CMD
+#                                   # writes its files under /tmp/bg/NAME/. Lets a long GPU run go on while
+#                                   # later calls move files (deploy/gpu/ship_qwen.sh)
+#   deploy/gpu/run.sh collect OUT   # what the detached runs wrote so far, as OUT/bg.tar.gz, and their logs' tails
+#   deploy/gpu/run.sh issue28 DIR   # the rANS codec (deploy/gpu/rans_gpu.py) and the recompute table, into DIR
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -46,6 +52,22 @@ print('shipped basis:', loaded.codec_context.basis and loaded.codec_context.basi
 "
 }
 case "$1" in
+bg)
+  name=$2
+  shift 2
+  mkdir -p "/tmp/bg/$name"
+  setsid nohup bash -c "$*; echo \$? > /tmp/bg/$name.done" > "/tmp/bg/$name.log" 2>&1 < /dev/null &
+  echo "started $name (pid $!)"
+  ;;
+collect)
+  tar -czf "$2/bg.tar.gz" -C /tmp bg
+  for log in /tmp/bg/*.log; do echo "== $log $(cat "${log%.log}.done" 2>/dev/null || echo running)"; tail -n 4 "$log"; done
+  ;;
+issue28)
+  python3 deploy/gpu/rans_gpu.py "$2/rans_gpu.json" 4096 32768 2>&1 | tee "$2/rans_gpu.txt"
+  CONTEXTS=${CONTEXTS:-4096,32768,131072} RATES=${RATES:-10gbit,1gbit,25gbit} \
+    FRONTIER=${FRONTIER:-pca:b1:w:e:j:a,pca:b2:w:e:j:a} "$0" recompute "$2"
+  ;;
 part)
   mkdir -p /tmp/parts && cp "$2"/* /tmp/parts/
   ;;

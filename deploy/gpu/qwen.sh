@@ -7,7 +7,7 @@
 #   deploy/gpu/qwen.sh prepare OUT      # convert once into the cache; fingerprint, shape
 #   deploy/gpu/qwen.sh basis OUT        # PCA basis (--metric --weights 32) then its joint transform, on
 #                                       # paragraphs outside the embedded subset, where the shipped one is not
-#                                       # in the tree (deploy/gpu/run.sh's devtree keeps it out of the 64 MiB):
+#                                       # in the tree (deploy/gpu/devtree.sh keeps it out of the 64 MiB):
 #                                       # into $KVWIRE_BASIS_DIR and OUT
 #   deploy/gpu/qwen.sh eval OUT         # fp16, int8, int4, q2c:0.5+int4, snapkv:0.5 on HELD_OUT (200) questions
 #   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier: tuned on TUNE (24) questions of the SQuAD file,

@@ -10,8 +10,10 @@ The wire never carries a preset's name, only the canonical concrete profile it r
 - `auto`: the receiver's planner picks among its calibrated profiles for the link's bandwidth and the
   deadline (see sender.pipeline.Sender.negotiate).
 
-The picks and their measured fidelity come from results/frontier.json (smollm2-135m) and
-results/frontier_gemma3.json (gemma3-270m), held-out SQuAD samples, fp32 on CPU (see docs/results.md).
+The picks and their measured fidelity come from results/frontier.json (smollm2-135m),
+results/frontier_gemma3.json (gemma3-270m) and results/frontier_qwen.json (qwen2.5-coder-1.5b, picked
+with rANS, `:a`, whose indices are the range coder's), held-out SQuAD samples (see docs/results.md and
+docs/qwen.md).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("balanced", "the compression frontier's pick at 12.5% of the fp16 bytes", "int4:g32", {
         "smollm2-135m": "pca:b3.05:w:e:j:i1:f3+text:h:q",
         "gemma3-270m": "pca:b1.7:w:e:j:i1+protect:s4:r0+text:q",
+        "qwen2.5-coder-1.5b": "pca:b2.3:w:e:j:i1:f3",
     }),
     Preset("compact", "the compression frontier's pick at 6.25% of the fp16 bytes", "int2:g32", {
         "smollm2-135m": "pca:b1.7:w:e:j:i1:f3+text:h:q",
         "gemma3-270m": "pca:b0.65:w:e:j:i1+protect:s4:r0+text:q",
+        "qwen2.5-coder-1.5b": "pca:b1.1:w:e:j:i1:f3",
     }),
 )}
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 MANIFEST = RESULTS / "MANIFEST.json"
 README_COMMIT = "0356822"  # the README before it became a manual: its text names how each result was made
-COMMAND_START = re.compile(r"^(kvwire |\.venv/bin/|python |deploy/|make |[A-Z_]+=\S+ )")
+COMMAND_START = re.compile(r"^(kvwire |\.venv/bin/|python3? |deploy/|make |[A-Z_]+=\S+ )")
 DEVICES = [(re.compile(r"NVIDIA H200|\bH200\b", re.I), "NVIDIA H200"),
            (re.compile(r"NVIDIA H100|\bH100\b", re.I), "NVIDIA H100"),
            (re.compile(r"\bCPU\b|2-core|2 cores|cpu\b", re.I), "CPU (the 2-core development machine)")]
@@ -79,7 +79,7 @@ def _names_for(path: str) -> list:
     if model:
         names.append(re.compile(re.escape(model[1]) + r"S\." + re.escape(path.rpartition(".")[2]) + r"\b"))
     parts = Path(path).parts
-    if len(parts) == 3 and parts[1] not in ("frontier", "gpu"):
+    if len(parts) == 3 and parts[1] not in ("frontier", "gpu", "qwen"):
         names.append(re.compile(re.escape("/".join(parts[:2])) + r"(/|\b)(?!\.)"))
     return names
 

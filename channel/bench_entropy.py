@@ -21,9 +21,8 @@ import numpy as np
 import torch
 import zstandard
 
-from common import wire
-
 from channel.evaluation.squad import Sample
+from common import wire
 from common.models import LoadedModel
 from common.plan import CodecPlan, layer_codec
 from common.profile import Profile, parse_profile

@@ -22,20 +22,20 @@ from common.quant import rans
 
 @triton.jit
 def _group(first_of, count_of, lanes_of, at_of, size_of, lane_start_of, BLOCK: tl.constexpr):
-    """This program's group: its chunk's first symbol, symbols and lanes, its first lane of all; its lanes'
-    indices in the chunk, and which of them the group has."""
+    """This program's group: its chunk's first symbol, symbols and lanes, its first lane of all, its lanes;
+    its lanes' indices in the chunk, and which of them the group has."""
     g = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
-    return (g, tl.load(first_of + g), tl.load(count_of + g), tl.load(lanes_of + g), tl.load(lane_start_of + g),
-            tl.load(at_of + g) + lane, lane, lane < tl.load(size_of + g))
+    size = tl.load(size_of + g)
+    return (g, tl.load(first_of + g), tl.load(count_of + g), tl.load(lanes_of + g), tl.load(lane_start_of + g), size,
+            tl.load(at_of + g) + lane, lane, lane < size)
 
 
 @triton.jit
 def _encode(symbols, models_of, shift_of, offset_of, freq, cum, width, first_of, count_of, lanes_of, at_of, size_of,
             lane_start_of, words, emitted, written, states, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    g, first, count, lanes, lane_start, index, lane, valid = _group(first_of, count_of, lanes_of, at_of, size_of,
-                                                                  lane_start_of, BLOCK)
-    size = tl.load(size_of + g)
+    g, first, count, lanes, lane_start, size, index, lane, valid = _group(first_of, count_of, lanes_of, at_of,
+                                                                        size_of, lane_start_of, BLOCK)
     base = lane_start * 2 * STEPS + lane  # rans.scratch_index
     state = tl.full((BLOCK,), 65536, tl.uint32)
     total = tl.zeros((BLOCK,), tl.int32)
@@ -93,8 +93,8 @@ def _renormalize(state, live, words, cursor, end, bad):
 def _decode(states, words, word_start_of, word_end_of, models_of, shift_of, offset_of, freq, cum, lookup, width,
             first_of, count_of, lanes_of, at_of, size_of, lane_start_of, out, flags, STEPS: tl.constexpr,
             BLOCK: tl.constexpr):
-    g, first, count, lanes, lane_start, index, lane, valid = _group(first_of, count_of, lanes_of, at_of, size_of,
-                                                                  lane_start_of, BLOCK)
+    g, first, count, lanes, lane_start, _, index, lane, valid = _group(first_of, count_of, lanes_of, at_of,
+                                                                     size_of, lane_start_of, BLOCK)
     cursor = tl.load(word_start_of + g)
     end = tl.load(word_end_of + g)
     state = tl.load(states + lane_start + lane, mask=valid, other=65536).to(tl.uint32)

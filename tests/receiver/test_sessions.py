@@ -72,6 +72,15 @@ def test_sessions_not_yet_asked_are_never_evicted_for_room():
     assert first.id not in store
 
 
+def _store_past_its_ttl() -> SessionStore:
+    """A store of one session whose clock has passed its time to live."""
+    clock = Clock()
+    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
+    store.put(state(4), "raw", 1)
+    clock.t = 30
+    return store
+
+
 def test_expiry_gives_memory_back_off_the_callers_thread(monkeypatch):
     """Trimming a large heap takes long: the store runs on the event loop, so it trims in a thread of its own."""
     import threading
@@ -81,10 +90,7 @@ def test_expiry_gives_memory_back_off_the_callers_thread(monkeypatch):
 
     trimmed = []
     monkeypatch.setattr(sessions, "release_freed_memory", lambda: trimmed.append(threading.current_thread()))
-    clock = Clock()
-    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
-    store.put(state(4), "raw", 1)
-    clock.t = 30
+    store = _store_past_its_ttl()
     store.expire()
     deadline = time.monotonic() + 5
     while not trimmed:
@@ -104,10 +110,7 @@ def test_expiry_frees_what_reference_cycles_hold(monkeypatch):
 
     trims = []
     monkeypatch.setattr(sessions, "release_freed_memory_soon", lambda: trims.append(sessions.release_freed_memory()))
-    clock = Clock()
-    store = SessionStore(ttl_s=10, budget_bytes=10_000, clock=clock)
-    store.put(state(4), "raw", 1)
-    clock.t = 30
+    store = _store_past_its_ttl()
     gc.disable()
     try:
         cycle = {"tensor": torch.zeros(1000)}

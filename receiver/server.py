@@ -40,6 +40,9 @@ NEGOTIATION_BOUNDS = {"bandwidth_bps": 1e15, "deadline_s": 86_400.0, "quality_fl
 # A question longer than this many characters per token of context cannot fit it: refused before
 # it is tokenized (tokenizing megabytes takes seconds).
 MAX_QUESTION_CHARS_PER_TOKEN = 16
+# Frames a stream reads ahead of the one being decoded (chunks are at most 1 MiB): without them, gRPC reads
+# the next message only when asked, and the link idles while a chunk (a pca:...:a tier) decodes.
+READ_AHEAD_FRAMES = 32
 
 
 class AbortNegotiation(Exception):
@@ -202,18 +205,35 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             yield ack
 
     async def _frames(self, request_iterator):
-        """The stream's frames; a stream idle for KVWIRE_STREAM_IDLE_S is dropped, freeing its reservation."""
+        """The stream's frames, read up to READ_AHEAD_FRAMES ahead of their decoding (so the link keeps
+        delivering while a chunk decodes); a stream idle for KVWIRE_STREAM_IDLE_S is dropped, freeing its
+        reservation."""
         idle_s = self.settings.stream_idle_s
-        frames = request_iterator.__aiter__()
-        while True:
+        ready: asyncio.Queue = asyncio.Queue(READ_AHEAD_FRAMES)
+
+        async def read() -> None:
             try:
-                frame = await asyncio.wait_for(frames.__anext__(), idle_s)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise wire.WireError(grpc.StatusCode.ABORTED, f"no frame for {idle_s:g} s (KVWIRE_STREAM_IDLE_S): "
-                                     "transfer dropped, nothing injected") from None
-            yield frame
+                async for frame in request_iterator:
+                    await ready.put(frame)
+                await ready.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader below, raised there
+                await ready.put(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(ready.get(), idle_s)
+                except TimeoutError:
+                    raise wire.WireError(grpc.StatusCode.ABORTED, f"no frame for {idle_s:g} s (KVWIRE_STREAM_IDLE_S): "
+                                         "transfer dropped, nothing injected") from None
+                if frame is None:
+                    return
+                if isinstance(frame, Exception):
+                    raise frame
+                yield frame
+        finally:
+            reader.cancel()
 
     def _repeated(self, header: pb.Header, digest: bytes) -> str | None:
         """The session of a finished transfer this header repeats; refuses another header under a used id,

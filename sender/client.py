@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +24,50 @@ from sender.bandwidth import BandwidthEstimator
 # one random receiver and stays there, so its sessions are found by its Generate calls.
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 log = logging.getLogger("kvwire.sender")
+# Frames a sender codes ahead of what gRPC has written: gRPC pulls a request iterator's next message only once
+# the last one is written, so without read-ahead coding and sending take turns. Chunks are at most 1 MiB.
+READ_AHEAD_FRAMES = 32
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20),
                    ("grpc.service_config", SERVICE_CONFIG)]
+
+
+def read_ahead(frames, depth: int = READ_AHEAD_FRAMES) -> Iterator:
+    """`frames`, pulled on a thread of their own up to `depth` ahead of the consumer, so the next chunks are coded
+    while gRPC writes the last ones. An exception of `frames` reaches the consumer in its place; a consumer that
+    stops early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(frames)
+        try:
+            for frame in source:
+                if not put(frame):
+                    return
+            put(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+        finally:
+            getattr(source, "close", lambda: None)()
+
+    threading.Thread(target=produce, name="kvwire-read-ahead", daemon=True).start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -112,7 +156,7 @@ class Client:
         pulls: list[tuple[float, int]] = []
 
         def counting():
-            for frame in frames:
+            for frame in read_ahead(frames):
                 size = wire.wire_bytes(frame)
                 counted["bytes"] += size
                 counted["frames"] += 1

@@ -213,3 +213,32 @@ def test_no_status_is_unknown_for_fuzzed_inputs_over_grpc(llama_receiver, tiny_l
     assert report.unknown == report.internal == 0
     assert report.accepted > 10 and report.rejected["INVALID_ARGUMENT"] > 50
 
+
+
+def test_a_stream_is_read_ahead_of_its_decoding():
+    """While one frame is being decoded the next ones keep arriving, up to READ_AHEAD_FRAMES; the stream's
+    own failure reaches the transfer after the frames that came before it."""
+    import asyncio
+
+    from common.settings import Settings
+
+    pulled = []
+
+    async def stream():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+        raise ConnectionError("the client went away")
+
+    async def scenario():
+        frames = server_module.KVWireServicer(Settings())._frames(stream())
+        assert await anext(frames) == 0
+        await asyncio.sleep(0.05)  # the first frame "decodes"
+        assert len(pulled) == server_module.READ_AHEAD_FRAMES + 2  # taken, queued, waiting for room
+        rest = []
+        with pytest.raises(ConnectionError):
+            async for frame in frames:
+                rest.append(frame)
+        assert rest == list(range(1, 100))
+
+    asyncio.run(scenario())

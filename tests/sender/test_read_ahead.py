@@ -1,0 +1,59 @@
+"""The sender's read-ahead: frames are coded on a thread of their own while gRPC writes the last ones."""
+
+import threading
+import time
+
+import pytest
+
+from sender.client import read_ahead
+
+
+def test_yields_every_item_in_order():
+    assert list(read_ahead(iter(range(1000)), depth=4)) == list(range(1000))
+
+
+def test_codes_ahead_of_the_consumer_up_to_its_depth():
+    pulled = []
+
+    def source():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    frames = read_ahead(source(), depth=8)
+    assert next(frames) == 0
+    deadline = time.monotonic() + 5
+    while len(pulled) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    # the one taken, the 8 queued and the one waiting for room: never the whole source
+    assert len(pulled) == 10
+    assert list(frames) == list(range(1, 100))
+
+
+def test_an_error_of_the_source_reaches_the_consumer_after_what_came_before():
+    def source():
+        yield 1
+        yield 2
+        raise ValueError("layer 3 does not encode")
+
+    frames = read_ahead(source())
+    assert next(frames) == 1 and next(frames) == 2
+    with pytest.raises(ValueError, match="layer 3"):
+        next(frames)
+
+
+def test_a_consumer_that_stops_early_closes_the_source_on_its_thread():
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(10_000):
+                yield i
+        finally:
+            closed.set()
+
+    frames = read_ahead(source(), depth=2)
+    assert next(frames) == 0
+    frames.close()  # gRPC gave up on the stream
+    assert closed.wait(5)

@@ -365,7 +365,7 @@ class EntropyPCACodec:
             if len(payload) < head:
                 raise ValueError(f"a payload of {len(payload)} bytes for the classes of {count} tokens")
             heads.append(np.frombuffer(payload, dtype=np.int8, count=head))
-            codes.append(payload[head:])
+            codes.append(memoryview(payload)[head:])  # no copy of the code
         classes = None
         if self.per_token:
             flat = np.concatenate(heads)

@@ -56,6 +56,7 @@ WORD = 0xFFFF
 LANE = 2048  # symbols per lane
 GROUP = 32  # lanes per group (a GPU warp)
 MAX_HIGH = 127  # most magnitudes of a split model's high part
+TORCH_DTYPES = {np.dtype(np.int16): torch.int16, np.dtype(np.int64): torch.int64}
 
 
 @dataclass(frozen=True)
@@ -242,18 +243,40 @@ def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: tor
     stream = words[emitted]
     if stream.dtype != torch.int16:
         stream = stream.to(torch.int32).view(torch.int16)[0::2]  # the low 16 bits (little endian)
-    stream = stream.cpu().numpy().tobytes()
-    per_group = per_group.cpu().numpy()
-    group_words = per_group.astype("<u4").tobytes()
-    states = state.to(torch.int64).cpu().numpy().astype("<u4").tobytes()
+    stream = memoryview(to_host(stream).numpy()).cast("B")
+    per_group = to_host(per_group).numpy()
+    group_words = memoryview(per_group.astype("<u4")).cast("B")
+    states = memoryview(to_host(state.to(torch.int64)).numpy().astype("<u4")).cast("B")
     out, at = [], 0
     for c, n in enumerate(layout.counts):
         lanes, groups = slice(4 * layout.lane_starts[c], 4 * (layout.lane_starts[c] + layout.lanes[c])), \
             slice(4 * layout.group_starts[c], 4 * (layout.group_starts[c] + layout.groups[c]))
         size = int(per_group[layout.group_starts[c]:layout.group_starts[c] + layout.groups[c]].sum())
-        out.append(states[lanes] + group_words[groups] + stream[2 * at:2 * (at + size)] if n else b"")
+        out.append(b"".join((states[lanes], group_words[groups], stream[2 * at:2 * (at + size)])) if n else b"")
         at += size
     return out
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the host, contiguous. From a GPU through page-locked memory: a copy into pageable memory ran
+    at about 1.5 GB/s on an H100 (the code of a 32K-token cache took a second), a pinned one at the bus's speed."""
+    tensor = tensor.contiguous()
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return out
+
+
+def to_device(parts: list[np.ndarray], dtype: np.dtype, device: torch.device) -> torch.Tensor:
+    """The arrays `parts` end to end, as one tensor of `dtype` on `device`; gathered in page-locked memory on
+    the way to a GPU (one copy on the host, one fast copy to the device)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False)).to(device)
+    staged = torch.empty(sum(len(p) for p in parts), dtype=TORCH_DTYPES[np.dtype(dtype)], pin_memory=True)
+    np.concatenate(parts, out=staged.numpy())
+    return staged.to(device, non_blocking=True)
 
 
 def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: list[int]) -> torch.Tensor:
@@ -333,9 +356,10 @@ def unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[to
                              f"{(len(code) - head) // 2}")
         states.append(np.frombuffer(code, dtype="<u4", count=lanes))
         words.append(np.frombuffer(code, dtype="<i2", offset=head))
-    state = torch.from_numpy(np.concatenate(states).astype(np.int64)).to(device)
+    state = to_device(states, np.int64, device)
     if not bool((state >= LOW).all()):
         raise ValueError("not a code of this stage: a lane's state is below 2^16")
-    ends = np.cumsum(np.concatenate(counts))
-    return (state, torch.from_numpy(np.concatenate(words)).to(device),
-            torch.from_numpy(ends - np.concatenate(counts)).to(device), torch.from_numpy(ends).to(device))
+    counts = np.concatenate(counts)
+    ends = np.cumsum(counts)
+    return state, to_device(words, np.int16, device), to_device([ends - counts], np.int64, device), \
+        to_device([ends], np.int64, device)

@@ -13,7 +13,7 @@
 #   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier: tuned on TUNE (24) questions of the SQuAD file,
 #                                       # measured on HELD_OUT (200) of the embedded subset beside the eval
 #                                       # step's five baselines: OUT/frontier_qwen.json
-#   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 4K, 16K, 32K tokens: OUT/longcontext_qwen.json
+#   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 32K, 16K, 4K tokens (LENGTHS): OUT/longcontext_qwen_N.json
 #   deploy/gpu/qwen.sh all OUT          # prepare, then (once /tmp/bg/issue28.done exists, or after WAIT s: the GPU is
 #                                       # shared) basis, frontier and longcontext, each step's files in OUT as it ends;
 #                                       # run detached (deploy/gpu/run.sh bg qwen "deploy/gpu/qwen.sh all /tmp/bg/qwen"),
@@ -63,7 +63,8 @@ frontier)
     --baselines fp16,int8,int4:g32,q2c:0.5+int4:g32,snapkv:0.5+fp16 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-200}" --json "$OUT/frontier_qwen.json" 2>&1 \
     | tee "$OUT/frontier_qwen.txt"
   ;;
-longcontext)  # 32512 tokens is the most that leaves room for the template and answer in 32768 positions
+longcontext)  # 32000 tokens leave room for the template and answer in 32768 positions; one run per length,
+  # longest first, each writing its own file, so what a machine held for 30 minutes has time for survives
   # beside the fixed profiles, the frontier's picks at 6.25% and 3.125% where the frontier step has run
   picks=$(python3 -c "
 import json, sys
@@ -72,10 +73,13 @@ try:
 except (OSError, KeyError):
     sys.exit()
 print(','.join(r['profile'] for r in rows if r['profile'] and r['budget'] <= 0.0625))")
-  $RUN longcontext --model $MODEL --device cuda --dtype bfloat16 --lengths "${LENGTHS:-4096,16384,32000}" \
-    --depths "${DEPTHS:-0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1}" --multikey "${MULTIKEY:-10}" \
-    --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}${picks:+,$picks}" \
-    --json "$OUT/longcontext_qwen.json" 2>&1 | tee "$OUT/longcontext_qwen.txt"
+  for length in ${LENGTHS:-32000 16384 4096}; do
+    $RUN longcontext --model $MODEL --device cuda --dtype bfloat16 --lengths "$length" \
+      --depths "${DEPTHS:-0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1}" --multikey "${MULTIKEY:-10}" \
+      --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}${picks:+,$picks}" \
+      --json "$OUT/longcontext_qwen_$length.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/longcontext_qwen_$length.txt" \
+      || echo "longcontext at $length tokens failed"
+  done
   ;;
 all)
   mkdir -p "$OUT"

@@ -14,6 +14,8 @@
 #   python3 deploy/gpu/kernel_sweep.py   # tile shapes of the fast kernels (after install; PYTHONPATH as below)
 #   deploy/gpu/run.sh all OUT       # SmolLM2 from its parts, every GPU test, kvwire bench gpu
 #   deploy/gpu/run.sh smollm2 OUT   # SmolLM2 from its parts: lossless on CUDA, CPU sender -> GPU receiver
+#   deploy/gpu/run.sh crossdev OUT  # SmolLM2 from its parts, its basis in /tmp/kvwire-basis: the frontier's greedy
+#                                   # answers CPU/GPU sender x CPU/GPU receiver against CPU->CPU (tests/gpu)
 #   deploy/gpu/run.sh frontier OUT  # SmolLM2 from its parts: kvwire frontier, tuned on /tmp/data, fp32 on CUDA
 #                                   # (PROFILES, BASELINES: the candidates and baselines; TUNE, HELD_OUT: questions)
 #   deploy/gpu/run.sh metric OUT    # SmolLM2 from its parts: the shipped basis against one fitted with
@@ -95,6 +97,12 @@ for r in rows:
 for r in wire:
     print(r)
 " "$2/codec_gpu.json" 2>&1 | tee "$2/codec_gpu.txt"
+  ;;
+crossdev)  # SmolLM2 and its basis (.basis/ carried once, copied to /tmp/kvwire-basis): the frontier's answers
+  # across devices (CPU/GPU sender x CPU/GPU receiver), issue 28's correctness check
+  [ -d /tmp/kvwire-cache/models/smollm2-135m ] && [ -f /tmp/kvwire-cache/models/smollm2-135m/model.safetensors ] || smollm2
+  KVWIRE_BASIS_DIR=/tmp/kvwire-basis python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k across_devices 2>&1 \
+    | grep -v "Loading weights" | tee "$2/gpu_tests_across_devices.txt"
   ;;
 smollm2)
   smollm2

@@ -18,6 +18,7 @@ Names understood by `load_model`:
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -351,7 +352,11 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
         source = get_settings().cache_dir / "models" / name
         if not source.exists():
             source.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(name, source)
+            # One conversion at a time per model: a second process waits, then finds the first one's
+            with open(source.with_name(f".{name}.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not source.exists():
+                    _convert_gguf(name, source)
         hash_file = source / "kvwire-weights.sha256"
         if not hash_file.exists():  # once: the hash of the converted float32 weights
             full = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)

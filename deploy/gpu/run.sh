@@ -29,7 +29,8 @@
 #                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
 #                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
 #                                   # (s of table rows), LIMIT (s, the whole command); into OUT/bench_recompute.{json,txt}
-#   deploy/gpu/run.sh bg NAME CMD   # CMD detached (setsid: it outlives the call, until the machine goes back), its
+#   deploy/gpu/run.sh bg NAME CMD   # CMD detached (setsid: it outlives the call, until the machine goes back), run
+#                                   # from a copy of the tree in /tmp/tree/NAME (later calls replace the tree's files), its
 #                                   # output in /tmp/bg/NAME.log and its exit status in /tmp/bg/NAME.done; CMD
 #                                   # writes its files under /tmp/bg/NAME/. Lets a long GPU run go on while
 #                                   # later calls move files (deploy/gpu/ship_qwen.sh)
@@ -54,10 +55,14 @@ print('shipped basis:', loaded.codec_context.basis and loaded.codec_context.basi
 "
 }
 case "$1" in
-bg)
+bg)  # from a copy of the tree: each device call copies the working tree afresh, and a file replaced while a
+  # detached run imports it fails (a receiver's import of common.proto did, mid-run)
   name=$2
   shift 2
-  mkdir -p "/tmp/bg/$name"
+  mkdir -p "/tmp/bg/$name" "/tmp/tree/$name"
+  tar --exclude=./.whl --exclude='./.qw*' --exclude='./.gp*' --exclude='./.basis*' -cf - . | tar -xf - -C "/tmp/tree/$name"
+  cd "/tmp/tree/$name"
+  export PYTHONPATH=/tmp/site:$PWD
   setsid nohup bash -c "$*; echo \$? > /tmp/bg/$name.done" > "/tmp/bg/$name.log" 2>&1 < /dev/null &
   echo "started $name (pid $!)"
   ;;

@@ -113,3 +113,36 @@ def test_a_half_converted_model_never_stays_in_the_cache(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         models._convert_gguf("fake", target)
     assert list(target.parent.iterdir()) == []
+
+
+def test_two_processes_loading_at_once_convert_once(tmp_path):
+    """A second load_model of a GGUF model that has not been converted waits for the first one's conversion
+    (two conversions at once once wrote into the same folder and one failed)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        import common.models as models
+        gguf = Path({str(tmp_path)!r}) / "fake.gguf"
+        gguf.write_bytes(b"GGUF")
+        models.GGUF_MODELS["fake"] = lambda: gguf
+        def convert(name, target):
+            with open(Path({str(tmp_path)!r}) / "conversions", "a") as log:
+                log.write("converted\\n")
+            time.sleep(5)  # long enough for the other process to arrive meanwhile
+            target.mkdir()
+        models._convert_gguf = convert
+        try:
+            models.load_model("fake", "cpu", "float32")
+        except Exception:
+            pass  # the fake folder does not load: only the conversions count here
+    """)
+    env = {**__import__("os").environ, "KVWIRE_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=Path(models.__file__).parents[1])
+            for _ in range(2)]
+    for run in runs:
+        run.wait(120)
+    assert (tmp_path / "conversions").read_text().count("converted") == 1

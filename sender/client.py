@@ -154,17 +154,27 @@ class Client:
         to put malformed streams on the wire."""
         counted = {"bytes": 0, "frames": 0}
         pulls: list[tuple[float, int]] = []
+        failed: list[Exception] = []
 
         def counting():
-            for frame in read_ahead(frames):
-                size = wire.wire_bytes(frame)
-                counted["bytes"] += size
-                counted["frames"] += 1
-                pulls.append((time.perf_counter(), size))
-                yield frame
+            try:
+                for frame in read_ahead(frames):
+                    size = wire.wire_bytes(frame)
+                    counted["bytes"] += size
+                    counted["frames"] += 1
+                    pulls.append((time.perf_counter(), size))
+                    yield frame
+            except Exception as exc:
+                failed.append(exc)
+                raise
 
         start = time.perf_counter()
-        reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError:
+            if failed:  # the frames' own error (a profile this cache cannot take), not gRPC's UNKNOWN for it
+                raise failed[0] from None
+            raise
         self.bandwidth.observe_stream(pulls, time.perf_counter())
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start,
                               assemble_s=reply.assemble_seconds)

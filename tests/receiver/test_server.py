@@ -242,3 +242,16 @@ def test_a_stream_is_read_ahead_of_its_decoding():
         assert rest == list(range(1, 100))
 
     asyncio.run(scenario())
+
+
+def test_an_error_of_the_senders_frames_reaches_the_sender_as_itself(llama_receiver, frames):
+    """A frame source that fails mid-stream (a profile this cache cannot take) raises its own error at the
+    sender, not gRPC's UNKNOWN "Exception iterating requests!", and the receiver keeps nothing."""
+    def failing():
+        yield with_fresh_id(frames)[0]
+        raise ValueError("layer 0: pca:...:e:iG needs the question's attention")
+
+    before = len(llama_receiver.servicer.sessions)
+    with Client(llama_receiver.target) as client, pytest.raises(ValueError, match="question's attention"):
+        client.send_frames(failing())
+    assert len(llama_receiver.servicer.sessions) == before

@@ -126,7 +126,7 @@ def codec_speed(basis: Basis, tokens: int, bits: float, step: int = 255) -> dict
     decode_per_chunk()
     torch.cuda.synchronize()
     per_chunk_s = (time.perf_counter() - start) * LAYERS / 4
-    profiles = profiled({"encode": encode, "decode": decode_batched}) if PROFILE else {}
+    profiles = profiled({"encode": encode, "decode": decode_batched})
     sent = sum(len(q) for p in payloads for q in p)
     error = sum(float((a.float() - b.float()).square().mean()) for (a, _), b in zip(cache, back)) / LAYERS
     out = {"tokens": tokens, "bits": bits, "input_bytes": nbytes, "payload_bytes": sent, "ratio_vs_bf16": sent / nbytes,
@@ -139,9 +139,6 @@ def codec_speed(basis: Basis, tokens: int, bits: float, step: int = 255) -> dict
     del cache
     torch.cuda.empty_cache()
     return out
-
-
-PROFILE = True
 
 
 def profiled(calls: dict) -> dict:

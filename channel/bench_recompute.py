@@ -346,11 +346,28 @@ def describe(row: dict) -> str:
                    f"{row['bytes'] / 1e6:.1f} MB ({row['ratio_vs_fp16']:.2%} of fp16); {stages}; wall {row['wall_s']:.1f} s")
 
 
+def recompute_all(loaded, contexts: list[int], say: Callable[[str], None] = print) -> dict[int, dict]:
+    """Recompute's TTFT at each context length, from the bench's text. Run it before the receiver starts
+    on the same GPU: a 128K-token prefill of the 8B shape peaks near 45 GiB, which does not fit beside a
+    receiver that has already held a cache (issue 28's first H100 run ran out of memory there)."""
+    recompute(loaded, text_of(loaded.tokenizer, 256), QUESTION)  # warm-up
+    out = {}
+    for tokens in contexts:
+        rec = {"context": tokens, **recompute(loaded, bench_text(loaded.tokenizer, tokens), QUESTION,
+                                              repeat=2 if tokens <= 32768 else 1)}
+        say(f"{tokens} tokens: recompute from text {rec['ttft_s']:.3f} s (tokenize {rec['tokenize_s']:.3f}, "
+            f"prefill + first token {rec['prefill_first_token_s']:.3f}; peak {rec['peak_gib'] or 0:.1f} GiB)")
+        out[tokens] = rec
+    return out
+
+
 def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[str], profiles: list[str],
                          ceiling_bps: float, max_row_s: float = 60.0, budget_s: float | None = None,
                          codec_tokens: int | None = None, say: Callable[[str], None] = print,
-                         checkpoint: Callable[[dict], None] | None = None) -> dict:
+                         checkpoint: Callable[[dict], None] | None = None,
+                         recomputed: dict[int, dict] | None = None) -> dict:
     """The table, against a receiver at `target` (started with `receiver_env`, on the same device).
+    `recomputed`: `recompute_all`'s records, taken before the receiver started (else measured here).
     `checkpoint(report)` after each row, so that a run cut short still leaves its rows."""
     from sender.prefill import prefill_prompt
 
@@ -359,7 +376,7 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
     chosen = links(rates, ceiling_bps)
     report = {"notes": list(NOTES), "profiles": profiles, "contexts": contexts, "relay_ceiling_bps": ceiling_bps,
               "links": chosen, "question": QUESTION, "recompute": [], "rows": [], "codec": []}
-    recompute(loaded, text_of(loaded.tokenizer, 256), QUESTION)
+    recomputed = recomputed or recompute_all(loaded, contexts, say)
     warm = prefill_prompt(loaded, text_of(loaded.tokenizer, 256), QUESTION)  # compile kernels, build tables
     direct = {"label": "warm-up", "rate": None, "bps": None, "relay": False}
     for profile in profiles:
@@ -371,10 +388,8 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
     del warm
     for tokens in contexts:
         context = bench_text(loaded.tokenizer, tokens)
-        rec = {"context": tokens, **recompute(loaded, context, QUESTION, repeat=2 if tokens <= 32768 else 1)}
+        rec = recomputed[tokens]
         report["recompute"].append(rec)
-        say(f"{tokens} tokens: recompute from text {rec['ttft_s']:.3f} s (tokenize {rec['tokenize_s']:.3f}, "
-            f"prefill + first token {rec['prefill_first_token_s']:.3f}; peak {rec['peak_gib'] or 0:.1f} GiB)")
         recompute_s = rec["ttft_s"]
         pre = prefill_prompt(loaded, context, QUESTION)
         if loaded.device.type == "cuda":  # the prefill's working memory back, for the receiver on the same GPU

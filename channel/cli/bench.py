@@ -503,6 +503,7 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     basis = table.fit_random_basis(loaded, folder, calibration_tokens)
     say(f"basis {basis['digest']} fitted on {basis['tokens']} tokens in {basis['seconds']:.1f} s "
         f"(layer weights {basis['layer_weights']})")
+    recomputed = table.recompute_all(loaded, contexts, say)  # before the receiver holds the GPU's memory
     process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), loaded.device.type,
                                                                              loaded.fingerprint.dtype))
     try:
@@ -511,7 +512,7 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
             write()
 
         result = table.kv_against_recompute(loaded, target, contexts, rates, profiles, report["relay_ceiling_bps"],
-                                            max_row_s, budget_s or None, codec_tokens or None, say, checkpoint)
+                                            max_row_s, budget_s or None, codec_tokens or None, say, checkpoint, recomputed)
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     session_budget_bytes: int = 4 << 30
     # A transfer stream that sends no frame for this long is dropped and its reservation freed.
     stream_idle_s: float = 30.0
+    # Bytes of frames coded ahead of the link (sender) and read ahead of their decoding (receiver), so that
+    # coding, the link and decoding overlap; a larger frame goes alone.
+    read_ahead_bytes: int = Field(64 << 20, ge=1)
 
     # Security: a shared bearer token on every RPC and API call, and TLS when a certificate is set.
     token: str | None = None

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import wire
+from common.settings import get_settings
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from sender.bandwidth import BandwidthEstimator
@@ -24,45 +25,55 @@ from sender.bandwidth import BandwidthEstimator
 # one random receiver and stays there, so its sessions are found by its Generate calls.
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 log = logging.getLogger("kvwire.sender")
-# Frames a sender codes ahead of what gRPC has written: gRPC pulls a request iterator's next message only once
-# the last one is written, so without read-ahead coding and sending take turns. Chunks are at most 1 MiB.
-READ_AHEAD_FRAMES = 32
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20),
                    ("grpc.service_config", SERVICE_CONFIG)]
 
 
-def read_ahead(frames, depth: int = READ_AHEAD_FRAMES) -> Iterator:
-    """`frames`, pulled on a thread of their own up to `depth` ahead of the consumer, so the next chunks are coded
-    while gRPC writes the last ones. An exception of `frames` reaches the consumer in its place; a consumer that
-    stops early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
-    ready: queue.Queue = queue.Queue(depth)
+def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> Iterator:
+    """`frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default KVWIRE_READ_AHEAD_BYTES; a
+    larger frame goes alone) ahead of the consumer, so the next chunks are coded while gRPC writes the last ones:
+    gRPC pulls a request iterator's next message only once the last one is written, so without read-ahead coding
+    and sending take turns. An exception of `frames` reaches
+    the consumer in its place; a consumer that stops early (the stream failed) stops the thread at its next
+    frame, which closes `frames` there."""
+    max_bytes = max_bytes or get_settings().read_ahead_bytes
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    room = threading.Condition()
+    held = [0]  # bytes queued and not yet taken
     stop = threading.Event()
     end = object()
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def put(item, nbytes: int) -> bool:
+        with room:
+            while not stop.is_set() and held[0] and held[0] + nbytes > max_bytes:
+                room.wait(0.1)
+            if stop.is_set():
+                return False
+            held[0] += nbytes
+        ready.put((item, nbytes))
+        return True
 
     def produce() -> None:
         source = iter(frames)
         try:
             for frame in source:
-                if not put(frame):
+                if not put(frame, size(frame)):
                     return
-            put(end)
+            put(end, 0)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put(exc)
+            put(exc, 0)
         finally:
             getattr(source, "close", lambda: None)()
 
     threading.Thread(target=produce, name="kvwire-read-ahead", daemon=True).start()
     try:
-        while (item := ready.get()) is not end:
+        while True:
+            item, nbytes = ready.get()
+            with room:
+                held[0] -= nbytes
+                room.notify()
+            if item is end:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item

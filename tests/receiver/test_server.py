@@ -215,14 +215,15 @@ def test_no_status_is_unknown_for_fuzzed_inputs_over_grpc(llama_receiver, tiny_l
 
 
 
-def test_a_stream_is_read_ahead_of_its_decoding():
-    """While one frame is being decoded the next ones keep arriving, up to READ_AHEAD_FRAMES; the stream's
+def test_a_stream_is_read_ahead_of_its_decoding(monkeypatch):
+    """While one frame is being decoded the next ones keep arriving, up to KVWIRE_READ_AHEAD_BYTES; the stream's
     own failure reaches the transfer after the frames that came before it."""
     import asyncio
 
     from common.settings import Settings
 
     pulled = []
+    monkeypatch.setattr(server_module.wire, "wire_bytes", lambda frame: 1)
 
     async def stream():
         for i in range(100):
@@ -231,15 +232,17 @@ def test_a_stream_is_read_ahead_of_its_decoding():
         raise ConnectionError("the client went away")
 
     async def scenario():
-        frames = server_module.KVWireServicer(Settings())._frames(stream())
-        assert await anext(frames) == 0
-        await asyncio.sleep(0.05)  # the first frame "decodes"
-        assert len(pulled) == server_module.READ_AHEAD_FRAMES + 2  # taken, queued, waiting for room
+        batches = server_module.KVWireServicer(Settings(read_ahead_bytes=32))._frames(stream())
+        first = await anext(batches)
+        assert first[0] == 0
+        await asyncio.sleep(0.05)  # the first batch "decodes"
+        assert len(pulled) == len(first) + 32 + 1  # taken, 32 bytes queued, one waiting for room
         rest = []
         with pytest.raises(ConnectionError):
-            async for frame in frames:
-                rest.append(frame)
-        assert rest == list(range(1, 100))
+            async for batch in batches:
+                assert 0 < len(batch) <= server_module.FRAMES_PER_HOP
+                rest += batch
+        assert first + rest == list(range(100))
 
     asyncio.run(scenario())
 

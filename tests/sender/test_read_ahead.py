@@ -7,12 +7,14 @@ import pytest
 
 from sender.client import read_ahead
 
+ONE = lambda _: 1  # noqa: E731 - every item a byte
+
 
 def test_yields_every_item_in_order():
-    assert list(read_ahead(iter(range(1000)), depth=4)) == list(range(1000))
+    assert list(read_ahead(iter(range(1000)), max_bytes=4, size=ONE)) == list(range(1000))
 
 
-def test_codes_ahead_of_the_consumer_up_to_its_depth():
+def test_codes_ahead_of_the_consumer_up_to_its_bytes():
     pulled = []
 
     def source():
@@ -20,7 +22,7 @@ def test_codes_ahead_of_the_consumer_up_to_its_depth():
             pulled.append(i)
             yield i
 
-    frames = read_ahead(source(), depth=8)
+    frames = read_ahead(source(), max_bytes=8, size=ONE)
     assert next(frames) == 0
     deadline = time.monotonic() + 5
     while len(pulled) < 10 and time.monotonic() < deadline:
@@ -37,7 +39,7 @@ def test_an_error_of_the_source_reaches_the_consumer_after_what_came_before():
         yield 2
         raise ValueError("layer 3 does not encode")
 
-    frames = read_ahead(source())
+    frames = read_ahead(source(), size=ONE)
     assert next(frames) == 1 and next(frames) == 2
     with pytest.raises(ValueError, match="layer 3"):
         next(frames)
@@ -53,7 +55,26 @@ def test_a_consumer_that_stops_early_closes_the_source_on_its_thread():
         finally:
             closed.set()
 
-    frames = read_ahead(source(), depth=2)
+    frames = read_ahead(source(), max_bytes=2, size=ONE)
     assert next(frames) == 0
     frames.close()  # gRPC gave up on the stream
     assert closed.wait(5)
+
+
+def test_a_frame_larger_than_the_budget_goes_alone():
+    sizes = {0: 1, 1: 50, 2: 1, 3: 1}
+    pulled = []
+
+    def source():
+        for i in range(4):
+            pulled.append(i)
+            yield i
+
+    frames = read_ahead(source(), max_bytes=10, size=sizes.get)
+    assert next(frames) == 0
+    deadline = time.monotonic() + 5
+    while len(pulled) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(pulled) == 3  # 1 (50 bytes) queued alone; 2 waits for it to be taken
+    assert list(frames) == [1, 2, 3]

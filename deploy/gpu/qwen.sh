@@ -10,9 +10,9 @@
 #                                       # in the tree (deploy/gpu/devtree.sh keeps it out of the 64 MiB):
 #                                       # into $KVWIRE_BASIS_DIR and OUT
 #   deploy/gpu/qwen.sh eval OUT         # fp16, int8, int4, q2c:0.5+int4, snapkv:0.5 on HELD_OUT (200) questions
-#   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier: tuned on TUNE (24) questions of the SQuAD file,
-#                                       # measured on HELD_OUT (200) of the embedded subset beside the eval
-#                                       # step's five baselines: OUT/frontier_qwen.json
+#   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier of CANDIDATES: tuned on TUNE (24) questions of the SQuAD
+#                                       # file, measured on HELD_OUT (200) of the embedded subset beside BASELINES
+#                                       # (the eval step's five): OUT/frontier_qwen.json
 #   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 32K, 16K, 4K tokens (LENGTHS): OUT/longcontext_qwen_N.json
 #   deploy/gpu/qwen.sh all OUT          # prepare, then (once /tmp/bg/issue28.done exists, or after WAIT s: the GPU is
 #                                       # shared) basis, frontier and longcontext, each step's files in OUT as it ends;
@@ -60,7 +60,7 @@ frontier)
     || { echo "no basis: run the basis step first (or carry .basis/basis-$MODEL.safetensors)" >&2; exit 2; }
   $RUN frontier --model $MODEL --device cuda --dtype bfloat16 --tune-data $SQUAD --tune-skip 510 \
     --profiles "$CANDIDATES" --max-new-tokens "${NEW_TOKENS:-16}" \
-    --baselines fp16,int8,int4:g32,q2c:0.5+int4:g32,snapkv:0.5+fp16 --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-200}" --json "$OUT/frontier_qwen.json" 2>&1 \
+    --baselines "${BASELINES:-fp16,int8,int4:g32,q2c:0.5+int4:g32,snapkv:0.5+fp16}" --tune-samples "${TUNE:-24}" --samples "${HELD_OUT:-200}" --json "$OUT/frontier_qwen.json" 2>&1 \
     | tee "$OUT/frontier_qwen.txt"
   ;;
 longcontext)  # 32000 tokens leave room for the template and answer in 32768 positions; one run per length,

@@ -399,7 +399,7 @@ class _Pending:
     filled: list[int]
     keys: list[list[torch.Tensor]]
     values: list[list[torch.Tensor]]
-    held: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # per layer: rANS chunks (tokens, payload)
+    held: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # per layer: a tier's chunks (tokens, payload) to decode at once
 
 
 class Assembler:
@@ -641,12 +641,24 @@ class Assembler:
                        else chunk_raw(chunk.payload, expected))
             except (zstandard.ZstdError, ValueError) as exc:
                 raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer}: payload does not decompress: {exc}") from None
-            # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
-            payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end]
-            keys, values = codec.decode(payload.to(self.device), shape, positions, self.dtype)
-            pending.keys[chunk.layer].append(keys)
-            pending.values[chunk.layer].append(values)
+            if codec.decodes_chunks(self.device, self.dtype):
+                # int and nf4 codes on a GPU: a tier's chunks decode together when its last arrives, one copy
+                # and one launch per tensor (a launch and a copy per chunk cost more than the decoding)
+                held = pending.held.setdefault(chunk.layer, [])
+                held.append((shape[2], raw))
+                if chunk.token_end == tier[1]:
+                    del pending.held[chunk.layer]
+                    keys, values = codec.codec.decode_chunks([r for _, r in held], [n for n, _ in held], fp.kv_heads,
+                                                             fp.head_dim, self.dtype, self.device)
+                    pending.keys[chunk.layer].append(keys)
+                    pending.values[chunk.layer].append(values)
+            else:
+                # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
+                payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end]
+                keys, values = codec.decode(payload.to(self.device), shape, positions, self.dtype)
+                pending.keys[chunk.layer].append(keys)
+                pending.values[chunk.layer].append(values)
         pending.filled[chunk.layer] = chunk.token_end
         self._num_chunks += 1
         self._payload_bytes += len(chunk.payload)

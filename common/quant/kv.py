@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.quant import kernels
 from common.quant.base import MatrixQuantizer, QuantError
 from common.quant.lowrank import LowRank
+from common.quant.rans import to_device
 
 CHANNEL, TOKEN = "channel", "token"
 
@@ -106,6 +108,35 @@ class KVCodec:
         for part in host:
             for row in part:
                 yield row.numpy().tobytes()
+
+    def decodes_chunks(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether `decode_chunks` decodes a tier's chunks together (with the kernels) on `device`."""
+        return kernels.use_kernels(self.quantizer, torch.empty(1, dtype=torch.uint8, device=device), dtype)
+
+    def decode_chunks(self, payloads: list[bytes], tokens: list[int], heads: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of consecutive chunks, payloads[i] holding tokens[i] tokens: `decode` of each,
+        joined along the tokens (the inverse of encode_chunks). With the kernels, the chunks of the first
+        one's length are one copy to the device and one launch per tensor; the others decode one at a time."""
+        def one(payload: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+            return self.decode(tensor.to(device), (1, heads, n, head_dim), dtype)
+
+        step, size = tokens[0], len(payloads[0])
+        same = next((i for i, (p, n) in enumerate(zip(payloads, tokens)) if n != step or len(p) != size), len(tokens))
+        if same < 2 or not self.decodes_chunks(device, dtype):
+            parts = [one(p, n) for p, n in zip(payloads, tokens)]
+        else:
+            stacked = to_device([np.frombuffer(p, dtype=np.uint8) for p in payloads[:same]], np.uint8, device)
+            if size != self.payload_size((1, heads, step, head_dim), dtype):
+                raise QuantError(f"payload of {size} bytes, expected {self.payload_size((1, heads, step, head_dim), dtype)}")
+            keys, values = kernels.decode_kv(self.quantizer, stacked.reshape(same, size), (same, heads, step, head_dim),
+                                             dtype, self.key_axis, self.value_axis)
+            parts = [tuple(t.transpose(0, 1).reshape(1, heads, same * step, head_dim) for t in (keys, values))]
+            parts += [one(p, n) for p, n in zip(payloads[same:], tokens[same:])]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):

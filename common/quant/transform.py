@@ -101,6 +101,11 @@ class LayerCodec:
         # over the whole range; a per-head selection keeps other tokens per head: their mean share
         return self.codec.classes(importance.to(positions.device)[positions].mean(0))
 
+    def decodes_chunks(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a tier's chunks decode together on `device` (KVCodec.decode_chunks): a plain KVCodec's, with
+        the kernels."""
+        return not self.transformed and isinstance(self.codec, KVCodec) and self.codec.decodes_chunks(device, dtype)
+
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.transformed:

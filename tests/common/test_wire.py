@@ -427,3 +427,27 @@ def test_a_text_head_needs_some_but_not_all_of_the_tokens(llama_frames, tiny_lla
     kv, _ = llama_frames
     with pytest.raises(ProfileError, match="text:h needs the template's head"):
         list(wire.encode(kv, parse_profile("int4+text"), tiny_llama.fingerprint, head_ids=head))
+
+
+@pytest.mark.parametrize("profile", ["int4:g32", "int8+protect:s4:r3", "nf4+int2@0-0"])
+def test_a_tiers_chunks_decoded_together_are_the_chunks_decoded_one_at_a_time(profile, tiny_llama, monkeypatch):
+    """On a GPU the int and nf4 chunks of a tier wait for its last one and decode together
+    (KVCodec.decode_chunks; its kernel path is checked bit for bit in test_kernels): the cache is the
+    one that decoding each chunk as it arrives gives, with several chunks a tier and several tiers a layer."""
+    from common.quant.kv import KVCodec
+    from common.quant.transform import LayerCodec
+
+    kv = prefill(tiny_llama.model, IDS)
+    monkeypatch.setattr(wire, "chunk_tokens", lambda *args: 7)
+    frames = list(wire.encode(kv, parse_profile(profile), tiny_llama.fingerprint))
+    one_at_a_time = wire.decode(frames, tiny_llama.fingerprint)
+    calls = []
+    monkeypatch.setattr(LayerCodec, "decodes_chunks", lambda self, device, dtype: not self.transformed)
+    original = KVCodec.decode_chunks
+    monkeypatch.setattr(KVCodec, "decode_chunks", lambda self, payloads, tokens, *args: calls.append(tokens)
+                        or original(self, payloads, tokens, *args))
+    together = wire.decode(frames, tiny_llama.fingerprint)
+    assert calls and max(len(tokens) for tokens in calls) > 1
+    for layer in range(kv.num_layers):
+        assert torch.equal(together.keys[layer], one_at_a_time.keys[layer])
+        assert torch.equal(together.values[layer], one_at_a_time.values[layer])

@@ -328,6 +328,32 @@ def case_chunks_in_one_launch():
     assert len(errors) == 2 and errors[0] == errors[1], errors
 
 
+def case_chunks_decode_in_one_launch():
+    """KVCodec.decode_chunks: a tier's chunks (a shorter last one) decode to torch's `decode` of each, joined along
+    the tokens, the chunks of one length in one copy and one launch per tensor."""
+    gen = torch.Generator().manual_seed(12)
+    keys = torch.randn(1, 2, 41, 16, generator=gen).to(torch.bfloat16)
+    values = torch.randn(1, 2, 41, 16, generator=gen).to(torch.bfloat16)
+    tokens = [16, 16, 9]
+    for q in (Uniform(4, 8), Uniform(8, 16, True), NF4(16), Uniform(3, 5)):
+        codec = KVCodec(q)
+        with path("torch"):
+            payloads = [codec.encode(keys[:, :, s:s + n], values[:, :, s:s + n]).numpy().tobytes()
+                        for s, n in zip((0, 16, 32), tokens)]
+            want = [codec.decode(torch.frombuffer(bytearray(p), dtype=torch.uint8), (1, 2, n, 16), torch.bfloat16)
+                    for p, n in zip(payloads, tokens)]
+        launches, decode_kv = [], kernels.decode_kv
+        kernels.decode_kv = lambda *args, **kw: launches.append(args[2]) or decode_kv(*args, **kw)
+        try:
+            with path("triton"):
+                got_k, got_v = codec.decode_chunks(payloads, tokens, 2, 16, torch.bfloat16, torch.device("cpu"))
+        finally:
+            kernels.decode_kv = decode_kv
+        assert same(got_k, torch.cat([k for k, _ in want], dim=2)), f"{q}: keys differ"
+        assert same(got_v, torch.cat([v for _, v in want], dim=2)), f"{q}: values differ"
+        assert launches == [(2, 2, 16, 16), (1, 2, 9, 16)], f"{q}: {launches}"
+
+
 def case_property():
     """Hypothesis: any quantizer, shape, scale and dtype."""
     from hypothesis import HealthCheck, given, settings

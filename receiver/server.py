@@ -210,10 +210,11 @@ class KVWireServicer(pb_grpc.KVWireServicer):
             yield ack
 
     async def _frames(self, request_iterator):
-        """The stream's frames in batches of those already read (at most FRAMES_PER_HOP), read up to KVWIRE_READ_AHEAD_BYTES ahead of their decoding (a larger frame
-        alone); a stream idle for KVWIRE_STREAM_IDLE_S is dropped, freeing its reservation. Without read-ahead
-        gRPC reads the next message only when asked, and the link idles while a chunk decodes (a pca:...:a
-        tier decodes when its last chunk is in: at 32K tokens of the 8B shape, 12 MB at 6.25% of fp16)."""
+        """The stream's frames in batches of those already read (at most FRAMES_PER_HOP), read up to
+        KVWIRE_READ_AHEAD_BYTES ahead of their decoding (a larger frame alone); a stream idle for
+        KVWIRE_STREAM_IDLE_S is dropped, freeing its reservation. Without read-ahead gRPC reads the next
+        message only when asked, and the link idles while a chunk decodes (a pca:...:a tier decodes when its
+        last chunk is in: at 32K tokens of the 8B shape, 12 MB at 6.25% of fp16)."""
         idle_s, limit = self.settings.stream_idle_s, self.settings.read_ahead_bytes
         ready: asyncio.Queue = asyncio.Queue()
         room = asyncio.Condition()

@@ -35,6 +35,8 @@
 #                                   # writes its files under /tmp/bg/NAME/. Lets a long GPU run go on while
 #                                   # later calls move files (deploy/gpu/ship_qwen.sh)
 #   deploy/gpu/run.sh collect OUT   # what the detached runs wrote so far, as OUT/bg.tar.gz, and their logs' tails
+#   python3 deploy/gpu/profile_wire.py OUT/profile_wire.json 32768   # (after install; PYTHONPATH as below) where
+#                                   # wire.encode and wire.decode spend their time, cProfile, int4 and pca:b1:a
 #   deploy/gpu/run.sh issue28 DIR   # the rANS codec (deploy/gpu/rans_gpu.py) and the recompute table, into DIR
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu

@@ -1,0 +1,98 @@
+"""Where the frame path's time goes (issue 28): `wire.encode` and `wire.decode` of a whole cache, each timed
+(best of two) and profiled with cProfile (the Python functions, the GPU synchronized at the ends), for the
+profiles given. The cache is llama-3.1-8b-random's own (Llama-3.1-8B's shape, RANDOM weights) prefilled on a
+context of `tokens`, with a PCA basis fitted on that random model (channel.bench_recompute.fit_random_basis).
+
+    python3 deploy/gpu/profile_wire.py OUT.json [tokens] [profile ...]
+
+Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. On a machine without CUDA it runs on the CPU (tiny-llama,
+for a check of the script itself: MODEL=tiny-llama).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from channel import bench_recompute as table
+from channel.bench_gpu import environment
+from common import wire
+from common.models import load_model
+from common.profile import parse_profile
+from sender.prefill import prefill_prompt
+
+TOP = 25
+
+
+def timed(fn, device: torch.device, repeat: int = 2):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        table.sync(device)
+        start = time.perf_counter()
+        result = fn()
+        table.sync(device)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def profiled(fn, device: torch.device) -> str:
+    profile = cProfile.Profile()
+    table.sync(device)
+    profile.enable()
+    fn()
+    table.sync(device)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(TOP)
+    return out.getvalue()
+
+
+def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "pca:b1:w:e:j:a")) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    loaded = load_model(os.environ.get("MODEL", "llama-3.1-8b-random" if cuda else "tiny-llama"), str(device),
+                        "bfloat16" if cuda else "float32")
+    basis = table.fit_random_basis(loaded, Path(tempfile.mkdtemp(prefix="kvwire-basis-")), min(tokens, 4096))
+    pre = prefill_prompt(loaded, table.bench_text(loaded.tokenizer, tokens), table.QUESTION)
+    kv, context = pre.kv, loaded.codec_context
+    nbytes = sum(k.nbytes + v.nbytes for k, v in zip(kv.keys, kv.values))
+    limits = wire.Limits(max_frame_bytes=64 << 20, max_transfer_bytes=1 << 40, max_tokens=1 << 24)
+    rows = []
+    for spec in specs:
+        profile = parse_profile(spec).bind(context)
+
+        def encode():
+            return list(wire.encode(kv, profile, loaded.fingerprint, None, 1, context))
+
+        frames, encode_s = timed(encode, device)
+
+        def decode():
+            return wire.decode(frames, loaded.fingerprint, limits, wire.sliding_windows(loaded.config), device, context)
+
+        _, decode_s = timed(decode, device)
+        row = {"profile": str(profile), "tokens": kv.seq_len, "input_bytes": nbytes, "frames": len(frames),
+               "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
+               "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
+               "encode_profile": profiled(encode, device), "decode_profile": profiled(decode, device)}
+        rows.append(row)
+        print(f"{row['profile']}: {row['frames']} frames, {row['wire_bytes'] / 1e6:.1f} MB; encode {encode_s:.3f} s "
+              f"({row['encode_gbps']:.2f} GB/s), decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s)")
+        print(row["encode_profile"], row["decode_profile"], sep="\n")
+        del frames
+    command = f"python3 deploy/gpu/profile_wire.py OUT.json {tokens} {' '.join(specs)}"
+    env = environment() if cuda else {"device": "CPU", "torch": torch.__version__, "model": loaded.name}
+    Path(path).write_text(json.dumps({"command": command, "environment": env, "basis": basis,
+                                      "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *([int(sys.argv[2])] if len(sys.argv) > 2 else []), *([tuple(sys.argv[3:])] if len(sys.argv) > 3 else []))

@@ -33,11 +33,13 @@ from common.plan import runs as token_runs
 from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rotation
-from common.quant.pca_entropy import code_many
+from common.quant import rans
+from common.quant.pca_entropy import code_many, rans_coder, uncode_many
 from common.quant.transform import CodecContext, LayerCodec
 
 MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
 RANS_BATCH = 1 << 27  # pca:...:a: symbols the sender codes in one call (its scratch: 6 bytes each)
+RANS_DECODE_BATCH = 1 << 24  # and that a receiver without the kernels decodes in one call (about 20 bytes each)
 MAX_TRANSFER_ID_CHARS = 128  # the receiver keeps used ids (idempotency): their size must be bounded
 MAX_OFFERED_PROFILES = 64  # a Negotiate request's offer list, parsed one profile at a time
 # A refusal's message: never the client's unbounded input back (gRPC drops trailers past 16 KiB).
@@ -400,6 +402,8 @@ class _Pending:
     keys: list[list[torch.Tensor]]
     values: list[list[torch.Tensor]]
     held: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # per layer: a tier's chunks (tokens, payload) to decode at once
+    # pca:...:a tiers complete and not yet decoded, where the coder is the torch reference: decoded together
+    due: list[tuple[int, tuple[int, int, LayerCodec], list[tuple[int, bytes]]]] = field(default_factory=list)
 
 
 class Assembler:
@@ -627,14 +631,21 @@ class Assembler:
         expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
+        if any(layer == chunk.layer for layer, _, _ in pending.due):
+            self._decode_due()  # a layer's tiers are placed in their order
         if codec.coded_in_place:
             # pca:...:a: a tier's chunks wait (as their codes) until its last arrives, then decode in one call on
-            # this node's device, and its keys and values are synthesized at once
+            # this node's device, and its keys and values are synthesized at once. The torch reference coder (a
+            # CPU) steps through all its lanes at once, so there complete tiers wait to decode several layers
+            # in one call (up to RANS_DECODE_BATCH symbols, or the segment's end): one call costs about what one does.
             held = pending.held.setdefault(chunk.layer, [])
             held.append((shape[2], chunk.payload))
             if chunk.token_end == tier[1]:
                 del pending.held[chunk.layer]
-                self._decode_tier(chunk.layer, tier, held)
+                pending.due.append((chunk.layer, tier, held))
+                if (rans_coder(self.device) is not rans or sum(t[2].codec.coded.numel() * (t[1] - t[0])
+                                                                for _, t, _ in pending.due) >= RANS_DECODE_BATCH):
+                    self._decode_due()
         else:
             try:
                 raw = (codec.codec.decompress(chunk.payload, expected) if codec.entropy_coded
@@ -664,25 +675,30 @@ class Assembler:
         self._payload_bytes += len(chunk.payload)
         self._complete_if_filled()
 
-    def _decode_tier(self, layer: int, tier: tuple[int, int, LayerCodec], held: list[tuple[int, bytes]]) -> None:
-        """The keys and values of a tier's tokens [first, last) from its chunks' rANS codes."""
-        first, last, codec = tier
-        fp = self.fingerprint
-        tokens = [n for n, _ in held]
+    def _decode_due(self) -> None:
+        """The keys and values of the complete pca:...:a tiers waiting in `due`, from their chunks' rANS codes,
+        in one call of the coder."""
+        pending, fp = self._pending, self.fingerprint
+        due, pending.due = pending.due, []
         try:
-            raws = codec.codec.uncode([payload for _, payload in held], tokens, self.device)
+            raws = uncode_many([(codec.codec, [payload for _, payload in held], [n for n, _ in held])
+                                for _, (_, _, codec), held in due], self.device)
         except ValueError as exc:
-            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {layer}: payload does not decompress: {exc}") from None
-        positions = self._pending.positions[layer][:, first:last]
-        keys, values = codec.decode(codec.codec.join(raws, tokens), (1, fp.kv_heads, last - first, fp.head_dim),
-                                    positions, self.dtype)
-        self._pending.keys[layer].append(keys)
-        self._pending.values[layer].append(values)
+            layers = ", ".join(str(layer) for layer, _, _ in due)
+            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {layers}: payload does not decompress: {exc}") from None
+        for (layer, (first, last, codec), held), tier_raws in zip(due, raws):
+            tokens = [n for n, _ in held]
+            keys, values = codec.decode(codec.codec.join(tier_raws, tokens), (1, fp.kv_heads, last - first, fp.head_dim),
+                                        pending.positions[layer][:, first:last], self.dtype)
+            pending.keys[layer].append(keys)
+            pending.values[layer].append(values)
 
     def _complete_if_filled(self) -> None:
         pending = self._pending
         if pending.filled != pending.kept:
             return
+        if pending.due:
+            self._decode_due()
         empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype,
                             device=self.device)
         kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],

@@ -358,30 +358,7 @@ class EntropyPCACodec:
     def uncode(self, payloads: list[bytes], tokens: list[int], device: torch.device) -> list[torch.Tensor]:
         """pca:...:a: the raw payload (uint8, on `device`) of each chunk of `tokens[i]` tokens, decoded from
         `payloads` in one call on `device` (ValueError for a payload this stage cannot have written)."""
-        coded = self.coded.numel()
-        heads, codes = [], []
-        for payload, count in zip(payloads, tokens):
-            head = count if self.per_token else 0
-            if len(payload) < head:
-                raise ValueError(f"a payload of {len(payload)} bytes for the classes of {count} tokens")
-            heads.append(np.frombuffer(payload, dtype=np.int8, count=head))
-            codes.append(memoryview(payload)[head:])  # no copy of the code
-        classes = None
-        if self.per_token:
-            flat = np.concatenate(heads)
-            if flat.size and np.abs(flat.astype(np.int64)).max() > MAX_CLASS:
-                raise ValueError(f"a token class outside +-{MAX_CLASS}")
-            classes = torch.from_numpy(flat).to(device)
-        models = (self.table_of(classes, sum(tokens), device) - MIN_TABLE).to(torch.int16)
-        symbols = rans_coder(device).decode(codes, models.flatten(), rans_models(device), [n * coded for n in tokens])
-        out, at, token = [], 0, 0
-        for count in tokens:
-            part = [symbols[at:at + count * coded].to(torch.int16).view(torch.uint8)]
-            if classes is not None:
-                part.append(classes[token:token + count].view(torch.uint8))
-            out.append(torch.cat(part))
-            at, token = at + count * coded, token + count
-        return out
+        return uncode_many([(self, payloads, tokens)], device)[0]
 
     def join(self, raws: list[torch.Tensor], tokens: list[int]) -> torch.Tensor:
         """The raw payload of consecutive chunks' tokens at once (their indices, then their classes), from
@@ -457,6 +434,42 @@ def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> li
     for (_, _, tokens, step), chunk_counts, head in zip(parts, counts, heads):
         mine, at = codes[at:at + len(chunk_counts)], at + len(chunk_counts)
         out.append(mine if head is None else [head[s:s + step] + c for s, c in zip(range(0, tokens, step), mine)])
+    return out
+
+
+def uncode_many(parts: list[tuple[EntropyPCACodec, list[bytes], list[int]]], device: torch.device) -> list[list[torch.Tensor]]:
+    """`EntropyPCACodec.uncode` of several (codec, payloads, tokens), in one call of the coder: the torch
+    reference steps through every lane at once, so one call for many layers costs about what one layer's does."""
+    models, codes, counts, classes_of = [], [], [], []
+    for codec, payloads, tokens in parts:
+        coded = codec.coded.numel()
+        heads = []
+        for payload, count in zip(payloads, tokens):
+            head = count if codec.per_token else 0
+            if len(payload) < head:
+                raise ValueError(f"a payload of {len(payload)} bytes for the classes of {count} tokens")
+            heads.append(np.frombuffer(payload, dtype=np.int8, count=head))
+            codes.append(memoryview(payload)[head:])  # no copy of the code
+        classes = None
+        if codec.per_token:
+            flat = np.concatenate(heads)
+            if flat.size and np.abs(flat.astype(np.int64)).max() > MAX_CLASS:
+                raise ValueError(f"a token class outside +-{MAX_CLASS}")
+            classes = torch.from_numpy(flat).to(device)
+        classes_of.append(classes)
+        models.append((codec.table_of(classes, sum(tokens), device) - MIN_TABLE).to(torch.int16).flatten())
+        counts += [n * coded for n in tokens]
+    symbols = rans_coder(device).decode(codes, torch.cat(models), rans_models(device), counts)
+    out, at = [], 0
+    for (codec, _, tokens), classes in zip(parts, classes_of):
+        coded, token, mine = codec.coded.numel(), 0, []
+        for count in tokens:
+            part = [symbols[at:at + count * coded].to(torch.int16).view(torch.uint8)]
+            if classes is not None:
+                part.append(classes[token:token + count].view(torch.uint8))
+            mine.append(torch.cat(part))
+            at, token = at + count * coded, token + count
+        out.append(mine)
     return out
 
 

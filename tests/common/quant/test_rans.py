@@ -250,3 +250,24 @@ def test_the_cli_prints_the_a_flag_as_text():
     with console.capture() as captured:
         console.print("pca:b1:w:e:j:a:i1")
     assert "pca:b1:w:e:j:a:i1" in captured.get()
+
+
+@pytest.mark.parametrize("spec", ["pca:b2:w:e:a", "pca:b2:w:e:a+protect:s2:r3"])
+def test_without_the_kernels_tiers_of_several_layers_decode_in_one_call(setup, tmp_path, monkeypatch, spec):
+    """The torch coder (a CPU receiver) steps through all its lanes at once, so complete tiers wait and decode
+    together: the same cache as tier by tier. A layer's later tier (protect's recent tokens) first decodes what
+    waits, so each layer's tiers stay in their order."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    frames = list(wire.encode(kv, parse_profile(spec), loaded.fingerprint, context=ctx))
+    calls, uncode_many = [], wire.uncode_many
+    monkeypatch.setattr(wire, "uncode_many", lambda parts, device: calls.append(len(parts)) or uncode_many(parts, device))
+    together = wire.decode(frames, loaded.fingerprint, context=ctx)
+    assert calls == ([1] * kv.num_layers if "protect" in spec else [kv.num_layers])
+    calls.clear()
+    monkeypatch.setattr(wire, "RANS_DECODE_BATCH", 0)
+    tier_by_tier = wire.decode(frames, loaded.fingerprint, context=ctx)
+    assert calls == [1] * kv.num_layers
+    for a, b in zip(together.keys + together.values, tier_by_tier.keys + tier_by_tier.values):
+        assert torch.equal(a, b)

@@ -5,8 +5,8 @@ context of `tokens`, with a PCA basis fitted on that random model (channel.bench
 
     python3 deploy/gpu/profile_wire.py OUT.json [tokens] [profile ...]
 
-Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. On a machine without CUDA it runs on the CPU (tiny-llama,
-for a check of the script itself: MODEL=tiny-llama).
+Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. On a machine without CUDA it runs tiny-llama on the CPU,
+a check of the script itself.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import cProfile
 import io
 import json
-import os
 import pstats
 import sys
 import tempfile
@@ -59,8 +58,7 @@ def profiled(fn, device: torch.device) -> str:
 def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "pca:b1:w:e:j:a")) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    loaded = load_model(os.environ.get("MODEL", "llama-3.1-8b-random" if cuda else "tiny-llama"), str(device),
-                        "bfloat16" if cuda else "float32")
+    loaded = load_model("llama-3.1-8b-random" if cuda else "tiny-llama", str(device), "bfloat16" if cuda else "float32")
     basis = table.fit_random_basis(loaded, Path(tempfile.mkdtemp(prefix="kvwire-basis-")), min(tokens, 4096))
     pre = prefill_prompt(loaded, table.bench_text(loaded.tokenizer, tokens), table.QUESTION)
     kv, context = pre.kv, loaded.codec_context

@@ -32,8 +32,7 @@ from common.plan import DTYPES, CodecPlan
 from common.plan import runs as token_runs
 from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
-from common.quant import rotation
-from common.quant import rans
+from common.quant import rans, rotation
 from common.quant.pca_entropy import code_many, rans_coder, uncode_many
 from common.quant.transform import CodecContext, LayerCodec
 

@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import wire
-from common.settings import get_settings
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
+from common.settings import get_settings
 from sender.bandwidth import BandwidthEstimator
 
 # pick_first over a shuffled address list: behind a headless Service each client lands on
@@ -33,9 +33,8 @@ def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> It
     """`frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default KVWIRE_READ_AHEAD_BYTES; a
     larger frame goes alone) ahead of the consumer, so the next chunks are coded while gRPC writes the last ones:
     gRPC pulls a request iterator's next message only once the last one is written, so without read-ahead coding
-    and sending take turns. An exception of `frames` reaches
-    the consumer in its place; a consumer that stops early (the stream failed) stops the thread at its next
-    frame, which closes `frames` there."""
+    and sending take turns. An exception of `frames` reaches the consumer in its place; a consumer that stops
+    early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
     max_bytes = max_bytes or get_settings().read_ahead_bytes
     ready: queue.SimpleQueue = queue.SimpleQueue()
     room = threading.Condition()

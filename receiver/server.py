@@ -40,8 +40,8 @@ NEGOTIATION_BOUNDS = {"bandwidth_bps": 1e15, "deadline_s": 86_400.0, "quality_fl
 # A question longer than this many characters per token of context cannot fit it: refused before
 # it is tokenized (tokenizing megabytes takes seconds).
 MAX_QUESTION_CHARS_PER_TOKEN = 16
-# Frames decoded in one hop off the event loop: a hop costs about as much as decoding a small chunk, and a
-# 32K-token frontier cache of the 8B shape is about 4,000 frames.
+# Frames decoded in one hop off the event loop (a thread switch and a wake of the loop each): a 32K-token
+# frontier cache of the 8B shape is about 4,000 frames.
 FRAMES_PER_HOP = 64
 
 

@@ -81,17 +81,22 @@ def triton_available() -> bool:
 
 def use_kernels(quantizer, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether `quantizer` should encode `tensor`, or decode the payload `tensor` into `dtype`, with the kernels."""
-    chosen = mode()
-    if chosen == "torch" or _spec(quantizer) is None or tensor.numel() == 0:
+    if tensor.numel() == 0 or tensor.dtype not in FLOATS + (torch.uint8,):
         return False
-    if tensor.dtype not in FLOATS + (torch.uint8,) or (dtype is not None and dtype not in FLOATS):
+    return kernels_on(quantizer, tensor.device, dtype)
+
+
+def kernels_on(quantizer, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether `quantizer`'s tensors on `device` (decoded into `dtype`) take the kernels."""
+    chosen = mode()
+    if chosen == "torch" or _spec(quantizer) is None or (dtype is not None and dtype not in FLOATS):
         return False
     if chosen == "auto":
-        return tensor.is_cuda and triton_available()
+        return device.type == "cuda" and triton_available()
     if not triton_available():
         raise RuntimeError(f"{ENV}=triton, but triton does not import")
-    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{ENV}=triton on a {tensor.device} tensor needs TRITON_INTERPRET=1, set before triton is imported")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{ENV}=triton on a {device} tensor needs TRITON_INTERPRET=1, set before triton is imported")
     return True
 
 

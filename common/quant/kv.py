@@ -111,7 +111,7 @@ class KVCodec:
 
     def decodes_chunks(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `decode_chunks` decodes a tier's chunks together (with the kernels) on `device`."""
-        return kernels.use_kernels(self.quantizer, torch.empty(1, dtype=torch.uint8, device=device), dtype)
+        return kernels.kernels_on(self.quantizer, torch.device(device), dtype)
 
     def decode_chunks(self, payloads: list[bytes], tokens: list[int], heads: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

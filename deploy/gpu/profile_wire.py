@@ -17,30 +17,18 @@ import json
 import pstats
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from channel import bench_recompute as table
-from channel.bench_gpu import environment
+from channel.bench_gpu import environment, synced_seconds
 from common import wire
 from common.models import load_model
 from common.profile import parse_profile
 from sender.prefill import prefill_prompt
 
 TOP = 25
-
-
-def timed(fn, device: torch.device, repeat: int = 2):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        table.sync(device)
-        start = time.perf_counter()
-        result = fn()
-        table.sync(device)
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 def profiled(fn, device: torch.device) -> str:
@@ -71,12 +59,12 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
         def encode():
             return list(wire.encode(kv, profile, loaded.fingerprint, None, 1, context))
 
-        frames, encode_s = timed(encode, device)
+        frames, encode_s = synced_seconds(encode, device, 2)
 
         def decode():
             return wire.decode(frames, loaded.fingerprint, limits, wire.sliding_windows(loaded.config), device, context)
 
-        _, decode_s = timed(decode, device)
+        _, decode_s = synced_seconds(decode, device, 2)
         row = {"profile": str(profile), "tokens": kv.seq_len, "input_bytes": nbytes, "frames": len(frames),
                "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
                "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,

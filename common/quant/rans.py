@@ -56,7 +56,6 @@ WORD = 0xFFFF
 LANE = 2048  # symbols per lane
 GROUP = 32  # lanes per group (a GPU warp)
 MAX_HIGH = 127  # most magnitudes of a split model's high part
-TORCH_DTYPES = {np.dtype(np.int16): torch.int16, np.dtype(np.int64): torch.int64}
 
 
 @dataclass(frozen=True)
@@ -272,11 +271,10 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 def to_device(parts: list[np.ndarray], dtype: np.dtype, device: torch.device) -> torch.Tensor:
     """The arrays `parts` end to end, as one tensor of `dtype` on `device`; gathered in page-locked memory on
     the way to a GPU (one copy on the host, one fast copy to the device)."""
-    if device.type != "cuda":
-        return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False)).to(device)
-    staged = torch.empty(sum(len(p) for p in parts), dtype=TORCH_DTYPES[np.dtype(dtype)], pin_memory=True)
-    np.concatenate(parts, out=staged.numpy())
-    return staged.to(device, non_blocking=True)
+    host = torch.empty(sum(len(p) for p in parts), dtype=torch.from_numpy(np.empty(0, dtype)).dtype,
+                       pin_memory=device.type == "cuda")
+    np.concatenate(parts, out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: list[int]) -> torch.Tensor:

@@ -271,3 +271,13 @@ def test_without_the_kernels_tiers_of_several_layers_decode_in_one_call(setup, t
     assert calls == [1] * kv.num_layers
     for a, b in zip(together.keys + together.values, tier_by_tier.keys + tier_by_tier.values):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64])
+def test_to_device_joins_parts_of_every_dtype_it_is_given(dtype):
+    """One code path on every device (a pinned host buffer only on a GPU), so the dtype lookup a GPU
+    receiver makes runs here too: uint8 (an int tier's packed bytes) once failed only there."""
+    parts = [np.arange(5, dtype=dtype), np.arange(3, dtype=dtype) + 7]
+    out = rans.to_device(parts, dtype, torch.device("cpu"))
+    assert out.dtype == torch.from_numpy(parts[0]).dtype
+    assert out.tolist() == [0, 1, 2, 3, 4, 7, 8, 9]

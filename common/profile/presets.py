@@ -43,12 +43,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("balanced", "the compression frontier's pick at 12.5% of the fp16 bytes", "int4:g32", {
         "smollm2-135m": "pca:b3.05:w:e:j:i1:f3+text:h:q",
         "gemma3-270m": "pca:b1.7:w:e:j:i1+protect:s4:r0+text:q",
-        "qwen2.5-coder-1.5b": "pca:b2.3:w:e:j:i1:f3",
+        "qwen2.5-coder-1.5b": "pca:b2.6:w:e:j:i1:f3+text:h:q",
     }),
     Preset("compact", "the compression frontier's pick at 6.25% of the fp16 bytes", "int2:g32", {
         "smollm2-135m": "pca:b1.7:w:e:j:i1:f3+text:h:q",
         "gemma3-270m": "pca:b0.65:w:e:j:i1+protect:s4:r0+text:q",
-        "qwen2.5-coder-1.5b": "pca:b1.1:w:e:j:i1:f3",
+        "qwen2.5-coder-1.5b": "pca:b1.3:w:e:j:i1:f3+text:h:q",
     }),
 )}
 

@@ -33,7 +33,7 @@ def test_the_default_is_balanced_which_falls_back_without_a_basis(llama_receiver
     assert asked.profile == "int4:g32"  # tiny-llama ships no PCA basis
     assert str(resolve("balanced", "smollm2-135m")) == "pca:b3.05:w:e:j:i1:f3+text:h:q"
     assert str(resolve("compact", "gemma3-270m")) == "pca:b0.65:w:e:j:i1+protect:s4:r0+text:q"
-    assert str(resolve("compact", "qwen2.5-coder-1.5b")) == "pca:b1.1:w:e:j:i1:f3"  # its basis ships
+    assert str(resolve("compact", "qwen2.5-coder-1.5b")) == "pca:b1.3:w:e:j:i1:f3+text:h:q"  # its basis ships
 
 
 @pytest.mark.parametrize("profile,message", [

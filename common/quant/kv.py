@@ -127,9 +127,9 @@ class KVCodec:
         if same < 2 or not self.decodes_chunks(device, dtype):
             parts = [one(p, n) for p, n in zip(payloads, tokens)]
         else:
-            stacked = to_device([np.frombuffer(p, dtype=np.uint8) for p in payloads[:same]], np.uint8, device)
-            if size != self.payload_size((1, heads, step, head_dim), dtype):
+            if size != self.payload_size((1, heads, step, head_dim), dtype):  # before the device allocates
                 raise QuantError(f"payload of {size} bytes, expected {self.payload_size((1, heads, step, head_dim), dtype)}")
+            stacked = to_device([np.frombuffer(p, dtype=np.uint8) for p in payloads[:same]], np.uint8, device)
             keys, values = kernels.decode_kv(self.quantizer, stacked.reshape(same, size), (same, heads, step, head_dim),
                                              dtype, self.key_axis, self.value_axis)
             parts = [tuple(t.transpose(0, 1).reshape(1, heads, same * step, head_dim) for t in (keys, values))]

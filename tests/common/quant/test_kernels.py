@@ -354,6 +354,28 @@ def case_chunks_decode_in_one_launch():
         assert launches == [(2, 2, 16, 16), (1, 2, 9, 16)], f"{q}: {launches}"
 
 
+def case_chunks_of_a_wrong_size_refused_before_the_copy():
+    """decode_chunks refuses chunks of one length that is not the codec's for their tokens before any copy
+    to the device (issue 28: a size that disagrees with the header is refused before the device allocates)."""
+    import common.quant.kv as kv
+
+    copies, to_device = [], kv.to_device
+    kv.to_device = lambda *args: copies.append(args) or to_device(*args)
+    try:
+        with path("triton"):
+            codec = KVCodec(Uniform(4, 8))
+            size = codec.payload_size((1, 2, 16, 16), torch.bfloat16)
+            try:
+                codec.decode_chunks([bytes(size - 1)] * 3, [16, 16, 16], 2, 16, torch.bfloat16, torch.device("cpu"))
+            except QuantError as error:
+                assert f"payload of {size - 1} bytes" in str(error), error
+            else:
+                raise AssertionError("a short chunk decoded")
+    finally:
+        kv.to_device = to_device
+    assert copies == [], copies
+
+
 def case_property():
     """Hypothesis: any quantizer, shape, scale and dtype."""
     from hypothesis import HealthCheck, given, settings

@@ -35,6 +35,10 @@
 #                                   # writes its files under /tmp/bg/NAME/. Lets a long GPU run go on while
 #                                   # later calls move files (deploy/gpu/ship_qwen.sh)
 #   deploy/gpu/run.sh collect OUT   # what the detached runs wrote so far, as OUT/bg.tar.gz, and their logs' tails
+#   deploy/gpu/run.sh wait S NAME.. # block until the detached runs NAME.. end or S seconds pass (a call holds the
+#                                   # machine for as long as it runs: one call of up to 590 s leaves no idle gap
+#                                   # for the 30-second release, where back-to-back short calls need no local work
+#                                   # in between), then collect into $OUT
 #   python3 deploy/gpu/profile_wire.py OUT/profile_wire.json 32768   # (after install; PYTHONPATH as below) where
 #                                   # wire.encode and wire.decode spend their time, cProfile, int4 and pca:b1:a
 #   deploy/gpu/run.sh issue28 DIR   # the rANS codec (deploy/gpu/rans_gpu.py) and the recompute table, into DIR
@@ -67,6 +71,17 @@ bg)  # from a copy of the tree: each device call copies the working tree afresh,
   export PYTHONPATH=/tmp/site:$PWD
   setsid nohup bash -c "$*; echo \$? > /tmp/bg/$name.done" > "/tmp/bg/$name.log" 2>&1 < /dev/null &
   echo "started $name (pid $!)"
+  ;;
+wait)
+  limit=$2
+  shift 2
+  for _ in $(seq "$limit"); do
+    left=0
+    for name in "$@"; do [ -f "/tmp/bg/$name.done" ] || left=1; done
+    [ "$left" = 0 ] && break
+    sleep 1
+  done
+  "$0" collect "$OUT"
   ;;
 collect)
   tar -czf "$2/bg.tar.gz" -C /tmp bg

@@ -3,7 +3,7 @@
     .venv/bin/python -m channel.figures [--out DIR]
 
 No model runs: each plot comes from its data file alone, with the plotting code of the command that
-first drew it (`kvwire demo`, `kvwire sweep`, `kvwire study ...`). With --out, the plots go to DIR
+first drew it (`kvwire demo`, `kvwire sweep`, `kvwire frontier`, `kvwire study ...`). With --out, the plots go to DIR
 under the same relative paths, and results/ is left alone.
 """
 
@@ -29,7 +29,7 @@ def redraw(out: Path) -> list[Path]:
     """Every plot, written under `out` at its path relative to results/; returns the paths."""
     from channel.demo import plot as plot_demo
     from channel.evaluation.information.plots import plot_allocation, plot_info_plane, plot_rd
-    from channel.evaluation.report import plot_sweep
+    from channel.evaluation.report import plot_frontier, plot_sweep
 
     written = []
     demo = json.loads((RESULTS / "demo.json").read_text())
@@ -44,6 +44,9 @@ def redraw(out: Path) -> list[Path]:
         path = out / f"{data.stem}.png"
         plotters[study](result, _study_title(study, result["model"]), path)
         written.append(path)
+    for data in sorted(RESULTS.glob("frontier*.json")):
+        if (RESULTS / f"{data.stem}.png").exists():  # the frontiers that predate the plot have none
+            written.append(plot_frontier(json.loads(data.read_text()), out / f"{data.stem}.png"))
     for sweep in SWEEPS:
         summary = json.loads((RESULTS / sweep / "summary.json").read_text())
         (out / sweep).mkdir(parents=True, exist_ok=True)

@@ -242,7 +242,7 @@ def frontier_command(
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Held-out questions (default: the embedded subset)."),
     samples: int = typer.Option(100, min=1, help="Held-out questions."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results/frontier.json's format."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results/frontier.json's format, and its plot beside it (.png)."),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
@@ -255,13 +255,15 @@ def frontier_command(
 
     from channel.evaluation.frontier import frontier_table, pick
     from channel.evaluation.harness import aggregate
-    from channel.evaluation.report import summary_table
+    from channel.evaluation.report import plot_frontier, summary_table
 
     try:
         limits = tuple(float(b) for b in budgets.split(",") if b.strip())
     except ValueError:
         raise typer.BadParameter(f"budgets {budgets!r} are not numbers", param_hint="--budgets") from None
     candidates, references = _parse_profiles(profiles), _parse_profiles(baselines)
+    if json_path:  # before any model work, so that a folder not made yet loses nothing
+        json_path.parent.mkdir(parents=True, exist_ok=True)
     skip = tune_skip if tune_skip is not None else (0 if tune_data else samples)
     rows, tuning_set = _evaluate(model, tune_data, tune_samples, candidates, max_new_tokens, skip)
     tuned = aggregate(rows)
@@ -289,7 +291,7 @@ def frontier_command(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path} and {plot_frontier(result, json_path.with_suffix('.png'))}")
 
 
 @app.command("calibrate")

@@ -49,6 +49,57 @@ def _rate_bits(rate: str) -> float:
     return parse_rate(rate)
 
 
+TICKS = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)  # the frontier plot's: its default budgets, halved and doubled
+
+
+def plot_frontier(document: dict, path: Path) -> Path:
+    """`kvwire frontier`'s document as a PNG: fidelity and F1 against gold over the bytes, the tuning candidates,
+    the picks on the held-out questions (with their 95% intervals) and the baselines, each budget a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    picks = [r for r in document["frontier"] if r["profile"] is not None]
+    baselines = document.get("baselines", [])
+    tuning = document.get("tuning", {}).get("summaries", [])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "fidelity", "fidelity F1 (vs the full cache's answer)"),
+                           (axes[1], "f1_gold", "F1 vs SQuAD gold")):
+        for r in document["frontier"]:
+            ax.axvline(r["budget"], color="grey", ls=":", lw=1)
+        if key == "fidelity" and tuning:
+            ax.scatter([s["ratio_vs_fp16"] for s in tuning], [s["fidelity_f1"] for s in tuning], facecolors="none",
+                       edgecolors="grey", label=f"candidates, {document['tuning'].get('questions', '?')} tuning questions")
+        ordered = sorted(picks, key=lambda r: r["bytes_vs_fp16"])
+        ax.errorbar([r["bytes_vs_fp16"] for r in ordered], [r[key] for r in ordered],
+                    yerr=[r["fidelity_ci95"] for r in ordered] if key == "fidelity" else None,
+                    marker="o", capsize=3, color="tab:blue", label="picks, held-out questions")
+        for r in ordered:
+            text = r["profile"] if key == "fidelity" else f"{r['budget']:.4g}"
+            ax.annotate(text, (r["bytes_vs_fp16"], r[key]), textcoords="offset points", xytext=(4, -12), fontsize=7,
+                        color="tab:blue")
+        for s in baselines:
+            value = s["fidelity_f1" if key == "fidelity" else "f1_gold"]
+            ax.errorbar([s["ratio_vs_fp16"]], [value], yerr=[s[("fidelity_f1" if key == "fidelity" else key) + "_ci95"]],
+                        marker="s", capsize=3, color="tab:orange", ls="none")
+            ax.annotate(s["profile"], (s["ratio_vs_fp16"], value), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color="tab:orange")
+        ax.set_xscale("log")
+        ax.set_xticks(TICKS, [f"{100 * t:g}%" for t in TICKS])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("bytes on the wire / fp16 KV bytes (dotted: the budgets)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{document['model']}: the compression frontier (baselines in orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(summaries: list[dict], out_dir: Path) -> dict[str, Path]:
     """Rate-distortion, time-to-first-token vs bandwidth, and the Pareto front, as PNG files."""
     import matplotlib

@@ -124,6 +124,20 @@ def _profile_option(profile: str, profile_file: Optional[Path], model: str, allo
     return _parse_profiles(profile, model, "--profile")[0]
 
 
+def _output(path: Optional[Path]) -> Optional[Path]:
+    """A --json path's folder, made before any model work, so that a long run's results have somewhere to go."""
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise typer.BadParameter(f"cannot write {path}: {error}") from None
+    return path
+
+
+def JsonOption(help: str = "Write the results as JSON here.") -> Optional[Path]:  # noqa: N802 (an Option, as the others)
+    return typer.Option(None, "--json", help=help + " Its folder is made if missing.", dir_okay=False, callback=_output)
+
+
 ProfileFileOption = typer.Option(None, "--profile-file", exists=True, dir_okay=False,
                                  help="The profile's JSON long form ({\"stages\": [{\"stage\": \"int\", \"bits\": 4}]}), "
                                       "instead of --profile; `kvwire profiles` lists the stages and their fields.")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from channel.cli.app import ModelOption, _parse_profiles, bench_app, console
+from channel.cli.app import JsonOption, ModelOption, _parse_profiles, bench_app, console
 
 
 @bench_app.command("select")
@@ -18,7 +18,7 @@ def bench_select(
     tokens: int = typer.Option(8192, help="Context length for kvwire's O(T) statistics."),
     eager_tokens: int = typer.Option(2048, help="Context length for the naive output_attentions=True run."),
     model: str = ModelOption,
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Prefill + Q2C/SnapKV selection: time and peak memory, O(T) statistics against eager attention maps."""
     import json
@@ -56,7 +56,7 @@ def bench_select_once(mode: str, tokens: int, model: str = ModelOption) -> None:
 def bench_channel(
     rates: str = typer.Option("1mbit,20mbit,200mbit", help="Comma-separated rates."),
     seconds: float = typer.Option(2.0, help="Each transfer carries this many seconds of data at its rate."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Relay goodput against the configured rate, and the same transfer through Linux tc tbf."""
     import json
@@ -193,7 +193,7 @@ def bench_codec(
                                                       "svd ranks, channel.bench.CODEC_PROFILES)."),
     repeats: int = typer.Option(3, min=1),
     zstd_level: int = typer.Option(3, min=1, max=22, help="Level of the entropy stage."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     model: str = ModelOption,
 ) -> None:
     """Encode/decode throughput of each codec, side by side with a plain copy, plus size and error."""
@@ -236,7 +236,7 @@ def bench_entropy(
     samples: int = typer.Option(40, min=2, help="Prompts: the first half fits the static model, the rest measure it."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
     zstd_level: int = typer.Option(3, min=1, max=22),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     model: str = ModelOption,
 ) -> None:
     """Bits per element of each profile's codes: packed, after zstd, the order-0 entropy, and a static
@@ -280,7 +280,7 @@ def bench_coders(
     samples: int = typer.Option(8, min=1, help="Prompts (SQuAD contexts and questions)."),
     skip: int = typer.Option(0, min=0, help="Start this far into the questions."),
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     model: str = ModelOption,
 ) -> None:
     """The entropy coders of pca:...:e side by side on real caches: the range coder (CPU) against rANS
@@ -330,7 +330,7 @@ def bench_segments(
     delay: str = typer.Option("10ms"),
     bandwidth: Optional[str] = typer.Option(None, help="The rate the first segment is planned with "
                                                        "(default: send it as a probe, the smallest cache)."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     model: str = ModelOption,
 ) -> None:
     """Segmented (adaptive) against whole-cache transfers over real gRPC through the shaping relay:
@@ -390,7 +390,7 @@ def bench_gpu(
     max_row_s: float = typer.Option(60.0, help="recompute: skip a row predicted to take longer (said so)."),
     budget_s: float = typer.Option(0.0, help="recompute: start no row after this many seconds of the table (0: no limit)."),
     basis_dir: Optional[Path] = typer.Option(None, help="recompute: where the fitted basis goes (default: a temporary folder)."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Codec GB/s against a device copy, ask stages and TTFT pipelined against not, long-context
     prefill memory, and KV against recompute, on CUDA, at Llama-3.1-8B's KV shape (random weights)."""
@@ -532,7 +532,7 @@ STARTUP_COMMANDS = {
 
 @bench_app.command("startup")
 def bench_startup(repeats: int = typer.Option(3, min=1, help="Runs of each command; the table gives their median."),
-                  json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+                  json_path: Optional[Path] = JsonOption()) -> None:
     """Wall time from launch to exit of the commands that must answer at once (help, bad input, health)."""
     import json
     import shutil
@@ -569,7 +569,7 @@ def bench_soak(
     attackers: int = typer.Option(3, min=1, help="Hostile clients, each looping over the attacks of issue 31."),
     ttl: float = typer.Option(20.0, help="The receiver's session TTL (KVWIRE_SESSION_TTL_S): the end RSS is taken after it."),
     idle: float = typer.Option(5.0, help="The receiver's stream idle timeout (KVWIRE_STREAM_IDLE_S)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures here too."),
+    json_path: Optional[Path] = JsonOption("Write the figures here too."),
 ) -> None:
     """Honest transfers (answers checked) while hostile clients attack one receiver process on loopback:
     completion, p99 against the same load alone, worst /healthz and gRPC health latency, receiver RSS."""

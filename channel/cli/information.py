@@ -12,6 +12,7 @@ import typer
 from channel.cli.app import (
     DeviceOption,
     DtypeOption,
+    JsonOption,
     ModelOption,
     _parse_profiles,
     console,
@@ -84,7 +85,7 @@ def info_plane_command(
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of the information plane."),
 ) -> None:
     """Per-layer I(X; K_l) and I(K_l; Y), keys and values apart: probes and InfoNCE, held out by article."""
@@ -130,7 +131,7 @@ def ib_allocation_command(
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     plot_path: Optional[Path] = typer.Option(None, "--plot"),
 ) -> None:
     """Per-layer bits from I(K_l; Y) (IB) against the measured sensitivity, uniform and random, at matched bytes."""
@@ -187,7 +188,7 @@ def rd_bound_command(
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     plot_path: Optional[Path] = typer.Option(None, "--plot"),
 ) -> None:
     """Every codec's bits per element against the Gaussian R(D) bound at the same MSE, and MSE against task KL."""

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from channel.cli.app import DeviceOption, DtypeOption, ModelOption, _parse_profiles, app, console, use_device
+from channel.cli.app import (
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    _parse_profiles,
+    app,
+    console,
+    use_device,
+)
 
 
 def _numbers(text: str, kind, option: str) -> list:
@@ -26,7 +35,7 @@ def longcontext_command(
     profiles: str = typer.Option("fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16", help="Comma-separated profiles."),
     seed: int = typer.Option(0, help="Seeds the needles' keys, values, places and the filler's start."),
     max_new_tokens: int = typer.Option(16, min=1, max=512),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the summary and per-sample rows."),
+    json_path: Optional[Path] = JsonOption("Write the summary and per-sample rows."),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,

@@ -13,6 +13,7 @@ import typer
 from channel.cli.app import (
     DeviceOption,
     DtypeOption,
+    JsonOption,
     LinkOptions,
     ModelOption,
     ProfileFileOption,
@@ -210,7 +211,7 @@ def demo(
     delay: str = typer.Option("10ms", help="One-way delay of the emulated link."),
     query_agnostic: bool = typer.Option(False, help="Send only the context as KV; the question travels as text."),
     max_new_tokens: int = typer.Option(32, min=1, max=512),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    json_path: Optional[Path] = JsonOption("Also write the results as JSON."),
     plot_path: Optional[Path] = typer.Option(Path("kvwire-demo.png"), "--plot", help="Accuracy against bytes and time (PNG)."),
     target: Optional[str] = typer.Option(None, help="Use this running receiver (or relay) instead of starting one."),
     model: str = ModelOption,
@@ -288,7 +289,7 @@ def loadtest(
     chaos: bool = typer.Option(False, help="Kill the receiver (SIGKILL) and restart it twice, and reset every "
                                            "connection through the relay three times, during the load; then "
                                            "compare the receiver's memory with its baseline."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,

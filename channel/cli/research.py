@@ -10,6 +10,7 @@ import typer
 from channel.cli.app import (
     DeviceOption,
     DtypeOption,
+    JsonOption,
     ModelOption,
     _evaluate,
     _parse_profiles,
@@ -27,7 +28,7 @@ def eval_command(
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A SQuAD-format JSON file (default: the embedded subset)."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
     skip: int = typer.Option(0, min=0, help="Leave out the first N answerable questions (a held-out split)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write per-profile summaries and per-sample rows."),
+    json_path: Optional[Path] = JsonOption("Write per-profile summaries and per-sample rows."),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
@@ -242,7 +243,7 @@ def frontier_command(
     data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Held-out questions (default: the embedded subset)."),
     samples: int = typer.Option(100, min=1, help="Held-out questions."),
     max_new_tokens: int = typer.Option(24, min=1, max=512),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results/frontier.json's format, and its plot beside it (.png)."),
+    json_path: Optional[Path] = JsonOption("Write results/frontier.json's format, and its plot beside it (.png)."),
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
@@ -262,8 +263,6 @@ def frontier_command(
     except ValueError:
         raise typer.BadParameter(f"budgets {budgets!r} are not numbers", param_hint="--budgets") from None
     candidates, references = _parse_profiles(profiles), _parse_profiles(baselines)
-    if json_path:  # before any model work, so that a folder not made yet loses nothing
-        json_path.parent.mkdir(parents=True, exist_ok=True)
     skip = tune_skip if tune_skip is not None else (0 if tune_data else samples)
     rows, tuning_set = _evaluate(model, tune_data, tune_samples, candidates, max_new_tokens, skip)
     tuned = aggregate(rows)
@@ -423,7 +422,7 @@ def _register_squad_study(name: str, doc: str) -> None:
                 model: str = ModelOption,
                 device: Optional[str] = DeviceOption,
                 dtype: Optional[str] = DtypeOption,
-                json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+                json_path: Optional[Path] = JsonOption()) -> None:
         use_device(device, dtype)
         _run_study(name.replace("-", "_"), samples, data, model, json_path)
 
@@ -444,7 +443,7 @@ def study_truncation(
     model: str = ModelOption,
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Next-token KL against window size: power law or exponential? Fitted exponent and extrapolation error."""
     use_device(device, dtype)
@@ -476,7 +475,7 @@ def study_layers(
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = DtypeOption,
     write: bool = typer.Option(False, help="Save as the model's shipped sensitivities (used by the adaptive budget)."),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Per-layer sensitivity: next-token KL when only that layer is compressed. Is there a layer-0 bottleneck?"""
     use_device(device, dtype)

@@ -33,6 +33,7 @@ from common.plan import runs as token_runs
 from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profile
 from common.proto import kvwire_pb2 as pb
 from common.quant import rans, rotation
+from common.quant.kv import payload_tensor
 from common.quant.pca_entropy import code_many, rans_coder, uncode_many
 from common.quant.transform import CodecContext, LayerCodec
 
@@ -660,9 +661,8 @@ class Assembler:
                     pending.values[chunk.layer].append(values)
             else:
                 # (a layer can code to nothing: a weighted pca stage may give all its components zero bits)
-                payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
                 positions = pending.positions[chunk.layer][:, chunk.token_start:chunk.token_end]
-                keys, values = codec.decode(payload.to(self.device), shape, positions, self.dtype)
+                keys, values = codec.decode(payload_tensor(raw).to(self.device), shape, positions, self.dtype)
                 pending.keys[chunk.layer].append(keys)
                 pending.values[chunk.layer].append(values)
         pending.filled[chunk.layer] = chunk.token_end

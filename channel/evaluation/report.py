@@ -65,8 +65,10 @@ def plot_frontier(document: dict, path: Path) -> Path:
     baselines = document.get("baselines", [])
     tuning = document.get("tuning", {}).get("summaries", [])
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, label in ((axes[0], "fidelity", "fidelity F1 (vs the full cache's answer)"),
-                           (axes[1], "f1_gold", "F1 vs SQuAD gold")):
+    # (axis, the frontier row's key, the summaries' key, label); a row's interval is its fidelity's only
+    panels = ((axes[0], "fidelity", "fidelity_f1", "fidelity F1 (vs the full cache's answer)"),
+              (axes[1], "f1_gold", "f1_gold", "F1 vs SQuAD gold"))
+    for ax, key, summary_key, label in panels:
         for r in document["frontier"]:
             ax.axvline(r["budget"], color="grey", ls=":", lw=1)
         if key == "fidelity" and tuning:
@@ -81,10 +83,9 @@ def plot_frontier(document: dict, path: Path) -> Path:
             ax.annotate(text, (r["bytes_vs_fp16"], r[key]), textcoords="offset points", xytext=(4, -12), fontsize=7,
                         color="tab:blue")
         for s in baselines:
-            value = s["fidelity_f1" if key == "fidelity" else "f1_gold"]
-            ax.errorbar([s["ratio_vs_fp16"]], [value], yerr=[s[("fidelity_f1" if key == "fidelity" else key) + "_ci95"]],
-                        marker="s", capsize=3, color="tab:orange", ls="none")
-            ax.annotate(s["profile"], (s["ratio_vs_fp16"], value), textcoords="offset points", xytext=(4, 4),
+            ax.errorbar([s["ratio_vs_fp16"]], [s[summary_key]], yerr=[s[summary_key + "_ci95"]], marker="s", capsize=3,
+                        color="tab:orange", ls="none")
+            ax.annotate(s["profile"], (s["ratio_vs_fp16"], s[summary_key]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color="tab:orange")
         ax.set_xscale("log")
         ax.set_xticks(TICKS, [f"{100 * t:g}%" for t in TICKS])

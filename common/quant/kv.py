@@ -23,6 +23,11 @@ from common.quant.rans import to_device
 CHANNEL, TOKEN = "channel", "token"
 
 
+def payload_tensor(raw: bytes) -> torch.Tensor:
+    """A chunk's raw payload as a writable uint8 tensor on the host (empty where a layer codes to nothing)."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
 def _to_matrix(t: torch.Tensor, axis: str) -> torch.Tensor:
     """t: (1, kv_heads, tokens, head_dim) -> 2-D matrix for the quantizer."""
     _, heads, tokens, dim = t.shape
@@ -119,8 +124,7 @@ class KVCodec:
         joined along the tokens (the inverse of encode_chunks). With the kernels, the chunks of the first
         one's length are one copy to the device and one launch per tensor; the others decode one at a time."""
         def one(payload: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-            return self.decode(tensor.to(device), (1, heads, n, head_dim), dtype)
+            return self.decode(payload_tensor(payload).to(device), (1, heads, n, head_dim), dtype)
 
         step, size = tokens[0], len(payloads[0])
         same = next((i for i, (p, n) in enumerate(zip(payloads, tokens)) if n != step or len(p) != size), len(tokens))

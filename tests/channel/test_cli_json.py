@@ -19,7 +19,10 @@ def test_eval_writes_into_a_folder_not_made_yet(tmp_path):
 def test_a_json_path_under_a_file_is_refused_before_the_run(tmp_path, monkeypatch):
     import channel.cli.longcontext as longcontext
 
-    monkeypatch.setattr(longcontext, "use_device", lambda *args: (_ for _ in ()).throw(AssertionError("ran")))
+    def no_run(*args):
+        raise AssertionError("the command ran")
+
+    monkeypatch.setattr(longcontext, "use_device", no_run)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = CliRunner().invoke(app, ["longcontext", "--model", "tiny-llama", "--lengths", "600", "--profiles", "fp16",

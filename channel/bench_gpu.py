@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import zlib
 
 import torch
 import zstandard
@@ -137,7 +136,7 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
 
     profile = parse_profile(spec)
     codec = kv_codec(profile, 0)
-    step = wire.chunk_tokens(heads, head_dim, dtype)
+    step = wire.chunk_tokens(CodecPlan.build(profile, None, layers).codecs[0], heads, head_dim, dtype)
     generator = torch.Generator("cuda").manual_seed(0)
     cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
               torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator))
@@ -343,7 +342,7 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     chunks = [f.chunk for f in parsed if f.WhichOneof("kind") == "chunk"]
     payloads = [c.payload for c in chunks]
     stages = {"protobuf_serialize": serialize_s, "protobuf_parse": parse_s}
-    _, stages["crc32"] = synced_seconds(lambda: [zlib.crc32(p) for p in payloads], device, repeat)
+    _, stages["crc32c"] = synced_seconds(lambda: [wire.checksum(p) for p in payloads], device, repeat)
     plan = CodecPlan.build(profile.bind(context) if context else profile, context, layers)
     if not plan.entropy_coded:
         raws, stages["zstd_decompress"] = synced_seconds(lambda: [wire.chunk_raw(c.payload, c.raw_size) for c in chunks],
@@ -354,10 +353,11 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
         tensors, stages["bytes_to_tensor"] = synced_seconds(
             lambda: [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws], device, repeat)
         on_device, stages["host_to_device"] = synced_seconds(lambda: [t.to(device) for t in tensors], device, repeat)
-        step = wire.chunk_tokens(heads, head_dim, dtype)
         _, stages["codec_encode"] = synced_seconds(
             lambda: [r for i, (k, v, p) in enumerate(zip(kv.keys, kv.values, kv.positions))
-                     for r in plan.codecs[i].encode_chunks(k, v, p, step)], device, repeat)
+                     for r in plan.codecs[i].encode_chunks(k, v, p, wire.chunk_tokens(plan.codecs[i], heads,
+                                                                                        head_dim, dtype))],
+            device, repeat)
         _, stages["codec_decode"] = synced_seconds(
             lambda: [plan.codecs[c.layer].decode(t, (1, heads, c.token_end - c.token_start, head_dim),
                                                  kv.positions[c.layer][:, c.token_start:c.token_end], dtype)

@@ -13,7 +13,6 @@ import re
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 
 import grpc
@@ -24,7 +23,6 @@ CALL_TIMEOUT_S = 30.0
 def materials(loaded, target: str, token: str, idle_s: float) -> dict:
     """What the attacks send, built from the model once: picklable bytes and numbers."""
     import torch
-    import zstandard
 
     from common import wire
     from common.kvstate import prefill
@@ -36,14 +34,13 @@ def materials(loaded, target: str, token: str, idle_s: float) -> dict:
         return [frame.SerializeToString() for frame in encoded]
 
     text = loaded.config.get_text_config()
-    heads, head_dim = text.num_key_value_heads, loaded.fingerprint.head_dim
-    cap = wire.chunk_tokens(heads, head_dim, torch.float32)
-    seq_len = min(4 * cap, (text.max_position_embeddings or 4096) - 8)
+    heads = text.num_key_value_heads
+    seq_len = 64  # a chunk of these tokens whose payload is past the cap: refused before its checksum or zstd
     positions = [torch.arange(seq_len).expand(heads, -1) for _ in range(text.num_hidden_layers)]
     oversized = wire.Encoder(loaded.fingerprint).header(seq_len, positions, parse_profile("int4"))
-    payload = zstandard.ZstdCompressor().compress(bytes(4096))
+    payload = bytes(wire.MAX_CHUNK_BYTES + 1)
     chunk = wire.pb.Frame(chunk=wire.pb.Chunk(layer=0, token_start=0, token_end=seq_len, raw_size=4096,
-                                              crc32=zlib.crc32(payload), payload=payload))
+                                              crc32c=wire.checksum(payload), payload=payload))
     try:
         pca = str(parse_profile("pca:b2:w:e").bind(loaded.codec_context))
     except ProfileError:  # no basis for this model: the derived-plan attack sends int4 groups instead

@@ -288,7 +288,7 @@ def random_chunks(kv: KVState, profile: str, fingerprint: pb.Fingerprint, encode
             encoder.num_chunks += 1
             encoder.payload_bytes += len(payload)
             frames.append(pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=len(raw),
-                                                  crc32=wire.zlib.crc32(payload), payload=payload)))
+                                                  crc32c=wire.checksum(payload), payload=payload)))
     return frames
 
 
@@ -346,7 +346,7 @@ def mutate(frames: list[pb.Frame], rng: random.Random, kv_heads: int = 1) -> lis
         payload = bytearray(frame.chunk.payload)
         del payload[rng.randrange(len(payload) + 1):]
         frame.chunk.payload = bytes(payload)
-        frame.chunk.crc32 = rng.choice([frame.chunk.crc32, wire.zlib.crc32(bytes(payload))])
+        frame.chunk.crc32c = rng.choice([frame.chunk.crc32c, wire.checksum(bytes(payload))])
     elif choice == 6 and kind == "header":
         frame.header.seq_len = rng.choice([0, 1, 2**32 - 1, rng.randrange(1 << 20)])
     elif choice == 7 and kind in ("header", "segment") and getattr(frame, kind).layers:

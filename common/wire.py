@@ -1,6 +1,6 @@
 """Framing: KVState <-> a stream of Header, Chunk and Trailer frames.
 
-Every chunk carries zlib.crc32 of its payload as sent. The receiver validates the
+Every chunk carries the CRC-32C of its payload as sent (`checksum`). The receiver validates the
 header against the model and the configured limits before allocating anything,
 then checks each chunk's range, checksum and decompressed size.
 
@@ -16,10 +16,10 @@ import functools
 import os
 import threading
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import google_crc32c
 import grpc
 import numpy as np
 import torch
@@ -34,10 +34,16 @@ from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profi
 from common.proto import kvwire_pb2 as pb
 from common.quant import rans, rotation
 from common.quant.kv import payload_tensor
-from common.quant.pca_entropy import code_many, rans_coder, uncode_many
-from common.quant.transform import CodecContext, LayerCodec
+from common.quant.pca_entropy import code_fitting, rans_coder, uncode_many
+from common.quant.transform import CodecContext, LayerCodec, sized_chunks
 
-MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, before and after zstd
+MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, after zstd and (but for a code made in place) before
+# Tokens per chunk: at most 16 MiB of them in the sender's dtype, what one chunk may decode into. Frames are sized
+# for throughput: gRPC carries 1 MiB messages at two to three times the rate of 100 KB ones, so a chunk holds as
+# many tokens as fill MAX_CHUNK_BYTES of payload (chunk_tokens), where one bf16 MiB of tokens per chunk made a
+# 32K-token pca:b1 cache 4,130 frames of 93 KB.
+MAX_CHUNK_SPAN_BYTES = 16 << 20
+CHUNK_FILL = 0.75  # a code made in place is sized for this share of MAX_CHUNK_BYTES at its expected rate
 RANS_BATCH = 1 << 27  # pca:...:a: symbols the sender codes in one call (its scratch: 6 bytes each)
 RANS_DECODE_BATCH = 1 << 24  # and that a receiver without the kernels decodes in one call (about 20 bytes each)
 MAX_TRANSFER_ID_CHARS = 128  # the receiver keeps used ids (idempotency): their size must be bounded
@@ -51,9 +57,30 @@ ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that
 MIN_ZSTD_SAVING = 0.1
 
 
-def chunk_tokens(heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Tokens of one chunk: every codec's payload is at most the model-dtype size of its tokens."""
-    return max(1, (MAX_CHUNK_BYTES - 4096) // (2 * heads * head_dim * dtype.itemsize))
+def checksum(payload: bytes) -> int:
+    """A chunk's checksum: CRC-32C, which the CPU computes in hardware (26 GB/s against zlib.crc32's 3.5 GB/s
+    on the development machine: at 10 Gbit/s, zlib's was a tenth of a second per 400 MB on each node)."""
+    return google_crc32c.value(payload)
+
+
+def max_chunk_tokens(heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The most tokens one chunk may hold (MAX_CHUNK_SPAN_BYTES of them in `dtype`)."""
+    return max(1, MAX_CHUNK_SPAN_BYTES // (2 * heads * head_dim * dtype.itemsize))
+
+
+def chunk_tokens(codec: LayerCodec, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Tokens of one chunk of a tier coded by `codec`: as many as fill MAX_CHUNK_BYTES of payload (a code made in
+    place at its expected rate, with a margin; otherwise the raw payload, which the receiver decompresses on the
+    host), at most max_chunk_tokens."""
+    cap = max_chunk_tokens(heads, head_dim, dtype)
+    if codec.coded_in_place:
+        per = codec.codec.expected_token_bytes
+        return max(1, min(cap, int(CHUNK_FILL * MAX_CHUNK_BYTES / per))) if per else cap
+    size = lambda n: codec.payload_size((1, heads, n, head_dim), dtype)  # noqa: E731
+    n = max(1, min(cap, MAX_CHUNK_BYTES * cap // max(1, size(cap))))
+    while n > 1 and size(n) > MAX_CHUNK_BYTES:
+        n -= max(1, n // 64)
+    return n
 
 
 @functools.cache
@@ -248,30 +275,29 @@ class Encoder:
         """pca:...:a on every layer's tokens: each layer's indices where the cache is, then the rANS codes of
         several layers' chunks in one call (up to RANS_BATCH symbols: the coder's lanes run side by side)."""
         _, heads, _, head_dim = kv.keys[0].shape
-        step = chunk_tokens(heads, head_dim, kv.dtype)
         batch = []
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
             codec = plan.codecs[layer]
             raw = codec.encode(keys, values, positions,
                                codec.classes(kv.importance[layer] if kv.importance else None, positions))
-            batch.append((layer, codec, raw, keys.shape[2]))
-            if sum(c.codec.coded.numel() * n for _, c, _, n in batch) >= RANS_BATCH or layer == kv.num_layers - 1:
-                coded = code_many([(c.codec, r, n, step) for _, c, r, n in batch])
-                for (i, _, r, n), payloads in zip(batch, coded):
-                    per = r.numel() // n if n else 0
-                    yield from self._frames(i, 0, n, step, [(per * min(step, n - s), p)
-                                                             for s, p in zip(range(0, n, step), payloads)])
+            batch.append((layer, codec.codec, raw, keys.shape[2], chunk_tokens(codec, heads, head_dim, kv.dtype)))
+            if sum(c.coded.numel() * n for _, c, _, n, _ in batch) >= RANS_BATCH or layer == kv.num_layers - 1:
+                coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES)
+                for (i, _, raw, n, _), (step, payloads) in zip(batch, coded):
+                    yield from self._frames(i, 0, sized_chunks(raw, n, step, payloads))
                 batch = []
 
-    def _frames(self, layer: int, first: int, last: int, step: int, sized) -> Iterator[pb.Frame]:
-        for start, (raw_size, payload) in zip(range(first, last, step), sized):
-            end = min(start + step, last)
+    def _frames(self, layer: int, first: int, sized: Iterable[tuple[int, int, bytes]]) -> Iterator[pb.Frame]:
+        """The chunks of `layer` from token `first` on, each (tokens, raw size, payload)."""
+        start = first
+        for tokens, raw_size, payload in sized:
             if len(payload) > MAX_CHUNK_BYTES:
                 raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
             self.num_chunks += 1
             self.payload_bytes += len(payload)
-            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=end, raw_size=raw_size,
-                                          crc32=zlib.crc32(payload), payload=payload))
+            yield pb.Frame(chunk=pb.Chunk(layer=layer, token_start=start, token_end=start + tokens, raw_size=raw_size,
+                                          crc32c=checksum(payload), payload=payload))
+            start += tokens
 
     def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                      plan: CodecPlan, importance: torch.Tensor | None = None) -> Iterator[pb.Frame]:
@@ -279,18 +305,20 @@ class Encoder:
         encoded where they are (CPU or GPU); only the packed bytes come to the host. `importance`: the
         layer's share of the question's attention per position, for a pca:...:e:iG stage."""
         _, heads, kept, head_dim = keys.shape
-        step = chunk_tokens(heads, head_dim, keys.dtype)
         for first, last, codec in plan.tiers(layer, kept):  # a chunk never spans two tiers
             tier = slice(first, last)
+            step = chunk_tokens(codec, heads, head_dim, keys.dtype)
             if codec.coded_in_place:  # pca:...:a: coded where the cache is, no zstd over the code
-                sized = codec.code_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance)
+                sized = codec.code_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance,
+                                          MAX_CHUNK_BYTES)
             else:
                 raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step,
                                                 importance))
                 pool = _compressing(os.getpid(), self.zstd_threads)
-                sized = (zip(map(len, raws), pool.map(codec.codec.compress, raws)) if codec.entropy_coded
-                         else zip(map(len, raws), self._zstd_or_stored(raws, pool)))
-            yield from self._frames(layer, first, last, step, sized)
+                codes = (pool.map(codec.codec.compress, raws) if codec.entropy_coded
+                         else self._zstd_or_stored(raws, pool))
+                sized = zip((min(step, last - start) for start in range(first, last, step)), map(len, raws), codes)
+            yield from self._frames(layer, first, sized)
 
     def _zstd_or_stored(self, raws: list[bytes], pool: concurrent.futures.Executor) -> Iterator[bytes]:
         """A tier's payloads: zstd of each chunk's raw bytes, or all of them stored where zstd saves less
@@ -609,18 +637,19 @@ class Assembler:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"layer {chunk.layer}: chunk [{chunk.token_start}, {chunk.token_end}) does not continue at "
                             f"token {pending.filled[chunk.layer]} of {kept}")
-        # The sender's chunks hold at most 1 MiB of its tokens in its dtype (chunk_tokens): a larger range
-        # would make a few bytes decode into many (a range coder or zstd of zeros), refused before that.
+        # A chunk holds at most 16 MiB of the sender's tokens in its dtype, and a raw payload that the host
+        # decompresses is at most MAX_CHUNK_BYTES: a larger range would make a few bytes decode into many (rANS,
+        # a range coder or zstd of zeros), refused before that.
         sent_dtype = DTYPES.get(self.header.fingerprint.dtype, self.dtype)
-        cap = chunk_tokens(fp.kv_heads, fp.head_dim, sent_dtype)
+        cap = max_chunk_tokens(fp.kv_heads, fp.head_dim, sent_dtype)
         if chunk.token_end - chunk.token_start > cap:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk of "
-                            f"{chunk.token_end - chunk.token_start} tokens; at most {cap} (1 MiB of "
-                            f"{str(sent_dtype).removeprefix('torch.')})")
+                            f"{chunk.token_end - chunk.token_start} tokens; at most {cap} "
+                            f"({MAX_CHUNK_SPAN_BYTES / 2**20:g} MiB of {str(sent_dtype).removeprefix('torch.')})")
         if len(chunk.payload) > MAX_CHUNK_BYTES:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk payload of "
                             f"{len(chunk.payload)} bytes; at most {MAX_CHUNK_BYTES}")
-        if zlib.crc32(chunk.payload) != chunk.crc32:
+        if checksum(chunk.payload) != chunk.crc32c:
             raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {chunk.layer} tokens [{chunk.token_start}, {chunk.token_end}): checksum mismatch")
         shape = (1, fp.kv_heads, chunk.token_end - chunk.token_start, fp.head_dim)
         tier = next((t for t in pending.tiers[chunk.layer] if t[0] <= chunk.token_start < t[1]), None)
@@ -631,6 +660,9 @@ class Assembler:
         expected = codec.payload_size(shape, self.dtype)
         if chunk.raw_size != expected:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk declares {chunk.raw_size} bytes, profile needs {expected}")
+        if expected > MAX_CHUNK_BYTES and not codec.coded_in_place:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk of {expected} raw bytes; "
+                            f"at most {MAX_CHUNK_BYTES}")
         if any(layer == chunk.layer for layer, _, _ in pending.due):
             self._decode_due()  # a layer's tiers are placed in their order
         if codec.coded_in_place:

@@ -109,20 +109,20 @@ class Segment(_message.Message):
     def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., profile: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerHeader, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("layer", "token_start", "token_end", "raw_size", "crc32", "payload")
+    __slots__ = ("layer", "token_start", "token_end", "raw_size", "crc32c", "payload")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     layer: int
     token_start: int
     token_end: int
     raw_size: int
-    crc32: int
+    crc32c: int
     payload: bytes
-    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., raw_size: _Optional[int] = ..., crc32c: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class Trailer(_message.Message):
     __slots__ = ("num_chunks", "payload_bytes")

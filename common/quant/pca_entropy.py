@@ -223,6 +223,12 @@ class EntropyPCACodec:
         """Whether tokens carry their own step class (and the payload ends with them)."""
         return self.strength > 0 and self.coded.numel() > 0
 
+    @functools.cached_property
+    def expected_token_bytes(self) -> float:
+        """A token's payload in bytes as the tables expect it at class 0 (the model's rate, and its class byte)."""
+        scales = torch.exp2(self.tables[self.coded].double() / TABLE_STEPS)
+        return float(expected_bits(scales).sum()) / 8 + self.per_token
+
     def classes(self, importance: torch.Tensor) -> torch.Tensor:
         """Each token's step class (int8) from its share of the question's attention (tokens,)."""
         share = importance.double().clamp(min=0)
@@ -434,6 +440,20 @@ def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> li
     for (_, _, tokens, step), chunk_counts, head in zip(parts, counts, heads):
         mine, at = codes[at:at + len(chunk_counts)], at + len(chunk_counts)
         out.append(mine if head is None else [head[s:s + step] + c for s, c in zip(range(0, tokens, step), mine)])
+    return out
+
+
+def code_fitting(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]], max_bytes: int) -> list[tuple[int, list[bytes]]]:
+    """(step, payloads) of each (codec, raw payload, tokens, step) of `code_many`, every payload at most `max_bytes`:
+    a part with a larger one is coded again at half its step (the sender sizes chunks by the expected rate, and
+    the data may code larger)."""
+    out = [(step, payloads) for (_, _, _, step), payloads in zip(parts, code_many(parts))]
+    for i, (codec, raw, tokens, _) in enumerate(parts):
+        step, payloads = out[i]
+        while step > 1 and max(map(len, payloads), default=0) > max_bytes:
+            step = (step + 1) // 2
+            payloads = code_many([(codec, raw, tokens, step)])[0]
+        out[i] = step, payloads
     return out
 
 

@@ -8,6 +8,7 @@ knows of its model that some stages need (its RoPE, its PCA basis).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from common.quant import rotation
 from common.quant.kv import KVCodec, each_range
 from common.quant.pca import Basis, PCACodec
-from common.quant.pca_entropy import EntropyPCACodec
+from common.quant.pca_entropy import EntropyPCACodec, code_fitting
 from common.quant.rope import Rope
 
 
@@ -82,14 +83,15 @@ class LayerCodec:
         return self.entropy_coded and self.codec.rans
 
     def code_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int,
-                    importance: torch.Tensor | None = None) -> list[tuple[int, bytes]]:
-        """`coded_in_place`: (raw size, payload) of tokens [0, step), [step, 2 * step), ...: the indices of
-        every token at once where the cache is, then their rANS codes (EntropyPCACodec.code)."""
+                    importance: torch.Tensor | None = None,
+                    max_bytes: int | None = None) -> list[tuple[int, int, bytes]]:
+        """`coded_in_place`: (tokens, raw size, payload) of tokens [0, step), [step, 2 * step), ...: the indices of
+        every token at once where the cache is, then their rANS codes (EntropyPCACodec.code); with `max_bytes`,
+        at a smaller step where a payload would be larger (code_fitting)."""
         tokens = keys.shape[2]
         raw = self.encode(keys, values, positions, self.classes(importance, positions))
-        per = raw.numel() // tokens if tokens else 0
-        payloads = self.codec.code(raw, tokens, step)
-        return [(per * min(step, tokens - start), payload) for start, payload in zip(range(0, tokens, step), payloads)]
+        step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes or math.inf)[0]
+        return sized_chunks(raw, tokens, step, payloads)
 
     def classes(self, importance: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
         """Each token's step class, where `per_token`, from each position's share of the question's attention."""
@@ -116,3 +118,11 @@ class LayerCodec:
         if self.rope is not None:
             keys = self.rope.apply(self.layer, keys, positions, dtype)
         return keys.to(dtype), values.to(dtype)
+
+
+def sized_chunks(raw: torch.Tensor, tokens: int, step: int, payloads: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """(tokens, raw size, payload) of each chunk of `step` tokens of a raw payload of `tokens` tokens (a token's raw
+    bytes are the same for every token)."""
+    per = raw.numel() // tokens if tokens else 0
+    return [(min(step, tokens - start), per * min(step, tokens - start), payload)
+            for start, payload in zip(range(0, tokens, step), payloads)]

@@ -7,4 +7,4 @@ def test_the_frame_path_bench_round_trips_and_counts_stored_chunks():
     assert raw["payload_bytes"] < raw["raw_bytes"] == raw["input_bytes"]
     codes = wire_roundtrip(5000, "int8", "cpu", layers=2, heads=2, head_dim=64, repeat=1)
     assert codes["stored_chunks"] == codes["chunks"] and codes["payload_bytes"] == codes["raw_bytes"]
-    assert {"zstd_decompress", "crc32", "codec_decode", "host_to_device"} <= set(codes["stages_s"])
+    assert {"zstd_decompress", "crc32c", "codec_decode", "host_to_device"} <= set(codes["stages_s"])

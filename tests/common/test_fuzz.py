@@ -77,7 +77,7 @@ def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating(seeds, ti
     with pytest.raises(ValueError, match="declares"):
         wire.bounded_decompress(claim, 64)  # no size declared at all: refused too
     frames[1].chunk.payload = claim
-    frames[1].chunk.crc32 = wire.zlib.crc32(claim)
+    frames[1].chunk.crc32c = wire.checksum(claim)
     report = fuzz.FuzzReport()
     fuzz.feed(frames, tiny_llama.fingerprint, report)
     assert report.crashes == [] and report.rejected == {"DATA_LOSS": 1}

@@ -1,4 +1,3 @@
-import zlib
 
 import grpc
 import pytest
@@ -138,7 +137,7 @@ def with_payload(frame: pb.Frame, payload: bytes) -> pb.Frame:
     """A chunk whose payload was altered and whose checksum was recomputed to match (the CRC missed it)."""
     frame = pb.Frame.FromString(frame.SerializeToString())
     frame.chunk.payload = payload
-    frame.chunk.crc32 = zlib.crc32(payload)
+    frame.chunk.crc32c = wire.checksum(payload)
     return frame
 
 
@@ -451,3 +450,14 @@ def test_a_tiers_chunks_decoded_together_are_the_chunks_decoded_one_at_a_time(pr
     for layer in range(kv.num_layers):
         assert torch.equal(together.keys[layer], one_at_a_time.keys[layer])
         assert torch.equal(together.values[layer], one_at_a_time.values[layer])
+
+
+def test_chunks_are_sized_by_their_payload(smollm2):
+    """Frames are sized for throughput: a chunk holds as many tokens as fill MAX_CHUNK_BYTES of its payload, so
+    int4's chunks hold more tokens than raw's (each layer's 900 tokens in one chunk), and none passes the cap."""
+    kv = prefill(smollm2.model, list(range(1000, 1900)))
+    chunks = {spec: [f.chunk for f in wire.encode(kv, parse_profile(spec), smollm2.fingerprint)
+                     if f.WhichOneof("kind") == "chunk"] for spec in ("raw", "int4")}
+    assert len(chunks["int4"]) == smollm2.fingerprint.num_layers < len(chunks["raw"])
+    for spec, sent in chunks.items():
+        assert max(max(len(c.payload), c.raw_size) for c in sent) <= wire.MAX_CHUNK_BYTES, spec

@@ -261,25 +261,30 @@ def test_an_idle_stream_is_dropped_and_frees_its_reservation(start_receiver, fra
     assert receiver.servicer.inflight_bytes == 0
 
 
-# --- 7: the chunk cap, checked by the receiver from the chunk's declared range ------------------------
+# --- 7: the chunk caps, checked by the receiver from the chunk's declared range ----------------------
 
-def test_a_chunk_past_the_cap_is_refused_before_it_is_decoded(llama_receiver, tiny_llama, monkeypatch):
-    import zlib
+@pytest.mark.parametrize("spec, cap, refusal", [
+    # tokens: at most MAX_CHUNK_SPAN_BYTES of them (here 512 KiB of float32: 2,048 tokens)
+    ("int4", "MAX_CHUNK_SPAN_BYTES", "layer 0: chunk of 4090 tokens; at most 2048 (0.5 MiB of float32)"),
+    # a raw payload the host decompresses: at most MAX_CHUNK_BYTES (here 512 KiB)
+    ("raw", "MAX_CHUNK_BYTES", "layer 0: chunk of 1047040 raw bytes; at most 524288"),
+])
+def test_a_chunk_past_a_cap_is_refused_before_it_is_decoded(spec, cap, refusal, llama_receiver, tiny_llama,
+                                                            monkeypatch):
 
     import torch
     import zstandard
 
+    monkeypatch.setattr(wire, cap, 512 << 10)  # tiny-llama's 4,096 positions are less than the caps
     seq_len = 4090
-    cap = wire.chunk_tokens(2, 16, torch.float32)
-    assert cap < seq_len
-    profile = parse_profile("int4")
+    profile = parse_profile(spec)
     positions = [torch.arange(seq_len).expand(2, -1) for _ in range(4)]
     header = wire.Encoder(tiny_llama.fingerprint, f"big-{time.perf_counter_ns()}").header(seq_len, positions, profile)
     codec = CodecPlan.build(profile, None, 4).tiers(0, seq_len)[0][2]
     size = codec.payload_size((1, 2, seq_len, 16), torch.float32)
     payload = zstandard.ZstdCompressor().compress(bytes(size))
     chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=seq_len, raw_size=size,
-                                    crc32=zlib.crc32(payload), payload=payload))
+                                    crc32c=wire.checksum(payload), payload=payload))
     decoded = []
     real = wire.bounded_decompress
 
@@ -291,7 +296,7 @@ def test_a_chunk_past_the_cap_is_refused_before_it_is_decoded(llama_receiver, ti
     with Client(llama_receiver.target, timeout_s=30) as client:
         error = rpc_error(lambda: client.send_frames([header, chunk]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"layer 0: chunk of {seq_len} tokens; at most {cap} (1 MiB of float32)" in error.details()
+    assert refusal in error.details()
     assert size not in decoded and llama_receiver.servicer.inflight_bytes == 0
 
 

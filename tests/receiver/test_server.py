@@ -175,14 +175,13 @@ def test_an_unexpected_negotiation_failure_is_internal(llama_receiver, tiny_llam
 
 def test_a_group_past_the_cap_is_refused_before_allocating(llama_receiver, frames):
     """int4:g268435456 and a payload of the size it implies: INVALID_ARGUMENT from the header, not UNKNOWN."""
-    import zlib
 
     import zstandard
 
     header = pb.Frame.FromString(frames[0].SerializeToString())
     header.header.profile = "int4:g268435456"
     payload = zstandard.ZstdCompressor().compress(bytes(1728))  # 40 tokens, 2 heads x 16: int4 with one group a row
-    chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=40, raw_size=1728, crc32=zlib.crc32(payload),
+    chunk = pb.Frame(chunk=pb.Chunk(layer=0, token_start=0, token_end=40, raw_size=1728, crc32c=wire.checksum(payload),
                                     payload=payload))
     error = send_error(llama_receiver, [header, chunk])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4096" in error.details()

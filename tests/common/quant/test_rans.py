@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import constriction
@@ -220,7 +219,7 @@ def test_a_corrupt_rans_chunk_is_data_loss(setup, tmp_path, damage):
     frames = list(wire.encode(kv, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=ctx))
     chunk = next(f.chunk for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.payload)
     chunk.payload = {"cut a word": chunk.payload[:-2], "all ones": b"\xff" * len(chunk.payload), "empty": b""}[damage]
-    chunk.crc32 = zlib.crc32(chunk.payload)
+    chunk.crc32c = wire.checksum(chunk.payload)
     with pytest.raises(wire.WireError) as caught:
         wire.decode(frames, loaded.fingerprint, context=ctx)
     assert caught.value.code == grpc.StatusCode.DATA_LOSS
@@ -281,3 +280,27 @@ def test_to_device_joins_parts_of_every_dtype_it_is_given(dtype):
     out = rans.to_device(parts, dtype, torch.device("cpu"))
     assert out.dtype == torch.from_numpy(parts[0]).dtype
     assert out.tolist() == [0, 1, 2, 3, 4, 7, 8, 9]
+
+
+def test_a_chunk_that_codes_past_the_cap_is_coded_again_in_smaller_chunks(setup, tmp_path, monkeypatch):
+    """The sender sizes a chunk coded in place by its tables' expected rate (wire.chunk_tokens); where the data
+    codes larger than MAX_CHUNK_BYTES, the layer is coded again at half the step until every chunk fits: the
+    frames keep the cap and decode to the same cache."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    profile = parse_profile("pca:b2:w:e:a")
+
+    def chunks(frames):
+        return [f.chunk for f in frames if f.WhichOneof("kind") == "chunk"]
+
+    frames = list(wire.encode(kv, profile, loaded.fingerprint, context=ctx))
+    back = wire.decode(frames, loaded.fingerprint, context=ctx)
+    largest = max(len(c.payload) for c in chunks(frames))
+    assert len(chunks(frames)) == kv.num_layers  # each layer's tokens in one chunk at the expected rate
+    monkeypatch.setattr(wire, "MAX_CHUNK_BYTES", largest // 3)
+    smaller = list(wire.encode(kv, profile, loaded.fingerprint, context=ctx))
+    assert len(chunks(smaller)) > len(chunks(frames)) and max(len(c.payload) for c in chunks(smaller)) <= largest // 3
+    back_smaller = wire.decode(smaller, loaded.fingerprint, context=ctx)
+    for a, b in zip(back.keys + back.values, back_smaller.keys + back_smaller.values):
+        assert torch.equal(a, b)

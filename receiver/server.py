@@ -45,9 +45,9 @@ MAX_QUESTION_CHARS_PER_TOKEN = 16
 FRAMES_PER_HOP = 64
 
 
-def add_frames(assembler: wire.Assembler, frames: list) -> None:
-    for frame in frames:
-        assembler.add(frame)
+def add_frames(assembler: wire.Assembler, frames: list[tuple[pb.Frame, int]]) -> None:
+    for frame, size in frames:
+        assembler.add(frame, size)
 
 
 class AbortNegotiation(Exception):
@@ -253,7 +253,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                         if frame is None:
                             return
                         raise frame
-                    batch.append(frame)
+                    batch.append((frame, nbytes))
                     if len(batch) == FRAMES_PER_HOP or ready.empty():
                         break
                     item = ready.get_nowait()
@@ -303,8 +303,9 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                 while batch:
                     if claimed is None:  # until the header is in and its bytes reserved, a frame at a time
                         frames, batch = batch[:1], batch[1:]
-                        if frames[0].WhichOneof("kind") == "header":  # before the limits: past the model's context
-                            self._check_seq_len(loaded, frames[0].header.seq_len)  # is a bad argument
+                        first, _ = frames[0]
+                        if first.WhichOneof("kind") == "header":  # before the limits: past the model's context
+                            self._check_seq_len(loaded, first.header.seq_len)  # is a bad argument
                     else:
                         frames, batch = batch, []
                     began = time.perf_counter()

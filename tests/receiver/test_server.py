@@ -214,7 +214,7 @@ def test_no_status_is_unknown_for_fuzzed_inputs_over_grpc(llama_receiver, tiny_l
 
 
 
-def test_a_stream_is_read_ahead_of_its_decoding(monkeypatch):
+def test_a_stream_is_read_ahead_of_its_decoding():
     """While one frame is being decoded the next ones keep arriving, up to KVWIRE_READ_AHEAD_BYTES; the stream's
     own failure reaches the transfer after the frames that came before it."""
     import asyncio
@@ -222,12 +222,11 @@ def test_a_stream_is_read_ahead_of_its_decoding(monkeypatch):
     from common.settings import Settings
 
     pulled = []
-    monkeypatch.setattr(server_module.wire, "wire_bytes", lambda frame: 1)
 
-    async def stream():
+    async def stream():  # as sized_frame deserializes them: (frame, its bytes)
         for i in range(100):
             pulled.append(i)
-            yield i
+            yield i, 1
         raise ConnectionError("the client went away")
 
     async def scenario():
@@ -244,6 +243,27 @@ def test_a_stream_is_read_ahead_of_its_decoding(monkeypatch):
         assert first + rest == list(range(100))
 
     asyncio.run(scenario())
+
+
+def test_the_receiver_registers_every_method_of_the_service_and_sizes_frames_by_their_message():
+    class Server:
+        def add_generic_rpc_handlers(self, handlers):
+            self.generic = handlers
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.service, self.handlers = service, handlers
+
+    from common.settings import Settings
+
+    server = Server()
+    server_module.add_servicer(server_module.KVWireServicer(Settings()), server)
+    methods = pb.DESCRIPTOR.services_by_name["KVWire"].methods
+    assert server.service == server_module.SERVICE_NAME and set(server.handlers) == {m.name for m in methods}
+    frame = pb.Frame(chunk=pb.Chunk(layer=2, token_start=5, token_end=9, raw_size=7, crc32c=3, payload=b"x" * 300))
+    message = frame.SerializeToString()
+    for name in ("Transfer", "TransferSegments"):
+        parsed, size = server.handlers[name].request_deserializer(message)
+        assert parsed == frame and size == wire.wire_bytes(frame)
 
 
 def test_an_error_of_the_senders_frames_reaches_the_sender_as_itself(llama_receiver, frames):

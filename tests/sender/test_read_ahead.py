@@ -10,8 +10,12 @@ from sender.client import read_ahead
 ONE = lambda _: 1  # noqa: E731 - every item a byte
 
 
-def test_yields_every_item_in_order():
-    assert list(read_ahead(iter(range(1000)), max_bytes=4, size=ONE)) == list(range(1000))
+def items(frames):
+    return [item for item, _ in frames]
+
+
+def test_yields_every_item_in_order_with_its_size():
+    assert list(read_ahead(iter(range(1000)), max_bytes=4, size=ONE)) == [(i, 1) for i in range(1000)]
 
 
 def test_codes_ahead_of_the_consumer_up_to_its_bytes():
@@ -23,14 +27,14 @@ def test_codes_ahead_of_the_consumer_up_to_its_bytes():
             yield i
 
     frames = read_ahead(source(), max_bytes=8, size=ONE)
-    assert next(frames) == 0
+    assert next(frames) == (0, 1)
     deadline = time.monotonic() + 5
     while len(pulled) < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     # the one taken, the 8 queued and the one waiting for room: never the whole source
     assert len(pulled) == 10
-    assert list(frames) == list(range(1, 100))
+    assert items(frames) == list(range(1, 100))
 
 
 def test_an_error_of_the_source_reaches_the_consumer_after_what_came_before():
@@ -40,7 +44,7 @@ def test_an_error_of_the_source_reaches_the_consumer_after_what_came_before():
         raise ValueError("layer 3 does not encode")
 
     frames = read_ahead(source(), size=ONE)
-    assert next(frames) == 1 and next(frames) == 2
+    assert next(frames) == (1, 1) and next(frames) == (2, 1)
     with pytest.raises(ValueError, match="layer 3"):
         next(frames)
 
@@ -56,7 +60,7 @@ def test_a_consumer_that_stops_early_closes_the_source_on_its_thread():
             closed.set()
 
     frames = read_ahead(source(), max_bytes=2, size=ONE)
-    assert next(frames) == 0
+    assert next(frames) == (0, 1)
     frames.close()  # gRPC gave up on the stream
     assert closed.wait(5)
 
@@ -71,10 +75,10 @@ def test_a_frame_larger_than_the_budget_goes_alone():
             yield i
 
     frames = read_ahead(source(), max_bytes=10, size=sizes.get)
-    assert next(frames) == 0
+    assert next(frames) == (0, 1)
     deadline = time.monotonic() + 5
     while len(pulled) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     assert len(pulled) == 3  # 1 (50 bytes) queued alone; 2 waits for it to be taken
-    assert list(frames) == [1, 2, 3]
+    assert items(frames) == [1, 2, 3]

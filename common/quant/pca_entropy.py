@@ -78,6 +78,55 @@ MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times t
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
+# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul). False:
+# torch's float32 GEMM, which runs on the SIMT units (a benchmark compares the two in one process).
+SPLIT_GEMM = True
+
+
+def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` as bf16 tensors whose sum is `t` to about 16 bits of mantissa: itself where it is bf16, else its bf16
+    rounding and that rounding's error, rounded to bf16."""
+    if t.dtype == torch.bfloat16:
+        return [t]
+    high = t.to(torch.bfloat16)
+    return [high, (t.float() - high.float()).to(torch.bfloat16)]
+
+
+def split_matmul(a: torch.Tensor, b: torch.Tensor, mm) -> torch.Tensor:
+    """a @ b in float32 from bf16 products: each operand in its bf16 parts, every product of parts but the two
+    low parts' summed in float32, the small ones first (the split that emulates a float32 GEMM on bf16 tensor
+    cores). `mm(x, y)`: a bf16 GEMM of float32 output."""
+    low_a, low_b = bf16_parts(a), bf16_parts(b)
+    terms = [(i, j) for i in range(len(low_a)) for j in range(len(low_b)) if not (i and j)]
+    out = None
+    for i, j in sorted(terms, key=sum, reverse=True):
+        product = mm(low_a[i], low_b[j])
+        out = product if out is None else out.add_(product)
+    return out
+
+
+@functools.cache
+def split_gemm(device: torch.device) -> bool:
+    """Whether `device` runs split_matmul's bf16 GEMMs of float32 output (CUDA, torch with mm's out_dtype)."""
+    if device.type != "cuda":
+        return False
+    try:
+        ones = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        torch.mm(ones, ones, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def tensor_core_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y of bf16 operands, float32 output (split_matmul's `mm` on a GPU)."""
+    return torch.mm(x, y, out_dtype=torch.float32)
+
+
+def split_here(device: torch.device) -> bool:
+    """Whether the folded GEMMs split on `device`: SPLIT_GEMM, where split_gemm. Elsewhere torch's float32 GEMM (on
+    an H100 on the SIMT units: 180 ms for a 32K-token cache's analysis, 171 ms for its synthesis)."""
+    return SPLIT_GEMM and split_gemm(device)
 
 
 def expected_bits(scale: torch.Tensor) -> torch.Tensor:
@@ -337,13 +386,18 @@ class EntropyPCACodec:
         check_finite(values, limit=None)
         analysis, bias, _, _ = self.folded(keys.device)
         width = heads * dim
+        if split_here(keys.device):  # the cache's own dtype: a bf16 operand is one part
+            flat = [part[0].transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
+            return (split_matmul(flat[0], analysis[:width], tensor_core_mm)
+                    .add_(split_matmul(flat[1], analysis[width:], tensor_core_mm)) - bias)
         flat = [part[0].float().transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
         return torch.addmm(flat[1] @ analysis[width:], flat[0], analysis[:width]) - bias
 
     def _folded_synthesis(self, coords: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype):
         _, heads, tokens, dim = shape
         _, _, synthesis, mean = self.folded(coords.device)
-        x = torch.addmm(mean, coords, synthesis)
+        x = (split_matmul(coords, synthesis, tensor_core_mm).add_(mean) if split_here(coords.device)
+             else torch.addmm(mean, coords, synthesis))
         return tuple(part.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype)
                      for part in (x[:, :heads * dim], x[:, heads * dim:]))
 

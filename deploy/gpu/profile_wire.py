@@ -5,8 +5,9 @@ context of `tokens`, with a PCA basis fitted on that random model (channel.bench
 
     python3 deploy/gpu/profile_wire.py OUT.json [tokens] [profile ...]
 
-Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. On a machine without CUDA it runs tiny-llama on the CPU,
-a check of the script itself.
+Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. A pca stage runs twice: its GEMMs split on tensor cores
+(pca_entropy.SPLIT_GEMM), then in torch's float32; the second row says how far the two decoded caches are apart.
+On a machine without CUDA it runs tiny-llama on the CPU, a check of the script itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from channel.bench_gpu import environment, synced_seconds
 from common import wire
 from common.models import load_model
 from common.profile import parse_profile
+from common.quant import pca_entropy
 from sender.prefill import prefill_prompt
 
 TOP = 30
@@ -62,25 +64,39 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
     rows = []
     for spec in specs:
         profile = parse_profile(spec).bind(context)
+        caches = {}
+        # a pca:...:a stage twice: its GEMMs split on tensor cores (pca_entropy.SPLIT_GEMM), then torch's float32
+        for split in (True, False) if profile.pca else (True,):
+            pca_entropy.SPLIT_GEMM = split
 
-        def encode():
-            return list(wire.encode(kv, profile, loaded.fingerprint, None, 1, context))
+            def encode():
+                return list(wire.encode(kv, profile, loaded.fingerprint, None, 1, context))
 
-        frames, encode_s = synced_seconds(encode, device, 2)
+            frames, encode_s = synced_seconds(encode, device, 2)
 
-        def decode():
-            return wire.decode(frames, loaded.fingerprint, limits, wire.sliding_windows(loaded.config), device, context)
+            def decode():
+                return wire.decode(frames, loaded.fingerprint, limits, wire.sliding_windows(loaded.config), device,
+                                   context)
 
-        _, decode_s = synced_seconds(decode, device, 2)
-        row = {"profile": str(profile), "tokens": kv.seq_len, "input_bytes": nbytes, "frames": len(frames),
-               "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
-               "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
-               "encode_profile": profiled(encode, device), "decode_profile": profiled(decode, device)}
-        rows.append(row)
-        print(f"{row['profile']}: {row['frames']} frames, {row['wire_bytes'] / 1e6:.1f} MB; encode {encode_s:.3f} s "
-              f"({row['encode_gbps']:.2f} GB/s), decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s)")
-        print(row["encode_profile"], row["decode_profile"], sep="\n")
-        del frames
+            caches[split], decode_s = synced_seconds(decode, device, 2)
+            row = {"profile": str(profile), "split_gemm": split and pca_entropy.split_gemm(device),
+                   "tokens": kv.seq_len, "input_bytes": nbytes, "frames": len(frames),
+                   "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
+                   "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
+                   "encode_profile": profiled(encode, device), "decode_profile": profiled(decode, device)}
+            if not split:  # how far the split GEMMs' cache is from float32's: the largest difference, and the mean
+                pairs = list(zip(caches[True].keys + caches[True].values, caches[False].keys + caches[False].values))
+                row["split_vs_float32"] = {
+                    "max_abs": max(float((a.float() - b.float()).abs().max()) for a, b in pairs),
+                    "mean_abs": sum(float((a.float() - b.float()).abs().mean()) for a, b in pairs) / len(pairs),
+                    "mean_abs_value": sum(float(b.float().abs().mean()) for _, b in pairs) / len(pairs)}
+            rows.append(row)
+            print(f"{row['profile']} (split GEMMs: {row['split_gemm']}): {row['frames']} frames, "
+                  f"{row['wire_bytes'] / 1e6:.1f} MB; encode {encode_s:.3f} s ({row['encode_gbps']:.2f} GB/s), "
+                  f"decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s) {row.get('split_vs_float32', '')}")
+            print(row["encode_profile"], row["decode_profile"], sep="\n")
+            del frames
+        pca_entropy.SPLIT_GEMM = True
     command = f"python3 deploy/gpu/profile_wire.py OUT.json {tokens} {' '.join(specs)}"
     env = environment() if cuda else {"device": "CPU", "torch": torch.__version__, "model": loaded.name}
     Path(path).write_text(json.dumps({"command": command, "environment": env, "basis": basis,

@@ -78,9 +78,10 @@ MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times t
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
-# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul). False:
-# torch's float32 GEMM, which runs on the SIMT units (a benchmark compares the two in one process).
-SPLIT_GEMM = True
+# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul), or
+# torch's float32 GEMM, which runs on the SIMT units. Off until measured on a GPU: deploy/gpu/profile_wire.py turns
+# it on and compares the two in one process (speed, and how far the decoded caches are apart).
+SPLIT_GEMM = False
 
 
 def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:

@@ -96,7 +96,7 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
                   f"decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s) {row.get('split_vs_float32', '')}")
             print(row["encode_profile"], row["decode_profile"], sep="\n")
             del frames
-        pca_entropy.SPLIT_GEMM = True
+        pca_entropy.SPLIT_GEMM = False
     command = f"python3 deploy/gpu/profile_wire.py OUT.json {tokens} {' '.join(specs)}"
     env = environment() if cuda else {"device": "CPU", "torch": torch.__version__, "model": loaded.name}
     Path(path).write_text(json.dumps({"command": command, "environment": env, "basis": basis,

@@ -37,7 +37,7 @@ from common.quant.kv import payload_tensor
 from common.quant.pca_entropy import code_fitting, rans_coder, uncode_many
 from common.quant.transform import CodecContext, LayerCodec, sized_chunks
 
-MAX_CHUNK_BYTES = 1 << 20  # payload cap per chunk, after zstd and (but for a code made in place) before
+MAX_CHUNK_BYTES = 1 << 20  # a chunk's payload at most, and its raw size where the host decompresses it
 # Tokens per chunk: at most 16 MiB of them in the sender's dtype, what one chunk may decode into. Frames are sized
 # for throughput: gRPC carries 1 MiB messages at two to three times the rate of 100 KB ones, so a chunk holds as
 # many tokens as fill MAX_CHUNK_BYTES of payload (chunk_tokens), where one bf16 MiB of tokens per chunk made a
@@ -175,8 +175,7 @@ def _field_bytes(n: int) -> int:
 
 def wire_bytes(frame: pb.Frame) -> int:
     """Bytes this frame occupies in the gRPC stream. A chunk's from its fields: ByteSize serializes the
-    message, a copy of its payload (about 250 us per MiB on an H100's host, at each of the calls a frame
-    gets on either node)."""
+    message, a copy of its payload (about 250 us per MiB on an H100's host)."""
     if frame.WhichOneof("kind") != "chunk":
         return frame.ByteSize() + GRPC_MESSAGE_PREFIX
     chunk = frame.chunk

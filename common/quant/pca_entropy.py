@@ -97,11 +97,11 @@ def split_matmul(a: torch.Tensor, b: torch.Tensor, mm) -> torch.Tensor:
     """a @ b in float32 from bf16 products: each operand in its bf16 parts, every product of parts but the two
     low parts' summed in float32, the small ones first (the split that emulates a float32 GEMM on bf16 tensor
     cores). `mm(x, y)`: a bf16 GEMM of float32 output."""
-    low_a, low_b = bf16_parts(a), bf16_parts(b)
-    terms = [(i, j) for i in range(len(low_a)) for j in range(len(low_b)) if not (i and j)]
+    parts_a, parts_b = bf16_parts(a), bf16_parts(b)
+    terms = [(i, j) for i in range(len(parts_a)) for j in range(len(parts_b)) if not (i and j)]
     out = None
     for i, j in sorted(terms, key=sum, reverse=True):
-        product = mm(low_a[i], low_b[j])
+        product = mm(parts_a[i], parts_b[j])
         out = product if out is None else out.add_(product)
     return out
 

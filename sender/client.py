@@ -32,9 +32,8 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receiv
 def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> Iterator[tuple[object, int]]:
     """(frame, size) of `frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default
     KVWIRE_READ_AHEAD_BYTES; a larger frame goes alone) ahead of the consumer, so the next chunks are coded while
-    gRPC writes the last ones:
-    gRPC pulls a request iterator's next message only once the last one is written, so without read-ahead coding
-    and sending take turns. An exception of `frames` reaches the consumer in its place; a consumer that stops
+    gRPC writes the last ones: gRPC pulls a request iterator's next message only once the last one is written, so
+    without read-ahead coding and sending take turns. An exception of `frames` reaches the consumer in its place; a consumer that stops
     early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
     max_bytes = max_bytes or get_settings().read_ahead_bytes
     ready: queue.SimpleQueue = queue.SimpleQueue()

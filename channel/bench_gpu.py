@@ -135,8 +135,9 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
     from common.proto import kvwire_pb2 as pb
 
     profile = parse_profile(spec)
-    codec = kv_codec(profile, 0)
-    step = wire.chunk_tokens(CodecPlan.build(profile, None, layers).codecs[0], heads, head_dim, dtype)
+    plan = CodecPlan.build(profile, None, layers)
+    codec = plan.codecs[0].codec
+    step = wire.chunk_tokens(plan.codecs[0], heads, head_dim, dtype)
     generator = torch.Generator("cuda").manual_seed(0)
     cache = [(torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator),
               torch.randn((1, heads, tokens, head_dim), device="cuda", dtype=dtype, generator=generator))
@@ -152,7 +153,6 @@ def wire_encode(tokens: int, spec: str = "int4", layers: int = 32, heads: int = 
 
     def frames(threads: int):
         encoder = wire.Encoder(pb.Fingerprint(), zstd_threads=threads)
-        plan = CodecPlan.build(profile, None, layers)
         return [f.chunk.payload for layer, (k, v) in enumerate(cache)
                 for f in encoder.layer_chunks(layer, k, v, positions, plan)]
 

@@ -387,11 +387,11 @@ class EntropyPCACodec:
         check_finite(values, limit=None)
         analysis, bias, _, _ = self.folded(keys.device)
         width = heads * dim
+        flat = [part[0].transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
         if split_here(keys.device):  # the cache's own dtype: a bf16 operand is one part
-            flat = [part[0].transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
             return (split_matmul(flat[0], analysis[:width], tensor_core_mm)
                     .add_(split_matmul(flat[1], analysis[width:], tensor_core_mm)) - bias)
-        flat = [part[0].float().transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
+        flat = [part.float() for part in flat]
         return torch.addmm(flat[1] @ analysis[width:], flat[0], analysis[:width]) - bias
 
     def _folded_synthesis(self, coords: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype):

@@ -8,7 +8,6 @@ knows of its model that some stages need (its RoPE, its PCA basis).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,14 +82,13 @@ class LayerCodec:
         return self.entropy_coded and self.codec.rans
 
     def code_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int,
-                    importance: torch.Tensor | None = None,
-                    max_bytes: int | None = None) -> list[tuple[int, int, bytes]]:
+                    importance: torch.Tensor | None, max_bytes: int) -> list[tuple[int, int, bytes]]:
         """`coded_in_place`: (tokens, raw size, payload) of tokens [0, step), [step, 2 * step), ...: the indices of
-        every token at once where the cache is, then their rANS codes (EntropyPCACodec.code); with `max_bytes`,
-        at a smaller step where a payload would be larger (code_fitting)."""
+        every token at once where the cache is, then their rANS codes (EntropyPCACodec.code), at a smaller step
+        where a payload would pass `max_bytes` (code_fitting)."""
         tokens = keys.shape[2]
         raw = self.encode(keys, values, positions, self.classes(importance, positions))
-        step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes or math.inf)[0]
+        step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes)[0]
         return sized_chunks(raw, tokens, step, payloads)
 
     def classes(self, importance: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:

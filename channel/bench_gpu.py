@@ -240,6 +240,9 @@ def relay_ceiling(nbytes: int = 1 << 30) -> float:
 def environment() -> dict:
     import transformers
 
+    from common import wire
+    from common.settings import get_settings
+
     try:
         import triton
         triton_version = triton.__version__
@@ -247,7 +250,9 @@ def environment() -> dict:
         triton_version = None
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "triton": triton_version, "model": RANDOM_MODEL,
-            "weights": "random (seeded): Llama-3.1-8B's architecture and shape, not its weights"}
+            "weights": "random (seeded): Llama-3.1-8B's architecture and shape, not its weights",
+            # the pca:...:a knobs a run may change: the GEMMs on tensor cores, and the sender's rANS batch (symbols)
+            "split_gemm": get_settings().split_gemm, "rans_batch": wire.RANS_BATCH}
 
 
 def grpc_ceiling(nbytes: int = 1 << 30, frame_bytes: int = 1 << 20, frames: bool = False) -> float:

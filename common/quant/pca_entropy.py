@@ -65,6 +65,7 @@ import torch
 from common.quant import rans
 from common.quant.base import QuantError, check_finite
 from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
+from common.settings import get_settings
 
 ROUNDING = 0.2  # |c| / Delta in [i - 0.2, i + 0.8) codes as i: the zero bin spans +-0.8 steps
 TABLE_STEPS = 8  # model scales per octave
@@ -79,9 +80,9 @@ CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half a
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
 # pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul), or
-# torch's float32 GEMM, which runs on the SIMT units. Off until measured on a GPU: deploy/gpu/profile_wire.py turns
-# it on and compares the two in one process (speed, and how far the decoded caches are apart).
-SPLIT_GEMM = False
+# torch's float32 GEMM, which runs on the SIMT units: the setting split_gemm (KVWIRE_SPLIT_GEMM), unless SPLIT_GEMM
+# overrides it (deploy/gpu/profile_wire.py compares the two in one process: speed, and how far the caches are apart).
+SPLIT_GEMM: bool | None = None
 
 
 def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:
@@ -125,9 +126,17 @@ def tensor_core_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def split_here(device: torch.device) -> bool:
-    """Whether the folded GEMMs split on `device`: SPLIT_GEMM, where split_gemm. Elsewhere torch's float32 GEMM (on
-    an H100 on the SIMT units: 180 ms for a 32K-token cache's analysis, 171 ms for its synthesis)."""
-    return SPLIT_GEMM and split_gemm(device)
+    """Whether the folded GEMMs split on `device`: SPLIT_GEMM (else the setting split_gemm), where split_gemm.
+    Elsewhere torch's float32 GEMM (on an H100 on the SIMT units: 180 ms for a 32K-token cache's analysis, 171 ms
+    for its synthesis)."""
+    wanted = split_setting() if SPLIT_GEMM is None else SPLIT_GEMM
+    return wanted and split_gemm(device)
+
+
+@functools.cache
+def split_setting() -> bool:
+    """The setting split_gemm (KVWIRE_SPLIT_GEMM), read once."""
+    return get_settings().split_gemm
 
 
 def expected_bits(scale: torch.Tensor) -> torch.Tensor:

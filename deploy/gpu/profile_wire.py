@@ -84,6 +84,11 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
                    "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
                    "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,
                    "encode_profile": profiled(encode, device), "decode_profile": profiled(decode, device)}
+            # how far the decoded cache is from the input: the mean absolute error, relative to the input's mean
+            # absolute value, over every layer's keys and values
+            pairs = list(zip(caches[split].keys + caches[split].values, kv.keys + kv.values))
+            row["relative_error"] = (sum(float((a.float() - b.float()).abs().mean()) for a, b in pairs)
+                                     / sum(float(b.float().abs().mean()) for _, b in pairs))
             if not split:  # how far the split GEMMs' cache is from float32's: the largest difference, and the mean
                 pairs = list(zip(caches[True].keys + caches[True].values, caches[False].keys + caches[False].values))
                 row["split_vs_float32"] = {
@@ -93,10 +98,11 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
             rows.append(row)
             print(f"{row['profile']} (split GEMMs: {row['split_gemm']}): {row['frames']} frames, "
                   f"{row['wire_bytes'] / 1e6:.1f} MB; encode {encode_s:.3f} s ({row['encode_gbps']:.2f} GB/s), "
-                  f"decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s) {row.get('split_vs_float32', '')}")
+                  f"decode {decode_s:.3f} s ({row['decode_gbps']:.2f} GB/s); relative error {row['relative_error']:.4f} "
+                  f"{row.get('split_vs_float32', '')}")
             print(row["encode_profile"], row["decode_profile"], sep="\n")
             del frames
-        pca_entropy.SPLIT_GEMM = False
+        pca_entropy.SPLIT_GEMM = None
     command = f"python3 deploy/gpu/profile_wire.py OUT.json {tokens} {' '.join(specs)}"
     env = environment() if cuda else {"device": "CPU", "torch": torch.__version__, "model": loaded.name}
     Path(path).write_text(json.dumps({"command": command, "environment": env, "basis": basis,

@@ -28,7 +28,9 @@
 #                                   # on the spot; no SmolLM2 needed), with the relay's and gRPC's loopback ceilings and the
 #                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
 #                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
-#                                   # (s of table rows), LIMIT (s, the whole command); into OUT/bench_recompute.{json,txt}
+#                                   # (s of table rows), LIMIT (s, the whole command), RANS_BATCH (the sender's rANS
+#                                   # batch, symbols; KVWIRE_SPLIT_GEMM=1: pca:...:a's GEMMs on tensor cores);
+#                                   # into OUT/bench_recompute.{json,txt}
 #   deploy/gpu/run.sh bg NAME CMD   # CMD detached (setsid: it outlives the call, until the machine goes back), run
 #                                   # from a copy of the tree in /tmp/tree/NAME (later calls replace the tree's files), its
 #                                   # output in /tmp/bg/NAME.log and its exit status in /tmp/bg/NAME.done; CMD
@@ -161,7 +163,11 @@ tiny)
   ;;
 recompute)
   mkdir -p /tmp/kvwire-cache/models/smollm2-135m && cp .tok/* /tmp/kvwire-cache/models/smollm2-135m/ 2>/dev/null || true
-  timeout "${LIMIT:-530}" python3 -m channel.cli bench gpu --sections recompute \
+  cli=(-m channel.cli)
+  if [ -n "${RANS_BATCH:-}" ]; then  # the sender's rANS batch in symbols (common.wire.RANS_BATCH), for an A/B
+    cli=(-c "import runpy, common.wire as w; w.RANS_BATCH = int('$RANS_BATCH'); runpy.run_module('channel.cli', run_name='__main__')")
+  fi
+  timeout "${LIMIT:-530}" python3 "${cli[@]}" bench gpu --sections recompute \
     --contexts "${CONTEXTS:-4096,32768,131072}" --rates "${RATES:-10gbit,25gbit,1gbit}" \
     --frontier "${FRONTIER:-pca:b2:w:e:j,pca:b1:w:e:j}" --codec-tokens "${CODEC_TOKENS:-32768}" \
     --max-row-s "${MAX_ROW_S:-40}" --budget-s "${BUDGET:-420}" --basis-dir /tmp/kvwire-basis \

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     # imports), torch, or triton (see common/quant/kernels.py).
     kernels: str = "auto"
     # pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores, each operand split in bf16 parts (see
-    # common/quant/pca_entropy.py, split_matmul), instead of torch's float32 GEMM on the SIMT units.
-    split_gemm: bool = False
+    # common/quant/pca_entropy.py, split_matmul); false: torch's float32 GEMM on the SIMT units (docs/gpu.md).
+    split_gemm: bool = True
     # A folder of PCA bases fitted on this machine (basis-MODEL.safetensors), read before the shipped
     # ones: `kvwire bench gpu --recompute` fits the random model's here, for its sender and receiver.
     basis_dir: Path | None = None

@@ -79,9 +79,10 @@ MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times t
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
-# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul), or
-# torch's float32 GEMM, which runs on the SIMT units: the setting split_gemm (KVWIRE_SPLIT_GEMM), unless SPLIT_GEMM
-# overrides it (deploy/gpu/profile_wire.py compares the two in one process: speed, and how far the caches are apart).
+# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul; on an
+# H100 a 32K-token cache's stage codes 1.4x and decodes 1.6x as fast, docs/gpu.md), or torch's float32 GEMM, which
+# runs on the SIMT units: the setting split_gemm (KVWIRE_SPLIT_GEMM, on by default), unless SPLIT_GEMM overrides it
+# (deploy/gpu/profile_wire.py compares the two in one process: speed, and how far the caches are apart).
 SPLIT_GEMM: bool | None = None
 
 
@@ -127,8 +128,7 @@ def tensor_core_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def split_here(device: torch.device) -> bool:
     """Whether the folded GEMMs split on `device`: SPLIT_GEMM (else the setting split_gemm), where split_gemm.
-    Elsewhere torch's float32 GEMM (on an H100 on the SIMT units: 180 ms for a 32K-token cache's analysis, 171 ms
-    for its synthesis)."""
+    Elsewhere torch's float32 GEMM."""
     wanted = split_setting() if SPLIT_GEMM is None else SPLIT_GEMM
     return wanted and split_gemm(device)
 

@@ -304,3 +304,42 @@ def test_a_chunk_that_codes_past_the_cap_is_coded_again_in_smaller_chunks(setup,
     back_smaller = wire.decode(smaller, loaded.fingerprint, context=ctx)
     for a, b in zip(back.keys + back.values, back_smaller.keys + back_smaller.values):
         assert torch.equal(a, b)
+
+
+def test_the_split_gemms_code_and_decode_as_float32_does(setup, tmp_path, monkeypatch):
+    """A GPU's pca:...:a runs its folded GEMMs on bf16 tensor cores (pca_entropy.split_matmul); here the same
+    arithmetic on the CPU (bf16 operands, float32 products). The same bytes decode to the same cache, within
+    float32's rounding, whichever path synthesizes them (a GPU receiver or a CPU one). Coded either way, the cache
+    is as far from the input: the coordinates differ only where one lies on a bin's edge (each such flip moves
+    its token's whole tensor a little, so no element-wise bound holds)."""
+    from common.quant import pca_entropy
+
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    profile = parse_profile("pca:b2:w:e:a")
+    emulated = []
+
+    def tensor_core_mm(x, y):
+        assert x.dtype == y.dtype == torch.bfloat16
+        emulated.append(1)
+        return x.float() @ y.float()
+
+    def split(on: bool):
+        monkeypatch.setattr(pca_entropy, "split_here", lambda device: on)
+
+    def error(back):  # mean squared error against the input, over every tensor
+        return sum(float((a - b).pow(2).sum()) for a, b in zip(back.keys + back.values, kv.keys + kv.values))
+
+    monkeypatch.setattr(pca_entropy, "tensor_core_mm", tensor_core_mm)
+    split(True)
+    split_frames = list(wire.encode(kv, profile, loaded.fingerprint, context=ctx))
+    split_back = wire.decode(split_frames, loaded.fingerprint, context=ctx)
+    assert emulated, "the split path ran"
+    split(False)
+    float_back = wire.decode(split_frames, loaded.fingerprint, context=ctx)
+    for a, b in zip(split_back.keys + split_back.values, float_back.keys + float_back.values):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    float_coded = wire.decode(list(wire.encode(kv, profile, loaded.fingerprint, context=ctx)), loaded.fingerprint,
+                              context=ctx)
+    assert error(split_back) == pytest.approx(error(float_coded), rel=0.01)

@@ -366,7 +366,7 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
                          codec_tokens: int | None = None, say: Callable[[str], None] = print,
                          checkpoint: Callable[[dict], None] | None = None,
                          recomputed: dict[int, dict] | None = None) -> dict:
-    """The table, against a receiver at `target` (started with `receiver_env`, on the same device).
+    """The table, against a receiver at `target` (started with `receiver_env`, on the same device or another).
     `recomputed`: `recompute_all`'s records, taken before the receiver started (else measured here).
     `checkpoint(report)` after each row, so that a run cut short still leaves its rows."""
     from sender.prefill import prefill_prompt
@@ -440,6 +440,10 @@ def print_report(console, report: dict) -> None:
 
     for note in report["notes"]:
         console.print(f"[bold]note:[/bold] {note}")
+    if report.get("receiver_device"):
+        sender, receiver = (torch.device(report[k]) for k in ("sender_device", "receiver_device"))
+        shared = sender.type == receiver.type and (sender.index or 0) == (receiver.index or 0)
+        console.print(f"nodes: the sender on {sender}, the receiver on {receiver}" + (" (one device for both)" if shared else ""))
     ceilings = report.get("ceilings", {})
     for name, bps in ceilings.items():
         console.print(f"ceiling: {name} {bps / 1e9:.2f} Gbit/s")

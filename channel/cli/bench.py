@@ -390,6 +390,8 @@ def bench_gpu(
     max_row_s: float = typer.Option(60.0, help="recompute: skip a row predicted to take longer (said so)."),
     budget_s: float = typer.Option(0.0, help="recompute: start no row after this many seconds of the table (0: no limit)."),
     basis_dir: Optional[Path] = typer.Option(None, help="recompute: where the fitted basis goes (default: a temporary folder)."),
+    receiver_device: Optional[str] = typer.Option(None, help="recompute: the receiver's device, e.g. cuda:1 on a machine "
+                                                  "of two GPUs, as two nodes would run (default: the sender's)."),
     json_path: Optional[Path] = JsonOption(),
 ) -> None:
     """Codec GB/s against a device copy, ask stages and TTFT pipelined against not, long-context
@@ -410,6 +412,14 @@ def bench_gpu(
     unknown = chosen - {"codec", "asks", "selection", "recompute"}
     if unknown:
         raise typer.BadParameter(f"unknown sections {', '.join(sorted(unknown))}", param_hint="--sections")
+    if receiver_device is not None:
+        try:
+            where = torch.device(receiver_device)
+        except RuntimeError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--receiver-device") from None
+        if where.type != "cuda" or (where.index or 0) >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{receiver_device!r}: this machine has CUDA devices cuda:0 to "
+                                     f"cuda:{torch.cuda.device_count() - 1}", param_hint="--receiver-device")
     report = {"environment": gpu.environment(), "codec": [], "asks": [], "selection": []}
     console.print(report["environment"])
 
@@ -480,15 +490,16 @@ def bench_gpu(
     if "recompute" in chosen:
         _recompute_table(loaded, report, write, [int(t) for t in contexts.split(",")], rates.split(","),
                          [p for p in [baseline, *frontier.split(",")] if p.strip()], codec_tokens, calibration_tokens,
-                         max_row_s, budget_s, basis_dir)
+                         max_row_s, budget_s, basis_dir, receiver_device)
     if json_path:
         console.print(f"wrote {json_path}")
 
 
 def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: list[str], profiles: list[str],
                      codec_tokens: int, calibration_tokens: int, max_row_s: float, budget_s: float,
-                     basis_dir: Optional[Path]) -> None:
-    """`kvwire bench gpu`'s KV-against-recompute table (channel.bench_recompute), into report["recompute"]."""
+                     basis_dir: Optional[Path], receiver_device: Optional[str] = None) -> None:
+    """`kvwire bench gpu`'s KV-against-recompute table (channel.bench_recompute), into report["recompute"]: the
+    receiver on `receiver_device` (default: the sender's device)."""
     import tempfile
 
     from channel import bench_recompute as table
@@ -504,7 +515,9 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     say(f"basis {basis['digest']} fitted on {basis['tokens']} tokens in {basis['seconds']:.1f} s "
         f"(layer weights {basis['layer_weights']})")
     recomputed = table.recompute_all(loaded, contexts, say)  # before the receiver holds the GPU's memory
-    process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), loaded.device.type,
+    receiver_device = receiver_device or loaded.device.type
+    say(f"sender on {loaded.device}, receiver on {receiver_device}")
+    process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), receiver_device,
                                                                              loaded.fingerprint.dtype))
     try:
         def checkpoint(partial: dict) -> None:
@@ -516,7 +529,7 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     finally:
         process.terminate()
         process.wait(timeout=60)
-    result.update(basis=basis, ceilings={"the relay": report["relay_ceiling_bps"],
+    result.update(basis=basis, sender_device=str(loaded.device), receiver_device=receiver_device, ceilings={"the relay": report["relay_ceiling_bps"],
                                          **{f"gRPC on loopback ({k})": v for k, v in report["grpc_loopback_bps"].items()}})
     report["recompute"] = result
     table.print_report(console, result)

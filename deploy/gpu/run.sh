@@ -29,7 +29,8 @@
 #                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
 #                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
 #                                   # (s of table rows), LIMIT (s, the whole command), RANS_BATCH (the sender's rANS
-#                                   # batch, symbols; KVWIRE_SPLIT_GEMM=1: pca:...:a's GEMMs on tensor cores);
+#                                   # batch, symbols; KVWIRE_SPLIT_GEMM=0: pca:...:a's GEMMs in float32), RECEIVER_DEVICE
+#                                   # (cuda:1 on a machine of two GPUs: the nodes on a GPU each);
 #                                   # into OUT/bench_recompute.{json,txt}
 #   deploy/gpu/run.sh bg NAME CMD   # CMD detached (setsid: it outlives the call, until the machine goes back), run
 #                                   # from a copy of the tree in /tmp/tree/NAME (later calls replace the tree's files), its
@@ -171,6 +172,7 @@ recompute)
     --contexts "${CONTEXTS:-4096,32768,131072}" --rates "${RATES:-10gbit,25gbit,1gbit}" \
     --frontier "${FRONTIER:-pca:b2:w:e:j,pca:b1:w:e:j}" --codec-tokens "${CODEC_TOKENS:-32768}" \
     --max-row-s "${MAX_ROW_S:-40}" --budget-s "${BUDGET:-420}" --basis-dir /tmp/kvwire-basis \
+    ${RECEIVER_DEVICE:+--receiver-device "$RECEIVER_DEVICE"} \
     --json "$2/bench_recompute.json" 2>&1 | grep -v "Loading weights" | tee "$2/bench_recompute.txt"
   ;;
 all)

@@ -529,8 +529,9 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     finally:
         process.terminate()
         process.wait(timeout=60)
-    result.update(basis=basis, sender_device=str(loaded.device), receiver_device=receiver_device, ceilings={"the relay": report["relay_ceiling_bps"],
-                                         **{f"gRPC on loopback ({k})": v for k, v in report["grpc_loopback_bps"].items()}})
+    result.update(basis=basis, sender_device=str(loaded.device), receiver_device=receiver_device,
+                  ceilings={"the relay": report["relay_ceiling_bps"],
+                            **{f"gRPC on loopback ({k})": v for k, v in report["grpc_loopback_bps"].items()}})
     report["recompute"] = result
     table.print_report(console, result)
     write()

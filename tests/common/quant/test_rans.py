@@ -328,7 +328,7 @@ def test_the_split_gemms_code_and_decode_as_float32_does(setup, tmp_path, monkey
     def split(on: bool):
         monkeypatch.setattr(pca_entropy, "split_here", lambda device: on)
 
-    def error(back):  # mean squared error against the input, over every tensor
+    def error(back):  # the squared error against the input, summed over every tensor
         return sum(float((a - b).pow(2).sum()) for a, b in zip(back.keys + back.values, kv.keys + kv.values))
 
     monkeypatch.setattr(pca_entropy, "tensor_core_mm", tensor_core_mm)

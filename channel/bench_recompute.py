@@ -441,9 +441,9 @@ def print_report(console, report: dict) -> None:
     for note in report["notes"]:
         console.print(f"[bold]note:[/bold] {note}")
     if report.get("receiver_device"):
-        sender, receiver = (torch.device(report[k]) for k in ("sender_device", "receiver_device"))
-        shared = sender.type == receiver.type and (sender.index or 0) == (receiver.index or 0)
-        console.print(f"nodes: the sender on {sender}, the receiver on {receiver}" + (" (one device for both)" if shared else ""))
+        sender, receiver = report["sender_device"], report["receiver_device"]
+        console.print(f"nodes: the sender on {sender}, the receiver on {receiver}"
+                      + (" (one device for both)" if sender == receiver else ""))
     ceilings = report.get("ceilings", {})
     for name, bps in ceilings.items():
         console.print(f"ceiling: {name} {bps / 1e9:.2f} Gbit/s")

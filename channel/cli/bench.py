@@ -413,13 +413,12 @@ def bench_gpu(
     if unknown:
         raise typer.BadParameter(f"unknown sections {', '.join(sorted(unknown))}", param_hint="--sections")
     if receiver_device is not None:
+        from common.models import DeviceError, resolve_device
+
         try:
-            where = torch.device(receiver_device)
-        except RuntimeError as exc:
+            receiver_device = str(resolve_device(receiver_device))
+        except DeviceError as exc:
             raise typer.BadParameter(str(exc), param_hint="--receiver-device") from None
-        if where.type != "cuda" or (where.index or 0) >= torch.cuda.device_count():
-            raise typer.BadParameter(f"{receiver_device!r}: this machine has CUDA devices cuda:0 to "
-                                     f"cuda:{torch.cuda.device_count() - 1}", param_hint="--receiver-device")
     report = {"environment": gpu.environment(), "codec": [], "asks": [], "selection": []}
     console.print(report["environment"])
 
@@ -515,7 +514,7 @@ def _recompute_table(loaded, report: dict, write, contexts: list[int], rates: li
     say(f"basis {basis['digest']} fitted on {basis['tokens']} tokens in {basis['seconds']:.1f} s "
         f"(layer weights {basis['layer_weights']})")
     recomputed = table.recompute_all(loaded, contexts, say)  # before the receiver holds the GPU's memory
-    receiver_device = receiver_device or loaded.device.type
+    receiver_device = receiver_device or str(loaded.device)
     say(f"sender on {loaded.device}, receiver on {receiver_device}")
     process, target = start_receiver_process(loaded.name, table.receiver_env(max(contexts), receiver_device,
                                                                              loaded.fingerprint.dtype))

@@ -79,7 +79,8 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
                                    context)
 
             caches[split], decode_s = synced_seconds(decode, device, 2)
-            row = {"profile": str(profile), "split_gemm": split and pca_entropy.split_gemm(device),
+            split_gemm = bool(profile.pca) and split and pca_entropy.split_gemm(device)
+            row = {"profile": str(profile), "split_gemm": split_gemm,
                    "tokens": kv.seq_len, "input_bytes": nbytes, "frames": len(frames),
                    "wire_bytes": sum(map(wire.wire_bytes, frames)), "encode_s": encode_s, "decode_s": decode_s,
                    "encode_gbps": nbytes / encode_s / 1e9, "decode_gbps": nbytes / decode_s / 1e9,

@@ -24,8 +24,8 @@ class Settings(BaseSettings):
     # The codec path for the group-wise quantizers: auto (Triton kernels for CUDA tensors when triton
     # imports), torch, or triton (see common/quant/kernels.py).
     kernels: str = "auto"
-    # pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores, each operand split in bf16 parts (see
-    # common/quant/pca_entropy.py, split_matmul); false: torch's float32 GEMM on the SIMT units (docs/gpu.md).
+    # pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores, each operand split in bf16 parts, in fused passes
+    # (see common/quant/pca_fused.py); false: torch's float32 GEMM on the SIMT units (docs/gpu.md).
     split_gemm: bool = True
     # A folder of PCA bases fitted on this machine (basis-MODEL.safetensors), read before the shipped
     # ones: `kvwire bench gpu --recompute` fits the random model's here, for its sender and receiver.

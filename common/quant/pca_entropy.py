@@ -62,7 +62,7 @@ import constriction
 import numpy as np
 import torch
 
-from common.quant import rans
+from common.quant import pca_fused, rans
 from common.quant.base import QuantError, check_finite
 from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
 from common.settings import get_settings
@@ -79,38 +79,18 @@ MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times t
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
-# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores with operands split in bf16 parts (split_matmul; on an
-# H100 a 32K-token cache's stage codes 1.4x and decodes 1.6x as fast, docs/gpu.md), or torch's float32 GEMM, which
-# runs on the SIMT units: the setting split_gemm (KVWIRE_SPLIT_GEMM, on by default), unless SPLIT_GEMM overrides it
-# (deploy/gpu/profile_wire.py compares the two in one process: speed, and how far the caches are apart).
+# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores, each float32 operand in bf16 parts whose products sum
+# in float32 (common.quant.pca_fused; on an H100 a 32K-token cache's stage codes 1.4x and decodes 1.6x as fast as
+# torch's float32 GEMM on the SIMT units, docs/gpu.md): the setting split_gemm (KVWIRE_SPLIT_GEMM, on by default),
+# unless SPLIT_GEMM overrides it (deploy/gpu/profile_wire.py compares the two in one process).
 SPLIT_GEMM: bool | None = None
-
-
-def bf16_parts(t: torch.Tensor) -> list[torch.Tensor]:
-    """`t` as bf16 tensors whose sum is `t` to about 16 bits of mantissa: itself where it is bf16, else its bf16
-    rounding and that rounding's error, rounded to bf16."""
-    if t.dtype == torch.bfloat16:
-        return [t]
-    high = t.to(torch.bfloat16)
-    return [high, (t.float() - high.float()).to(torch.bfloat16)]
-
-
-def split_matmul(a: torch.Tensor, b: torch.Tensor, mm) -> torch.Tensor:
-    """a @ b in float32 from bf16 products: each operand in its bf16 parts, every product of parts but the two
-    low parts' summed in float32, the small ones first (the split that emulates a float32 GEMM on bf16 tensor
-    cores). `mm(x, y)`: a bf16 GEMM of float32 output."""
-    parts_a, parts_b = bf16_parts(a), bf16_parts(b)
-    terms = [(i, j) for i in range(len(parts_a)) for j in range(len(parts_b)) if not (i and j)]
-    out = None
-    for i, j in sorted(terms, key=sum, reverse=True):
-        product = mm(parts_a[i], parts_b[j])
-        out = product if out is None else out.add_(product)
-    return out
+# a token's step is its component's times 2^(-c/2), c its class: from float64, so every device has the same factors
+CLASS_SCALE = torch.tensor([2.0 ** (-c / 2) for c in range(-MAX_CLASS, MAX_CLASS + 1)], dtype=torch.float32)
 
 
 @functools.cache
 def split_gemm(device: torch.device) -> bool:
-    """Whether `device` runs split_matmul's bf16 GEMMs of float32 output (CUDA, torch with mm's out_dtype)."""
+    """Whether `device` runs bf16 GEMMs of float32 output (CUDA, torch with mm's out_dtype)."""
     if device.type != "cuda":
         return False
     try:
@@ -122,13 +102,13 @@ def split_gemm(device: torch.device) -> bool:
 
 
 def tensor_core_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y of bf16 operands, float32 output (split_matmul's `mm` on a GPU)."""
+    """x @ y of bf16 operands, float32 output (the split path's GEMM on a GPU)."""
     return torch.mm(x, y, out_dtype=torch.float32)
 
 
 def split_here(device: torch.device) -> bool:
-    """Whether the folded GEMMs split on `device`: SPLIT_GEMM (else the setting split_gemm), where split_gemm.
-    Elsewhere torch's float32 GEMM."""
+    """Whether pca:...:a takes the split path on `device` (pca_fused): SPLIT_GEMM (else the setting split_gemm),
+    where split_gemm. Elsewhere torch's float32 GEMM."""
     wanted = split_setting() if SPLIT_GEMM is None else SPLIT_GEMM
     return wanted and split_gemm(device)
 
@@ -137,6 +117,11 @@ def split_here(device: torch.device) -> bool:
 def split_setting() -> bool:
     """The setting split_gemm (KVWIRE_SPLIT_GEMM), read once."""
     return get_settings().split_gemm
+
+
+@functools.cache
+def class_scale_on(device: torch.device) -> torch.Tensor:
+    return CLASS_SCALE.to(device)
 
 
 def expected_bits(scale: torch.Tensor) -> torch.Tensor:
@@ -295,12 +280,25 @@ class EntropyPCACodec:
         extra = self.strength / 2 * torch.log2(share / share.mean())
         return (2 * extra).round().clamp(-self.floor, MAX_CLASS).to(torch.int8)
 
-    def table_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
-        """(tokens, coded) int64 on `device`: the table of each index, the component's moved by the token's class."""
-        base = self.tables[self.coded].to(device)
+    @functools.cached_property
+    def models(self) -> torch.Tensor:
+        """(coded,) int64: each coded component's table, counted from MIN_TABLE (the rANS coder's model)."""
+        return self.tables[self.coded] - MIN_TABLE
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps, models) of the coded components on `device`, float32 and int64."""
+        def move():
+            return self.steps[self.coded].to(device), self.models.to(device)
+        return self._kept(("on", str(device)), move)
+
+    def models_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
+        """(tokens, coded) int16 on `device`: the model of each index (its table from MIN_TABLE), the component's
+        moved by the token's class."""
+        base = self.on(device)[1].to(torch.int16)
         if classes is None:
             return base.expand(tokens, -1)
-        return (base[None, :] + CLASS_TABLES * classes.to(device).long()[:, None]).clamp(MIN_TABLE, MAX_TABLE)
+        moved = (CLASS_TABLES * classes.to(device=device, dtype=torch.int16))[:, None] + base[None, :]
+        return moved.clamp_(0, MAX_TABLE - MIN_TABLE)
 
     def _tables(self, classes: np.ndarray) -> np.ndarray:
         """(tokens, coded) the model of each index: the component's, moved by the token's class."""
@@ -318,12 +316,12 @@ class EntropyPCACodec:
         device = keys.device
         coords = self._folded_analysis(keys, values) if self.rans else self._analyse(keys, values)[:, self.coded.to(device)]
         steps = self.steps[self.coded].to(device)
-        limits = LIMITS[self.tables[self.coded] - MIN_TABLE]  # (coded,): each component's table
+        limits = LIMITS[self.models]  # (coded,): each component's table
         tail = torch.empty(0, dtype=torch.uint8, device=device)
         if self.per_token:  # (tokens, coded): each token's class moves its step and table
             classes = classes.to(device=device, dtype=torch.int8)
-            limits = limits_on(device)[self.table_of(classes, classes.numel(), device) - MIN_TABLE]
-            steps = steps * torch.exp2(-classes.float() / 2).unsqueeze(1)
+            limits = limits_on(device)[self.models_of(classes, classes.numel(), device).long()]
+            steps = steps * class_scale_on(device)[classes.long() + MAX_CLASS].unsqueeze(1)
             tail = classes.view(torch.uint8)
         scaled = coords / steps
         indices = torch.sign(scaled) * torch.floor(scaled.abs() + ROUNDING)
@@ -341,7 +339,7 @@ class EntropyPCACodec:
             classes = payload[-tokens:].view(torch.int8)
             if (classes.int().abs() > MAX_CLASS).any():
                 raise QuantError(f"a token class outside +-{MAX_CLASS}")
-            steps = steps * torch.exp2(-classes.float() / 2).unsqueeze(1)
+            steps = steps * class_scale_on(device)[classes.long() + MAX_CLASS].unsqueeze(1)
             payload = payload[:-tokens]
         indices = payload.view(torch.int16).view(tokens, self.coded.numel()).float()
         values = indices + torch.sign(indices) * (0.5 - ROUNDING)  # each bin's midpoint
@@ -358,35 +356,54 @@ class EntropyPCACodec:
         values' elements. The maps of `_analyse` and `_synthesize` in fewer products (float64 on `device`,
         rounded to float32): the reconstruction matches theirs to float32 rounding, not bit for bit.
         Kept with the layer's key basis, FOLDED_KEPT of them per layer (a header may name any bits)."""
-        coded = self.coded
-        key = ("folded", self.joint is not None, hash(coded.numpy().tobytes()), str(device))
+        def fold():
+            def on(t):
+                return t.to(device=device, dtype=torch.float64)
+
+            analysis = torch.block_diag(on(self.keys.analysis), on(self.values.analysis))
+            directions = torch.block_diag(on(self.keys.directions), on(self.values.directions)).T
+            mean = torch.cat([on(self.keys.mean), on(self.values.mean)])
+            bias = mean @ analysis
+            if self.joint is not None:
+                scale, joint_mean = on(self.scale), on(self.joint.mean)
+                joint_analysis = on(self.joint.analysis)
+                analysis = (analysis * scale) @ joint_analysis
+                bias = (bias * scale + joint_mean) @ joint_analysis
+                mean = mean + (joint_mean / scale) @ directions
+                directions = (on(self.joint.directions).T / scale) @ directions
+            coded = self.coded.to(device)
+            return (analysis[:, coded].float().contiguous(), bias[coded].float(),
+                    directions[coded].float().contiguous(), mean.float())
+        return self._kept(("folded", str(device)), fold)
+
+    def split_analysis(self, device: torch.device, keys_exact: bool, values_exact: bool) -> torch.Tensor:
+        """The split path's analysis (pca_fused): the folded one stacked in the bf16 parts that pair with the
+        operand's, keys then values (`*_exact`: that tensor is one bf16 part)."""
+        def stack():
+            analysis = self.folded(device)[0]
+            width = analysis.shape[0] // 2
+            return torch.cat([pca_fused.stacked(analysis[:width], keys_exact),
+                              pca_fused.stacked(analysis[width:], values_exact)])
+        return self._kept(("analysis", str(device), keys_exact, values_exact), stack)
+
+    def split_synthesis(self, device: torch.device) -> torch.Tensor:
+        """The split path's synthesis: the folded one stacked to pair with dequantize's [high, high, low]."""
+        return self._kept(("synthesis", str(device)), lambda: pca_fused.stacked(self.folded(device)[2], False))
+
+    def _kept(self, key: tuple, compute):
+        """compute(), kept with the layer's key basis under (kind, ...) = `key`, FOLDED_KEPT of a kind per layer (a
+        header may name any bits) and coded components."""
+        key = (key[0], self.joint is not None, hash(self.coded.numpy().tobytes()), *key[1:])
         kept = self.keys._on
         with FOLDED_LOCK:
             if key in kept:
                 kept[key] = kept.pop(key)  # most recently used last
                 return kept[key]
-
-        def on(t):
-            return t.to(device=device, dtype=torch.float64)
-
-        analysis = torch.block_diag(on(self.keys.analysis), on(self.values.analysis))
-        directions = torch.block_diag(on(self.keys.directions), on(self.values.directions)).T
-        mean = torch.cat([on(self.keys.mean), on(self.values.mean)])
-        bias = mean @ analysis
-        if self.joint is not None:
-            scale, joint_mean = on(self.scale), on(self.joint.mean)
-            joint_analysis = on(self.joint.analysis)
-            analysis = (analysis * scale) @ joint_analysis
-            bias = (bias * scale + joint_mean) @ joint_analysis
-            mean = mean + (joint_mean / scale) @ directions
-            directions = (on(self.joint.directions).T / scale) @ directions
-        coded = coded.to(device)
-        value = (analysis[:, coded].float().contiguous(), bias[coded].float(), directions[coded].float().contiguous(),
-                 mean.float())
+        value = compute()
         with FOLDED_LOCK:
             kept[key] = value
-            folds = [k for k in kept if isinstance(k, tuple) and k[0] == "folded"]
-            for old in folds[:-FOLDED_KEPT]:
+            mine = [k for k in kept if isinstance(k, tuple) and k[0] == key[0]]
+            for old in mine[:-FOLDED_KEPT]:
                 del kept[old]
         return value
 
@@ -396,20 +413,67 @@ class EntropyPCACodec:
         check_finite(values, limit=None)
         analysis, bias, _, _ = self.folded(keys.device)
         width = heads * dim
-        flat = [part[0].transpose(0, 1).reshape(tokens, width) for part in (keys, values)]
-        if split_here(keys.device):  # the cache's own dtype: a bf16 operand is one part
-            return (split_matmul(flat[0], analysis[:width], tensor_core_mm)
-                    .add_(split_matmul(flat[1], analysis[width:], tensor_core_mm)) - bias)
-        flat = [part.float() for part in flat]
+        flat = [part[0].transpose(0, 1).reshape(tokens, width).float() for part in (keys, values)]
         return torch.addmm(flat[1] @ analysis[width:], flat[0], analysis[:width]) - bias
 
     def _folded_synthesis(self, coords: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype):
         _, heads, tokens, dim = shape
         _, _, synthesis, mean = self.folded(coords.device)
-        x = (split_matmul(coords, synthesis, tensor_core_mm).add_(mean) if split_here(coords.device)
-             else torch.addmm(mean, coords, synthesis))
+        x = torch.addmm(mean, coords, synthesis)
         return tuple(part.reshape(tokens, heads, dim).transpose(0, 1).unsqueeze(0).to(dtype)
                      for part in (x[:, :heads * dim], x[:, heads * dim:]))
+
+    def split_on(self, device: torch.device) -> bool:
+        """Whether this stage codes on `device` by the split path (pca_fused): pca:...:a where its GEMMs run on bf16
+        tensor cores."""
+        return self.rans and split_here(device)
+
+    def encode_split(self, keys: torch.Tensor, values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                     classes: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode` by the split path: keys with RoPE on, taken off with its tables `rope` (cos, sin) if given."""
+        if self.per_token and classes is None:
+            raise QuantError("this stage steps each token by the question's attention, and none was given")
+        device = keys.device
+        _, heads, tokens, dim = keys.shape
+        coded = self.coded.numel()
+        raw = torch.empty(tokens * (2 * coded + self.per_token), dtype=torch.uint8, device=device)
+        if not coded:
+            check_finite(keys, limit=None)
+            check_finite(values, limit=None)
+            return raw
+        operand = pca_fused.operand(keys, values, rope)
+        analysis = self.split_analysis(device, rope is None and pca_fused.exact(keys), pca_fused.exact(values))
+        steps, models = self.on(device)
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if self.per_token:
+            classes = classes.to(device=device, dtype=torch.int8)
+            raw[2 * coded * tokens:] = classes.view(torch.uint8)
+        pca_fused.quantize(tensor_core_mm(operand, analysis), self.folded(device)[1], steps,
+                           classes if self.per_token else None, models, class_scale_on(device), limits_on(device),
+                           ROUNDING, CLASS_TABLES, MAX_TABLE - MIN_TABLE,
+                           raw[:2 * coded * tokens].view(torch.int16).view(tokens, coded), flag)
+        if flag.item():
+            raise QuantError("input contains NaN or Inf; refusing to quantize it")
+        return raw
+
+    def decode_split(self, payload: torch.Tensor, shape: tuple[int, ...], rope: tuple[torch.Tensor, torch.Tensor] | None,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` by the split path, RoPE put back on the keys with its tables `rope` if given. The classes are
+        the wire's, checked where they were decoded (uncode_many)."""
+        if payload.numel() != self.payload_size(shape, dtype):
+            raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
+        device = payload.device
+        _, heads, tokens, dim = shape
+        coded = self.coded.numel()
+        if not coded:
+            x = torch.zeros(tokens, 2 * heads * dim, device=device)
+        else:
+            classes = payload[2 * coded * tokens:].view(torch.int8) if self.per_token else None
+            steps, _ = self.on(device)
+            parts = pca_fused.dequantize(payload[:2 * coded * tokens].view(torch.int16).view(tokens, coded), classes,
+                                         steps, class_scale_on(device), 0.5 - ROUNDING)
+            x = tensor_core_mm(parts, self.split_synthesis(device))
+        return pca_fused.reconstruct(x, self.folded(device)[3], rope, heads, dim, dtype)
 
     def _split(self, raw_size: int) -> tuple[int, int]:
         """(tokens, classes' bytes) of a raw payload of `raw_size` bytes (ValueError if none fits)."""
@@ -495,7 +559,7 @@ def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> li
         split = tokens * 2 * coded
         classes = raw[split:].view(torch.int8) if codec.per_token else None
         symbols.append(raw[:split].view(torch.int16))
-        models.append((codec.table_of(classes, tokens, device) - MIN_TABLE).to(torch.int16).flatten())
+        models.append(codec.models_of(classes, tokens, device).flatten())
         counts.append([min(step, tokens - start) * coded for start in range(0, tokens, step)])
         heads.append(classes.cpu().numpy().tobytes() if classes is not None else None)
     codes = rans_coder(device).encode(torch.cat(symbols), torch.cat(models), rans_models(device),
@@ -541,7 +605,7 @@ def uncode_many(parts: list[tuple[EntropyPCACodec, list[bytes], list[int]]], dev
                 raise ValueError(f"a token class outside +-{MAX_CLASS}")
             classes = torch.from_numpy(flat).to(device)
         classes_of.append(classes)
-        models.append((codec.table_of(classes, sum(tokens), device) - MIN_TABLE).to(torch.int16).flatten())
+        models.append(codec.models_of(classes, sum(tokens), device).flatten())
         counts += [n * coded for n in tokens]
     symbols = rans_coder(device).decode(codes, torch.cat(models), rans_models(device), counts)
     out, at = [], 0

@@ -18,6 +18,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """float32 keys x (..., head_dim) with RoPE's rotation of tables cos, sin taken off."""
+    scale = (cos.square() + sin.square())  # the module's attention scaling, squared (1 for plain RoPE)
+    return (x * cos - _rotate_half(x) * sin) / scale
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """float32 pre-RoPE keys x (..., head_dim) rotated by tables cos, sin (float32)."""
+    return x * cos + _rotate_half(x) * sin
+
+
 class Rope:
     """The key rotation of each layer of a loaded model."""
 
@@ -31,7 +42,7 @@ class Rope:
         self.takes_layer_type = ("layer_type" in self.rotary.forward.__code__.co_varnames
                                  and isinstance(getattr(self.rotary, "rope_type", None), dict))
 
-    def _cos_sin(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (kv_heads, tokens) -> cos, sin (1, kv_heads, tokens, head_dim), float32."""
         probe = torch.empty(0, device=positions.device, dtype=torch.float32)
         args = (self.layer_types[layer],) if self.takes_layer_type and self.layer_types else ()
@@ -41,13 +52,8 @@ class Rope:
 
     def remove(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cached keys (1, kv_heads, tokens, head_dim) at `positions` -> pre-RoPE keys, float32."""
-        cos, sin = self._cos_sin(layer, positions.to(keys.device))
-        scale = (cos.square() + sin.square())  # the module's attention scaling, squared (1 for plain RoPE)
-        x = keys.float()
-        return (x * cos - _rotate_half(x) * sin) / scale
+        return unrotate(keys.float(), *self.cos_sin(layer, positions.to(keys.device)))
 
     def apply(self, layer: int, keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Pre-RoPE keys -> keys as the model caches them, in `dtype`."""
-        cos, sin = self._cos_sin(layer, positions.to(keys.device))
-        x = keys.float()
-        return (x * cos + _rotate_half(x) * sin).to(dtype)
+        return rotate(keys.float(), *self.cos_sin(layer, positions.to(keys.device))).to(dtype)

@@ -58,6 +58,8 @@ class LayerCodec:
                classes: torch.Tensor | None = None) -> torch.Tensor:
         """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens); the tokens'
         step classes where `per_token`."""
+        if self.split_on(keys.device):
+            return self.codec.encode_split(keys, values, self.rope_tables(positions, keys.device), classes)
         if self.rope is not None:
             keys = self.rope.remove(self.layer, keys, positions)
         if self.rotation is not None:
@@ -75,6 +77,14 @@ class LayerCodec:
         yield from each_range(lambda part: self.encode(keys[:, :, part], values[:, :, part], positions[:, part],
                                                        None if classes is None else classes[part]),
                               keys.shape[2], step)
+
+    def split_on(self, device: torch.device) -> bool:
+        """Whether the layer codes on `device` in pca_fused's passes (pca:...:a with its GEMMs on tensor cores)."""
+        return self.rotation is None and self.entropy_coded and self.codec.split_on(device)
+
+    def rope_tables(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys' RoPE tables (cos, sin) at `positions`, if RoPE comes off."""
+        return None if self.rope is None else self.rope.cos_sin(self.layer, positions.to(device))
 
     @property
     def coded_in_place(self) -> bool:
@@ -110,6 +120,8 @@ class LayerCodec:
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.transformed:
             return self.codec.decode(payload, shape, dtype)
+        if self.split_on(payload.device):
+            return self.codec.decode_split(payload, shape, self.rope_tables(positions, payload.device), dtype)
         keys, values = self.codec.decode(payload, shape, torch.float32)
         if self.rotation is not None:
             keys, values = rotation.unrotate(keys, self.rotation), rotation.unrotate(values, self.rotation)

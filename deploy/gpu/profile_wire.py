@@ -5,8 +5,8 @@ context of `tokens`, with a PCA basis fitted on that random model (channel.bench
 
     python3 deploy/gpu/profile_wire.py OUT.json [tokens] [profile ...]
 
-Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. A pca stage runs twice: its GEMMs split on tensor cores
-(pca_entropy.SPLIT_GEMM), then in torch's float32; the second row says how far the two decoded caches are apart.
+Defaults: 32768 tokens; int4:g32 and pca:b1:w:e:j:a. A pca stage runs twice: by the split path (common.quant.pca_fused:
+its GEMMs on tensor cores, pca_entropy.SPLIT_GEMM), then in torch's float32; the second row says how far the two decoded caches are apart.
 On a machine without CUDA it runs tiny-llama on the CPU, a check of the script itself.
 """
 

@@ -76,6 +76,16 @@ def test_triton_kernels_are_bit_identical_to_torch_on_cuda(spec, dtype):
             assert list(codec.encode_chunks(keys, values, 300)) == ranges, (spec, dtype, tokens)
 
 
+@pytest.mark.parametrize("heads, dim", [(2, 16), (8, 128)])
+def test_pca_split_kernels_are_bit_identical_to_torch_on_cuda(heads, dim):
+    """pca:...:a's split path (common.quant.pca_fused): each pass's kernel against its torch reference on CUDA."""
+    from tests.common.quant.test_pca_fused import compare
+
+    results = compare("cuda", heads, dim)
+    assert results.pop("flag") == [True, True]
+    assert len(results) == 18 and all(results.values()), results
+
+
 FRONTIER = ("pca:b1.7:w:e:j:a:i1:f3+text", "pca:b3.05:w:e:j:a:i1:f3+text")
 
 

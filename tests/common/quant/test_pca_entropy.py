@@ -280,27 +280,24 @@ def test_a_token_class_moves_the_model_with_the_step(cls):
 
 
 def test_the_split_gemm_is_near_float32_and_far_better_than_one_bf16_product():
-    """pca:...:a's GEMMs on a GPU (split_matmul with tensor_core_mm): here with the same arithmetic on the CPU,
-    bf16 operands and float32 sums, against float64."""
-    from common.quant.pca_entropy import bf16_parts, split_matmul
+    """pca:...:a's GEMMs on a GPU (pca_fused: an operand's bf16 parts side by side against the weights stacked in
+    theirs, one bf16 GEMM of float32 output): here with the same arithmetic on the CPU, against float64."""
+    from common.quant.pca_fused import parts, stacked
 
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 2048, generator=generator), torch.randn(2048, 96, generator=generator)
     exact = a.double() @ b.double()
 
-    def bf16_mm(x, y):
-        assert x.dtype == y.dtype == torch.bfloat16
-        return x.float() @ y.float()
+    def error(result, reference=exact):
+        return float((result.double() - reference).abs().max() / reference.abs().max())
 
-    def error(result):
-        return float((result.double() - exact).abs().max() / exact.abs().max())
-
-    high, low = bf16_parts(a)
+    high, _, low = parts(a)
     assert torch.equal(high, a.bfloat16()) and float((high.double() + low.double() - a.double()).abs().max()) < 1e-4
-    # split: 4e-6 of the largest element here, float32's own GEMM 3e-7, one bf16 product 2e-3
-    assert error(split_matmul(a, b, bf16_mm)) < 2e-5 and error(bf16_mm(a.bfloat16(), b.bfloat16())) > 1e-3
-    # a bf16 operand (the cache's values on a GPU) is one part: two products, exact for that operand
+    split = torch.cat(parts(a), dim=1).float() @ stacked(b, False).float()
+    # split: about 4e-6 of the largest element here, float32's own GEMM 3e-7, one bf16 product 2e-3
+    assert error(split) < 2e-5 and error(a.bfloat16().float() @ b.bfloat16().float()) > 1e-3
+    # a bf16 operand (the cache's values on a GPU) is one part, twice: exact for that operand
     one_part = a.bfloat16()
-    exact_one = one_part.double() @ b.double()
-    split = split_matmul(one_part, b, bf16_mm)
-    assert float((split.double() - exact_one).abs().max() / exact_one.abs().max()) < 1e-4
+    assert len(parts(one_part)) == 2
+    split = torch.cat(parts(one_part), dim=1).float() @ stacked(b, True).float()
+    assert error(split, one_part.double() @ b.double()) < 1e-4

@@ -194,7 +194,7 @@ def on_demand_pipelined(asker, context: str, question: str, profile: str) -> dic
         return {"status": f"refused: {str(exc)[:200]}"}
     return {"agreed": r.profile, "bytes": r.bytes_sent, "fp16_bytes": r.fp16_bytes, "prefill_s": r.prefill_s,
             "encode_s": None, "send_s": r.transfer_s, "assemble_s": r.assemble_s, "inject_s": r.inject_s,
-            "first_token_s": r.decode_s, "ttft_s": r.transfer_s + r.inject_s + r.decode_s}
+            "first_token_s": r.decode_s, "ttft_s": r.transfer_s + r.inject_s + r.decode_s, "stream_s": r.stream_s}
 
 
 CASES = {"at sender, plain": at_sender_plain, "at sender, streamed": at_sender_streamed,

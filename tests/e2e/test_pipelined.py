@@ -34,6 +34,9 @@ def test_pipelined_lossless_ask_reproduces_generate(model, request):
         plain = sender.ask(CONTEXT, QUESTION, parse_profile("raw"), max_new_tokens=10)
     assert piped.token_ids == reference_generate(loaded.model, piped.prefilled.prompt.ids, 10)
     assert piped.token_ids == plain.token_ids and piped.bytes_sent == plain.bytes_sent
+    # the stream's own clock: its parts are the stream thread's time, so together within the transfer's
+    assert set(piped.stream_s) == {"layers", "code", "send"} and piped.stream_s["code"] > 0
+    assert 0 <= sum(piped.stream_s.values()) <= piped.transfer_s and plain.stream_s is None
     stored = receiver.servicer.sessions.get(piped.session_id).kv
     assert stored.seq_len == plain.seq_len
 

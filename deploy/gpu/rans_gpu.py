@@ -42,7 +42,7 @@ def cross_device() -> dict:
     kernel = rans_triton.encode(symbols.cuda(), models.cuda(), gpu, counts)
     out = {"symbols": sum(counts), "cpu_torch == gpu_torch": on_cpu == ref_gpu, "cpu_torch == gpu_kernel": on_cpu == kernel,
            "gpu-encoded, cpu-decoded": bool(torch.equal(rans.decode(kernel, models, cpu, counts), symbols)),
-           "cpu-encoded, gpu-decoded": bool(torch.equal(rans_triton.decode(on_cpu, models.cuda(), gpu, counts).cpu(), symbols))}
+           "cpu-encoded, gpu-decoded": bool(torch.equal(rans_triton.decode(on_cpu, models.cuda(), gpu, counts).cpu().long(), symbols))}
     print(out, flush=True)
     return out
 

@@ -34,7 +34,7 @@ from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profi
 from common.proto import kvwire_pb2 as pb
 from common.quant import rans, rotation
 from common.quant.kv import payload_tensor
-from common.quant.pca_entropy import code_fitting, rans_coder, uncode_many
+from common.quant.pca_entropy import code_fitting, rans_coder, refuse_flagged, uncode_many
 from common.quant.transform import CodecContext, LayerCodec, sized_chunks
 
 MAX_CHUNK_BYTES = 1 << 20  # a chunk's payload at most, and its raw size where the host decompresses it
@@ -292,13 +292,15 @@ class Encoder:
         several layers' chunks in one call (up to RANS_BATCH symbols: the coder's lanes run side by side)."""
         _, heads, _, head_dim = kv.keys[0].shape
         batch = []
+        flag = torch.zeros(1, dtype=torch.int32, device=kv.keys[0].device)  # a non-finite input, checked per batch
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
             codec = plan.codecs[layer]
             raw = codec.encode(keys, values, positions,
-                               codec.classes(kv.importance[layer] if kv.importance else None, positions))
+                               codec.classes(kv.importance[layer] if kv.importance else None, positions), flag)
             batch.append((layer, codec.codec, raw, keys.shape[2], chunk_tokens(codec, heads, head_dim, kv.dtype)))
             if sum(c.coded.numel() * n for _, c, _, n, _ in batch) >= RANS_BATCH or layer == kv.num_layers - 1:
                 coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES)
+                refuse_flagged(flag)
                 for (i, _, raw, n, _), (step, payloads) in zip(batch, coded):
                     yield from self._frames(i, 0, sized_chunks(raw, n, step, payloads))
                 batch = []

@@ -276,7 +276,7 @@ class EntropyPCACodec:
     def classes(self, importance: torch.Tensor) -> torch.Tensor:
         """Each token's step class (int8) from its share of the question's attention (tokens,)."""
         share = importance.double().clamp(min=0)
-        share = share.clamp(min=1e-6 * float(share.mean()) + 1e-30)
+        share = share.clamp(min=1e-6 * share.mean() + 1e-30)  # a tensor bound: no wait for the device
         extra = self.strength / 2 * torch.log2(share / share.mean())
         return (2 * extra).round().clamp(-self.floor, MAX_CLASS).to(torch.int8)
 
@@ -429,8 +429,10 @@ class EntropyPCACodec:
         return self.rans and split_here(device)
 
     def encode_split(self, keys: torch.Tensor, values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                     classes: torch.Tensor | None = None) -> torch.Tensor:
-        """`encode` by the split path: keys with RoPE on, taken off with its tables `rope` (cos, sin) if given."""
+                     classes: torch.Tensor | None = None, flag: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode` by the split path: keys with RoPE on, taken off with its tables `rope` (cos, sin) if given.
+        `flag` (int32, one element, on the device): set where the input is not finite, for the caller to check
+        (`refuse_flagged`) when it next waits for the device; without it, checked here (a wait for the device)."""
         if self.per_token and classes is None:
             raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
@@ -444,7 +446,8 @@ class EntropyPCACodec:
         operand = pca_fused.operand(keys, values, rope)
         analysis = self.split_analysis(device, rope is None and pca_fused.exact(keys), pca_fused.exact(values))
         steps, models = self.on(device)
-        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        own = flag is None
+        flag = torch.zeros(1, dtype=torch.int32, device=device) if own else flag
         if self.per_token:
             classes = classes.to(device=device, dtype=torch.int8)
             raw[2 * coded * tokens:] = classes.view(torch.uint8)
@@ -452,8 +455,8 @@ class EntropyPCACodec:
                            classes if self.per_token else None, models, class_scale_on(device), limits_on(device),
                            ROUNDING, CLASS_TABLES, MAX_TABLE - MIN_TABLE,
                            raw[:2 * coded * tokens].view(torch.int16).view(tokens, coded), flag)
-        if flag.item():
-            raise QuantError("input contains NaN or Inf; refusing to quantize it")
+        if own:
+            refuse_flagged(flag)
         return raw
 
     def decode_split(self, payload: torch.Tensor, shape: tuple[int, ...], rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -546,6 +549,12 @@ class EntropyPCACodec:
         if not decoder.maybe_exhausted():
             raise ValueError("the range code does not end where its indices do")
         return indices.tobytes() + (classes.tobytes() if tail else b"")
+
+
+def refuse_flagged(flag: torch.Tensor) -> None:
+    """check_finite's error if `encode_split` set `flag` (one wait for the device)."""
+    if flag.item():
+        raise QuantError("input contains NaN or Inf; refusing to quantize it")
 
 
 def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> list[list[bytes]]:

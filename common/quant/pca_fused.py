@@ -88,7 +88,8 @@ def quantize(coords: torch.Tensor, bias: torch.Tensor, steps: torch.Tensor, clas
     sign(c) floor(|c| / step + rounding), clipped to the table's range, where a token's step is the component's
     `steps` times `class_scale[class + max class]`, and its table the component's `models` (from 0) moved by
     `class_tables` per class, within 0 .. top; `limits` is each table's largest index (float32). `flag` (int32, one
-    element) becomes nonzero if a coordinate is not finite (an input was not)."""
+    element) becomes nonzero if a coordinate is not finite (an input was not); a NaN's index is 0, so that the
+    indices stay in their tables' ranges until the caller checks the flag."""
     if coords.numel() and on_kernels(coords.device):
         from common.quant import pca_triton
         pca_triton.quantize(coords, bias, steps, classes, models, class_scale, limits, rounding, class_tables, top,
@@ -103,7 +104,8 @@ def quantize(coords: torch.Tensor, bias: torch.Tensor, steps: torch.Tensor, clas
     indices = torch.sign(scaled) * torch.floor(scaled.abs() + rounding)
     limit = limits[models]
     flag.add_((~torch.isfinite(x)).any().int())
-    out.copy_(torch.maximum(torch.minimum(indices, limit), -limit).to(torch.int16))
+    clipped = torch.maximum(torch.minimum(indices, limit), -limit)
+    out.copy_(torch.where(scaled.isnan(), 0.0, clipped).to(torch.int16))  # NaN (flagged) codes as 0, in range
 
 
 def dequantize(indices: torch.Tensor, classes: torch.Tensor | None, steps: torch.Tensor, class_scale: torch.Tensor,

@@ -79,6 +79,7 @@ def _quantize(coords, coords_row, bias, steps, classes, models, class_scale, lim
     indices = tl.where(scaled < 0, -whole, tl.where(scaled > 0, whole, 0.0))
     limit = tl.load(limits + model, mask=mask, other=0.0)
     indices = tl.maximum(tl.minimum(indices, limit), -limit)
+    indices = tl.where(scaled == scaled, indices, 0.0)  # NaN (flagged below) codes as 0: every index stays in range
     tl.store(out + t.to(tl.int64)[:, None] * out_row + j[None, :], indices.to(tl.int16), mask=mask)
     bad = tl.max(tl.max(tl.where(mask & ~(tl.abs(x) < float("inf")), 1, 0), axis=1), axis=0)
     tl.atomic_max(flag, bad, mask=bad > 0, sem="relaxed")

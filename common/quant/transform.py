@@ -16,7 +16,7 @@ import torch
 from common.quant import rotation
 from common.quant.kv import KVCodec, each_range
 from common.quant.pca import Basis, PCACodec
-from common.quant.pca_entropy import EntropyPCACodec, code_fitting
+from common.quant.pca_entropy import EntropyPCACodec, code_fitting, refuse_flagged
 from common.quant.rope import Rope
 
 
@@ -55,11 +55,12 @@ class LayerCodec:
         return self.entropy_coded and self.codec.per_token
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               classes: torch.Tensor | None = None) -> torch.Tensor:
+               classes: torch.Tensor | None = None, flag: torch.Tensor | None = None) -> torch.Tensor:
         """keys, values (1, kv_heads, tokens, head_dim); positions (kv_heads, tokens); the tokens'
-        step classes where `per_token`."""
+        step classes where `per_token`. `flag`: on the split path, set where the input is not finite, for the caller
+        to check (EntropyPCACodec.encode_split)."""
         if self.split_on(keys.device):
-            return self.codec.encode_split(keys, values, self.rope_tables(positions, keys.device), classes)
+            return self.codec.encode_split(keys, values, self.rope_tables(positions, keys.device), classes, flag)
         if self.rope is not None:
             keys = self.rope.remove(self.layer, keys, positions)
         if self.rotation is not None:
@@ -97,8 +98,10 @@ class LayerCodec:
         every token at once where the cache is, then their rANS codes (EntropyPCACodec.code), at a smaller step
         where a payload would pass `max_bytes` (code_fitting)."""
         tokens = keys.shape[2]
-        raw = self.encode(keys, values, positions, self.classes(importance, positions))
+        flag = torch.zeros(1, dtype=torch.int32, device=keys.device)
+        raw = self.encode(keys, values, positions, self.classes(importance, positions), flag)
         step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes)[0]
+        refuse_flagged(flag)
         return sized_chunks(raw, tokens, step, payloads)
 
     def classes(self, importance: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:

@@ -83,7 +83,7 @@ def test_pca_split_kernels_are_bit_identical_to_torch_on_cuda(heads, dim):
 
     results = compare("cuda", heads, dim)
     assert results.pop("flag") == [True, True]
-    assert len(results) == 18 and all(results.values()), results
+    assert len(results) == 19 and all(results.values()), results
 
 
 FRONTIER = ("pca:b1.7:w:e:j:a:i1:f3+text", "pca:b3.05:w:e:j:a:i1:f3+text")

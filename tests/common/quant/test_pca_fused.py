@@ -76,8 +76,9 @@ def compare(device: str, heads: int = 2, dim: int = 16) -> dict:
     bad = coords.clone()
     bad[3, 7] = float("nan")
     bad[60, 149] = float("inf")
-    (_, flag_r), (_, flag_k) = both(lambda: quantize(bad, classes))
+    (out_r, flag_r), (out_k, flag_k) = both(lambda: quantize(bad, classes))
     results["flag"] = [bool(flag_r.item()), bool(flag_k.item())]
+    results["quantize not finite"] = same(out_r, out_k) and out_r[3, 7].item() == 0
     return results
 
 
@@ -100,4 +101,4 @@ def test_the_kernels_compute_the_reference_bit_for_bit(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(report.read_text())
     assert results.pop("flag") == [True, True]
-    assert len(results) == 18 and all(results.values()), results
+    assert len(results) == 19 and all(results.values()), results

@@ -343,3 +343,24 @@ def test_the_split_gemms_code_and_decode_as_float32_does(setup, tmp_path, monkey
     float_coded = wire.decode(list(wire.encode(kv, profile, loaded.fingerprint, context=ctx)), loaded.fingerprint,
                               context=ctx)
     assert error(split_back) == pytest.approx(error(float_coded), rel=0.01)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_cache_that_is_not_finite_is_refused_on_either_path(setup, tmp_path, monkeypatch, split):
+    """pca:...:a refuses NaN or Inf in the cache with check_finite's error, on the float32 path and on the split path
+    (pca_fused, here on the CPU with its GEMM emulated), where the quantization flags it and the sender checks the
+    flag once per batch of layers."""
+    from common.quant import pca_entropy
+    from common.quant.base import QuantError
+
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    context = CodecContext(context.rope, basis)
+    monkeypatch.setattr(pca_entropy, "split_here", lambda device: split)
+    monkeypatch.setattr(pca_entropy, "tensor_core_mm", lambda x, y: x.float() @ y.float())
+    for bad in (float("nan"), float("inf")):
+        keys = [k.clone() for k in kv.keys]
+        keys[-1][0, 0, 3, 5] = bad
+        broken = type(kv)(keys, kv.values, kv.positions, kv.seq_len, kv.importance)
+        with pytest.raises(QuantError, match="NaN or Inf"):
+            list(wire.encode(broken, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=context))

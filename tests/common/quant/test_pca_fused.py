@@ -102,3 +102,51 @@ def test_the_kernels_compute_the_reference_bit_for_bit(tmp_path):
     results = json.loads(report.read_text())
     assert results.pop("flag") == [True, True]
     assert len(results) == 19 and all(results.values()), results
+
+
+THROUGH_THE_WIRE = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from common import wire
+from common.models import load_model
+from common.profile import parse_profile
+from common.quant import kernels, pca_entropy
+from common.quant.transform import CodecContext
+from tests.common.quant.test_transforms import IDS, fitted_basis, prefill, weighted
+
+loaded = load_model("tiny-llama")
+folder = Path(tempfile.mkdtemp())
+basis = fitted_basis(loaded, folder / "basis.safetensors")
+basis = weighted(basis, folder / "w.safetensors", [[1.0, 0.5]] * basis.num_layers)
+context = CodecContext.for_model(loaded.model, basis)
+kv = prefill(loaded.model, IDS)
+kv.importance = [torch.rand(kv.seq_len, generator=torch.Generator().manual_seed(i)) for i in range(kv.num_layers)]
+pca_entropy.split_here = lambda device: True
+pca_entropy.tensor_core_mm = lambda x, y: x.float() @ y.float()
+results = {}
+for spec in ("pca:b2:w:e:a", "pca:b1.5:w:e:a:i1:f3"):
+    profile = parse_profile(spec)
+    runs = {}
+    for path in ("torch", "triton"):
+        with kernels.forced(path):
+            frames = list(wire.encode(kv, profile, loaded.fingerprint, context=context))
+            runs[path] = ([f.chunk.payload for f in frames if f.HasField("chunk")], wire.decode(frames, loaded.fingerprint, context=context))
+    (bytes_t, back_t), (bytes_k, back_k) = runs["torch"], runs["triton"]
+    results[spec] = [len(bytes_t) > 0 and bytes_t == bytes_k, all(torch.equal(a, b) for a, b in zip(back_t.keys + back_t.values,
+                                                                              back_k.keys + back_k.values))]
+json.dump(results, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_kernels_send_the_torch_paths_bytes_through_the_wire(tmp_path):
+    """tiny-llama's cache through wire.encode and wire.decode by the split path, the GEMMs emulated on the CPU: with
+    the kernels (in Triton's interpreter) the chunks are torch's byte for byte, and so is the decoded cache, with
+    and without per-token classes."""
+    pytest.importorskip("triton")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", THROUGH_THE_WIRE, str(report)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(report.read_text()) == {"pca:b2:w:e:a": [True, True], "pca:b1.5:w:e:a:i1:f3": [True, True]}

@@ -287,9 +287,14 @@ class EntropyPCACodec:
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(steps, models) of the coded components on `device`, float32 and int64."""
-        def move():
-            return self.steps[self.coded].to(device), self.models.to(device)
-        return self._kept(("on", str(device)), move)
+        key = str(device)
+        if key not in self._on_devices:  # this stage's own: two stages of the same components step differently
+            self._on_devices[key] = self.steps[self.coded].to(device), self.models.to(device)
+        return self._on_devices[key]
+
+    @functools.cached_property
+    def _on_devices(self) -> dict:
+        return {}
 
     def models_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
         """(tokens, coded) int16 on `device`: the model of each index (its table from MIN_TABLE), the component's

@@ -13,7 +13,7 @@ from common import wire
 from common.profile import ProfileError, parse_profile
 import constriction
 
-from common.quant.pca_entropy import DROPPED, ROUNDING, EntropyPCACodec, entropy_plan, expected_bits, table
+from common.quant.pca_entropy import DROPPED, MIN_TABLE, ROUNDING, EntropyPCACodec, entropy_plan, expected_bits, table
 from common.quant.transform import CodecContext
 from tests.common.quant.test_transforms import round_trip, setup, weighted  # noqa: F401 (a fixture)
 from common.plan import layer_codec
@@ -92,6 +92,24 @@ def test_the_plan_spends_the_expected_bits_and_follows_the_weights(setup, tmp_pa
         # one step in the weighted metric: layer 1 (weight 100) is stepped 10 times finer
         assert torch.allclose(plan[1][0], plan[0][0] / 10)
     assert float(entropy_plan(heavy, pool, 3.0)[0][0][0]) < float(entropy_plan(heavy, pool, 1.0)[0][0][0])
+
+
+def test_stages_of_the_same_components_keep_their_own_steps_and_models(setup, tmp_path):
+    """The tensors a stage moves to a device (EntropyPCACodec.on) are its own: two stages that code the same
+    components at different rates step and model them differently (a cache keyed on the components alone gave the
+    second stage the first one's steps: the wrong rate, and a receiver decoding under other models)."""
+    loaded, context, kv = setup
+    layers = context.basis.num_layers
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * layers)
+    pool = tuple(range(layers))
+    first, second = (EntropyPCACodec.for_layer(basis, 0, bits, pool, rans=True) for bits in (5.0, 6.0))
+    assert torch.equal(first.coded, second.coded)  # the case: every component travels at both rates
+    device = torch.device("cpu")
+    for codec in (first, second, first):
+        steps, models = codec.on(device)
+        assert torch.equal(steps, codec.steps[codec.coded]) and torch.equal(models, codec.tables[codec.coded] - MIN_TABLE)
+        assert torch.equal(codec.models_of(None, 3, device)[0].long(), models)
+    assert not torch.equal(first.on(device)[0], second.on(device)[0])
 
 
 def test_wire_round_trip(setup, tmp_path):

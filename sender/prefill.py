@@ -112,6 +112,8 @@ def prefill_built(loaded: LoadedModel, prompt: Prompt, query_aware: bool = True,
         kv = prefill(loaded.model, prompt.ids[:seq_len], layer_done if on_layer else None)
     if importance:
         kv = replace(kv, importance=[share(layer) for layer in range(kv.num_layers)])
+    if loaded.device.type == "cuda":  # the clock stops when the device has run the prefill, not when it was queued
+        torch.cuda.current_stream(loaded.device).synchronize()
     return Prefilled(prompt, kv, context_len, stats, time.perf_counter() - start)
 
 

@@ -631,8 +631,9 @@ class Assembler:
         if not layer.kept_tokens:
             return positions
         runs = token_runs(self._profile, layer.kept_tokens)
+        # strictly increasing within each run; across runs (tiers), no position twice (one run: implied)
         if (any((positions[:, a + 1:b] <= positions[:, a:b - 1]).any() for a, b in runs)
-                or (positions.sort(dim=1).values.diff(dim=1) == 0).any()):
+                or (len(runs) > 1 and (positions.sort(dim=1).values.diff(dim=1) == 0).any())):
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: kept positions must increase strictly per head"
                             + (" within each tier" if len(runs) > 1 else ""))
         if (positions.max(dim=1).values >= end).any():

@@ -265,6 +265,25 @@ def test_tiers_out_of_order_are_refused(tiny_llama):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_position_in_two_tiers_is_refused(tiny_llama):
+    """Each tier's positions increase, but one stands in two tiers: the receiver refuses the header."""
+    from common.plan import runs
+    from sender.prefill import prefill_prompt, select_tokens
+
+    profile = parse_profile("q2c:1+int2+tier:0.25:int8")
+    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
+    frames = list(wire.encode(select_tokens(tiny_llama, pre, profile), profile, tiny_llama.fingerprint))
+    for layer in frames[0].header.layers:
+        positions = wire.decode_positions(layer.positions, tiny_llama.fingerprint.kv_heads, layer.kept_tokens)
+        (_, second), _ = runs(profile, layer.kept_tokens)
+        assert bool((positions[:, 0] < positions[:, second + 1]).all())  # the tier still increases
+        positions[:, second] = positions[:, 0]
+        layer.positions = wire.encode_positions(positions)
+    with pytest.raises(wire.WireError, match="increase strictly") as info:
+        wire.decode(frames, tiny_llama.fingerprint)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_rotation_on_a_head_dim_that_is_not_a_power_of_two_is_refused_at_the_header(tiny_llama):
     kv = prefill(tiny_llama.model, IDS)
     frames = list(wire.encode(kv, parse_profile("int4+rot"), tiny_llama.fingerprint))

@@ -79,10 +79,11 @@ MAX_CLASS = 8  # a token's step class c in -8 .. 8: its step is 2^(-c/2) times t
 CLASS_TABLES = TABLE_STEPS // 2  # half a bit finer: the model of a scale half an octave larger
 FOLDED_KEPT = 4  # pca:...:a: folded transforms kept per layer and device (EntropyPCACodec.folded)
 FOLDED_LOCK = threading.Lock()
-# pca:...:a on a GPU: the folded GEMMs on bf16 tensor cores, each float32 operand in bf16 parts whose products sum
-# in float32 (common.quant.pca_fused; on an H100 a 32K-token cache's stage codes 1.4x and decodes 1.6x as fast as
-# torch's float32 GEMM on the SIMT units, docs/gpu.md): the setting split_gemm (KVWIRE_SPLIT_GEMM, on by default),
-# unless SPLIT_GEMM overrides it (deploy/gpu/profile_wire.py compares the two in one process).
+# pca:...:a on a GPU: the split path (common.quant.pca_fused: fused passes, the GEMMs on bf16 tensor cores with each
+# float32 operand in bf16 parts; on an H100 a 32K-token cache's stage takes 136 ms of GPU time to encode and 168 ms to
+# decode, against 403 and 340 ms with torch's float32 GEMM and elementwise passes, docs/gpu.md): the setting
+# split_gemm (KVWIRE_SPLIT_GEMM, on by default), unless SPLIT_GEMM overrides it (deploy/gpu/profile_wire.py compares
+# the two in one process).
 SPLIT_GEMM: bool | None = None
 # a token's step is its component's times 2^(-c/2), c its class: from float64, so every device has the same factors
 CLASS_SCALE = torch.tensor([2.0 ** (-c / 2) for c in range(-MAX_CLASS, MAX_CLASS + 1)], dtype=torch.float32)

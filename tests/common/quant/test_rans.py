@@ -307,11 +307,11 @@ def test_a_chunk_that_codes_past_the_cap_is_coded_again_in_smaller_chunks(setup,
 
 
 def test_the_split_gemms_code_and_decode_as_float32_does(setup, tmp_path, monkeypatch):
-    """A GPU's pca:...:a runs its folded GEMMs on bf16 tensor cores (pca_entropy.split_matmul); here the same
+    """A GPU's pca:...:a runs its folded GEMMs on bf16 tensor cores (the split path, pca_fused); here the same
     arithmetic on the CPU (bf16 operands, float32 products). The same bytes decode to the same cache, within
-    float32's rounding, whichever path synthesizes them (a GPU receiver or a CPU one). Coded either way, the cache
-    is as far from the input: the coordinates differ only where one lies on a bin's edge (each such flip moves
-    its token's whole tensor a little, so no element-wise bound holds)."""
+    float32's rounding, whichever path synthesizes them (a GPU receiver or a CPU one), coded by either path. Coded
+    either way, the cache is as far from the input: the coordinates differ only where one lies on a bin's edge (each
+    such flip moves its token's whole tensor a little, so no element-wise bound holds)."""
     from common.quant import pca_entropy
 
     loaded, context, kv = setup
@@ -340,9 +340,13 @@ def test_the_split_gemms_code_and_decode_as_float32_does(setup, tmp_path, monkey
     float_back = wire.decode(split_frames, loaded.fingerprint, context=ctx)
     for a, b in zip(split_back.keys + split_back.values, float_back.keys + float_back.values):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
-    float_coded = wire.decode(list(wire.encode(kv, profile, loaded.fingerprint, context=ctx)), loaded.fingerprint,
-                              context=ctx)
+    float_frames = list(wire.encode(kv, profile, loaded.fingerprint, context=ctx))
+    float_coded = wire.decode(float_frames, loaded.fingerprint, context=ctx)
     assert error(split_back) == pytest.approx(error(float_coded), rel=0.01)
+    split(True)  # and the reverse: float32-coded bytes (a CPU sender's) through the split path (a GPU receiver's)
+    reverse = wire.decode(float_frames, loaded.fingerprint, context=ctx)
+    for a, b in zip(reverse.keys + reverse.values, float_coded.keys + float_coded.values):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("split", [False, True])

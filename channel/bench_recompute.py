@@ -427,7 +427,19 @@ def kv_against_recompute(loaded, target: str, contexts: list[int], rates: list[s
                     lambda asker, p=profile: on_demand_pipelined(asker, context, QUESTION, p), recompute_s))
                 if checkpoint:
                     checkpoint(report)
+    against_link_and_prefill(report["rows"], ceiling_bps)
     return report
+
+
+def against_link_and_prefill(rows: list[dict], ceiling_bps: float | None) -> None:
+    """Each on-demand row's TTFT against its bytes' time on the link plus the sender's prefill (issue 28's int4
+    goal: within 1.2x), as `vs_link_plus_prefill`, with `link_gbps`: the shaped rate, or the relay's ceiling for a
+    row the relay ran unshaped."""
+    for row in rows:
+        rate = row.get("rate_bps") or ceiling_bps
+        if row["status"] == "ok" and row.get("prefill_s") is not None and rate:
+            row["link_gbps"] = rate / 1e9
+            row["vs_link_plus_prefill"] = row["ttft_s"] / (row["bytes"] * 8 / rate + row["prefill_s"])
 
 
 def _s(value) -> str:
@@ -483,3 +495,7 @@ def print_report(console, report: dict) -> None:
                           _s(r["assemble_s"]), _s(r["inject_s"]), _s(r["first_token_s"]), _s(r["ttft_s"]),
                           f"{r['vs_recompute']:.2f}")
         console.print(table)
+        for r in rows:
+            if "vs_link_plus_prefill" in r:
+                console.print(f"{r['case']}, {r['profile']}, {r['link']}: TTFT {r['vs_link_plus_prefill']:.2f}x its "
+                              f"bytes' time at {r['link_gbps']:.2f} Gbit/s plus the sender's prefill")

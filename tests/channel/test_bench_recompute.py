@@ -63,6 +63,12 @@ def test_table_on_cpu(fitted, start_receiver):
         assert plain["link_s"] == pytest.approx(plain["bytes"] * 8 / 1e9)
         piped = rows["on demand, pipelined", profile, "1gbit"]
         assert piped["status"] == "ok" or piped["status"].startswith("refused:"), piped
+        for row, gbps in ((derived, 1.0), (piped, 1.0), (rows["on demand, pipelined", profile, links[0]], 50.0)):
+            if row["status"] == "ok":  # against the shaped rate, or the relay's ceiling where it ran unshaped
+                assert row["link_gbps"] == pytest.approx(gbps)
+                assert row["vs_link_plus_prefill"] == pytest.approx(
+                    row["ttft_s"] / (row["bytes"] * 8 / (gbps * 1e9) + row["prefill_s"]))
+        assert "vs_link_plus_prefill" not in plain
     int4 = rows["at sender, plain", "int4", "1gbit"]["ratio_vs_fp16"]
     pca = rows["at sender, plain", "pca:b2:w:e:j", "1gbit"]["ratio_vs_fp16"]
     assert 0.2 < int4 < 0.45 and pca < int4

@@ -445,7 +445,7 @@ class EntropyPCACodec:
         _, heads, tokens, dim = keys.shape
         coded = self.coded.numel()
         raw = torch.empty(tokens * (2 * coded + self.per_token), dtype=torch.uint8, device=device)
-        if not coded:
+        if not coded or not tokens:
             check_finite(keys, limit=None)
             check_finite(values, limit=None)
             return raw
@@ -474,7 +474,7 @@ class EntropyPCACodec:
         device = payload.device
         _, heads, tokens, dim = shape
         coded = self.coded.numel()
-        if not coded:
+        if not coded or not tokens:
             x = torch.zeros(tokens, 2 * heads * dim, device=device)
         else:
             classes = payload[2 * coded * tokens:].view(torch.int8) if self.per_token else None

@@ -26,11 +26,11 @@ def _write_parts(row, column, width, x, SPLIT: tl.constexpr, mask):
 
 @triton.jit
 def _operand(keys, k_head, k_token, k_dim, values, v_head, v_token, v_dim, cos, sin, r_head, r_token, r_dim,
-             out, out_row, tokens, width, DIM: tl.constexpr, BT: tl.constexpr, ROPE: tl.constexpr,
+             out, out_row, tokens, width, DIM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, ROPE: tl.constexpr,
              SPLIT_KEYS: tl.constexpr, SPLIT_VALUES: tl.constexpr):
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
-    d = tl.arange(0, DIM)[None, :]
+    d = tl.arange(0, BD)[None, :]  # BD: DIM rounded up to a power of two
     mask = (t < tokens) & (d < DIM)
     x = tl.load(keys + h * k_head + t * k_token + d * k_dim, mask=mask, other=0.0).to(tl.float32)
     if ROPE:  # rope.unrotate: (x cos - rotate_half(x) sin) / (cos^2 + sin^2)
@@ -54,7 +54,8 @@ def operand(keys: torch.Tensor, values: torch.Tensor, rope, out: torch.Tensor, s
     cos, sin = rope if rope is not None else (keys, keys)  # not read without ROPE
     _operand[(triton.cdiv(tokens, BLOCK_TOKENS), heads)](
         keys, *keys.stride()[1:], values, *values.stride()[1:], cos, sin, *cos.stride()[1:], out, out.stride(0),
-        tokens, heads * dim, DIM=dim, BT=BLOCK_TOKENS, ROPE=rope is not None, SPLIT_KEYS=split_keys,
+        tokens, heads * dim, DIM=dim, BD=triton.next_power_of_2(dim), BT=BLOCK_TOKENS, ROPE=rope is not None,
+        SPLIT_KEYS=split_keys,
         SPLIT_VALUES=values.dtype != torch.bfloat16, enable_fp_fusion=False)
 
 
@@ -121,23 +122,23 @@ def dequantize(indices, classes, steps, class_scale, half_bin, out) -> None:
 
 @triton.jit
 def _reconstruct(x, x_row, mean, cos, sin, r_head, r_token, r_dim, keys, values, tokens, width, DIM: tl.constexpr,
-                 BT: tl.constexpr, ROPE: tl.constexpr):
+                 BD: tl.constexpr, BT: tl.constexpr, ROPE: tl.constexpr):
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
-    d = tl.arange(0, DIM)[None, :]
+    d = tl.arange(0, BD)[None, :]
     mask = (t < tokens) & (d < DIM)
     row = x + t.to(tl.int64) * x_row
     column = h * DIM + d
-    k = tl.load(row + column, mask=mask, other=0.0) + tl.load(mean + column)
+    k = tl.load(row + column, mask=mask, other=0.0) + tl.load(mean + column, mask=d < DIM, other=0.0)
     if ROPE:  # rope.rotate: x cos + rotate_half(x) sin
         half: tl.constexpr = DIM // 2
         at = h * DIM + (d + half) % DIM
-        partner = tl.load(row + at, mask=mask, other=0.0) + tl.load(mean + at)
+        partner = tl.load(row + at, mask=mask, other=0.0) + tl.load(mean + at, mask=d < DIM, other=0.0)
         rotated = tl.where(d < half, -partner, partner)
         c = tl.load(cos + h * r_head + t * r_token + d * r_dim, mask=mask, other=0.0)
         s = tl.load(sin + h * r_head + t * r_token + d * r_dim, mask=mask, other=0.0)
         k = k * c + rotated * s
-    v = tl.load(row + width + column, mask=mask, other=0.0) + tl.load(mean + width + column)
+    v = tl.load(row + width + column, mask=mask, other=0.0) + tl.load(mean + width + column, mask=d < DIM, other=0.0)
     at = (h * tokens + t).to(tl.int64) * DIM + d
     tl.store(keys + at, _narrow(k, keys.dtype.element_ty), mask=mask)
     tl.store(values + at, _narrow(v, values.dtype.element_ty), mask=mask)
@@ -148,5 +149,6 @@ def reconstruct(x, mean, rope, keys, values) -> None:
     cos, sin = rope if rope is not None else (x, x)
     strides = cos.stride()[1:] if rope is not None else (0, 0, 0)
     _reconstruct[(triton.cdiv(tokens, BLOCK_TOKENS), heads)](
-        x, x.stride(0), mean, cos, sin, *strides, keys, values, tokens, heads * dim, DIM=dim, BT=BLOCK_TOKENS,
+        x, x.stride(0), mean, cos, sin, *strides, keys, values, tokens, heads * dim, DIM=dim,
+        BD=triton.next_power_of_2(dim), BT=BLOCK_TOKENS,
         ROPE=rope is not None, enable_fp_fusion=False)

@@ -55,8 +55,7 @@ def operand(keys: torch.Tensor, values: torch.Tensor, rope, out: torch.Tensor, s
     _operand[(triton.cdiv(tokens, BLOCK_TOKENS), heads)](
         keys, *keys.stride()[1:], values, *values.stride()[1:], cos, sin, *cos.stride()[1:], out, out.stride(0),
         tokens, heads * dim, DIM=dim, BD=triton.next_power_of_2(dim), BT=BLOCK_TOKENS, ROPE=rope is not None,
-        SPLIT_KEYS=split_keys,
-        SPLIT_VALUES=values.dtype != torch.bfloat16, enable_fp_fusion=False)
+        SPLIT_KEYS=split_keys, SPLIT_VALUES=values.dtype != torch.bfloat16, enable_fp_fusion=False)
 
 
 @triton.jit

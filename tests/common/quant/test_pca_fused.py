@@ -1,5 +1,6 @@
 """pca:...:a's split path (common.quant.pca_fused): the Triton kernels against the torch reference, bit for bit, in
-Triton's interpreter; the path itself on the CPU (the GEMMs emulated) is tests/common/quant/test_rans.py's."""
+Triton's interpreter, pass by pass and through the wire; the path against the float32 one, on the CPU with its GEMMs
+emulated, is tests/common/quant/test_rans.py's."""
 
 import json
 import os

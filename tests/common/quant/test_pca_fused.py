@@ -2,16 +2,9 @@
 Triton's interpreter, pass by pass and through the wire; the path against the float32 one, on the CPU with its GEMMs
 emulated, is tests/common/quant/test_rans.py's."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.common.quant.interpreter import run_interpreted
 
 
 def compare(device: str, heads: int = 2, dim: int = 16) -> dict:
@@ -94,13 +87,7 @@ def test_the_kernels_compute_the_reference_bit_for_bit(tmp_path):
     """Each pass of pca_fused in Triton's interpreter and in torch, on the same input: the same values, bit for bit
     (tokens not a multiple of a program's block, a head_dim not a power of two, strided keys, bf16, fp16 and float32 caches, RoPE with and without
     an attention scaling, with and without per-token classes), and a non-finite coordinate flagged by both."""
-    pytest.importorskip("triton")
-    report = tmp_path / "report.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(report)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for results in json.loads(report.read_text()):  # 2 heads of 16 dims; 3 of 24, not a power of two
+    for results in run_interpreted(INTERPRETED, tmp_path):  # 2 heads of 16 dims; 3 of 24, not a power of two
         assert results.pop("flag") == [True, True]
         assert len(results) == 19 and all(results.values()), results
 
@@ -144,10 +131,4 @@ def test_the_kernels_send_the_torch_paths_bytes_through_the_wire(tmp_path):
     """tiny-llama's cache through wire.encode and wire.decode by the split path, the GEMMs emulated on the CPU: with
     the kernels (in Triton's interpreter) the chunks are torch's byte for byte, and so is the decoded cache, with
     and without per-token classes."""
-    pytest.importorskip("triton")
-    report = tmp_path / "report.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", THROUGH_THE_WIRE, str(report)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert json.loads(report.read_text()) == {"pca:b2:w:e:a": [True, True], "pca:b1.5:w:e:a:i1:f3": [True, True]}
+    assert run_interpreted(THROUGH_THE_WIRE, tmp_path) == {"pca:b2:w:e:a": [True, True], "pca:b1.5:w:e:a:i1:f3": [True, True]}

@@ -1,11 +1,5 @@
 """The rANS coder of pca:...:a (common.quant.rans): round trips, rate, the kernels bit for bit, bad codes."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import constriction
 import grpc
 import numpy as np
@@ -18,9 +12,8 @@ from common.profile import ProfileError, parse_profile
 from common.quant import rans
 from common.quant.pca_entropy import MAX_TABLE, MIN_TABLE, laplace, rans_models, table
 from common.quant.transform import CodecContext
+from tests.common.quant.interpreter import run_interpreted
 from tests.common.quant.test_transforms import round_trip, setup, weighted  # noqa: F401 (a fixture)
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def sample(models: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -170,14 +163,7 @@ json.dump(results, open(sys.argv[1], "w"))
 
 def test_the_kernels_write_and_read_the_reference_bytes(tmp_path):
     """common.quant.rans_triton in Triton's interpreter, against the torch reference, bit for bit."""
-    pytest.importorskip("triton")
-    report = tmp_path / "report.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(report)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads(report.read_text())
-    assert results == {"[1]": [True, True], "[40, 0, 17]": [True, True], "[100, 33, 64]": [True, True], "cut": True}
+    assert run_interpreted(INTERPRETED, tmp_path) == {"[1]": [True, True], "[40, 0, 17]": [True, True], "[100, 33, 64]": [True, True], "cut": True}
 
 
 def test_the_a_flag():

@@ -251,12 +251,20 @@ def test_importance_tiers_code_the_top_tokens_finer(tiny_llama):
     assert errors[2] < errors[1] < errors[0]
 
 
-def test_tiers_out_of_order_are_refused(tiny_llama):
+TIERED = "q2c:1+int2+tier:0.25:int8"
+
+
+def tiered_frames(loaded) -> list:
+    """The frames of a short prompt's cache under TIERED: each layer's tokens in two tiers."""
     from sender.prefill import prefill_prompt, select_tokens
 
-    profile = parse_profile("q2c:1+int2+tier:0.25:int8")
-    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
-    frames = list(wire.encode(select_tokens(tiny_llama, pre, profile), profile, tiny_llama.fingerprint))
+    profile = parse_profile(TIERED)
+    pre = prefill_prompt(loaded, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
+    return list(wire.encode(select_tokens(loaded, pre, profile), profile, loaded.fingerprint))
+
+
+def test_tiers_out_of_order_are_refused(tiny_llama):
+    frames = tiered_frames(tiny_llama)
     for layer in frames[0].header.layers:
         positions = wire.decode_positions(layer.positions, tiny_llama.fingerprint.kv_heads, layer.kept_tokens)
         layer.positions = wire.encode_positions(positions.flip(1))
@@ -268,14 +276,11 @@ def test_tiers_out_of_order_are_refused(tiny_llama):
 def test_a_position_in_two_tiers_is_refused(tiny_llama):
     """Each tier's positions increase, but one stands in two tiers: the receiver refuses the header."""
     from common.plan import runs
-    from sender.prefill import prefill_prompt, select_tokens
 
-    profile = parse_profile("q2c:1+int2+tier:0.25:int8")
-    pre = prefill_prompt(tiny_llama, "Paris is the capital of France. " * 6, "What is the capital?", True, [profile])
-    frames = list(wire.encode(select_tokens(tiny_llama, pre, profile), profile, tiny_llama.fingerprint))
+    frames = tiered_frames(tiny_llama)
     for layer in frames[0].header.layers:
         positions = wire.decode_positions(layer.positions, tiny_llama.fingerprint.kv_heads, layer.kept_tokens)
-        (_, second), _ = runs(profile, layer.kept_tokens)
+        (_, second), _ = runs(parse_profile(TIERED), layer.kept_tokens)
         assert bool((positions[:, 0] < positions[:, second + 1]).all())  # the tier still increases
         positions[:, second] = positions[:, 0]
         layer.positions = wire.encode_positions(positions)

@@ -321,38 +321,42 @@ class EntropyPCACodec:
             raise QuantError("this stage steps each token by the question's attention, and none was given")
         device = keys.device
         coords = self._folded_analysis(keys, values) if self.rans else self._analyse(keys, values)[:, self.coded.to(device)]
-        steps = self.steps[self.coded].to(device)
-        limits = LIMITS[self.models]  # (coded,): each component's table
-        tail = torch.empty(0, dtype=torch.uint8, device=device)
-        if self.per_token:  # (tokens, coded): each token's class moves its step and table
+        zero = torch.zeros(coords.shape[1], device=device)  # the coordinates are centred already
+        return self._indices(coords, zero, classes, torch.zeros(1, dtype=torch.int32, device=device))  # checked above
+
+    def _indices(self, coords: torch.Tensor, bias: torch.Tensor, classes: torch.Tensor | None,
+                 flag: torch.Tensor) -> torch.Tensor:
+        """The raw payload of the coordinates `coords` (tokens, coded) less `bias`: their int16 indices
+        (pca_fused.quantize), then the tokens' classes (int8) where `per_token`."""
+        device = coords.device
+        tokens, coded = coords.shape[0], self.coded.numel()
+        raw = torch.empty(tokens * (2 * coded + self.per_token), dtype=torch.uint8, device=device)
+        if self.per_token:
             classes = classes.to(device=device, dtype=torch.int8)
-            limits = limits_on(device)[self.models_of(classes, classes.numel(), device).long()]
-            steps = steps * class_scale_on(device)[classes.long() + MAX_CLASS].unsqueeze(1)
-            tail = classes.view(torch.uint8)
-        scaled = coords / steps
-        indices = torch.sign(scaled) * torch.floor(scaled.abs() + ROUNDING)
-        limits = limits.to(device)
-        indices = torch.maximum(torch.minimum(indices, limits), -limits).to(torch.int16)
-        return torch.cat([indices.view(torch.uint8).flatten(), tail])
+            raw[2 * coded * tokens:] = classes.view(torch.uint8)
+        steps, models = self.on(device)
+        pca_fused.quantize(coords, bias, steps, classes if self.per_token else None, models, class_scale_on(device),
+                           limits_on(device), ROUNDING, CLASS_TABLES, MAX_TABLE - MIN_TABLE,
+                           raw[:2 * coded * tokens].view(torch.int16).view(tokens, coded), flag)
+        return raw
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.numel() != self.payload_size(shape, dtype):
             raise QuantError(f"payload of {payload.numel()} bytes, expected {self.payload_size(shape, dtype)}")
         device = payload.device
         tokens = shape[2]
-        steps = self.steps[self.coded].to(device).expand(tokens, -1)
+        classes = None
         if self.per_token:
             classes = payload[-tokens:].view(torch.int8)
             if (classes.int().abs() > MAX_CLASS).any():
                 raise QuantError(f"a token class outside +-{MAX_CLASS}")
-            steps = steps * class_scale_on(device)[classes.long() + MAX_CLASS].unsqueeze(1)
             payload = payload[:-tokens]
-        indices = payload.view(torch.int16).view(tokens, self.coded.numel()).float()
-        values = indices + torch.sign(indices) * (0.5 - ROUNDING)  # each bin's midpoint
+        indices = payload.view(torch.int16).view(tokens, self.coded.numel())
+        middles = pca_fused.bin_middles(indices, classes, self.on(device)[0], class_scale_on(device), 0.5 - ROUNDING)
         if self.rans:
-            return self._folded_synthesis(values * steps, shape, dtype)
+            return self._folded_synthesis(middles, shape, dtype)
         coords = torch.zeros(tokens, self.tables.numel(), device=device)
-        coords[:, self.coded.to(device)] = values * steps
+        coords[:, self.coded.to(device)] = middles
         return self._synthesize(coords, shape, dtype)
 
     def folded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -444,23 +448,15 @@ class EntropyPCACodec:
         device = keys.device
         _, heads, tokens, dim = keys.shape
         coded = self.coded.numel()
-        raw = torch.empty(tokens * (2 * coded + self.per_token), dtype=torch.uint8, device=device)
         if not coded or not tokens:
             check_finite(keys, limit=None)
             check_finite(values, limit=None)
-            return raw
+            return torch.empty(tokens * self.per_token, dtype=torch.uint8, device=device)
         operand = pca_fused.operand(keys, values, rope)
         analysis = self.split_analysis(device, rope is None and pca_fused.exact(keys), pca_fused.exact(values))
-        steps, models = self.on(device)
         own = flag is None
         flag = torch.zeros(1, dtype=torch.int32, device=device) if own else flag
-        if self.per_token:
-            classes = classes.to(device=device, dtype=torch.int8)
-            raw[2 * coded * tokens:] = classes.view(torch.uint8)
-        pca_fused.quantize(tensor_core_mm(operand, analysis), self.folded(device)[1], steps,
-                           classes if self.per_token else None, models, class_scale_on(device), limits_on(device),
-                           ROUNDING, CLASS_TABLES, MAX_TABLE - MIN_TABLE,
-                           raw[:2 * coded * tokens].view(torch.int16).view(tokens, coded), flag)
+        raw = self._indices(tensor_core_mm(operand, analysis), self.folded(device)[1], classes, flag)
         if own:
             refuse_flagged(flag)
         return raw

@@ -118,9 +118,16 @@ def dequantize(indices: torch.Tensor, classes: torch.Tensor | None, steps: torch
         out = torch.empty(tokens, 3 * coded, dtype=torch.bfloat16, device=indices.device)
         pca_triton.dequantize(indices, classes, steps, class_scale, half_bin, out)
         return out
+    return torch.cat(parts(bin_middles(indices, classes, steps, class_scale, half_bin)), dim=1)
+
+
+def bin_middles(indices: torch.Tensor, classes: torch.Tensor | None, steps: torch.Tensor, class_scale: torch.Tensor,
+                half_bin: float) -> torch.Tensor:
+    """int16 indices (tokens, coded) -> float32 coordinates: each index's bin middle, index + sign(index) half_bin,
+    times its token's step (the component's `steps`, times `class_scale[class + max class]` with classes)."""
     q = indices.float()
     step = steps if classes is None else steps * class_scale[classes.long() + (len(class_scale) - 1) // 2][:, None]
-    return torch.cat(parts((q + torch.sign(q) * half_bin) * step), dim=1)
+    return (q + torch.sign(q) * half_bin) * step
 
 
 def reconstruct(x: torch.Tensor, mean: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, heads: int,

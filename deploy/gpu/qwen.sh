@@ -13,7 +13,8 @@
 #   deploy/gpu/qwen.sh frontier OUT     # kvwire frontier of CANDIDATES: tuned on TUNE (24) questions of the SQuAD
 #                                       # file, measured on HELD_OUT (200) of the embedded subset beside BASELINES
 #                                       # (the eval step's five): OUT/frontier_qwen.json
-#   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 32K, 16K, 4K tokens (LENGTHS): OUT/longcontext_qwen_N.json
+#   deploy/gpu/qwen.sh longcontext OUT  # needle and multi-key at 32K, 16K, 4K tokens (LENGTHS; SEED: the draw):
+#                                       # OUT/longcontext_qwen_N[_seedS].json
 #   deploy/gpu/qwen.sh all OUT          # prepare, then (once /tmp/bg/issue28.done exists, or after WAIT s: the GPU is
 #                                       # shared) basis, frontier and longcontext, each step's files in OUT as it ends;
 #                                       # run detached (deploy/gpu/run.sh bg qwen "deploy/gpu/qwen.sh all /tmp/bg/qwen"),
@@ -76,8 +77,9 @@ print(','.join(r['profile'] for r in rows if r['profile'] and r['budget'] <= 0.0
   for length in ${LENGTHS:-32000 16384 4096}; do
     $RUN longcontext --model $MODEL --device cuda --dtype bfloat16 --lengths "$length" \
       --depths "${DEPTHS:-0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1}" --multikey "${MULTIKEY:-10}" \
-      --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}${picks:+,$picks}" \
-      --json "$OUT/longcontext_qwen_$length.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/longcontext_qwen_$length.txt" \
+      --profiles "${PROFILES:-fp16,int4:g32,snapkv:0.25+fp16,q2c:0.25+fp16}${picks:+,$picks}" ${SEED:+--seed $SEED} \
+      --json "$OUT/longcontext_qwen_$length${SEED:+_seed$SEED}.json" 2>&1 | grep -v "Loading weights" \
+      | tee "$OUT/longcontext_qwen_$length${SEED:+_seed$SEED}.txt" \
       || echo "longcontext at $length tokens failed"
   done
   ;;

@@ -1,5 +1,6 @@
 
 import grpc
+import numpy as np
 import pytest
 import torch
 import zstandard
@@ -305,6 +306,20 @@ def test_kept_positions_must_increase_strictly(llama_frames, tiny_llama):
     assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [repeated], fp, match="increase strictly")
     selected = with_positions(frames[0], 1, heads(fp, [0, 5, 6, 9]))  # a selection: any increasing subset
     assert wire.Assembler(fp, wire.Limits()).add(selected) is None
+
+
+def test_dense_positions_are_taken_whole_and_still_bounded(llama_frames, tiny_llama):
+    """A run of consecutive positions, the same for every head (a cache without selection), skips the sums and
+    the per-head checks (wire.dense_start); its bounds are still checked, and anything else takes the long way."""
+    kv, frames = llama_frames
+    fp = tiny_llama.fingerprint
+    assert wire.dense_start(wire.position_deltas(frames[0].header.layers[0].positions, fp.kv_heads, kv.seq_len)) == 0
+    assert torch.equal(wire.decode(frames, fp).positions[0], torch.arange(kv.seq_len).expand(fp.kv_heads, -1))
+    late = with_positions(frames[0], 1, heads(fp, range(1, kv.seq_len + 1)))  # the run ends at seq_len
+    assert_wire_error(grpc.StatusCode.INVALID_ARGUMENT, [late], fp, match="beyond")
+    staggered = torch.stack([torch.arange(h, h + 4) for h in range(fp.kv_heads)])  # each head its own run
+    assert wire.dense_start(np.diff(staggered.numpy(), axis=1, prepend=0).astype("<u4")) is None
+    assert wire.Assembler(fp, wire.Limits()).add(with_positions(frames[0], 1, staggered)) is None
 
 
 @pytest.fixture(scope="module")

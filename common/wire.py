@@ -466,6 +466,8 @@ class _Pending:
     held: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # per layer: a tier's chunks (tokens, payload) to decode at once
     # pca:...:a tiers complete and not yet decoded, where the coder is the torch reference: decoded together
     due: list[tuple[int, tuple[int, int, LayerCodec], list[tuple[int, bytes]]]] = field(default_factory=list)
+    # per decoded call of the kernels: its layers and the device's verdict on their codes, read when complete
+    verdicts: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
 
 
 class Assembler:
@@ -758,12 +760,14 @@ class Assembler:
         in one call of the coder."""
         pending, fp = self._pending, self.fingerprint
         due, pending.due = pending.due, []
+        layers = [layer for layer, _, _ in due]
+        failed = torch.zeros((), dtype=torch.int8, device=self.device)
         try:
             raws = uncode_many([(codec.codec, [payload for _, payload in held], [n for n, _ in held])
-                                for _, (_, _, codec), held in due], self.device)
+                                for _, (_, _, codec), held in due], self.device, failed)
         except ValueError as exc:
-            layers = ", ".join(str(layer) for layer, _, _ in due)
-            raise WireError(grpc.StatusCode.DATA_LOSS, f"layer {layers}: payload does not decompress: {exc}") from None
+            raise not_decoded(layers, str(exc)) from None
+        pending.verdicts.append((layers, failed))
         for (layer, (first, last, codec), held), tier_raws in zip(due, raws):
             tokens = [n for n, _ in held]
             keys, values = codec.decode(codec.codec.join(tier_raws, tokens), (1, fp.kv_heads, last - first, fp.head_dim),
@@ -777,6 +781,11 @@ class Assembler:
             return
         if pending.due:
             self._decode_due()
+        if pending.verdicts:  # one wait for the device per segment, not one per layer
+            verdicts = torch.stack([failed for _, failed in pending.verdicts]).tolist()
+            bad = next((layers for (layers, _), verdict in zip(pending.verdicts, verdicts) if verdict), None)
+            if bad is not None:
+                raise not_decoded(bad, rans.NOT_A_CODE)
         empty = torch.empty(1, self.fingerprint.kv_heads, 0, self.fingerprint.head_dim, dtype=self.dtype,
                             device=self.device)
         kv = KVState(keys=[torch.cat(parts, dim=2) if parts else empty for parts in pending.keys],
@@ -809,6 +818,11 @@ class Assembler:
         if self.segmented:
             raise ValueError("a segmented transfer is assembled from take_segments()")
         return self._whole
+
+
+def not_decoded(layers: list[int], reason: str) -> WireError:
+    return WireError(grpc.StatusCode.DATA_LOSS,
+                     f"layer {', '.join(map(str, layers))}: payload does not decompress: {reason}")
 
 
 def place(model, kv: KVState | None, segment: Segment) -> KVState:

@@ -596,9 +596,12 @@ def code_fitting(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]], ma
     return out
 
 
-def uncode_many(parts: list[tuple[EntropyPCACodec, list[bytes], list[int]]], device: torch.device) -> list[list[torch.Tensor]]:
+def uncode_many(parts: list[tuple[EntropyPCACodec, list[bytes], list[int]]], device: torch.device,
+                failed: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
     """`EntropyPCACodec.uncode` of several (codec, payloads, tokens), in one call of the coder: the torch
-    reference steps through every lane at once, so one call for many layers costs about what one layer's does."""
+    reference steps through every lane at once, so one call for many layers costs about what one layer's does.
+    `failed`: where the kernels decode, the codes' verdict is OR-ed into it instead of raised (rans_triton.decode);
+    what the host can check (the classes, the codes' layout) still raises at once."""
     models, codes, counts, classes_of = [], [], [], []
     for codec, payloads, tokens in parts:
         coded = codec.coded.numel()
@@ -614,11 +617,11 @@ def uncode_many(parts: list[tuple[EntropyPCACodec, list[bytes], list[int]]], dev
             flat = np.concatenate(heads)
             if flat.size and np.abs(flat.astype(np.int64)).max() > MAX_CLASS:
                 raise ValueError(f"a token class outside +-{MAX_CLASS}")
-            classes = torch.from_numpy(flat).to(device)
+            classes = rans.to_device([flat], np.int8, device)
         classes_of.append(classes)
         models.append(codec.models_of(classes, sum(tokens), device).flatten())
         counts += [n * coded for n in tokens]
-    symbols = rans_coder(device).decode(codes, torch.cat(models), rans_models(device), counts)
+    symbols = rans_coder(device).decode(codes, torch.cat(models), rans_models(device), counts, failed)
     out, at = [], 0
     for (codec, _, tokens), classes in zip(parts, classes_of):
         coded, token, mine = codec.coded.numel(), 0, []

@@ -51,6 +51,7 @@ import torch
 
 PROB_BITS = 16
 TOTAL = 1 << PROB_BITS
+NOT_A_CODE = "not a code of this stage: its lanes do not end where its words do"
 LOW = 1 << 16  # the state's lower bound; a renormalization moves 16 bits
 WORD = 0xFFFF
 LANE = 2048  # symbols per lane
@@ -165,7 +166,7 @@ class Layout:
         """Per group (int64): its chunk's first symbol, symbols and lanes; its first lane in the chunk, its
         lanes, its first lane of all."""
         g = self._group_arrays
-        return tuple(torch.from_numpy(g[k]).to(device) for k in ("first", "count", "lanes", "at", "size", "lane_start"))
+        return arrays_to_device([g[k] for k in ("first", "count", "lanes", "at", "size", "lane_start")], device)
 
     @functools.cached_property
     def _lane_group(self) -> np.ndarray:
@@ -176,8 +177,7 @@ class Layout:
         g, group = self._group_arrays, self._lane_group
         index = np.arange(group.size) - g["lane_start"][group] + g["at"][group]
         first = g["first"][group]
-        return tuple(torch.from_numpy(a).to(device) for a in (group, index, g["lanes"][group], first,
-                                                                 first + g["count"][group]))
+        return arrays_to_device([group, index, g["lanes"][group], first, first + g["count"][group]], device)
 
     @property
     def steps(self) -> int:
@@ -191,7 +191,7 @@ def scratch_index(layout: Layout, steps: int, device: torch.device) -> tuple[tor
     g, group = layout._group_arrays, layout._lane_group
     start = g["lane_start"][group]
     base = start * 2 * steps + np.arange(group.size) - start
-    return torch.from_numpy(base).to(device), torch.from_numpy(g["size"][group]).to(device)
+    return arrays_to_device([base, g["size"][group]], device)
 
 
 def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, counts: list[int]) -> list[bytes]:
@@ -238,7 +238,7 @@ def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: tor
     count of words: one copy of 2 bytes a word to the host."""
     device = written.device
     per_group = torch.zeros(sum(layout.groups), dtype=torch.int64, device=device).index_add_(
-        0, torch.from_numpy(layout._lane_group).to(device), written.long())
+        0, arrays_to_device([layout._lane_group], device)[0], written.long())
     stream = words[emitted]
     if stream.dtype != torch.int16:
         stream = stream.to(torch.int32).view(torch.int16)[0::2]  # the low 16 bits (little endian)
@@ -268,6 +268,13 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Int64 `arrays` on `device`, in one copy: to a GPU, a copy from pageable memory would wait for the work
+    queued before it, one wait per array."""
+    whole = to_device(arrays, np.int64, device)
+    return tuple(whole.split([len(a) for a in arrays]))
+
+
 def to_device(parts: list[np.ndarray], dtype: np.dtype, device: torch.device) -> torch.Tensor:
     """The arrays `parts` end to end, as one tensor of `dtype` on `device`; gathered in page-locked memory on
     the way to a GPU (one copy on the host, one fast copy to the device)."""
@@ -277,9 +284,10 @@ def to_device(parts: list[np.ndarray], dtype: np.dtype, device: torch.device) ->
     return host.to(device, non_blocking=True)
 
 
-def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: list[int]) -> torch.Tensor:
+def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: list[int],
+           failed: torch.Tensor | None = None) -> torch.Tensor:
     """The chunks' symbols (flat, int64, on `models_of`'s device) from their codes (ValueError if
-    a code is not one this coder writes for those models)."""
+    a code is not one this coder writes for those models, at once: `failed` is the kernels' (rans_triton))."""
     layout = Layout(tuple(counts))
     device = models_of.device
     total = sum(layout.counts)
@@ -311,7 +319,7 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: Models, counts: 
         value = ((high - models.offset[m]) << shift) + low
         out[at[live]] = value[live]
     if bool(overrun) or not bool((cursor == word_ends).all()) or not bool((state == LOW).all()):
-        raise ValueError("not a code of this stage: its lanes do not end where its words do")
+        raise ValueError(NOT_A_CODE)
     return out
 
 
@@ -354,10 +362,9 @@ def unpack(layout: Layout, codes: list[bytes], device: torch.device) -> tuple[to
                              f"{(len(code) - head) // 2}")
         states.append(np.frombuffer(code, dtype="<u4", count=lanes))
         words.append(np.frombuffer(code, dtype="<i2", offset=head))
-    state = to_device(states, np.int64, device)
-    if not bool((state >= LOW).all()):
+    if any((lanes < LOW).any() for lanes in states):  # on the host: the device's work goes on meanwhile
         raise ValueError("not a code of this stage: a lane's state is below 2^16")
     counts = np.concatenate(counts)
     ends = np.cumsum(counts)
-    return state, to_device(words, np.int16, device), to_device([ends - counts], np.int64, device), \
-        to_device([ends], np.int64, device)
+    return (to_device(states, np.int64, device), to_device(words, np.int16, device),
+            *arrays_to_device([ends - counts, ends], device))

@@ -150,8 +150,12 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, 
     return rans._pack(layout, states, words, emitted.bool(), written)
 
 
-def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> torch.Tensor:
-    """`rans.decode`, on the kernels, the symbols as int16 (the reference's int64 would be one more pass)."""
+def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, counts: list[int],
+           failed: torch.Tensor | None = None) -> torch.Tensor:
+    """`rans.decode`, on the kernels, the symbols as int16 (the reference's int64 would be one more pass). With
+    `failed` (an int8 scalar on the device), the verdict on the codes is OR-ed into it instead of read at once: the
+    host goes on while the device decodes, and the caller checks it before it uses the symbols' cache (the kernel
+    reads no word outside the codes and writes no symbol outside its chunk, whatever the codes)."""
     layout = rans.Layout(tuple(counts))
     device = models_of.device
     total = sum(layout.counts)
@@ -167,6 +171,8 @@ def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, cou
                                    models.freq, models.cum, models.lookup, models.freq.shape[1],
                                    *layout.group_table(device), out, flags, STEPS=_steps(layout), BLOCK=rans.GROUP,
                                    num_warps=1)
-    if bool(flags.any()):
-        raise ValueError("not a code of this stage: its lanes do not end where its words do")
+    if failed is not None:
+        failed.bitwise_or_(flags.max())
+    elif bool(flags.any()):
+        raise ValueError(rans.NOT_A_CODE)
     return out

@@ -9,7 +9,7 @@ import torch
 from common import wire
 from common.plan import layer_codec
 from common.profile import ProfileError, parse_profile
-from common.quant import rans
+from common.quant import pca_entropy, rans
 from common.quant.pca_entropy import MAX_TABLE, MIN_TABLE, laplace, rans_models, table
 from common.quant.transform import CodecContext
 from tests.common.quant.interpreter import run_interpreted
@@ -157,13 +157,20 @@ try:
     results["cut"] = False
 except ValueError:
     results["cut"] = True
+verdicts = []
+for given in (code, code[:-2] + b"\\x01\\x00", code):  # told, not raised; OR-ed: a bad code stays told
+    failed = torch.zeros((), dtype=torch.int8) if given is not code or not verdicts else failed
+    rans_triton.decode([given], m, models, [100], failed)
+    verdicts.append(int(failed))
+results["told"] = verdicts
 json.dump(results, open(sys.argv[1], "w"))
 """
 
 
 def test_the_kernels_write_and_read_the_reference_bytes(tmp_path):
     """common.quant.rans_triton in Triton's interpreter, against the torch reference, bit for bit."""
-    assert run_interpreted(INTERPRETED, tmp_path) == {"[1]": [True, True], "[40, 0, 17]": [True, True], "[100, 33, 64]": [True, True], "cut": True}
+    assert run_interpreted(INTERPRETED, tmp_path) == {"[1]": [True, True], "[40, 0, 17]": [True, True],
+                                                      "[100, 33, 64]": [True, True], "cut": True, "told": [0, 1, 1]}
 
 
 def test_the_a_flag():
@@ -211,6 +218,38 @@ def test_a_corrupt_rans_chunk_is_data_loss(setup, tmp_path, damage):
     assert caught.value.code == grpc.StatusCode.DATA_LOSS
 
 
+def test_a_corrupt_chunk_told_by_the_device_is_data_loss_when_its_segment_completes(setup, tmp_path, monkeypatch):
+    """Where the kernels decode, a code's verdict stays on the device (rans_triton.decode's `failed`) and the
+    assembler reads every call's at the segment's end: a bad chunk is DATA_LOSS there, naming its layer, and
+    no cache comes out. Emulated: the reference coder telling its verdict as the kernels do."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    frames = list(wire.encode(kv, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=ctx))
+    chunk = next(f.chunk for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.payload and f.chunk.layer == 1)
+    chunk.payload = chunk.payload[:-2] + b"\x01\x00"  # the same size, a word changed: only the decode can tell
+    chunk.crc32c = wire.checksum(chunk.payload)
+
+    class Telling:
+        @staticmethod
+        def decode(codes, models_of, models, counts, failed=None):
+            try:
+                return rans.decode(codes, models_of, models, counts)
+            except ValueError:
+                failed.fill_(1)
+                return torch.zeros(sum(counts), dtype=torch.int64)
+
+    monkeypatch.setattr(pca_entropy, "rans_coder", lambda device: Telling)
+    monkeypatch.setattr(wire, "RANS_DECODE_BATCH", 1)  # a call per tier, as the kernels decode
+    assembler = wire.Assembler(loaded.fingerprint, wire.Limits(), context=ctx)
+    last = max(i for i, f in enumerate(frames) if f.WhichOneof("kind") == "chunk")
+    for frame in frames[:last]:  # every chunk but the last one: the bad one went by without a word
+        assembler.add(frame)
+    with pytest.raises(wire.WireError, match="layer 1: payload does not decompress") as caught:
+        assembler.add(frames[last])
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS and not assembler.take_segments()
+
+
 def test_out_of_memory_while_decoding_is_resource_exhausted(setup, tmp_path, monkeypatch):
     """A device that cannot hold a tier's symbols: the allocation failure surfaces as itself, which the
     receiver answers RESOURCE_EXHAUSTED (and frees the reservation: tests/receiver/test_server.py)."""
@@ -247,7 +286,8 @@ def test_without_the_kernels_tiers_of_several_layers_decode_in_one_call(setup, t
     ctx = CodecContext(context.rope, basis)
     frames = list(wire.encode(kv, parse_profile(spec), loaded.fingerprint, context=ctx))
     calls, uncode_many = [], wire.uncode_many
-    monkeypatch.setattr(wire, "uncode_many", lambda parts, device: calls.append(len(parts)) or uncode_many(parts, device))
+    monkeypatch.setattr(wire, "uncode_many", lambda parts, device, failed: calls.append(len(parts))
+                        or uncode_many(parts, device, failed))
     together = wire.decode(frames, loaded.fingerprint, context=ctx)
     assert calls == ([1] * kv.num_layers if "protect" in spec else [kv.num_layers])
     calls.clear()

@@ -302,20 +302,31 @@ class Encoder:
 
     def _coded_in_place(self, kv: KVState, plan: CodecPlan) -> Iterator[pb.Frame]:
         """pca:...:a on every layer's tokens: each layer's indices where the cache is, then the rANS codes of
-        several layers' chunks in one call (up to RANS_BATCH symbols: the coder's lanes run side by side)."""
+        several layers' chunks in one call (up to RANS_BATCH symbols: the coder's lanes run side by side). The
+        next batch's indices are queued on the device before this batch's frames are built on the host."""
+        flag = torch.zeros(1, dtype=torch.int32, device=kv.keys[0].device)  # a non-finite input, checked per batch
+        batches = self._index_batches(kv, plan, flag)
+        batch = next(batches, None)
+        while batch is not None:
+            coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES)  # waits for the device
+            refuse_flagged(flag)
+            current, batch = batch, next(batches, None)
+            for (i, _, raw, n, _), (step, payloads) in zip(current, coded):
+                yield from self._frames(i, 0, sized_chunks(raw, n, step, payloads))
+
+    @staticmethod
+    def _index_batches(kv: KVState, plan: CodecPlan, flag: torch.Tensor) -> Iterator[list]:
+        """Batches of (layer, pca codec, raw indices, tokens, chunk tokens), up to RANS_BATCH symbols each, their
+        indices queued where the cache is (nothing waits for the device here)."""
         _, heads, _, head_dim = kv.keys[0].shape
         batch = []
-        flag = torch.zeros(1, dtype=torch.int32, device=kv.keys[0].device)  # a non-finite input, checked per batch
         for layer, (keys, values, positions) in enumerate(zip(kv.keys, kv.values, kv.positions)):
             codec = plan.codecs[layer]
             raw = codec.encode(keys, values, positions,
                                codec.classes(kv.importance[layer] if kv.importance else None, positions), flag)
             batch.append((layer, codec.codec, raw, keys.shape[2], chunk_tokens(codec, heads, head_dim, kv.dtype)))
             if sum(c.coded.numel() * n for _, c, _, n, _ in batch) >= RANS_BATCH or layer == kv.num_layers - 1:
-                coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES)
-                refuse_flagged(flag)
-                for (i, _, raw, n, _), (step, payloads) in zip(batch, coded):
-                    yield from self._frames(i, 0, sized_chunks(raw, n, step, payloads))
+                yield batch
                 batch = []
 
     def _frames(self, layer: int, first: int, sized: Iterable[tuple[int, int, bytes]]) -> Iterator[pb.Frame]:

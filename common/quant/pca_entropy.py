@@ -287,15 +287,12 @@ class EntropyPCACodec:
         return self.tables[self.coded] - MIN_TABLE
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(steps, models) of the coded components on `device`, float32 and int64."""
-        key = str(device)
-        if key not in self._on_devices:  # this stage's own: two stages of the same components step differently
-            self._on_devices[key] = self.steps[self.coded].to(device), self.models.to(device)
-        return self._on_devices[key]
-
-    @functools.cached_property
-    def _on_devices(self) -> dict:
-        return {}
+        """(steps, models) of the coded components on `device`, float32 and int64: kept with the layer's basis under
+        their values (two stages of the same components step differently), so that a transfer finds the last one's,
+        and copied without waiting for the device's queued work."""
+        steps, models = self.steps[self.coded].numpy(), self.models.numpy()
+        return self._kept(("on", str(device), hash(steps.tobytes()), hash(models.tobytes())),
+                          lambda: (rans.to_device([steps], np.float32, device), rans.to_device([models], np.int64, device)))
 
     def models_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
         """(tokens, coded) int16 on `device`: the model of each index (its table from MIN_TABLE), the component's

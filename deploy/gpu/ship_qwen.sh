@@ -80,6 +80,7 @@ piece)
   echo "kept $folder: $(ls "$PIECES" | wc -l) pieces, $(du -cb "$PIECES"/qw* | tail -1 | cut -f1) of $SIZE bytes"
   ;;
 join)
+  CACHE=${KVWIRE_CACHE_DIR:-/tmp/kvwire-cache}  # the device machine's kvwire cache, as deploy/gpu/run.sh sets it
   mkdir -p "$CACHE/gguf"
   target="$CACHE/gguf/$NAME.gguf"
   cat "$PIECES"/qw[0-9][0-9] > "$target.partial"

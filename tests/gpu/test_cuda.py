@@ -86,6 +86,35 @@ def test_pca_split_kernels_are_bit_identical_to_torch_on_cuda(heads, dim):
     assert len(results) == 19 and all(results.values()), results
 
 
+def test_pca_split_corrupt_chunk_is_data_loss_at_the_segment_end_on_cuda(tmp_path):
+    """The rANS kernels tell a bad code on the device (rans_triton.decode's `failed`) and the assembler reads the
+    verdicts when the segment completes: DATA_LOSS naming the layer, no cache, no device fault."""
+    import grpc
+
+    from common import wire
+    from common.kvstate import prefill
+    from common.quant.transform import CodecContext
+    from tests.common.quant.test_transforms import IDS, fitted_basis, weighted
+
+    loaded = load_model("tiny-llama", "cuda", "float32")
+    basis = fitted_basis(loaded, tmp_path / "basis.safetensors")
+    basis = weighted(basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * basis.num_layers)
+    context = CodecContext.for_model(loaded.model, basis)
+    frames = list(wire.encode(prefill(loaded.model, IDS), parse_profile("pca:b2:w:e:a"), loaded.fingerprint,
+                              context=context))
+    chunk = next(f.chunk for f in frames if f.WhichOneof("kind") == "chunk" and f.chunk.payload and f.chunk.layer == 1)
+    chunk.payload = chunk.payload[:-2] + b"\x01\x00"  # the same size: only the decode can tell
+    chunk.crc32c = wire.checksum(chunk.payload)
+    assembler = wire.Assembler(loaded.fingerprint, wire.Limits(), context=context, device="cuda")
+    last = max(i for i, f in enumerate(frames) if f.WhichOneof("kind") == "chunk")
+    for frame in frames[:last]:
+        assembler.add(frame)
+    with pytest.raises(wire.WireError, match="layer 1: payload does not decompress") as caught:
+        assembler.add(frames[last])
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS and not assembler.take_segments()
+    torch.cuda.synchronize()  # the device is still sound
+
+
 FRONTIER = ("pca:b1.7:w:e:j:a:i1:f3+text", "pca:b3.05:w:e:j:a:i1:f3+text")
 
 

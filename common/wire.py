@@ -656,7 +656,8 @@ class Assembler:
         except (ValueError, zstandard.ZstdError) as exc:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {i}: bad positions: {exc}") from None
         first = dense_start(deltas)
-        if first is not None:  # increasing by construction: only its bounds to check (about 4 ms a 32K layer less)
+        if first is not None:  # increasing by construction: only its bounds to check (the sums and per-head checks
+            # of a 32K-token layer took about 4 ms of an H100 host's time)
             positions = torch.arange(first, first + kept, device=self.device).expand(heads, kept)
         else:
             positions = torch.from_numpy(np.cumsum(deltas.astype(np.int64), axis=1) % (1 << 32))

@@ -183,7 +183,8 @@ def at_sender_streamed(asker, pre, question: str, profile: str) -> dict:
     reply = asker.generate(sent.session_id, pre, question, True, 1, kv.seq_len)
     return {"agreed": str(agreed), "bytes": sent.bytes_sent, "fp16_bytes": pre.kv.fp16_nbytes, "encode_s": None,
             "send_s": send_s, "assemble_s": sent.assemble_s, "inject_s": reply.inject_seconds,
-            "first_token_s": reply.decode_seconds, "ttft_s": send_s + reply.inject_seconds + reply.decode_seconds}
+            "first_token_s": reply.decode_seconds, "ttft_s": send_s + reply.inject_seconds + reply.decode_seconds,
+            "stream_s": sent.stream_s}
 
 
 def on_demand_pipelined(asker, context: str, question: str, profile: str) -> dict:

@@ -29,34 +29,47 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receiv
                    ("grpc.service_config", SERVICE_CONFIG)]
 
 
-def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> Iterator[tuple[object, int]]:
+def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes,
+               clock: dict[str, float] | None = None) -> Iterator[tuple[object, int]]:
     """(frame, size) of `frames`, pulled on a thread of their own up to `max_bytes` (by `size`; default
     KVWIRE_READ_AHEAD_BYTES; a larger frame goes alone) ahead of the consumer, so the next chunks are coded while
     gRPC writes the last ones: gRPC pulls a request iterator's next message only once the last one is written, so
     without read-ahead coding and sending take turns. An exception of `frames` reaches the consumer in its place; a consumer that stops
-    early (the stream failed) stops the thread at its next frame, which closes `frames` there."""
+    early (the stream failed) stops the thread at its next frame, which closes `frames` there.
+
+    `clock`, if given, gets the seconds the thread spent making frames ("code"), waiting for room because the
+    consumer was behind ("full"), and the consumer's seconds waiting for a frame because the thread was ("starved")."""
     max_bytes = max_bytes or get_settings().read_ahead_bytes
     ready: queue.SimpleQueue = queue.SimpleQueue()
     room = threading.Condition()
     held = [0]  # bytes queued and not yet taken
     stop = threading.Event()
     end = object()
+    seconds = {"code": 0.0, "full": 0.0, "starved": 0.0}
 
     def put(item, nbytes: int) -> bool:
+        waited = time.perf_counter()
         with room:
             while not stop.is_set() and held[0] and held[0] + nbytes > max_bytes:
                 room.wait(0.1)
             if stop.is_set():
                 return False
             held[0] += nbytes
+        seconds["full"] += time.perf_counter() - waited
         ready.put((item, nbytes))
         return True
 
     def produce() -> None:
         source = iter(frames)
         try:
-            for frame in source:
-                if not put(frame, size(frame)):
+            while True:
+                started = time.perf_counter()
+                frame = next(source, end)
+                nbytes = size(frame) if frame is not end else 0
+                seconds["code"] += time.perf_counter() - started
+                if frame is end:
+                    break
+                if not put(frame, nbytes):
                     return
             put(end, 0)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
@@ -67,7 +80,9 @@ def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> It
     threading.Thread(target=produce, name="kvwire-read-ahead", daemon=True).start()
     try:
         while True:
+            waited = time.perf_counter()
             item, nbytes = ready.get()
+            seconds["starved"] += time.perf_counter() - waited
             with room:
                 held[0] -= nbytes
                 room.notify()
@@ -78,6 +93,8 @@ def read_ahead(frames, max_bytes: int | None = None, size=wire.wire_bytes) -> It
             yield item, nbytes
     finally:
         stop.set()
+        if clock is not None:
+            clock.update(seconds)
 
 
 @dataclass
@@ -88,6 +105,7 @@ class TransferResult:
     seconds: float
     attempts: int = 1
     assemble_s: float = 0.0  # the receiver's work on the frames (TransferReply.assemble_seconds)
+    stream_s: dict[str, float] | None = None  # read_ahead's clock: making frames, waiting for gRPC, gRPC waiting
 
 
 def retryable(error: grpc.RpcError) -> bool:
@@ -165,10 +183,11 @@ class Client:
         counted = {"bytes": 0, "frames": 0}
         pulls: list[tuple[float, int]] = []
         failed: list[Exception] = []
+        clock: dict[str, float] = {}
 
         def counting():
             try:
-                for frame, size in read_ahead(frames):  # each frame's size counted once
+                for frame, size in read_ahead(frames, clock=clock):  # each frame's size counted once
                     counted["bytes"] += size
                     counted["frames"] += 1
                     pulls.append((time.perf_counter(), size))
@@ -186,7 +205,7 @@ class Client:
             raise
         self.bandwidth.observe_stream(pulls, time.perf_counter())
         return TransferResult(reply.session_id, counted["bytes"], counted["frames"], time.perf_counter() - start,
-                              assemble_s=reply.assemble_seconds)
+                              assemble_s=reply.assemble_seconds, stream_s=clock)
 
     def send_with_retry(self, make_frames, attempts: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                         sleep=time.sleep) -> TransferResult:

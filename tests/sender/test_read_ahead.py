@@ -82,3 +82,20 @@ def test_a_frame_larger_than_the_budget_goes_alone():
     time.sleep(0.1)
     assert len(pulled) == 3  # 1 (50 bytes) queued alone; 2 waits for it to be taken
     assert items(frames) == [1, 2, 3]
+
+
+def test_the_clock_says_which_side_was_behind():
+    """A slow source starves the consumer; a slow consumer keeps the source waiting for room."""
+    def slow_source():
+        for i in range(5):
+            time.sleep(0.02)
+            yield i
+
+    clock = {}
+    assert items(read_ahead(slow_source(), max_bytes=2, size=ONE, clock=clock)) == list(range(5))
+    assert clock["code"] >= 0.09 and clock["starved"] >= 0.05 and clock["starved"] > clock["full"]
+
+    clock = {}
+    for _ in read_ahead(iter(range(5)), max_bytes=1, size=ONE, clock=clock):
+        time.sleep(0.02)
+    assert clock["full"] >= 0.05 and clock["full"] > clock["starved"] and clock["full"] > clock["code"]

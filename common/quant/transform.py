@@ -84,8 +84,16 @@ class LayerCodec:
         return self.rotation is None and self.entropy_coded and self.codec.split_on(device)
 
     def rope_tables(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The keys' RoPE tables (cos, sin) at `positions`, if RoPE comes off."""
-        return None if self.rope is None else self.rope.cos_sin(self.layer, positions.to(device))
+        """The keys' RoPE tables (cos, sin) at `positions`, if RoPE comes off; one head's, expanded, where every head
+        is at the same positions by construction (an expanded tensor, as a receiver's cache without selection)."""
+        if self.rope is None:
+            return None
+        positions = positions.to(device)
+        heads = positions.shape[0]
+        if heads > 1 and positions.stride(0) == 0:
+            cos, sin = self.rope.cos_sin(self.layer, positions[:1])
+            return cos.expand(-1, heads, -1, -1), sin.expand(-1, heads, -1, -1)
+        return self.rope.cos_sin(self.layer, positions)
 
     @property
     def coded_in_place(self) -> bool:

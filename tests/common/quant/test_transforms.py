@@ -423,3 +423,15 @@ def test_a_channel_no_query_reads_keeps_the_key_metric_positive(tiny_llama):
     keys, _ = attention_metrics(tiny_llama, energy)
     assert all(float(k.diagonal().min()) > 0 for k in keys)
     assert all(float(k.diagonal()[0]) < 1e-5 for k in keys)
+
+
+def test_rope_tables_of_positions_shared_by_every_head_are_one_heads_expanded(setup):
+    """A receiver's cache without selection has one row of positions, expanded to every head: its RoPE tables are
+    computed once and expanded, the same numbers as every head's own."""
+    loaded, context, kv = setup
+    codec = layer_codec(parse_profile("pca:b2").bind(context), 1, context)
+    heads, tokens = kv.positions[1].shape
+    shared = torch.arange(5, 5 + tokens).expand(heads, tokens)
+    expanded = codec.rope_tables(shared, torch.device("cpu"))
+    own = codec.rope_tables(shared.clone(), torch.device("cpu"))
+    assert (heads == 1 or expanded[0].stride(1) == 0) and all(torch.equal(a, b) for a, b in zip(expanded, own))

@@ -23,7 +23,6 @@ import logging
 import queue
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -83,28 +82,13 @@ class AskResult:
     plan: str | None = None  # the receiver's reason, when it chose the profile
     segments: list[SegmentRecord] | None = None
     # ask_pipelined: seconds its stream waited for the prefill's layers ("layers"), coded them ("code") and waited
-    # for gRPC to take each frame ("send"), in the stream's thread
+    # for gRPC to take its frames ("send"), in the stream's thread (from sender.client.read_ahead's clock)
     stream_s: dict[str, float] | None = None
     prefilled: Prefilled | None = field(default=None, repr=False)  # the sender's prefill, for comparisons
 
     @property
     def ratio_vs_fp16(self) -> float:
         return self.bytes_sent / self.fp16_bytes
-
-
-def _clocked(frames: Iterator, clock: dict[str, float]) -> Iterator:
-    """`frames`, adding the seconds spent making each to clock["code"] and those until the next is asked for (the
-    consumer's: gRPC taking it) to clock["send"]."""
-    frames = iter(frames)
-    while True:
-        started = time.perf_counter()
-        frame = next(frames, None)
-        made = time.perf_counter()
-        clock["code"] += made - started
-        if frame is None:
-            return
-        yield frame
-        clock["send"] += time.perf_counter() - made
 
 
 def _is_auto(profile) -> bool:
@@ -280,22 +264,22 @@ class Sender:
                 event.record()
             ready.put((layer, keys, values, importance, event))
 
-        clock = dict.fromkeys(("layers", "code", "send"), 0.0)
+        waiting = [0.0]  # seconds the stream waited for the prefill's layers
 
         def frames():
             yield from opening
             for _ in range(len(positions)):
                 waited = time.perf_counter()
                 layer, keys, values, importance, event = ready.get()
-                clock["layers"] += time.perf_counter() - waited
+                waiting[0] += time.perf_counter() - waited
                 if layer is None:  # the prefill failed: end the stream short (the receiver refuses it)
                     return
                 kept = spans[layer]
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     if event is not None:
                         side.wait_event(event)
-                    yield from _clocked(encoder.layer_chunks(layer, keys[:, :, kept], values[:, :, kept],
-                                                             positions[layer][:, kept], plan, importance), clock)
+                    yield from encoder.layer_chunks(layer, keys[:, :, kept], values[:, :, kept],
+                                                    positions[layer][:, kept], plan, importance)
             yield encoder.trailer()
 
         start = time.perf_counter()
@@ -318,7 +302,9 @@ class Sender:
         kept_tokens = round(sum(p.shape[1] for p in sent_positions) / len(sent_positions))
         return _result(reply, sent, pre, str(agreed), kept_tokens=kept_tokens, attempts=sent.attempts,
                        prefill_s=prefill_s, encode_s=0.0,  # inside the stream
-                       transfer_s=time.perf_counter() - start, stream_s=clock)
+                       transfer_s=time.perf_counter() - start,
+                       stream_s={"layers": waiting[0], "code": sent.stream_s["code"] - waiting[0],
+                                 "send": sent.stream_s["full"]})
 
     def ask_segments(self, context: str, question: str, planner: SegmentPlanner | None = None,
                      deadline_s: float = 2.0, segment_tokens: int = DEFAULT_SEGMENT_TOKENS,

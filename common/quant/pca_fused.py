@@ -6,8 +6,7 @@ Where the folded GEMMs run on bf16 tensor cores (`pca_entropy.split_here`), a la
   transform's rows) in bf16 parts side by side: [x, x] for a bf16 tensor, [high, high, low] for any other (a float32
   x = high + low to about 16 bits);
 - one GEMM of float32 output against the folded analysis stacked in the matching parts ([A_high; A_low] or [A_high;
-  A_low; A_high]): split_matmul's products, summed in the GEMM's float32 accumulator instead of one GEMM and one
-  addition each;
+  A_low; A_high]): the parts' products summed in the GEMM's float32 accumulator;
 - `quantize`: one pass over the coordinates: the bias off, each token's step, the rounding, the table's clip, int16.
 
 and decoded in `dequantize` (one pass: each index's bin middle times its step, in [high, high, low] parts), one GEMM
@@ -96,9 +95,8 @@ def quantize(coords: torch.Tensor, bias: torch.Tensor, steps: torch.Tensor, clas
                             out, flag)
         return
     x = coords - bias
-    step = steps
+    step = token_steps(steps, classes, class_scale)
     if classes is not None:
-        step = steps * class_scale[classes.long() + (len(class_scale) - 1) // 2][:, None]
         models = (models[None, :] + class_tables * classes.long()[:, None]).clamp(0, top)
     scaled = x / step
     indices = torch.sign(scaled) * torch.floor(scaled.abs() + rounding)
@@ -126,8 +124,15 @@ def bin_middles(indices: torch.Tensor, classes: torch.Tensor | None, steps: torc
     """int16 indices (tokens, coded) -> float32 coordinates: each index's bin middle, index + sign(index) half_bin,
     times its token's step (the component's `steps`, times `class_scale[class + max class]` with classes)."""
     q = indices.float()
-    step = steps if classes is None else steps * class_scale[classes.long() + (len(class_scale) - 1) // 2][:, None]
-    return (q + torch.sign(q) * half_bin) * step
+    return (q + torch.sign(q) * half_bin) * token_steps(steps, classes, class_scale)
+
+
+def token_steps(steps: torch.Tensor, classes: torch.Tensor | None, class_scale: torch.Tensor) -> torch.Tensor:
+    """Each token's step of each component: the component's `steps`, times `class_scale[class + max class]` where
+    tokens have classes ((tokens, coded)), else `steps` itself."""
+    if classes is None:
+        return steps
+    return steps * class_scale[classes.long() + (len(class_scale) - 1) // 2][:, None]
 
 
 def reconstruct(x: torch.Tensor, mean: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, heads: int,

@@ -290,9 +290,21 @@ class EntropyPCACodec:
         """(steps, models) of the coded components on `device`, float32 and int64: kept with the layer's basis under
         their values (two stages of the same components step differently), so that a transfer finds the last one's,
         and copied without waiting for the device's queued work."""
-        steps, models = self.steps[self.coded].numpy(), self.models.numpy()
-        return self._kept(("on", str(device), hash(steps.tobytes()), hash(models.tobytes())),
+        steps, models = self._coded_steps
+        return self._kept(("on", str(device), self._steps_digest),
                           lambda: (rans.to_device([steps], np.float32, device), rans.to_device([models], np.int64, device)))
+
+    @functools.cached_property
+    def _coded_steps(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.steps[self.coded].numpy(), self.models.numpy()
+
+    @functools.cached_property
+    def _steps_digest(self) -> tuple[int, int]:
+        return tuple(hash(a.tobytes()) for a in self._coded_steps)
+
+    @functools.cached_property
+    def _coded_digest(self) -> int:
+        return hash(self.coded.numpy().tobytes())
 
     def models_of(self, classes: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
         """(tokens, coded) int16 on `device`: the model of each index (its table from MIN_TABLE), the component's
@@ -400,7 +412,7 @@ class EntropyPCACodec:
     def _kept(self, key: tuple, compute):
         """compute(), kept with the layer's key basis under (kind, ...) = `key`, FOLDED_KEPT of a kind per layer (a
         header may name any bits) and coded components."""
-        key = (key[0], self.joint is not None, hash(self.coded.numpy().tobytes()), *key[1:])
+        key = (key[0], self.joint is not None, self._coded_digest, *key[1:])
         kept = self.keys._on
         with FOLDED_LOCK:
             if key in kept:

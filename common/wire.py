@@ -223,9 +223,13 @@ def dense_start(deltas: np.ndarray) -> int | None:
     return int(deltas[0, 0])
 
 
+def summed_positions(deltas: np.ndarray) -> torch.Tensor:
+    """Positions (kv_heads, kept) int64 from their uint32 deltas (modulo 2^32, as encode_positions wrote them)."""
+    return torch.from_numpy(np.cumsum(deltas.astype(np.int64), axis=1) % (1 << 32))
+
+
 def decode_positions(blob: bytes, heads: int, kept: int) -> torch.Tensor:
-    deltas = position_deltas(blob, heads, kept).astype(np.int64)
-    return torch.from_numpy(np.cumsum(deltas, axis=1) % (1 << 32))
+    return summed_positions(position_deltas(blob, heads, kept))
 
 
 def sliding_windows(config) -> dict[int, int]:
@@ -660,7 +664,7 @@ class Assembler:
             # of a 32K-token layer took about 4 ms of an H100 host's time)
             positions = torch.arange(first, first + kept, device=self.device).expand(heads, kept)
         else:
-            positions = torch.from_numpy(np.cumsum(deltas.astype(np.int64), axis=1) % (1 << 32))
+            positions = summed_positions(deltas)
         if not kept:
             return positions
         runs = token_runs(self._profile, layer.kept_tokens)

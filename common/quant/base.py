@@ -66,9 +66,12 @@ def check_group(group: int) -> None:
         raise QuantError(f"group size must be positive and at most {MAX_GROUP}, got {group}")
 
 
+NOT_FINITE = "input contains NaN or Inf; refusing to quantize it"
+
+
 def check_finite(x: torch.Tensor, limit: float | None = FP16_MAX) -> None:
     if not torch.isfinite(x).all():
-        raise QuantError("input contains NaN or Inf; refusing to quantize it")
+        raise QuantError(NOT_FINITE)
     if limit is not None and x.numel() and x.abs().max() > limit:
         raise QuantError(f"input magnitude {float(x.abs().max()):.3g} exceeds {limit:g}, the range of fp16 scales")
 

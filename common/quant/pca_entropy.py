@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from common.quant import pca_fused, rans
-from common.quant.base import QuantError, check_finite
+from common.quant.base import NOT_FINITE, QuantError, check_finite
 from common.quant.pca import Basis, TensorBasis, coordinates, synthesize
 from common.settings import get_settings
 
@@ -565,7 +565,7 @@ class EntropyPCACodec:
 def refuse_flagged(flag: torch.Tensor) -> None:
     """check_finite's error if `encode_split` set `flag` (one wait for the device)."""
     if flag.item():
-        raise QuantError("input contains NaN or Inf; refusing to quantize it")
+        raise QuantError(NOT_FINITE)
 
 
 def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> list[list[bytes]]:

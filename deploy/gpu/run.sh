@@ -45,8 +45,7 @@
 #   python3 deploy/gpu/profile_wire.py OUT/profile_wire.json 32768   # (after install; PYTHONPATH as below) where
 #                                   # wire.encode and wire.decode spend their time, cProfile, int4 and pca:b1:a
 #   deploy/gpu/run.sh issue28 DIR   # the rANS codec (deploy/gpu/rans_gpu.py) and the recompute table, into DIR
-#   deploy/gpu/run.sh ab DIR        # issue 28's split path: its kernel test, the 32K table, profile_wire, the same
-#                                   # table from an older tree (AB=.ab_old), 128K on an H200, crossdev (see the case)
+#   deploy/gpu/session.sh OUT      # issue 28 and 30's session: timings side by side, then quality runs (its header)
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU
 #                                   # tests on the tiny models, codec throughput, kvwire bench gpu
 set -euo pipefail
@@ -91,24 +90,6 @@ wait)
 collect)
   tar -czf "$2/bg.tar.gz" -C /tmp bg
   for log in /tmp/bg/*.log; do echo "== $log $(cat "${log%.log}.done" 2>/dev/null || echo running)"; tail -n 4 "$log"; done
-  ;;
-ab)  # issue 28's split path, one machine, in the order that matters if the time runs out: the split path's kernel
-  # test alone (the quantizer kernel tests compile for 5 minutes), the recompute table at 32K, profile_wire, the
-  # same table from the tree in $AB (an older commit's `git archive`, carried), then 128K where the GPU holds both
-  # nodes (an H200), then SmolLM2's answers across devices (its parts in /tmp/parts). Detach it:
-  #   deploy/gpu/run.sh bg ab "AB=.ab_old deploy/gpu/run.sh ab /tmp/bg/ab"
-  mkdir -p "$2/new" "$2/old" "$2/new128" "$2/crossdev"
-  python3 -m pytest -q -p no:cacheprovider tests/gpu -k pca_split 2>&1 | tail -3 | tee "$2/gpu_kernel_tests.txt"
-  rows="RATES=10gbit FRONTIER=${FRONTIER:-pca:b1:w:e:j:a,pca:b0.7:w:e:j:a} MAX_ROW_S=60"
-  env $rows CONTEXTS=32768 LIMIT=240 "$0" recompute "$2/new" > /dev/null 2>&1
-  python3 deploy/gpu/profile_wire.py "$2/profile_wire.json" 32768 pca:b0.7:w:e:j:a pca:b1:w:e:j:a > "$2/profile_wire.txt" 2>&1
-  if [ -n "${AB:-}" ]; then
-    (cd "$AB" && env $rows CONTEXTS=32768 LIMIT=240 deploy/gpu/run.sh recompute "$2/old" > /dev/null 2>&1)
-  fi
-  if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 100e9)"; then
-    env $rows CONTEXTS=131072 LIMIT=420 MAX_ROW_S=120 BUDGET=400 "$0" recompute "$2/new128" > /dev/null 2>&1
-  fi
-  "$0" crossdev "$2/crossdev" > /dev/null 2>&1
   ;;
 issue28)
   python3 deploy/gpu/rans_gpu.py "$2/rans_gpu.json" 4096 32768 2>&1 | tee "$2/rans_gpu.txt"

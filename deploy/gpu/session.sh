@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session for issues 28 and 30, in the order that keeps the timings clean: the split path's kernel test,
 # the 32K "KV against recompute" table from an older tree ($AB, an older commit's `git archive`, carried) and from
-# this one, side by side on the same machine, and profile_wire; only then the CPU-heavy Qwen conversion and the
-# quality runs (SmolLM2's answers across devices, Qwen at 32K on two fresh prompt draws, in parallel).
+# this one, side by side on the same machine, profile_wire, and 128K where the GPU holds both nodes; only then the
+# CPU-heavy Qwen conversion and the quality runs (SmolLM2's answers across devices, Qwen at 32K on two fresh prompt
+# draws, in parallel).
 #   deploy/gpu/run.sh bg session "AB=.ab_old deploy/gpu/session.sh /tmp/bg/session"
 # while later calls bring SmolLM2's parts (deploy/gpu/run.sh part .gp1, .gp2), Qwen's basis (.basis_q, into
 # /tmp/kvwire-basis) and its GGUF (deploy/gpu/ship_qwen.sh piece .qwNN ... join); the Qwen steps wait for
@@ -15,15 +16,22 @@ step() { echo "[$(date +%T)] $*"; }
 
 step "kernel test"
 python3 -m pytest -q -p no:cacheprovider tests/gpu -k pca_split 2>&1 | tail -3 | tee "$OUT/gpu_kernel_tests.txt"
-rows="RATES=10gbit FRONTIER=${FRONTIER:-pca:b1:w:e:j:a,pca:b0.7:w:e:j:a} MAX_ROW_S=60 CONTEXTS=32768 LIMIT=240"
+rows="RATES=10gbit FRONTIER=${FRONTIER:-pca:b1:w:e:j:a,pca:b0.7:w:e:j:a}"
+at32k="CONTEXTS=32768 LIMIT=240 MAX_ROW_S=60"
 if [ -n "${AB:-}" ]; then
   step "recompute table, old tree ($AB)"
-  (cd "$AB" && env $rows deploy/gpu/run.sh recompute "$OUT/old" > /dev/null 2>&1)
+  (cd "$AB" && env $rows $at32k deploy/gpu/run.sh recompute "$OUT/old" > /dev/null 2>&1)
 fi
 step "recompute table, this tree"
-env $rows deploy/gpu/run.sh recompute "$OUT/new" > /dev/null 2>&1
+env $rows $at32k deploy/gpu/run.sh recompute "$OUT/new" > /dev/null 2>&1
 step "profile_wire"
 python3 deploy/gpu/profile_wire.py "$OUT/profile_wire.json" 32768 pca:b0.7:w:e:j:a > "$OUT/profile_wire.txt" 2>&1
+if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 100e9)"; then
+  step "recompute table at 128K (a GPU that holds both nodes)"
+  mkdir -p "$OUT/new128"
+  env $rows CONTEXTS=131072 LIMIT=420 MAX_ROW_S=120 BUDGET=400 deploy/gpu/run.sh recompute "$OUT/new128" \
+    > /dev/null 2>&1
+fi
 touch "$OUT/timings.done"
 
 step "waiting for Qwen's GGUF"

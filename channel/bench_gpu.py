@@ -180,15 +180,14 @@ def synthetic_context(tokenizer, tokens: int) -> str:
 def ask_stages(sender, context: str, question: str, profile: str, rates: list[str], receiver_target: str,
                max_new_tokens: int = 1) -> list[dict]:
     """Per link rate: each stage of an ask, and the time to first token with and without pipelining."""
-    from channel.relay import BackgroundRelay
-    from common.link import link_from_options
+    from channel.relay import RelayProcess
     from sender.client import Client
     from sender.pipeline import Sender
 
     parsed = parse_profile(profile)
     rows = []
     for rate in rates:
-        with BackgroundRelay(receiver_target, lambda: link_from_options(rate)) as relay, \
+        with RelayProcess(receiver_target, rate=rate) as relay, \
                 Client(relay.target, timeout_s=600) as client:
             asker = Sender(sender, client, zstd_level=1)
             asker.ask(context, question, parsed, max_new_tokens=max_new_tokens)  # warm up both sides
@@ -228,13 +227,13 @@ def selection_memory(loaded, context: str, question: str, methods=("q2c:0.5", "s
 
 
 def relay_ceiling(nbytes: int = 1 << 30) -> float:
-    """The most the shaping relay forwards, bit/s, with an unconstrained link."""
+    """The most the shaping relay forwards, bit/s, with an unconstrained link, in a process of its own (as the
+    benchmarks run it)."""
     import asyncio
 
     from channel.relay import measure_goodput
-    from common.link import link_from_options
 
-    return asyncio.run(measure_goodput(link_from_options("1000gbit"), nbytes))
+    return asyncio.run(measure_goodput({"rate": "1000gbit"}, nbytes))
 
 
 def environment() -> dict:

@@ -12,8 +12,9 @@ For each context length and link rate, and for int4 and the frontier profiles (e
 The model is `llama-3.1-8b-random`: Llama-3.1-8B's shape with RANDOM weights, and a PCA basis fitted on
 that random model in seconds (`fit_random_basis`; every layer weight 1.0). Its speeds are the real
 shape's; its byte ratios are not a real model's (a trained model's caches are more compressible, and
-its basis is fitted on real text). Each row runs over real gRPC through the shaping relay; a rate the
-relay cannot shape (above its measured ceiling) is run unshaped and labelled so, never as that rate.
+its basis is fitted on real text). Each row runs over real gRPC through the shaping relay, in a process of its
+own (the sender's threads do not share its interpreter lock); a rate the relay cannot shape (above its measured
+ceiling) is run unshaped and labelled so, never as that rate.
 """
 
 from __future__ import annotations
@@ -292,8 +293,7 @@ class Runner:
         return max(guesses) if guesses else None
 
     def run(self, case: str, profile: str, tokens: int, link: dict, call: Callable, recompute_s: float) -> dict:
-        from channel.relay import BackgroundRelay
-        from common.link import link_from_options
+        from channel.relay import RelayProcess
         from sender.client import Client
         from sender.pipeline import Sender
 
@@ -311,7 +311,7 @@ class Runner:
             time.sleep(max(0.0, self.last_reply + SESSION_TTL_S + 0.2 - time.monotonic()))
         start = time.perf_counter()
         try:
-            relay = BackgroundRelay(self.target, lambda: link_from_options(link["rate"])) if link["relay"] else None
+            relay = RelayProcess(self.target, rate=link["rate"]) if link["relay"] else None
             try:
                 with Client(relay.target if relay else self.target, timeout_s=max(300.0, 3 * self.max_row_s)) as client:
                     result = call(Sender(self.loaded, client, zstd_level=1, attempts=1))

@@ -2,23 +2,29 @@
 
 Each accepted connection is piped to the upstream address. Both directions go through
 their own link (same parameters): bytes are read in segments of at most ~10 ms of link
-time, each segment is released when the link would deliver it, in order. A bounded
+time (and 1 MiB), each segment is released when the link would deliver it, in order. A bounded
 queue between reading and writing gives TCP back-pressure, so the sender feels the
 shaped rate. Per-connection byte counts and times are kept in `stats` and logged.
+
+`RelayProcess` runs a relay in a process of its own (`python -m channel.relay`), for benchmarks whose
+sender would otherwise share its interpreter lock with the relay's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.link import Link
+from common.link import Link, link_from_options
 
 log = logging.getLogger("kvwire.channel")
-MAX_SEGMENT = 64 * 1024
+MAX_SEGMENT = 1 << 20  # 0.8 ms at 10 Gbit/s; a slower link's ~10 ms segments are smaller
 QUEUE_SEGMENTS = 16
 
 
@@ -87,7 +93,7 @@ class Relay:
         return self.server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, *self.listen)
+        self.server = await asyncio.start_server(self._handle, *self.listen, limit=MAX_SEGMENT)
         log.info("relay %s:%d -> %s:%d", self.listen[0], self.port, *self.upstream)
 
     async def stop(self) -> None:
@@ -122,7 +128,7 @@ class Relay:
         stats = ConnectionStats(peer)
         self.stats.append(stats)
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream, limit=MAX_SEGMENT)
         except OSError as exc:
             log.warning("upstream %s:%d unreachable: %s", *self.upstream, exc)
             client_writer.close()
@@ -199,21 +205,31 @@ async def _sink_server(host: str = "127.0.0.1"):
     return server, received
 
 
-async def measure_goodput(link: Link, nbytes: int) -> float:
-    """Send `nbytes` through a relay with `link` to a sink; goodput (bit/s) as the sink saw it."""
+async def measure_goodput(link: Link | dict, nbytes: int) -> float:
+    """Send `nbytes` through a relay to a sink; goodput (bit/s) as the sink saw it. `link`: a Link, for a relay on
+    this event loop; `link_from_options`' arguments, for a relay in a process of its own (RelayProcess)."""
     server, received = await _sink_server()
-    relay = Relay("127.0.0.1", 0, "127.0.0.1", server.sockets[0].getsockname()[1], lambda: link)
-    await relay.start()
-    _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    sink_port = server.sockets[0].getsockname()[1]
+    if isinstance(link, Link):
+        relay = Relay("127.0.0.1", 0, "127.0.0.1", sink_port, lambda: link)
+        await relay.start()
+        port, stop = relay.port, relay.stop
+    else:
+        process = RelayProcess(f"127.0.0.1:{sink_port}", **link)
+        port = int(process.target.rsplit(":", 1)[1])
+
+        async def stop() -> None:
+            process.close()
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     start = time.monotonic()
-    block = b"\0" * MAX_SEGMENT
+    block = memoryview(b"\0" * MAX_SEGMENT)
     for offset in range(0, nbytes, MAX_SEGMENT):
         writer.write(block[: min(MAX_SEGMENT, nbytes - offset)])
         await writer.drain()
     writer.close()
     while received["bytes"] < nbytes:
         await asyncio.sleep(0.005)
-    await relay.stop()
+    await stop()
     server.close()
     return nbytes * 8 / (received["last"] - start)
 
@@ -246,3 +262,48 @@ class BackgroundRelay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RelayProcess:
+    """A relay in a process of its own (`python -m channel.relay`) to `upstream`, its links built by
+    `link_from_options(**options)`; `target` is its address. The process ends with `close`, or when this one
+    goes (it reads its standard input until the end)."""
+
+    def __init__(self, upstream: str, **options):
+        self.process = subprocess.Popen([sys.executable, "-m", "channel.relay", upstream, json.dumps(options)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.target = self.process.stdout.readline().strip()
+        if not self.target:
+            self.close()
+            raise RuntimeError(f"the relay process ended (exit status {self.process.returncode}) before it listened")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+    def __enter__(self) -> RelayProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def _serve_process(upstream: str, options: str) -> None:
+    import os
+    import threading
+
+    host, port = upstream.rsplit(":", 1)
+    link = json.loads(options)
+    link_from_options(**link)  # bad options end the process here, before it listens
+    relay = Relay("127.0.0.1", 0, host, int(port), lambda: link_from_options(**link))
+    await relay.start()
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    print(f"127.0.0.1:{relay.port}", flush=True)
+    async with relay.server:
+        await relay.server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_process(*sys.argv[1:]))

@@ -1,10 +1,14 @@
 import asyncio
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from channel.netns import NetnsUnavailable, tbf_transfer_seconds
-from channel.relay import measure_goodput
+from channel.relay import RelayProcess, measure_goodput
 from common.link import Link, Trace, link_from_options, pace, parse_duration, parse_rate
 
 
@@ -87,6 +91,29 @@ def test_relay_goodput_within_five_percent(rate):
     bits = parse_rate(rate)
     goodput = asyncio.run(measure_goodput(link_from_options(rate=rate), int(bits / 8 * 1.0)))
     assert goodput == pytest.approx(bits, rel=0.05)
+
+
+def test_relay_in_a_process_of_its_own_shapes_the_rate_and_ends_with_its_parent():
+    bits = parse_rate("20mbit")
+    goodput = asyncio.run(measure_goodput({"rate": "20mbit"}, int(bits / 8 * 0.5)))
+    assert goodput == pytest.approx(bits, rel=0.05)
+    orphan = subprocess.Popen([sys.executable, "-c", "import sys, time; from channel.relay import RelayProcess; "
+                               "r = RelayProcess('127.0.0.1:9', rate='1mbit'); print(r.process.pid, flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    relay_pid = int(orphan.stdout.readline())
+    orphan.kill()
+    orphan.wait()
+    for _ in range(100):  # the relay reads its standard input to the end, which comes with its parent's death
+        if not Path(f"/proc/{relay_pid}").exists() or "zombie" in Path(f"/proc/{relay_pid}/status").read_text():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the relay process outlived its parent")
+
+
+def test_relay_process_that_cannot_start_says_so():
+    with pytest.raises(RuntimeError, match="ended .* before it listened"):
+        RelayProcess("127.0.0.1:9", rate="not a rate")
 
 
 def test_relay_matches_tc_tbf():

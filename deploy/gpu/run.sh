@@ -28,7 +28,8 @@
 #                                   # on the spot; no SmolLM2 needed), with the relay's and gRPC's loopback ceilings and the
 #                                   # frontier codec rows, in about 9 minutes on an H100: CONTEXTS, RATES, FRONTIER (e.g.
 #                                   # pca:b1.7:w:e:j:a,...), CODEC_TOKENS, MAX_ROW_S (skip a row predicted longer), BUDGET
-#                                   # (s of table rows), LIMIT (s, the whole command), RANS_BATCH (the sender's rANS
+#                                   # (s of table rows), LIMIT (s, the whole command), BASELINE (int4; '' for
+#                                   # none), RANS_BATCH (the sender's rANS
 #                                   # batch, symbols; KVWIRE_SPLIT_GEMM=0: pca:...:a's GEMMs in float32), RECEIVER_DEVICE
 #                                   # (cuda:1 on a machine of two GPUs: the nodes on a GPU each);
 #                                   # into OUT/bench_recompute.{json,txt}
@@ -173,7 +174,7 @@ recompute)
     --contexts "${CONTEXTS:-4096,32768,131072}" --rates "${RATES:-10gbit,25gbit,1gbit}" \
     --frontier "${FRONTIER:-pca:b2:w:e:j,pca:b1:w:e:j}" --codec-tokens "${CODEC_TOKENS:-32768}" \
     --max-row-s "${MAX_ROW_S:-40}" --budget-s "${BUDGET:-420}" --basis-dir /tmp/kvwire-basis \
-    ${RECEIVER_DEVICE:+--receiver-device "$RECEIVER_DEVICE"} \
+    ${RECEIVER_DEVICE:+--receiver-device "$RECEIVER_DEVICE"} ${BASELINE+--baseline "$BASELINE"} \
     --json "$2/bench_recompute.json" 2>&1 | grep -v "Loading weights" | tee "$2/bench_recompute.txt"
   ;;
 all)

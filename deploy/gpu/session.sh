@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session for issues 28 and 30, in the order that keeps the timings clean: the split path's kernel test,
 # the 32K "KV against recompute" table from an older tree ($AB, an older commit's `git archive`, carried) and from
-# this one, side by side on the same machine, profile_wire, and 128K where the GPU holds both nodes; only then the
-# CPU-heavy Qwen conversion and the quality runs (SmolLM2's answers across devices, Qwen at 32K on two fresh prompt
-# draws, in parallel).
+# this one, side by side on the same machine, profile_wire, and 128K where the GPU holds both nodes (BASELINE128:
+# the precision row there, '' for none); only then the quality runs: SmolLM2's answers across devices, and with
+# QWEN=1 the CPU-heavy Qwen conversion and Qwen at 32K on two fresh prompt draws, in parallel.
 #   deploy/gpu/run.sh bg session "AB=.ab_old deploy/gpu/session.sh /tmp/bg/session"
 # while later calls bring SmolLM2's parts (deploy/gpu/run.sh part .gp1, .gp2), Qwen's basis (.basis_q, into
 # /tmp/kvwire-basis) and its GGUF (deploy/gpu/ship_qwen.sh piece .qwNN ... join); the Qwen steps wait for
@@ -29,11 +29,18 @@ python3 deploy/gpu/profile_wire.py "$OUT/profile_wire.json" 32768 pca:b0.7:w:e:j
 if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 100e9)"; then
   step "recompute table at 128K (a GPU that holds both nodes)"
   mkdir -p "$OUT/new128"
-  env $rows CONTEXTS=131072 LIMIT=420 MAX_ROW_S=120 BUDGET=400 deploy/gpu/run.sh recompute "$OUT/new128" \
+  env $rows CONTEXTS=131072 LIMIT=420 MAX_ROW_S=120 BUDGET=400 BASELINE="${BASELINE128-int4}" \
+    deploy/gpu/run.sh recompute "$OUT/new128" \
     > /dev/null 2>&1
 fi
 touch "$OUT/timings.done"
 
+if [ -z "${QWEN:-}" ]; then
+  step "SmolLM2 across devices"
+  deploy/gpu/run.sh crossdev "$OUT/crossdev" > /dev/null 2>&1
+  step "done"
+  exit 0
+fi
 step "waiting for Qwen's GGUF"
 for _ in $(seq 600); do [ -f /tmp/kvwire-cache/gguf/qwen2.5-coder-1.5b.gguf ] && break; sleep 1; done
 step "Qwen: convert"

@@ -15,7 +15,7 @@ import grpc
 
 from channel.evaluation.squad import Sample, load_squad
 from channel.nodes import start_receiver_process
-from channel.relay import BackgroundRelay
+from channel.relay import BackgroundRelay, RelayProcess
 from common import wire
 from common.kvstate import greedy_decode
 from common.link import link_from_options
@@ -262,7 +262,8 @@ def run_plain(model: str, loaded: LoadedModel, profile: Profile, prepared: list[
     try:
         with contextlib.ExitStack() as stack:
             if rate:
-                target = stack.enter_context(BackgroundRelay(target, lambda: link_from_options(rate))).target
+                # in a process of its own: the senders' threads would share this one's interpreter lock with its loop
+                target = stack.enter_context(RelayProcess(target, rate=rate)).target
             report = run_load(target, loaded, profile, prepared, concurrency, transfers, max_new_tokens, progress)
         if process:
             report.receiver_peak_rss = peak_rss(process.pid)

@@ -5,7 +5,8 @@
 
 Where each field comes from (the `sources` of an entry say which rule gave it):
 - commit and date: the commit that added the file (`git log --diff-filter=A`), and the last one that changed it;
-- command: a `command` field of the JSON; else a command in backticks that names the file, in the
+- command: a `command` field of the JSON; a text file's first line `# COMMAND`; the `command` field of the JSON of
+  the same stem beside a text file (its console output); else a command in backticks that names the file, in the
   README of 0356822 (the last one to describe every result; its text now lives in docs/), in docs/,
   or in deploy/ (scripts and run.sh); else "unknown";
 - device: the JSON's `environment.device`, `device`, `source` or `run` fields; the file's name (h100,
@@ -54,7 +55,7 @@ def _device_in(text: str) -> str | None:
 def _json_fields(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -118,6 +119,13 @@ def _gpu_run(path: str) -> str | None:
 def _command(path: str, fields: dict, documents, message: str) -> tuple[str, str]:
     if isinstance(fields.get("command"), str):
         return fields["command"], "the JSON's command field"
+    if path.endswith(".txt"):
+        first = (ROOT / path).read_text(errors="replace").partition("\n")[0]
+        if first.startswith("# ") and COMMAND_START.match(first[2:]):
+            return first[2:].strip(), "the file's first line"
+        beside = _json_fields((ROOT / path).with_suffix(".json"))
+        if isinstance(beside.get("command"), str):
+            return beside["command"], "the command field of the JSON beside it (this file is its console output)"
     names = _names_for(path)
     commands = [(source, span) for source, text in documents for span in _candidates(text)]
     commands += [("the message of the commit that added it", span) for span in _candidates(message)]

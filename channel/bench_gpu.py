@@ -314,6 +314,8 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     """The frame path of a whole cache of random KV on `device`, both ways: `wire.encode` (codes, zstd,
     CRC, Frames), the Frames to bytes and back, and an Assembler building the cache on `device`; as GB/s
     of `dtype` input. `context`: the CodecContext a profile's stages need (a basis for pca, RoPE).
+    `to_bytes_s`: the cache to the bytes gRPC sends, as pb.Frames then serialized, and as the sender makes them
+    (`Encoder(serialized=True)`, whose bytes must equal the others: `serialized_bytes_equal`).
 
     Beside the totals, each stage of the path timed on its own over the same chunks (`stages_s`):
     the codec's encode and decode, zstd both ways (decompress: the chunks not stored; compress: every
@@ -339,8 +341,13 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     def decode(frames):
         return wire.decode(frames, fingerprint, limits, device=device, context=context)
 
-    frames, encode_s = synced_seconds(lambda: list(wire.encode(kv, profile, fingerprint, context=context)), device, repeat)
+    frames, encode_s = synced_seconds(lambda: list(wire.encode(kv, profile, fingerprint, "bench", context=context)),
+                                      device, repeat)
     blobs, serialize_s = synced_seconds(lambda: [f.SerializeToString() for f in frames], device, repeat)
+    # the sender's way: chunks serialized as they are made, from their payload's parts (wire.chunk_frame)
+    sent, sent_s = synced_seconds(lambda: [wire.serialize(f) for f in wire.encode(kv, profile, fingerprint, "bench",
+                                                                                   context=context, serialized=True)],
+                                  device, repeat)
     parsed, parse_s = synced_seconds(lambda: [pb.Frame.FromString(b) for b in blobs], device, repeat)
     decoded, decode_s = synced_seconds(lambda: decode(parsed), device, repeat)
     chunks = [f.chunk for f in parsed if f.WhichOneof("kind") == "chunk"]
@@ -370,6 +377,8 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     wire_total = sum(len(b) + wire.GRPC_MESSAGE_PREFIX for b in blobs)
     return {"device": str(device), "tokens": tokens, "profile": str(profile), "layers": layers, "heads": heads,
             "head_dim": head_dim, "dtype": name, "input_bytes": nbytes, "wire_bytes": wire_total,
+            "to_bytes_s": {"pb.Frame, then serialized": encode_s + serialize_s, "serialized as made": sent_s},
+            "serialized_bytes_equal": sent == blobs,
             "chunks": len(chunks), "stored_chunks": sum(len(c.payload) == c.raw_size for c in chunks),
             "payload_bytes": sum(map(len, payloads)), "raw_bytes": sum(c.raw_size for c in chunks),
             "encode_s": encode_s, "decode_s": decode_s, "encode_gbps": nbytes / encode_s / 1e9,

@@ -178,7 +178,7 @@ def at_sender_streamed(asker, pre, question: str, profile: str) -> dict:
     start = time.perf_counter()
     kv = select_tokens(asker.loaded, pre, agreed)
     frames = wire.encode(kv, agreed, asker.loaded.fingerprint, uuid.uuid4().hex, asker.zstd_level,
-                         asker.loaded.codec_context, pre.head_ids)
+                         asker.loaded.codec_context, pre.head_ids, serialized=True)
     sent = asker.client.send_frames(frames)
     send_s = time.perf_counter() - start
     reply = asker.generate(sent.session_id, pre, question, True, 1, kv.seq_len)

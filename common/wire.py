@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import google_crc32c
+import crc32c
 import grpc
 import numpy as np
 import torch
@@ -57,10 +57,46 @@ ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that
 MIN_ZSTD_SAVING = 0.1
 
 
-def checksum(payload: bytes) -> int:
-    """A chunk's checksum: CRC-32C, which the CPU computes in hardware (26 GB/s against zlib.crc32's 3.5 GB/s
-    on the development machine: at 10 Gbit/s, zlib's was a tenth of a second per 400 MB on each node)."""
-    return google_crc32c.value(payload)
+def checksum(*parts) -> int:
+    """A chunk's checksum: CRC-32C of its payload, the bytes-like `parts` end to end (not joined). The CPU computes
+    it in hardware (15 GB/s on the development machine, where zlib.crc32 runs at 3.5), outside the interpreter lock."""
+    crc = 0
+    for part in parts:
+        crc = crc32c.crc32c(part, crc)
+    return crc
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+FRAME_CHUNK_TAG, CHUNK_PAYLOAD_TAG = b"\x12", b"\x32"  # Frame.chunk (field 2) and Chunk.payload (6), length-delimited
+
+
+def chunk_frame(chunk: pb.Chunk, parts: tuple) -> bytes:
+    """`pb.Frame(chunk=chunk)` with the bytes-like `parts` end to end as its payload, serialized: the bytes
+    SerializeToString gives (the payload is the chunk's last field), in one copy of the parts. A pb.Frame copies a
+    payload three times on its way out (joined, set into the field, serialized)."""
+    size = sum(map(len, parts))
+    head = chunk.SerializeToString()
+    payload_head = CHUNK_PAYLOAD_TAG + _varint(size) if size else b""
+    return b"".join((FRAME_CHUNK_TAG, _varint(len(head) + len(payload_head) + size), head, payload_head, *parts))
+
+
+def serialize(frame: pb.Frame | bytes) -> bytes:
+    """A frame as gRPC sends it: a pb.Frame serialized, or a frame serialized already (`Encoder(serialized=True)`)
+    as it is."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+def parsed(frame: pb.Frame | bytes) -> pb.Frame:
+    """A frame as a pb.Frame (a serialized one parsed)."""
+    return pb.Frame.FromString(frame) if isinstance(frame, bytes) else frame
 
 
 def max_chunk_tokens(heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -173,9 +209,11 @@ def _field_bytes(n: int) -> int:
     return 1 + _varint_bytes(n) if n else 0
 
 
-def wire_bytes(frame: pb.Frame) -> int:
-    """Bytes this frame occupies in the gRPC stream. A chunk's from its fields: ByteSize serializes the
-    message, a copy of its payload (about 250 us per MiB on an H100's host)."""
+def wire_bytes(frame: pb.Frame | bytes) -> int:
+    """Bytes this frame (a pb.Frame, or one serialized) occupies in the gRPC stream. A chunk's from its fields:
+    ByteSize serializes the message, a copy of its payload (about 250 us per MiB on an H100's host)."""
+    if isinstance(frame, bytes):
+        return len(frame) + GRPC_MESSAGE_PREFIX
     if frame.WhichOneof("kind") != "chunk":
         return frame.ByteSize() + GRPC_MESSAGE_PREFIX
     chunk = frame.chunk
@@ -273,14 +311,16 @@ def header_profile(profile: Profile, context: CodecContext | None) -> str:
 
 
 class Encoder:
-    """Sender side: the frames of one transfer, counting what its trailer declares."""
+    """Sender side: the frames of one transfer, counting what its trailer declares. `serialized`: its chunks come
+    serialized (`chunk_frame`, bytes), for a gRPC stream (`serialize`); else every frame is a pb.Frame."""
 
     def __init__(self, fingerprint: pb.Fingerprint, transfer_id: str | None = None, zstd_level: int = 3,
-                 context: CodecContext | None = None, zstd_threads: int = ZSTD_THREADS):
+                 context: CodecContext | None = None, zstd_threads: int = ZSTD_THREADS, serialized: bool = False):
         self.fingerprint = fingerprint
         self.context = context  # the model's RoPE and basis, for the stages that need them
         self.transfer_id = transfer_id or uuid.uuid4().hex
         self.zstd_level, self.zstd_threads = zstd_level, zstd_threads
+        self.serialized = serialized
         self.num_chunks = self.payload_bytes = 0
 
     def header(self, seq_len: int, positions: list[torch.Tensor] | None = None,
@@ -312,11 +352,11 @@ class Encoder:
         batches = self._index_batches(kv, plan, flag)
         batch = next(batches, None)
         while batch is not None:
-            coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES)  # waits for the device
+            coded = code_fitting([part[1:] for part in batch], MAX_CHUNK_BYTES, pieces=True)  # waits for the device
             refuse_flagged(flag)
             current, batch = batch, next(batches, None)
             for (i, _, raw, n, _), (step, payloads) in zip(current, coded):
-                yield from self._frames(i, 0, sized_chunks(raw, n, step, payloads))
+                yield from self.chunk_frames(i, 0, sized_chunks(raw, n, step, payloads))
 
     @staticmethod
     def _index_batches(kv: KVState, plan: CodecPlan, flag: torch.Tensor) -> Iterator[list]:
@@ -333,19 +373,28 @@ class Encoder:
                 yield batch
                 batch = []
 
-    def _frames(self, layer: int, first: int, sized: Iterable[tuple[int, int, bytes]]) -> Iterator[pb.Frame]:
-        """The chunks of `layer` from token `first` on, each (tokens, raw size, payload)."""
+    def chunk_frames(self, layer: int, first: int,
+                     sized: Iterable[tuple[int, int, bytes | tuple]]) -> Iterator[pb.Frame | bytes]:
+        """The chunks of `layer` from token `first` on, each (tokens, raw size, payload): a payload is bytes, or a
+        tuple of bytes-like parts end to end (a rANS code's, copied once, into the frame)."""
         start = first
         for tokens, raw_size, payload in sized:
-            if len(payload) > MAX_CHUNK_BYTES:
-                raise ValueError(f"layer {layer}: a chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+            parts = (payload,) if isinstance(payload, bytes) else payload
+            size = sum(map(len, parts))
+            if size > MAX_CHUNK_BYTES:
+                raise ValueError(f"layer {layer}: a chunk of {size} bytes exceeds {MAX_CHUNK_BYTES}")
             self.num_chunks += 1
-            self.payload_bytes += len(payload)
-            frame = pb.Frame()  # the fields set in place: Frame(chunk=Chunk(...)) copies the payload twice
-            chunk = frame.chunk
-            chunk.layer, chunk.token_start, chunk.token_end, chunk.raw_size = layer, start, start + tokens, raw_size
-            chunk.crc32c, chunk.payload = checksum(payload), payload
-            yield frame
+            self.payload_bytes += size
+            fields = dict(layer=layer, token_start=start, token_end=start + tokens, raw_size=raw_size,
+                          crc32c=checksum(*parts))
+            if self.serialized:
+                yield chunk_frame(pb.Chunk(**fields), parts)
+            else:
+                frame = pb.Frame()  # the fields set in place: Frame(chunk=Chunk(...)) copies the payload twice
+                for name, value in fields.items():
+                    setattr(frame.chunk, name, value)
+                frame.chunk.payload = b"".join(parts)  # one bytes part is itself, not a copy
+                yield frame
             start += tokens
 
     def layer_chunks(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -359,7 +408,7 @@ class Encoder:
             step = chunk_tokens(codec, heads, head_dim, keys.dtype)
             if codec.coded_in_place:  # pca:...:a: coded where the cache is, no zstd over the code
                 sized = codec.code_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step, importance,
-                                          MAX_CHUNK_BYTES)
+                                          MAX_CHUNK_BYTES, pieces=True)
             else:
                 raws = list(codec.encode_chunks(keys[:, :, tier], values[:, :, tier], positions[:, tier], step,
                                                 importance))
@@ -367,7 +416,7 @@ class Encoder:
                 codes = (pool.map(codec.codec.compress, raws) if codec.entropy_coded
                          else self._zstd_or_stored(raws, pool))
                 sized = zip((min(step, last - start) for start in range(first, last, step)), map(len, raws), codes)
-            yield from self._frames(layer, first, sized)
+            yield from self.chunk_frames(layer, first, sized)
 
     def _zstd_or_stored(self, raws: list[bytes], pool: concurrent.futures.Executor) -> Iterator[bytes]:
         """A tier's payloads: zstd of each chunk's raw bytes, or all of them stored where zstd saves less
@@ -421,16 +470,18 @@ class Encoder:
 def encode(
     kv: KVState, profile: Profile, fingerprint: pb.Fingerprint, transfer_id: str | None = None,
     zstd_level: int = 3, context: CodecContext | None = None, head_ids: list[int] | None = None,
-) -> Iterator[pb.Frame]:
+    serialized: bool = False,
+) -> Iterator[pb.Frame | bytes]:
     """Yield the frames of one transfer: Header, Chunks (layer by layer), Trailer.
 
     A profile with a text head (text:h) makes it a segmented transfer: `head_ids`, the first tokens,
     as a text segment the receiver prefills, then the rest of `kv` as a cache segment.
+    `serialized`: the chunks serialized already, for a gRPC stream (Encoder).
     """
     profile.check_layers(kv.num_layers)
     if kv.keys[0].shape[0] != 1:
         raise ValueError(f"transfers carry batch 1, got {kv.keys[0].shape[0]}")
-    encoder = Encoder(fingerprint, transfer_id, zstd_level, context)
+    encoder = Encoder(fingerprint, transfer_id, zstd_level, context, serialized=serialized)
     yield from encoder.opening(profile, kv.seq_len, kv.positions, head_ids)
     start = cache_start(profile, kv.seq_len, head_ids)
     yield from encoder.chunks(kv.token_range(start, kv.seq_len) if start else kv, profile.as_cache)
@@ -849,10 +900,10 @@ def place(model, kv: KVState | None, segment: Segment) -> KVState:
     return prefill_on_top(model, kv, segment.token_ids)
 
 
-def decode(frames: Iterable[pb.Frame], fingerprint: pb.Fingerprint, limits: Limits = Limits(),
+def decode(frames: Iterable[pb.Frame | bytes], fingerprint: pb.Fingerprint, limits: Limits = Limits(),
            sliding_windows: Mapping[int, int] | None = None, device: torch.device | str = "cpu",
            context: CodecContext | None = None) -> KVState:
     assembler = Assembler(fingerprint, limits, sliding_windows=sliding_windows, device=device, context=context)
     for frame in frames:
-        assembler.add(frame)
+        assembler.add(parsed(frame))
     return assembler.result()

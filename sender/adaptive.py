@@ -208,7 +208,7 @@ def send_segments(
             raise
 
     def segment_frames() -> Iterator[pb.Frame]:
-        encoder = wire.Encoder(fingerprint, zstd_level=zstd_level)
+        encoder = wire.Encoder(fingerprint, zstd_level=zstd_level, serialized=True)
         for index, (start, end) in enumerate(bounds):
             if index == 0:
                 header = encoder.header(kv.seq_len)

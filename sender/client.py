@@ -131,6 +131,13 @@ class Client:
         else:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
+        # The frame streams' messages serialized by wire.serialize: a frame the encoder serialized goes as it is.
+        service = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
+        self.transfer_stream = self.channel.stream_unary(f"/{service}/Transfer", request_serializer=wire.serialize,
+                                                         response_deserializer=pb.TransferReply.FromString)
+        self.segment_stream = self.channel.stream_stream(f"/{service}/TransferSegments",
+                                                         request_serializer=wire.serialize,
+                                                         response_deserializer=pb.SegmentAck.FromString)
         self.bandwidth = BandwidthEstimator()
         self.retries = 0  # calls sent again after a retryable failure, over this client's life
 
@@ -198,7 +205,7 @@ class Client:
 
         start = time.perf_counter()
         try:
-            reply = self.stub.Transfer(counting(), timeout=self.timeout_s, metadata=self.metadata)
+            reply = self.transfer_stream(counting(), timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError:
             if failed:  # the frames' own error (a profile this cache cannot take), not gRPC's UNKNOWN for it
                 raise failed[0] from None
@@ -235,7 +242,7 @@ class Client:
 
     def stream_segments(self, frames) -> Iterator[pb.SegmentAck]:
         """A segmented transfer: frames go out as the caller's generator yields them, acks come back."""
-        return self.stub.TransferSegments(frames, timeout=self.timeout_s, metadata=self.metadata)
+        return self.segment_stream(frames, timeout=self.timeout_s, metadata=self.metadata)
 
     def generate(self, session_id: str, token_ids: list[int] | None = None, question: str = "",
                  max_new_tokens: int = 64) -> pb.GenerateReply:

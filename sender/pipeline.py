@@ -153,16 +153,18 @@ class Sender:
                  attempts: int | None = None) -> TransferResult:
         """Encode `kv` and stream it, retrying retryable failures under one transfer id."""
         frames = list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
-                                   self.loaded.codec_context))
+                                   self.loaded.codec_context, serialized=True))
         return self.send(frames, link, attempts)
 
-    def encode(self, pre: Prefilled, profile: Profile) -> tuple[KVState, list[pb.Frame]]:
-        """The cache that travels (after the profile's selection and text stages) and its frames."""
+    def encode(self, pre: Prefilled, profile: Profile) -> tuple[KVState, list[pb.Frame | bytes]]:
+        """The cache that travels (after the profile's selection and text stages) and its frames, its chunks
+        serialized for the stream (wire.Encoder)."""
         kv = select_tokens(self.loaded, pre, profile)
         return kv, list(wire.encode(kv, profile, self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level,
-                                    self.loaded.codec_context, pre.head_ids))
+                                    self.loaded.codec_context, pre.head_ids, serialized=True))
 
-    def send(self, frames: list[pb.Frame], link: Link | None = None, attempts: int | None = None) -> TransferResult:
+    def send(self, frames: list[pb.Frame | bytes], link: Link | None = None,
+             attempts: int | None = None) -> TransferResult:
         """Stream encoded frames (one transfer id), retrying retryable failures; `link` paces them in process."""
         make = (lambda: pace(frames, link, wire.wire_bytes)) if link else (lambda: iter(frames))
         return self.client.send_with_retry(make, attempts or self.attempts)
@@ -247,7 +249,8 @@ class Sender:
         seq_len = len(prompt.ids) - 1  # the receiver feeds the last prompt token
         end = len(prompt.context_ids) if agreed.text_question else seq_len  # the cache that travels: [0, end)
         head_ids = prompt.ids[:prompt.head_len]
-        encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context)
+        encoder = wire.Encoder(self.loaded.fingerprint, uuid.uuid4().hex, self.zstd_level, self.loaded.codec_context,
+                               serialized=True)
         plan = CodecPlan.build(agreed.as_cache, self.loaded.codec_context, self.loaded.fingerprint.num_layers)  # once
         positions = wire.prefill_positions(self.loaded.config, seq_len, self.loaded.device)
         sent_positions = [p[:, wire.span(p, 0, end)] for p in positions]

@@ -568,8 +568,9 @@ def refuse_flagged(flag: torch.Tensor) -> None:
         raise QuantError(NOT_FINITE)
 
 
-def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> list[list[bytes]]:
-    """`EntropyPCACodec.code` of several (codec, raw payload, tokens, step), in one call of the coder."""
+def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]], pieces: bool = False) -> list[list]:
+    """`EntropyPCACodec.code` of several (codec, raw payload, tokens, step), in one call of the coder. `pieces`:
+    each payload as the tuple of its parts, not joined (rans.encode)."""
     if not parts:
         return []
     device = parts[0][1].device
@@ -583,24 +584,33 @@ def code_many(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]]) -> li
         counts.append([min(step, tokens - start) * coded for start in range(0, tokens, step)])
         heads.append(classes.cpu().numpy().tobytes() if classes is not None else None)
     codes = rans_coder(device).encode(torch.cat(symbols), torch.cat(models), rans_models(device),
-                                      [n for c in counts for n in c])
+                                      [n for c in counts for n in c], pieces)
     out, at = [], 0
     for (_, _, tokens, step), chunk_counts, head in zip(parts, counts, heads):
         mine, at = codes[at:at + len(chunk_counts)], at + len(chunk_counts)
-        out.append(mine if head is None else [head[s:s + step] + c for s, c in zip(range(0, tokens, step), mine)])
+        if head is not None:  # each chunk's classes before its code
+            mine = [(head[s:s + step], *c) if pieces else head[s:s + step] + c
+                    for s, c in zip(range(0, tokens, step), mine)]
+        out.append(mine)
     return out
 
 
-def code_fitting(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]], max_bytes: int) -> list[tuple[int, list[bytes]]]:
+def payload_bytes(payload: bytes | tuple) -> int:
+    """The size of a payload, whole or in pieces (code_many)."""
+    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+
+
+def code_fitting(parts: list[tuple[EntropyPCACodec, torch.Tensor, int, int]], max_bytes: int,
+                 pieces: bool = False) -> list[tuple[int, list]]:
     """(step, payloads) of each (codec, raw payload, tokens, step) of `code_many`, every payload at most `max_bytes`:
     a part with a larger one is coded again at half its step (the sender sizes chunks by the expected rate, and
     the data may code larger)."""
-    out = [(step, payloads) for (_, _, _, step), payloads in zip(parts, code_many(parts))]
+    out = [(step, payloads) for (_, _, _, step), payloads in zip(parts, code_many(parts, pieces))]
     for i, (codec, raw, tokens, _) in enumerate(parts):
         step, payloads = out[i]
-        while step > 1 and max(map(len, payloads), default=0) > max_bytes:
+        while step > 1 and max(map(payload_bytes, payloads), default=0) > max_bytes:
             step = (step + 1) // 2
-            payloads = code_many([(codec, raw, tokens, step)])[0]
+            payloads = code_many([(codec, raw, tokens, step)], pieces)[0]
         out[i] = step, payloads
     return out
 

@@ -194,12 +194,14 @@ def scratch_index(layout: Layout, steps: int, device: torch.device) -> tuple[tor
     return arrays_to_device([base, g["size"][group]], device)
 
 
-def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, counts: list[int]) -> list[bytes]:
+def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, counts: list[int],
+           pieces: bool = False) -> list[bytes] | list[tuple]:
     """Each chunk's code: `symbols` (the chunks' indices, flat, int) under `models_of` (each symbol's
-    model, int), on their device (plain torch: the reference of the GPU kernel)."""
+    model, int), on their device (plain torch: the reference of the GPU kernel). `pieces`: each code as the
+    tuple of its parts, views of host memory not yet joined (`_pack`)."""
     layout = Layout(tuple(counts))
     if not layout.counts or not sum(layout.counts):
-        return [b"" for _ in layout.counts]
+        return [(b"",) if pieces else b"" for _ in layout.counts]
     device = symbols.device
     models = models.to(device)
     symbols, models_of = symbols.long(), models_of.long()
@@ -229,13 +231,15 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: Models, count
             written += out
             state = torch.where(out, state >> 16, state)
             state = torch.where(live, ((state // f) << PROB_BITS) + state % f + c, state)
-    return _pack(layout, state, words, emitted, written)
+    return _pack(layout, state, words, emitted, written, pieces)
 
 
 def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: torch.Tensor,
-          written: torch.Tensor) -> list[bytes]:
+          written: torch.Tensor, pieces: bool = False) -> list[bytes] | list[tuple]:
     """Each chunk's code from the lanes' final states, the encoder's scratch (`scratch_index`) and each lane's
-    count of words: one copy of 2 bytes a word to the host."""
+    count of words: one copy of 2 bytes a word to the host. `pieces`: each code as its three parts (the lanes'
+    states, the groups' word counts, the words), views of that host memory, for the caller to copy once
+    (wire.chunk_frame); else joined."""
     device = written.device
     per_group = torch.zeros(sum(layout.groups), dtype=torch.int64, device=device).index_add_(
         0, arrays_to_device([layout._lane_group], device)[0], written.long())
@@ -251,7 +255,8 @@ def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: tor
         lanes, groups = slice(4 * layout.lane_starts[c], 4 * (layout.lane_starts[c] + layout.lanes[c])), \
             slice(4 * layout.group_starts[c], 4 * (layout.group_starts[c] + layout.groups[c]))
         size = int(per_group[layout.group_starts[c]:layout.group_starts[c] + layout.groups[c]].sum())
-        out.append(b"".join((states[lanes], group_words[groups], stream[2 * at:2 * (at + size)])) if n else b"")
+        parts = (states[lanes], group_words[groups], stream[2 * at:2 * (at + size)]) if n else (b"",)
+        out.append(parts if pieces else b"".join(parts))
         at += size
     return out
 

@@ -131,11 +131,12 @@ def _steps(layout: rans.Layout) -> int:
     return triton.next_power_of_2(max(layout.steps, 1))
 
 
-def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, counts: list[int]) -> list[bytes]:
+def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, counts: list[int],
+           pieces: bool = False) -> list[bytes] | list[tuple]:
     """`rans.encode`, on the kernels."""
     layout = rans.Layout(tuple(counts))
     if not layout.counts or not sum(layout.counts):
-        return [b"" for _ in layout.counts]
+        return [(b"",) if pieces else b"" for _ in layout.counts]
     device = symbols.device
     models = models.to(device)
     total_lanes = sum(layout.lanes)
@@ -147,7 +148,7 @@ def encode(symbols: torch.Tensor, models_of: torch.Tensor, models: rans.Models, 
     _encode[(sum(layout.groups),)](symbols.contiguous(), models_of.contiguous(), models.shift, models.offset,
                                    models.freq, models.cum, models.freq.shape[1], *layout.group_table(device),
                                    words, emitted, written, states, STEPS=steps, BLOCK=rans.GROUP, num_warps=1)
-    return rans._pack(layout, states, words, emitted.bool(), written)
+    return rans._pack(layout, states, words, emitted.bool(), written, pieces)
 
 
 def decode(codes: list[bytes], models_of: torch.Tensor, models: rans.Models, counts: list[int],

@@ -101,14 +101,15 @@ class LayerCodec:
         return self.entropy_coded and self.codec.rans
 
     def code_chunks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int,
-                    importance: torch.Tensor | None, max_bytes: int) -> list[tuple[int, int, bytes]]:
+                    importance: torch.Tensor | None, max_bytes: int,
+                    pieces: bool = False) -> list[tuple[int, int, bytes | tuple]]:
         """`coded_in_place`: (tokens, raw size, payload) of tokens [0, step), [step, 2 * step), ...: the indices of
         every token at once where the cache is, then their rANS codes (EntropyPCACodec.code), at a smaller step
-        where a payload would pass `max_bytes` (code_fitting)."""
+        where a payload would pass `max_bytes` (code_fitting; `pieces`: each payload in its parts)."""
         tokens = keys.shape[2]
         flag = torch.zeros(1, dtype=torch.int32, device=keys.device)
         raw = self.encode(keys, values, positions, self.classes(importance, positions), flag)
-        step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes)[0]
+        step, payloads = code_fitting([(self.codec, raw, tokens, step)], max_bytes, pieces)[0]
         refuse_flagged(flag)
         return sized_chunks(raw, tokens, step, payloads)
 

@@ -485,3 +485,36 @@ def test_a_chunks_wire_bytes_are_its_serialized_size(fields, payload):
     """wire_bytes counts a chunk from its fields, not by serializing it: the same number."""
     frame = wire.pb.Frame(chunk=wire.pb.Chunk(payload=bytes(payload), **fields))
     assert wire.wire_bytes(frame) == len(frame.SerializeToString()) + wire.GRPC_MESSAGE_PREFIX
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(layer=3, token_start=0, token_end=255, raw_size=1 << 20,
+                                                 crc32c=2**32 - 1),
+                                    dict(layer=0, token_start=127, token_end=128, raw_size=0, crc32c=1)])
+@pytest.mark.parametrize("sizes", [(), (0,), (1,), (100, 27), (64, 0, 64), (16000, 383, 1), (1 << 20,)])
+def test_a_chunk_serialized_from_its_parts_is_protobufs_own_serialization(fields, sizes):
+    """wire.chunk_frame writes a chunk frame from its payload's parts (views of host memory, joined once): the same
+    bytes as pb.Frame's SerializeToString, which parse back to the same frame, and which wire_bytes counts alike."""
+    rng = np.random.default_rng(len(sizes))
+    parts = tuple(memoryview(rng.integers(0, 256, n, dtype=np.uint8)).cast("B") for n in sizes)
+    payload = b"".join(parts)
+    frame = wire.pb.Frame(chunk=wire.pb.Chunk(payload=payload, **fields))
+    serialized = wire.chunk_frame(wire.pb.Chunk(**fields), parts)
+    assert serialized == frame.SerializeToString()
+    assert wire.parsed(serialized) == frame and wire.serialize(serialized) is serialized
+    assert wire.wire_bytes(serialized) == wire.wire_bytes(frame)
+    assert wire.checksum(*parts) == wire.checksum(payload)
+
+
+@pytest.mark.parametrize("spec", ["raw", "int4", "int2:g32"])
+def test_a_serialized_encoder_sends_the_bytes_of_the_pb_one(tiny_llama, spec):
+    """Encoder(serialized=True), the sender's: each frame serializes to the bytes of the pb.Frame one, and the
+    frames decode (in process: wire.decode parses them) to the same cache."""
+    kv = prefill(tiny_llama.model, list(range(100, 400)))
+    profile = parse_profile(spec)
+    frames = list(wire.encode(kv, profile, tiny_llama.fingerprint, "t"))
+    serialized = list(wire.encode(kv, profile, tiny_llama.fingerprint, "t", serialized=True))
+    assert any(isinstance(f, bytes) for f in serialized)
+    assert [wire.serialize(f) for f in serialized] == [f.SerializeToString() for f in frames]
+    back, back_serialized = (wire.decode(f, tiny_llama.fingerprint) for f in (frames, serialized))
+    assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values,
+                                                 back_serialized.keys + back_serialized.values))

@@ -1,5 +1,7 @@
 """The rANS coder of pca:...:a (common.quant.rans): round trips, rate, the kernels bit for bit, bad codes."""
 
+from dataclasses import replace
+
 import constriction
 import grpc
 import numpy as np
@@ -187,7 +189,6 @@ def test_rans_decodes_what_the_range_coder_decodes(setup, tmp_path, spec):
     basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
     ctx = CodecContext(context.rope, basis)
     if ":i" in spec:
-        from dataclasses import replace
         kv = replace(kv, importance=[torch.logspace(-2, 1, kv.seq_len)] * kv.num_layers)
     frames, back = round_trip(loaded, ctx, kv, spec)
     frames_a, back_a = round_trip(loaded, ctx, kv, spec.replace(":e", ":e:a"))
@@ -394,3 +395,23 @@ def test_a_cache_that_is_not_finite_is_refused_on_either_path(setup, tmp_path, m
         broken = type(kv)(keys, kv.values, kv.positions, kv.seq_len, kv.importance)
         with pytest.raises(QuantError, match="NaN or Inf"):
             list(wire.encode(broken, parse_profile("pca:b2:w:e:a"), loaded.fingerprint, context=context))
+
+
+@pytest.mark.parametrize("spec", ["pca:b2:w:e:a", "pca:b2:w:e:a:i1:f3"])
+def test_rans_chunks_serialized_from_their_pieces_are_the_pb_frames_bytes(setup, tmp_path, spec):
+    """The sender's frames (Encoder(serialized=True)) take a rANS code's parts as the coder leaves them on the host
+    (rans.encode's pieces: states, word counts, words; the classes before them under :i) and copy them once: the
+    bytes of the pb.Frame that holds the joined code, and the same cache decoded."""
+    loaded, context, kv = setup
+    basis = weighted(context.basis, tmp_path / "w.safetensors", [[1.0, 1.0]] * context.basis.num_layers)
+    ctx = CodecContext(context.rope, basis)
+    kv = replace(kv, importance=[torch.logspace(-2, 1, kv.seq_len)] * kv.num_layers) if ":i" in spec else kv
+    profile = parse_profile(spec)
+    frames = list(wire.encode(kv, profile, loaded.fingerprint, "t", context=ctx))
+    serialized = list(wire.encode(kv, profile, loaded.fingerprint, "t", context=ctx, serialized=True))
+    assert sum(isinstance(f, bytes) for f in serialized) == sum(f.WhichOneof("kind") == "chunk" for f in frames) > 0
+    assert [wire.serialize(f) for f in serialized] == [f.SerializeToString() for f in frames]
+    symbols, models = case([100, 0, 200])
+    pieces = rans.encode(symbols, models, rans_models(torch.device("cpu")), [100, 0, 200], pieces=True)
+    joined = rans.encode(symbols, models, rans_models(torch.device("cpu")), [100, 0, 200])
+    assert [b"".join(p) for p in pieces] == joined

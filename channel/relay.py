@@ -220,17 +220,19 @@ async def measure_goodput(link: Link | dict, nbytes: int) -> float:
 
         async def stop() -> None:
             process.close()
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    start = time.monotonic()
-    block = memoryview(b"\0" * MAX_SEGMENT)
-    for offset in range(0, nbytes, MAX_SEGMENT):
-        writer.write(block[: min(MAX_SEGMENT, nbytes - offset)])
-        await writer.drain()
-    writer.close()
-    while received["bytes"] < nbytes:
-        await asyncio.sleep(0.005)
-    await stop()
-    server.close()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.monotonic()
+        block = memoryview(b"\0" * MAX_SEGMENT)
+        for offset in range(0, nbytes, MAX_SEGMENT):
+            writer.write(block[: min(MAX_SEGMENT, nbytes - offset)])
+            await writer.drain()
+        writer.close()
+        while received["bytes"] < nbytes:
+            await asyncio.sleep(0.005)
+    finally:
+        await stop()
+        server.close()
     return nbytes * 8 / (received["last"] - start)
 
 

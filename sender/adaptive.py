@@ -200,14 +200,14 @@ def send_segments(
             choice = planner.choose(end - start, sizes, 4 * (end - start), estimate, budget)
         return SegmentRecord(start, end, choice.profile, 0, estimate, budget, choice.expected_s, choice.reason)
 
-    def frames() -> Iterator[pb.Frame]:
+    def frames() -> Iterator[pb.Frame | bytes]:
         try:
             yield from segment_frames()
         except Exception as exc:  # gRPC would report it as UNKNOWN: hand it to the caller instead
             failures.append(exc)
             raise
 
-    def segment_frames() -> Iterator[pb.Frame]:
+    def segment_frames() -> Iterator[pb.Frame | bytes]:
         encoder = wire.Encoder(fingerprint, zstd_level=zstd_level, serialized=True)
         for index, (start, end) in enumerate(bounds):
             if index == 0:

@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/kvwire bench codec
 	$(BIN)/kvwire bench select
 	$(BIN)/kvwire bench channel
+	$(BIN)/kvwire bench frames
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

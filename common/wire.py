@@ -34,7 +34,7 @@ from common.profile import MAX_PROFILE_CHARS, Profile, ProfileError, parse_profi
 from common.proto import kvwire_pb2 as pb
 from common.quant import rans, rotation
 from common.quant.kv import payload_tensor
-from common.quant.pca_entropy import code_fitting, rans_coder, refuse_flagged, uncode_many
+from common.quant.pca_entropy import code_fitting, payload_bytes, rans_coder, refuse_flagged, uncode_many
 from common.quant.transform import CodecContext, LayerCodec, sized_chunks
 
 MAX_CHUNK_BYTES = 1 << 20  # a chunk's payload at most, and its raw size where the host decompresses it
@@ -51,6 +51,7 @@ MAX_OFFERED_PROFILES = 64  # a Negotiate request's offer list, parsed one profil
 # A refusal's message: never the client's unbounded input back (gRPC drops trailers past 16 KiB).
 MAX_MESSAGE_CHARS = 1024
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name  # what both nodes name the gRPC service
 ZSTD_THREADS = min(4, os.cpu_count() or 1)  # an encoder's default: threads that compress a tier's chunks
 # zstd level 3 saves 3% of SmolLM2's int4 and int8 codes, 7-8% of fp16 and int2, 21% of bf16. It
 # decompresses at about 1 GB/s on a core, slower than a 10 Gbit/s link delivers: a few percent do not pay.
@@ -380,19 +381,17 @@ class Encoder:
         start = first
         for tokens, raw_size, payload in sized:
             parts = (payload,) if isinstance(payload, bytes) else payload
-            size = sum(map(len, parts))
+            size = payload_bytes(payload)
             if size > MAX_CHUNK_BYTES:
                 raise ValueError(f"layer {layer}: a chunk of {size} bytes exceeds {MAX_CHUNK_BYTES}")
             self.num_chunks += 1
             self.payload_bytes += size
-            fields = dict(layer=layer, token_start=start, token_end=start + tokens, raw_size=raw_size,
-                          crc32c=checksum(*parts))
+            chunk = pb.Chunk(layer=layer, token_start=start, token_end=start + tokens, raw_size=raw_size,
+                             crc32c=checksum(*parts))
             if self.serialized:
-                yield chunk_frame(pb.Chunk(**fields), parts)
+                yield chunk_frame(chunk, parts)
             else:
-                frame = pb.Frame()  # the fields set in place: Frame(chunk=Chunk(...)) copies the payload twice
-                for name, value in fields.items():
-                    setattr(frame.chunk, name, value)
+                frame = pb.Frame(chunk=chunk)  # copied before its payload: the payload is set in place, once
                 frame.chunk.payload = b"".join(parts)  # one bytes part is itself, not a copy
                 yield frame
             start += tokens

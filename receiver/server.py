@@ -32,7 +32,7 @@ from receiver.metrics import ReceiverMetrics
 from receiver.sessions import SESSION_OVERHEAD_BYTES, SessionError, SessionStore
 
 log = logging.getLogger("kvwire.receiver")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
+SERVICE_NAME = wire.SERVICE_NAME
 DEFAULT_NEW_TOKENS = 64
 RECENT = 50
 # Negotiate's numbers: 0 asks for the default; anything else must be finite and at most these.

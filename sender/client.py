@@ -132,10 +132,10 @@ class Client:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
         # The frame streams' messages serialized by wire.serialize: a frame the encoder serialized goes as it is.
-        service = pb.DESCRIPTOR.services_by_name["KVWire"].full_name
-        self.transfer_stream = self.channel.stream_unary(f"/{service}/Transfer", request_serializer=wire.serialize,
+        self.transfer_stream = self.channel.stream_unary(f"/{wire.SERVICE_NAME}/Transfer",
+                                                         request_serializer=wire.serialize,
                                                          response_deserializer=pb.TransferReply.FromString)
-        self.segment_stream = self.channel.stream_stream(f"/{service}/TransferSegments",
+        self.segment_stream = self.channel.stream_stream(f"/{wire.SERVICE_NAME}/TransferSegments",
                                                          request_serializer=wire.serialize,
                                                          response_deserializer=pb.SegmentAck.FromString)
         self.bandwidth = BandwidthEstimator()

@@ -94,12 +94,13 @@ def is_segmented(frames: list[pb.Frame]) -> bool:
 
 def assemble(frames: list[pb.Frame], fingerprint: pb.Fingerprint,
              sliding_windows: Mapping[int, int] | None = None) -> tuple[str, str | None]:
-    """One input in process, as the receiver's handlers assemble it -> (outcome, crash or None)."""
+    """One input in process, as the receiver's handlers assemble it (each frame serialized, as gRPC delivers it)
+    -> (outcome, crash or None)."""
     segmented = is_segmented(frames)
     assembler = wire.Assembler(fingerprint, FUZZ_LIMITS, segmented, sliding_windows)
     try:
         for frame in frames:
-            assembler.add(frame)
+            assembler.add_message(frame.SerializeToString())
             assembler.take_segments()
         if segmented and not assembler.done:
             raise wire.WireError(wire.grpc.StatusCode.DATA_LOSS, "stream ended before the trailer")

@@ -89,6 +89,69 @@ def chunk_frame(chunk: pb.Chunk, parts: tuple) -> bytes:
     return b"".join((FRAME_CHUNK_TAG, _varint(len(head) + len(payload_head) + size), head, payload_head, *parts))
 
 
+MAX_HEAD_FIELDS = 16  # a chunk's fields before its payload (chunk_frame writes 5): more, and it is parsed whole
+
+
+def _varint_at(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at data[at] and the index after it; IndexError where it runs past the data or 10 bytes."""
+    value = shift = 0
+    for i in range(at, at + 10):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise IndexError("varint of more than 10 bytes")
+
+
+def _chunk_layout(message: bytes) -> tuple[int, int, int] | None:
+    """Where a serialized frame laid out as chunk_frame writes it keeps its parts: (where the chunk's fields begin,
+    where its payload field begins, where the payload begins); None for any other layout. That layout is one chunk
+    field spanning the message, whose last field, ending at the message's end, is its payload."""
+    if message[:1] != FRAME_CHUNK_TAG:
+        return None
+    try:
+        length, start = _varint_at(message, 1)
+        if start + length != len(message):
+            return None
+        at = start
+        for _ in range(MAX_HEAD_FIELDS + 1):
+            field_start = at
+            field, at = _varint_at(message, at)
+            kind = field & 7
+            if kind == 0:
+                _, at = _varint_at(message, at)
+            elif kind in (1, 5):  # 64 and 32 bits
+                at += 8 if kind == 1 else 4
+            elif kind == 2:
+                size, body = _varint_at(message, at)
+                if field == CHUNK_PAYLOAD_TAG[0] and body + size == len(message):
+                    return start, field_start, body
+                at = body + size
+            else:  # groups: never written
+                return None
+            if at >= len(message):
+                return None
+    except IndexError:
+        return None
+    return None
+
+
+def received(message: bytes) -> tuple[pb.Frame, memoryview | None]:
+    """A frame as gRPC delivers it (serialized) -> (the frame, its chunk's payload as a view of `message`, or None).
+
+    A chunk frame laid out as chunk_frame writes it is parsed without its payload (protobuf parses the fields before
+    it) and the payload stays in the message: no copy of it (protobuf's parse and each read of the field would each
+    copy it). It means what parsing it whole would: a frame of one chunk field, whose last field is its payload. Any
+    other message is parsed whole (payload None), and one that is not a frame raises protobuf's DecodeError."""
+    layout = _chunk_layout(message)
+    if layout is None:
+        return pb.Frame.FromString(message), None
+    start, payload_field, payload = layout
+    view = memoryview(message)
+    return pb.Frame(chunk=pb.Chunk.FromString(view[start:payload_field])), view[payload:]
+
+
 def serialize(frame: pb.Frame | bytes) -> bytes:
     """A frame as gRPC sends it: a pb.Frame serialized, or a frame serialized already (`Encoder(serialized=True)`)
     as it is."""
@@ -567,8 +630,9 @@ class Assembler:
         self._num_chunks = 0
         self._payload_bytes = 0
 
-    def add(self, frame: pb.Frame, size: int | None = None) -> None:
-        """`size`: the frame's wire_bytes, where the caller has it."""
+    def add(self, frame: pb.Frame, size: int | None = None, payload: memoryview | None = None) -> None:
+        """`size`: the frame's wire_bytes, where the caller has it; `payload`: a chunk's payload where it came apart
+        from its frame (`received`), and then `size` too."""
         size = wire_bytes(frame) if size is None else size
         self.bytes_received += size
         if size > self.limits.max_frame_bytes:
@@ -583,7 +647,15 @@ class Assembler:
         if (kind == "header") != (self.header is None):
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             "a second header" if kind == "header" else f"{kind} frame before the header")
-        getattr(self, f"_add_{kind}")(getattr(frame, kind))
+        if kind == "chunk":
+            self._add_chunk(frame.chunk, frame.chunk.payload if payload is None else payload)
+        else:
+            getattr(self, f"_add_{kind}")(getattr(frame, kind))
+
+    def add_message(self, message: bytes) -> None:
+        """A frame as gRPC delivers it, serialized (`received`: a chunk's payload is not copied)."""
+        frame, payload = received(message)
+        self.add(frame, len(message) + GRPC_MESSAGE_PREFIX, payload)
 
     def take_segments(self) -> list[Segment]:
         taken, self.segments = self.segments, []
@@ -737,7 +809,7 @@ class Assembler:
                             f"layer {i}: positions must be [{required.start}, {required.stop}), every one of them")
         return positions
 
-    def _add_chunk(self, chunk: pb.Chunk) -> None:
+    def _add_chunk(self, chunk: pb.Chunk, payload: bytes | memoryview) -> None:
         fp = self.fingerprint
         pending = self._pending
         if pending is None:
@@ -759,7 +831,6 @@ class Assembler:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk of "
                             f"{chunk.token_end - chunk.token_start} tokens; at most {cap} "
                             f"({MAX_CHUNK_SPAN_BYTES / 2**20:g} MiB of {str(sent_dtype).removeprefix('torch.')})")
-        payload = chunk.payload  # read once: each read of a bytes field is a copy of it
         if len(payload) > MAX_CHUNK_BYTES:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"layer {chunk.layer}: chunk payload of "
                             f"{len(payload)} bytes; at most {MAX_CHUNK_BYTES}")
@@ -904,5 +975,8 @@ def decode(frames: Iterable[pb.Frame | bytes], fingerprint: pb.Fingerprint, limi
            context: CodecContext | None = None) -> KVState:
     assembler = Assembler(fingerprint, limits, sliding_windows=sliding_windows, device=device, context=context)
     for frame in frames:
-        assembler.add(parsed(frame))
+        if isinstance(frame, bytes):
+            assembler.add_message(frame)
+        else:
+            assembler.add(frame)
     return assembler.result()

@@ -45,10 +45,12 @@ MAX_QUESTION_CHARS_PER_TOKEN = 16
 FRAMES_PER_HOP = 64
 
 
-def sized_frame(message: bytes) -> tuple[pb.Frame, int]:
-    """A frame stream's message: the frame, and its bytes on the wire from the message's length (counting a
-    parsed chunk reads its payload field, a copy of it)."""
-    return pb.Frame.FromString(message), len(message) + wire.GRPC_MESSAGE_PREFIX
+def sized_frame(message: bytes) -> tuple[pb.Frame, int, memoryview | None]:
+    """A frame stream's message: the frame, its bytes on the wire from the message's length (counting a parsed
+    chunk would read its payload field, a copy of it), and a chunk's payload as a view of the message
+    (`wire.received`)."""
+    frame, payload = wire.received(message)
+    return frame, len(message) + wire.GRPC_MESSAGE_PREFIX, payload
 
 
 def add_servicer(servicer, server) -> None:
@@ -70,9 +72,9 @@ def add_servicer(servicer, server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def add_frames(assembler: wire.Assembler, frames: list[tuple[pb.Frame, int]]) -> None:
-    for frame, size in frames:
-        assembler.add(frame, size)
+def add_frames(assembler: wire.Assembler, frames: list[tuple[pb.Frame, int, memoryview | None]]) -> None:
+    for frame, size, payload in frames:
+        assembler.add(frame, size, payload)
 
 
 class AbortNegotiation(Exception):
@@ -248,14 +250,15 @@ class KVWireServicer(pb_grpc.KVWireServicer):
         async def read() -> None:
             nonlocal held
             try:
-                async for frame, nbytes in request_iterator:  # sized_frame's
+                async for item in request_iterator:  # sized_frame's
+                    nbytes = item[1]
                     async with room:
                         await room.wait_for(lambda: not held or held + nbytes <= limit)
                         held += nbytes
-                    ready.put_nowait((frame, nbytes))
-                ready.put_nowait((None, 0))
+                    ready.put_nowait(item)
+                ready.put_nowait((None, 0, None))
             except Exception as exc:  # noqa: BLE001 - handed to the reader below, raised there
-                ready.put_nowait((exc, 0))
+                ready.put_nowait((exc, 0, None))
 
         reader = asyncio.create_task(read())
         try:
@@ -267,7 +270,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                                          "transfer dropped, nothing injected") from None
                 batch = []
                 while True:
-                    frame, nbytes = item
+                    frame, nbytes, _ = item
                     async with room:
                         held -= nbytes
                         room.notify_all()
@@ -277,7 +280,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                         if frame is None:
                             return
                         raise frame
-                    batch.append((frame, nbytes))
+                    batch.append(item)
                     if len(batch) == FRAMES_PER_HOP or ready.empty():
                         break
                     item = ready.get_nowait()
@@ -327,7 +330,7 @@ class KVWireServicer(pb_grpc.KVWireServicer):
                 while batch:
                     if claimed is None:  # until the header is in and its bytes reserved, a frame at a time
                         frames, batch = batch[:1], batch[1:]
-                        first, _ = frames[0]
+                        first = frames[0][0]
                         if first.WhichOneof("kind") == "header":  # before the limits: past the model's context
                             self._check_seq_len(loaded, first.header.seq_len)  # is a bad argument
                     else:

@@ -322,9 +322,9 @@ def test_frames_are_decoded_off_the_event_loop(llama_receiver, frames, monkeypat
     threads = set()
     add = wire.Assembler.add
 
-    def recording_add(self, frame, size=None):
+    def recording_add(self, *args):
         threads.add(threading.current_thread())
-        return add(self, frame, size)
+        return add(self, *args)
 
     monkeypatch.setattr(wire.Assembler, "add", recording_add)
     with Client(llama_receiver.target, timeout_s=30) as client:

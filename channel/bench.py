@@ -190,12 +190,16 @@ def select_once(mode: str, tokens: int, model: str = "smollm2-135m") -> dict:
 
 
 def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3) -> dict:
-    """The sender's host work between the coder and gRPC, on a 32K-token cache's worth of rANS codes (by default
-    280 chunks of 900 KB, `pca:b0.7` at Llama-8B's shape): each chunk's three parts in host memory (the coder's
-    lanes' states, word counts and words) become frames on the read-ahead thread, and the bytes gRPC sends on
-    the consumer's, as `sender.client.read_ahead` runs them. Two ways, alternated `repeats` times: pb.Frames
-    (the parts joined, set into the payload field, then serialized) and frames serialized as they are made
-    (`wire.Encoder(serialized=True)`: the parts copied once). GB/s of payload; the best of each."""
+    """The host work between the coder and gRPC on both nodes, on a 32K-token cache's worth of rANS codes (by
+    default 280 chunks of 900 KB, `pca:b0.7` at Llama-8B's shape), each way alternated `repeats` times, the best
+    counted, in GB/s of payload.
+
+    The sender: each chunk's three parts in host memory (the coder's lanes' states, word counts and words) become
+    frames on the read-ahead thread, and the bytes gRPC sends on the consumer's, as `sender.client.read_ahead`
+    runs them: pb.Frames (the parts joined, set into the payload field, then serialized) against frames serialized
+    as they are made (`wire.Encoder(serialized=True)`: the parts copied once). The receiver: from the message
+    gRPC delivers to a payload checked against its CRC, a pb.Frame parsed whole and its payload field read (two
+    copies) against `wire.received` (the payload a view of the message)."""
     import numpy as np
 
     from common import wire
@@ -211,13 +215,29 @@ def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3
         frames = wire.Encoder(pb.Fingerprint(), "bench", serialized=serialized).chunk_frames(0, 0, iter(sized))
         return (wire.serialize(frame) for frame, _ in read_ahead(frames))
 
-    if list(sent(True)) != list(sent(False)):
+    messages = list(sent(True))
+    if messages != list(sent(False)):
         raise AssertionError("the two ways gave different bytes")
-    best = {"pb.Frame, then serialized": float("inf"), "serialized as made": float("inf")}
+
+    def parsed_whole(message: bytes) -> int:
+        chunk = pb.Frame.FromString(message).chunk
+        payload = chunk.payload
+        return wire.checksum(payload) == chunk.crc32c
+
+    def received(message: bytes) -> int:
+        frame, payload = wire.received(message)
+        return wire.checksum(payload) == frame.chunk.crc32c
+
+    if not all(map(received, messages)) or not all(map(parsed_whole, messages)):
+        raise AssertionError("a payload does not match its CRC")
+    ways = {"pb.Frame, then serialized": lambda: sent(False), "serialized as made": lambda: sent(True),
+            "parsed whole, payload read": lambda: map(parsed_whole, messages),
+            "received (payload a view)": lambda: map(received, messages)}
+    best = dict.fromkeys(ways, float("inf"))
     for _ in range(repeats):
-        for way in best:
+        for way, run in ways.items():
             start = time.perf_counter()
-            for _ in sent(way == "serialized as made"):
+            for _ in run():
                 pass
             best[way] = min(best[way], time.perf_counter() - start)
     payload = chunks * chunk_bytes

@@ -315,7 +315,9 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     CRC, Frames), the Frames to bytes and back, and an Assembler building the cache on `device`; as GB/s
     of `dtype` input. `context`: the CodecContext a profile's stages need (a basis for pca, RoPE).
     `to_bytes_s`: the cache to the bytes gRPC sends, as pb.Frames then serialized, and as the sender makes them
-    (`Encoder(serialized=True)`, whose bytes must equal the others: `serialized_bytes_equal`).
+    (`Encoder(serialized=True)`, whose bytes must equal the others: `serialized_bytes_equal`); `from_bytes_s`: those
+    bytes to the cache, each frame parsed whole then decoded, and as the receiver takes them (`wire.received`:
+    a chunk's payload left in its message).
 
     Beside the totals, each stage of the path timed on its own over the same chunks (`stages_s`):
     the codec's encode and decode, zstd both ways (decompress: the chunks not stored; compress: every
@@ -350,6 +352,7 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
                                   device, repeat)
     parsed, parse_s = synced_seconds(lambda: [pb.Frame.FromString(b) for b in blobs], device, repeat)
     decoded, decode_s = synced_seconds(lambda: decode(parsed), device, repeat)
+    received, received_s = synced_seconds(lambda: decode(sent), device, repeat)  # bytes: taken as received
     chunks = [f.chunk for f in parsed if f.WhichOneof("kind") == "chunk"]
     payloads = [c.payload for c in chunks]
     stages = {"protobuf_serialize": serialize_s, "protobuf_parse": parse_s}
@@ -374,11 +377,14 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
                                                  kv.positions[c.layer][:, c.token_start:c.token_end], dtype)
                      for c, t in zip(chunks, on_device)], device, repeat)
     exact = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values, kv.keys + kv.values))
+    received_equal = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values, received.keys + received.values))
     wire_total = sum(len(b) + wire.GRPC_MESSAGE_PREFIX for b in blobs)
     return {"device": str(device), "tokens": tokens, "profile": str(profile), "layers": layers, "heads": heads,
             "head_dim": head_dim, "dtype": name, "input_bytes": nbytes, "wire_bytes": wire_total,
             "to_bytes_s": {"pb.Frame, then serialized": encode_s + serialize_s, "serialized as made": sent_s},
             "serialized_bytes_equal": sent == blobs,
+            "from_bytes_s": {"parsed whole, then decoded": parse_s + decode_s, "received (payload a view)": received_s},
+            "received_equal": received_equal,
             "chunks": len(chunks), "stored_chunks": sum(len(c.payload) == c.raw_size for c in chunks),
             "payload_bytes": sum(map(len, payloads)), "raw_bytes": sum(c.raw_size for c in chunks),
             "encode_s": encode_s, "decode_s": decode_s, "encode_gbps": nbytes / encode_s / 1e9,

@@ -1,4 +1,5 @@
-"""Where the frame path's time goes (issue 28): `wire.encode` and `wire.decode` of a whole cache, each timed
+"""Where the frame path's time goes (issue 28): `wire.encode` to the bytes gRPC sends (`serialized=True`, as the
+sender makes them) and `wire.decode` of those bytes (as the receiver takes them) of a whole cache, each timed
 (best of two) and profiled with cProfile (the Python functions, the GPU synchronized at the ends), for the
 profiles given. The cache is llama-3.1-8b-random's own (Llama-3.1-8B's shape, RANDOM weights) prefilled on a
 context of `tokens`, with a PCA basis fitted on that random model (channel.bench_recompute.fit_random_basis).
@@ -69,8 +70,9 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
         for split in (True, False) if profile.pca else (True,):
             pca_entropy.SPLIT_GEMM = split
 
-            def encode():
-                return list(wire.encode(kv, profile, loaded.fingerprint, None, 1, context))
+            def encode():  # the bytes gRPC sends, as the sender makes them; decoded as the receiver takes them
+                return [wire.serialize(f) for f in wire.encode(kv, profile, loaded.fingerprint, None, 1, context,
+                                                               serialized=True)]
 
             frames, encode_s = synced_seconds(encode, device, 2)
 

@@ -590,3 +590,19 @@ def test_a_chunk_frame_is_received_without_a_copy_of_its_payload(sizes):
         assert payload.obj is message and bytes(payload) == b"".join(parts) and not frame.chunk.payload
     frame.chunk.payload = b"".join(parts)
     assert frame == pb.Frame.FromString(message)
+
+
+def test_layer_headers_refuse_positions_that_do_not_increase_within_a_run_and_name_the_layer():
+    """Checked for every layer at once: a layer's positions must increase per head within each of its runs; an
+    importance tier's run may start below where the one before it ended (coded modulo 2^32)."""
+    tiered = parse_profile("q2c:1+int4+tier:0.1:int8")  # runs [0, 10) and [10, 100) of 100 kept tokens
+    restart = torch.cat([torch.arange(90, 100), torch.arange(90)]).expand(2, -1)
+    headers = wire.layer_headers([torch.arange(100).expand(2, -1), restart], tiered)
+    assert [h.kept_tokens for h in headers] == [100, 100]
+    assert torch.equal(wire.decode_positions(headers[1].positions, 2, 100), restart)
+    with pytest.raises(ValueError, match="layer 1: kept positions must be strictly increasing per head"):
+        wire.layer_headers([torch.arange(100).expand(2, -1), restart])  # one run
+    flat = torch.arange(100).repeat(2, 1)
+    flat[1, 50] = flat[1, 49]
+    with pytest.raises(ValueError, match="layer 0: kept positions"):
+        wire.layer_headers([flat, torch.arange(100).expand(2, -1)], tiered)

@@ -158,11 +158,6 @@ def serialize(frame: pb.Frame | bytes) -> bytes:
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
 
 
-def parsed(frame: pb.Frame | bytes) -> pb.Frame:
-    """A frame as a pb.Frame (a serialized one parsed)."""
-    return pb.Frame.FromString(frame) if isinstance(frame, bytes) else frame
-
-
 def max_chunk_tokens(heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """The most tokens one chunk may hold (MAX_CHUNK_SPAN_BYTES of them in `dtype`)."""
     return max(1, MAX_CHUNK_SPAN_BYTES // (2 * heads * head_dim * dtype.itemsize))

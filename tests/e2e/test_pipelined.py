@@ -84,8 +84,7 @@ def recording(client: Client) -> list[pb.Frame]:
     def send_frames(stream):
         def kept():
             for frame in stream:  # a pb.Frame, or a chunk the sender serialized (wire.chunk_frame)
-                copy = pb.Frame()
-                copy.CopyFrom(wire.parsed(frame))
+                copy = pb.Frame.FromString(wire.serialize(frame))
                 if copy.HasField("header"):
                     copy.header.transfer_id = ""
                 frames.append(copy.SerializeToString())

@@ -199,10 +199,10 @@ def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3
     runs them: pb.Frames (the parts joined, set into the payload field, then serialized) against frames serialized
     as they are made (`wire.Encoder(serialized=True)`: the parts copied once). The receiver: from the message
     gRPC delivers to a payload checked against its CRC, a pb.Frame parsed whole and its payload field read (two
-    copies) against `wire.received` (the payload a view of the message)."""
+    copies) against `framing.received` (the payload a view of the message)."""
     import numpy as np
 
-    from common import wire
+    from common import framing, wire
     from common.proto import kvwire_pb2 as pb
     from sender.client import read_ahead
 
@@ -213,7 +213,7 @@ def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3
 
     def sent(serialized: bool) -> Iterator[bytes]:  # each frame's bytes, dropped once taken (as gRPC's are)
         frames = wire.Encoder(pb.Fingerprint(), "bench", serialized=serialized).chunk_frames(0, 0, iter(sized))
-        return (wire.serialize(frame) for frame, _ in read_ahead(frames))
+        return (framing.serialize(frame) for frame, _ in read_ahead(frames))
 
     messages = list(sent(True))
     if messages != list(sent(False)):
@@ -225,7 +225,7 @@ def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3
         return wire.checksum(payload) == chunk.crc32c
 
     def received(message: bytes) -> int:
-        frame, payload = wire.received(message)
+        frame, payload = framing.received(message)
         return wire.checksum(payload) == frame.chunk.crc32c
 
     if not all(map(received, messages)) or not all(map(parsed_whole, messages)):

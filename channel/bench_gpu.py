@@ -316,7 +316,7 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     of `dtype` input. `context`: the CodecContext a profile's stages need (a basis for pca, RoPE).
     `to_bytes_s`: the cache to the bytes gRPC sends, as pb.Frames then serialized, and as the sender makes them
     (`Encoder(serialized=True)`, whose bytes must equal the others: `serialized_bytes_equal`); `from_bytes_s`: those
-    bytes to the cache, each frame parsed whole then decoded, and as the receiver takes them (`wire.received`:
+    bytes to the cache, each frame parsed whole then decoded, and as the receiver takes them (`framing.received`:
     a chunk's payload left in its message).
 
     Beside the totals, each stage of the path timed on its own over the same chunks (`stages_s`):
@@ -324,7 +324,7 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     chunk, as if none were stored), CRC, the copy of a payload into a tensor, its copy to the device,
     and protobuf. They need not add up to the totals (the zstd pool runs in parallel);
     they say where a chunk's time goes."""
-    from common import wire
+    from common import framing, wire
     from common.kvstate import KVState
     from common.proto import kvwire_pb2 as pb
 
@@ -346,8 +346,8 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
     frames, encode_s = synced_seconds(lambda: list(wire.encode(kv, profile, fingerprint, "bench", context=context)),
                                       device, repeat)
     blobs, serialize_s = synced_seconds(lambda: [f.SerializeToString() for f in frames], device, repeat)
-    # the sender's way: chunks serialized as they are made, from their payload's parts (wire.chunk_frame)
-    sent, sent_s = synced_seconds(lambda: [wire.serialize(f) for f in wire.encode(kv, profile, fingerprint, "bench",
+    # the sender's way: chunks serialized as they are made, from their payload's parts (framing.chunk_frame)
+    sent, sent_s = synced_seconds(lambda: [framing.serialize(f) for f in wire.encode(kv, profile, fingerprint, "bench",
                                                                                    context=context, serialized=True)],
                                   device, repeat)
     parsed, parse_s = synced_seconds(lambda: [pb.Frame.FromString(b) for b in blobs], device, repeat)

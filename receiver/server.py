@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import wire
+from common import framing, wire
 from common.fingerprints import refusal
 from common.kvstate import KVState, greedy_decode
 from common.models import LoadedModel, load_model
@@ -48,8 +48,8 @@ FRAMES_PER_HOP = 64
 def sized_frame(message: bytes) -> tuple[pb.Frame, int, memoryview | None]:
     """A frame stream's message: the frame, its bytes on the wire from the message's length (counting a parsed
     chunk would read its payload field, a copy of it), and a chunk's payload as a view of the message
-    (`wire.received`)."""
-    frame, payload = wire.received(message)
+    (`framing.received`)."""
+    frame, payload = framing.received(message)
     return frame, len(message) + wire.GRPC_MESSAGE_PREFIX, payload
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import wire
+from common import framing, wire
 from common.proto import kvwire_pb2 as pb
 from common.proto import kvwire_pb2_grpc as pb_grpc
 from common.settings import get_settings
@@ -131,12 +131,12 @@ class Client:
         else:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVWireStub(self.channel)
-        # The frame streams' messages serialized by wire.serialize: a frame the encoder serialized goes as it is.
+        # The frame streams' messages serialized by framing.serialize: a frame the encoder serialized goes as it is.
         self.transfer_stream = self.channel.stream_unary(f"/{wire.SERVICE_NAME}/Transfer",
-                                                         request_serializer=wire.serialize,
+                                                         request_serializer=framing.serialize,
                                                          response_deserializer=pb.TransferReply.FromString)
         self.segment_stream = self.channel.stream_stream(f"/{wire.SERVICE_NAME}/TransferSegments",
-                                                         request_serializer=wire.serialize,
+                                                         request_serializer=framing.serialize,
                                                          response_deserializer=pb.SegmentAck.FromString)
         self.bandwidth = BandwidthEstimator()
         self.retries = 0  # calls sent again after a retryable failure, over this client's life

@@ -239,7 +239,7 @@ def _pack(layout: Layout, state: torch.Tensor, words: torch.Tensor, emitted: tor
     """Each chunk's code from the lanes' final states, the encoder's scratch (`scratch_index`) and each lane's
     count of words: one copy of 2 bytes a word to the host. `pieces`: each code as its three parts (the lanes'
     states, the groups' word counts, the words), views of that host memory, for the caller to copy once
-    (wire.chunk_frame); else joined."""
+    (framing.chunk_frame); else joined."""
     device = written.device
     per_group = torch.zeros(sum(layout.groups), dtype=torch.int64, device=device).index_add_(
         0, arrays_to_device([layout._lane_group], device)[0], written.long())

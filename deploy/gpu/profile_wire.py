@@ -25,7 +25,7 @@ import torch
 
 from channel import bench_recompute as table
 from channel.bench_gpu import environment, synced_seconds
-from common import wire
+from common import framing, wire
 from common.models import load_model
 from common.profile import parse_profile
 from common.quant import pca_entropy
@@ -71,7 +71,7 @@ def main(path: str, tokens: int = 32768, specs: tuple[str, ...] = ("int4:g32", "
             pca_entropy.SPLIT_GEMM = split
 
             def encode():  # the bytes gRPC sends, as the sender makes them; decoded as the receiver takes them
-                return [wire.serialize(f) for f in wire.encode(kv, profile, loaded.fingerprint, None, 1, context,
+                return [framing.serialize(f) for f in wire.encode(kv, profile, loaded.fingerprint, None, 1, context,
                                                                serialized=True)]
 
             frames, encode_s = synced_seconds(encode, device, 2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from channel.relay import BackgroundRelay
-from common import wire
+from common import framing, wire
 from common.kvstate import prefill, reference_generate
 from common.link import link_from_options
 from common.plan import CodecPlan
@@ -83,8 +83,8 @@ def recording(client: Client) -> list[pb.Frame]:
 
     def send_frames(stream):
         def kept():
-            for frame in stream:  # a pb.Frame, or a chunk the sender serialized (wire.chunk_frame)
-                copy = pb.Frame.FromString(wire.serialize(frame))
+            for frame in stream:  # a pb.Frame, or a chunk the sender serialized (framing.chunk_frame)
+                copy = pb.Frame.FromString(framing.serialize(frame))
                 if copy.HasField("header"):
                     copy.header.transfer_id = ""
                 frames.append(copy.SerializeToString())

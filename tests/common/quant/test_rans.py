@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import wire
+from common import framing, wire
 from common.plan import layer_codec
 from common.profile import ProfileError, parse_profile
 from common.quant import pca_entropy, rans
@@ -410,7 +410,7 @@ def test_rans_chunks_serialized_from_their_pieces_are_the_pb_frames_bytes(setup,
     frames = list(wire.encode(kv, profile, loaded.fingerprint, "t", context=ctx))
     serialized = list(wire.encode(kv, profile, loaded.fingerprint, "t", context=ctx, serialized=True))
     assert sum(isinstance(f, bytes) for f in serialized) == sum(f.WhichOneof("kind") == "chunk" for f in frames) > 0
-    assert [wire.serialize(f) for f in serialized] == [f.SerializeToString() for f in frames]
+    assert [framing.serialize(f) for f in serialized] == [f.SerializeToString() for f in frames]
     symbols, models = case([100, 0, 200])
     pieces = rans.encode(symbols, models, rans_models(torch.device("cpu")), [100, 0, 200], pieces=True)
     joined = rans.encode(symbols, models, rans_models(torch.device("cpu")), [100, 0, 200])

@@ -219,12 +219,12 @@ def frame_making(chunks: int = 280, chunk_bytes: int = 900_000, repeats: int = 3
     if messages != list(sent(False)):
         raise AssertionError("the two ways gave different bytes")
 
-    def parsed_whole(message: bytes) -> int:
+    def parsed_whole(message: bytes) -> bool:
         chunk = pb.Frame.FromString(message).chunk
         payload = chunk.payload
         return wire.checksum(payload) == chunk.crc32c
 
-    def received(message: bytes) -> int:
+    def received(message: bytes) -> bool:
         frame, payload = framing.received(message)
         return wire.checksum(payload) == frame.chunk.crc32c
 

@@ -377,7 +377,8 @@ def wire_roundtrip(tokens: int, spec: str = "int4:g32", device: str | torch.devi
                                                  kv.positions[c.layer][:, c.token_start:c.token_end], dtype)
                      for c, t in zip(chunks, on_device)], device, repeat)
     exact = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values, kv.keys + kv.values))
-    received_equal = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values, received.keys + received.values))
+    received_equal = all(torch.equal(a, b) for a, b in zip(decoded.keys + decoded.values,
+                                                           received.keys + received.values))
     wire_total = sum(len(b) + wire.GRPC_MESSAGE_PREFIX for b in blobs)
     return {"device": str(device), "tokens": tokens, "profile": str(profile), "layers": layers, "heads": heads,
             "head_dim": head_dim, "dtype": name, "input_bytes": nbytes, "wire_bytes": wire_total,

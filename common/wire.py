@@ -280,7 +280,8 @@ def layer_headers(positions: list[torch.Tensor], profile: Profile | None = None)
     falls = torch.stack([_falls(d, profile) for d in deltas]).tolist() if deltas else []
     if any(falls):
         raise ValueError(f"layer {falls.index(True)}: kept positions must be strictly increasing per head")
-    return [pb.LayerHeader(kept_tokens=p.shape[1], positions=blob) for p, blob in zip(positions, _encoded_deltas(deltas))]
+    return [pb.LayerHeader(kept_tokens=p.shape[1], positions=blob)
+            for p, blob in zip(positions, _encoded_deltas(deltas))]
 
 
 def prefill_positions(config, seq_len: int, device: torch.device | None = None) -> list[torch.Tensor]:

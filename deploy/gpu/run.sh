@@ -45,6 +45,8 @@
 #                                   # in between), then collect into $OUT
 #   python3 deploy/gpu/profile_wire.py OUT/profile_wire.json 32768   # (after install; PYTHONPATH as below) where
 #                                   # wire.encode and wire.decode spend their time, cProfile, int4 and pca:b1:a
+#   python3 deploy/gpu/first_token.py OUT/first_token.json 32768 131072   # (after install) the receiver's first
+#                                   # token: the cache injected and one greedy token, timed and profiled
 #   deploy/gpu/run.sh issue28 DIR   # the rANS codec (deploy/gpu/rans_gpu.py) and the recompute table, into DIR
 #   deploy/gpu/session.sh OUT      # issue 28 and 30's session: timings side by side, then quality runs (its header)
 #   deploy/gpu/run.sh tiny OUT      # without SmolLM2's weights (its tokenizer files in .tok/): the GPU

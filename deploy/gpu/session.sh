@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session for issues 28 and 30, in the order that keeps the timings clean: the split path's kernel test,
 # the 32K "KV against recompute" table from an older tree ($AB, an older commit's `git archive`, carried) and from
-# this one, side by side on the same machine, profile_wire, the sender's frame making on the host (kvwire bench
-# frames), and 128K where the GPU holds both nodes (BASELINE128: the precision row there, '' for none); only then
-# the quality runs: SmolLM2's answers across devices, and with QWEN=1 the CPU-heavy Qwen conversion and Qwen at 32K
-# on two fresh prompt draws, in parallel.
+# this one, side by side on the same machine, profile_wire, both nodes' frame work on the host (kvwire bench
+# frames), the receiver's first token (first_token.py), and 128K where the GPU holds both nodes (BASELINE128: the
+# precision row there, '' for none); only then the quality runs: SmolLM2's answers across devices, and with QWEN=1
+# the CPU-heavy Qwen conversion and Qwen at 32K on two fresh prompt draws, in parallel.
 #   deploy/gpu/run.sh bg session "AB=.ab_old deploy/gpu/session.sh /tmp/bg/session"
 # while later calls bring SmolLM2's parts (deploy/gpu/run.sh part .gp1, .gp2), Qwen's basis (.basis_q, into
 # /tmp/kvwire-basis) and its GGUF (deploy/gpu/ship_qwen.sh piece .qwNN ... join); the Qwen steps wait for
@@ -29,6 +29,8 @@ step "profile_wire"
 python3 deploy/gpu/profile_wire.py "$OUT/profile_wire.json" 32768 pca:b0.7:w:e:j:a > "$OUT/profile_wire.txt" 2>&1
 step "the sender's frame making on this host (kvwire bench frames)"
 python3 -m channel.cli bench frames --repeats 5 --json "$OUT/bench_frames.json" > "$OUT/bench_frames.txt" 2>&1
+step "the receiver's first token at 32K and 128K (first_token.py)"
+python3 deploy/gpu/first_token.py "$OUT/first_token.json" 32768 131072 > "$OUT/first_token.txt" 2>&1
 if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 100e9)"; then
   step "recompute table at 128K (a GPU that holds both nodes)"
   mkdir -p "$OUT/new128"

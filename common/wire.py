@@ -585,7 +585,7 @@ class Assembler:
     def add_message(self, message: bytes) -> None:
         """A frame as gRPC delivers it, serialized (`received`: a chunk's payload is not copied)."""
         frame, payload = received(message)
-        self.add(frame, len(message) + GRPC_MESSAGE_PREFIX, payload)
+        self.add(frame, wire_bytes(message), payload)
 
     def take_segments(self) -> list[Segment]:
         taken, self.segments = self.segments, []

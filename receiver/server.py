@@ -50,7 +50,7 @@ def sized_frame(message: bytes) -> tuple[pb.Frame, int, memoryview | None]:
     chunk would read its payload field, a copy of it), and a chunk's payload as a view of the message
     (`framing.received`)."""
     frame, payload = framing.received(message)
-    return frame, len(message) + wire.GRPC_MESSAGE_PREFIX, payload
+    return frame, wire.wire_bytes(message), payload
 
 
 def add_servicer(servicer, server) -> None:
